@@ -1,0 +1,184 @@
+"""Typed, frozen configs: one per stage, nested in ``BuildConfig``.
+
+Each config validates itself in ``__post_init__`` (a ``ValueError`` that names the field and the valid
+choices), round-trips through ``to_dict``/``from_dict`` and loads from TOML. ``from_dict`` refuses
+unknown keys, naming them and the valid ones, so a typo in a recipe never passes silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+T = TypeVar("T", bound="ConfigBase")
+
+
+def _choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
+
+
+def _in_range(name: str, value: float, lo: float | None = None, hi: float | None = None, *,
+              lo_open: bool = False) -> None:
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise ValueError(f"{name}={value!r} must be {'>' if lo_open else '>='} {lo}")
+    if hi is not None and value > hi:
+        raise ValueError(f"{name}={value!r} must be <= {hi}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigBase:
+    """Shared dict/TOML round-trip for the stage configs."""
+
+    section: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, ConfigBase):
+                v = v.to_dict()
+            elif isinstance(v, tuple):
+                v = list(v)
+            elif isinstance(v, Path):
+                v = str(v)
+            out[f.name] = v
+        return out
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any] | None, *, where: str = "") -> T:
+        data = dict(data or {})
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            label = f"[{cls.section}] " if cls.section else ""
+            raise ValueError(
+                f"{where + ': ' if where else ''}unknown key {label}{', '.join(unknown)}; "
+                f"valid keys: {', '.join(fields)}"
+            )
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for name, value in data.items():
+            hint = hints[name]
+            sub = _config_type(hint)
+            if sub is not None and isinstance(value, dict):
+                value = sub.from_dict(value, where=where)
+            elif _is_tuple(hint) and isinstance(value, list):
+                value = tuple(value)
+            kwargs[name] = value
+        return cls(**kwargs)
+
+    @classmethod
+    def from_toml(cls: type[T], path: Path) -> T:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: not valid TOML ({e})") from None
+        return cls.from_dict(data, where=str(path))
+
+    def replace(self: T, **changes: Any) -> T:
+        return dataclasses.replace(self, **changes)
+
+
+def _config_type(hint: Any) -> type[ConfigBase] | None:
+    if isinstance(hint, type) and issubclass(hint, ConfigBase):
+        return hint
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        for arg in typing.get_args(hint):
+            if isinstance(arg, type) and issubclass(arg, ConfigBase):
+                return arg
+    return None
+
+
+def _is_tuple(hint: Any) -> bool:
+    if typing.get_origin(hint) is tuple:
+        return True
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return any(typing.get_origin(a) is tuple for a in typing.get_args(hint))
+    return False
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(ConfigBase):
+    """Where the labelled data comes from and how to read it (see ``edgepack.data``)."""
+
+    section: ClassVar[str] = "data"
+    source: str = ""  # a file (.json CLINC-style, .jsonl, .csv, .parquet), a directory of split files, or hub id[:config]
+    text_column: str = "text"
+    label_column: str = "label"
+    oos_label: str | None = None  # None: "oos" when the labels have it
+    validation_fraction: float = 0.1  # used only when the data has no validation split
+    test_fraction: float = 0.1  # used only when the data has no test split
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _in_range("validation_fraction", self.validation_fraction, 0.0, 0.5, lo_open=True)
+        _in_range("test_fraction", self.test_fraction, 0.0, 0.5, lo_open=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig(ConfigBase):
+    section: ClassVar[str] = "export"
+    opset: int = 17
+    max_length: int = 64  # tokens per query: CLINC150 queries are short (p99 ~ 25 tokens)
+    parity_rows: int = 64  # real rows to compare PyTorch and ONNX logits on
+    atol: float = 1e-3  # max |logit difference| allowed between PyTorch and ONNX fp32
+
+    def __post_init__(self) -> None:
+        _in_range("opset", self.opset, 14, 23)
+        _in_range("max_length", self.max_length, 8, 4096)
+        _in_range("parity_rows", self.parity_rows, 1)
+        _in_range("atol", self.atol, 0.0, lo_open=True)
+
+
+WEIGHT_TYPES = ("qint8", "quint8")
+ACTIVATION_TYPES = ("quint8", "qint8")
+QUANT_FORMATS = ("dynamic", "static-qdq", "matmul-nbits")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeConfig(ConfigBase):
+    """ORT quantization settings; a target's ``[quantize]`` table fills these in (``targets/*.toml``)."""
+
+    section: ClassVar[str] = "quantize"
+    format: str = "dynamic"
+    weight_type: str = "qint8"
+    activation_type: str = "quint8"
+    per_channel: bool = False
+    reduce_range: bool = False
+    op_types: tuple[str, ...] = ("MatMul", "Attention", "Gather", "EmbedLayerNormalization")
+    fuse: bool = False  # run onnxruntime.transformers.optimizer first (measured: not always faster)
+    nbits_block_size: int = 32
+    calibration_rows: int = 256  # for static QDQ
+    session_config: dict[str, str] = dataclasses.field(default_factory=dict)  # e.g. x64quantprecision
+
+    def __post_init__(self) -> None:
+        _choice("format", self.format, QUANT_FORMATS)
+        _choice("weight_type", self.weight_type, WEIGHT_TYPES)
+        _choice("activation_type", self.activation_type, ACTIVATION_TYPES)
+        if self.format == "dynamic" and self.activation_type != "quint8":
+            raise ValueError("activation_type must be 'quint8' for dynamic quantization (ORT's only choice)")
+
+
+@dataclasses.dataclass(frozen=True)
+class PackConfig(ConfigBase):
+    """``edgepack pack``: export, quantize, check, calibrate the out-of-scope threshold, bundle."""
+
+    section: ClassVar[str] = "pack"
+    target: str = "auto"  # a name in targets/, or "auto" to detect this CPU's
+    max_accuracy_drop: float = 1.0  # points of validation accuracy the int8 model may lose vs fp32
+    oos_recall: float | None = None  # calibrate the threshold to reach this recall instead of max accuracy
+    eval_rows: int = 1000  # size of the held-out slice shipped as eval.jsonl
+    archive: bool = False
+    ort_format: bool = False
+
+    def __post_init__(self) -> None:
+        _in_range("max_accuracy_drop", self.max_accuracy_drop, 0.0, 100.0)
+        if self.oos_recall is not None:
+            _in_range("oos_recall", self.oos_recall, 0.0, 1.0)
+        _in_range("eval_rows", self.eval_rows, 1)

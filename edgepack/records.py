@@ -1,0 +1,148 @@
+"""Provenance and atomic writes: every stage directory holds ``stage.json`` written last.
+
+A stage record says what the stage was asked to do (its resolved config), what it read (the hash of
+its input), what it measured, the versions it ran with and how long it took. Resume trusts a stage
+only when the record exists and both hashes match (see ``is_fresh``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+STAGE_RECORD = "stage.json"
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hash_tree(path: Path, *, ignore: tuple[str, ...] = (STAGE_RECORD, "__pycache__")) -> str:
+    """One sha256 over the relative paths and contents of every file below ``path`` (or of one file)."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = f.relative_to(path)
+        if any(part in ignore for part in rel.parts):
+            continue
+        h.update(str(rel.as_posix()).encode())
+        h.update(b"\0")
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def hash_config(config: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def versions(*packages: str) -> dict[str, str]:
+    names = packages or ("edgepack", "torch", "transformers", "tokenizers", "onnx", "onnxruntime", "numpy")
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary file beside ``path`` and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def staging_dir(out: Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``out``; on success it replaces ``out`` atomically.
+
+    On any failure the temporary directory is removed and ``out`` (if it existed) is untouched.
+    ``out`` is only replaced when ``force`` is set or it does not exist; callers check existence
+    first so the error names the flag.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            if not force:
+                raise FileExistsError(out)
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_stage_record(
+    stage_dir: Path,
+    *,
+    stage: str,
+    config: Mapping[str, Any],
+    input_hash: str,
+    metrics: Mapping[str, Any],
+    started: float,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``stage.json`` (last, atomically) and return it."""
+    record = {
+        "stage": stage,
+        "config": dict(config),
+        "config_hash": hash_config(config),
+        "input_hash": input_hash,
+        "metrics": dict(metrics),
+        "versions": versions(),
+        "wall_time_s": round(time.time() - started, 3),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(dict(extra) if extra else {}),
+    }
+    write_json_atomic(Path(stage_dir) / STAGE_RECORD, record)
+    return record
+
+
+def read_stage_record(stage_dir: Path) -> dict[str, Any] | None:
+    p = Path(stage_dir) / STAGE_RECORD
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def is_fresh(stage_dir: Path, config: Mapping[str, Any], input_hash: str) -> bool:
+    """True when ``stage_dir`` holds a finished record for this exact config and input."""
+    rec = read_stage_record(stage_dir)
+    return bool(rec) and rec.get("config_hash") == hash_config(config) and rec.get("input_hash") == input_hash
