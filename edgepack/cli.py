@@ -1,0 +1,64 @@
+"""``edgepack`` command line: ``main(argv) -> int``.
+
+Each command lives in ``edgepack/commands/<name>.py`` with ``register(subparsers)`` (argparse only)
+and ``run(args) -> int``. Heavy imports (torch, transformers, onnxruntime) happen inside ``run`` so
+``edgepack --help`` stays instant. Errors a user can fix are ``EdgepackError``: one line on stderr
+and a non-zero exit code from ``ExitCode``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import EdgepackError, ExitCode
+
+# Order is the order of --help: the pipeline first, then the tools around it.
+COMMANDS = ("build", "demo", "finetune", "distill", "prune", "pack", "quantize", "tune", "bench", "targets", "profiles")
+
+
+def _load(name: str):
+    try:
+        return importlib.import_module(f"edgepack.commands.{name}")
+    except ModuleNotFoundError as e:
+        if e.name == f"edgepack.commands.{name}":
+            return None
+        raise
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgepack",
+        description="Turn a fine-tuned transformer text classifier into a small, fast, verified bundle for edge CPUs.",
+    )
+    parser.add_argument("--version", action="version", version=f"edgepack {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        module = _load(name)
+        if module is not None:
+            p = module.register(sub)
+            p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return ExitCode.USAGE
+    try:
+        return int(args._run(args) or ExitCode.OK)
+    except EdgepackError as e:
+        print(f"edgepack {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"edgepack {args.command}: interrupted; finished stages are kept, rerun to resume", file=sys.stderr)
+        return ExitCode.INTERRUPTED
+
+
+def console() -> None:
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per ``edgepack`` command: ``register(subparsers)`` and ``run(args) -> int``."""

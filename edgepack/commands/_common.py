@@ -1,0 +1,30 @@
+"""Arguments several commands share, so each flag means the same everywhere."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..config import DataConfig
+
+
+def add_data_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=required, metavar="DATA",
+                   help="CLINC150-style JSON, .jsonl/.csv/.parquet file, a directory of split files, or a hub id[:config]")
+    g.add_argument("--text-column", default="text", help="column holding the text (default: text)")
+    g.add_argument("--label-column", default="label", help="column holding the label (default: label)")
+    g.add_argument("--oos-label", default=None, help="the out-of-scope label (default: 'oos' when present)")
+    g.add_argument("--seed", type=int, default=0, help="seed for splits and training (default: 0)")
+
+
+def data_config(args: argparse.Namespace) -> DataConfig:
+    return DataConfig(source=str(args.data), text_column=args.text_column, label_column=args.label_column,
+                      oos_label=args.oos_label, seed=args.seed)
+
+
+def existing_dir(value: str) -> Path:
+    p = Path(value)
+    if not p.is_dir():
+        raise argparse.ArgumentTypeError(f"{value}: no such directory")
+    return p

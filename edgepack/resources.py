@@ -1,0 +1,15 @@
+"""Where the data directories of the design card (``targets/``, ``profiles/``) are found."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+
+def data_dir(kind: str) -> Path:
+    """``targets`` or ``profiles``: the source tree's top-level directory in a checkout, else the copy
+    the wheel carries as ``edgepack.<kind minus s>_files``."""
+    here = Path(__file__).resolve().parents[1] / kind
+    if here.is_dir():
+        return here
+    return Path(str(resources.files(f"edgepack.{kind[:-1]}_files")))
