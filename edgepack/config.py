@@ -8,11 +8,12 @@ unknown keys, naming them and the valid ones, so a typo in a recipe never passes
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
+
+import tomllib
 
 T = TypeVar("T", bound="ConfigBase")
 

@@ -261,5 +261,5 @@ def stratified_slice(split: Split, n: int, seed: int = 0) -> Split:
 def write_jsonl(split: Split, label_names: Sequence[str], path: Path) -> None:
     """``{"text", "label"}`` lines: the format the runtime shim reads."""
     with open(path, "w") as f:
-        for text, lab in zip(split.texts, split.labels):
+        for text, lab in zip(split.texts, split.labels, strict=True):
             f.write(json.dumps({"text": text, "label": label_names[int(lab)]}) + "\n")

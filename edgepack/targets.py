@@ -7,7 +7,6 @@ import dataclasses
 import os
 import platform
 import subprocess
-import tomllib
 from pathlib import Path
 
 from .config import ConfigBase, QuantizeConfig

@@ -1,0 +1,157 @@
+"""Export a Hugging Face sequence classifier to ONNX (fp32, dynamic batch and sequence axes) and check
+its logits against PyTorch on real rows."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .config import ExportConfig
+from .errors import EdgepackError
+from .records import hash_tree, write_stage_record
+
+ONNX_NAME = "model.onnx"
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What later stages need to know about a classifier (from its config.json)."""
+
+    model_type: str
+    num_labels: int
+    label_names: tuple[str, ...]
+    hidden_size: int
+    num_heads: int
+    num_layers: int
+    input_names: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def read_model_info(model_dir: Path) -> ModelInfo:
+    """Check ``model_dir`` is a sequence classifier with real labels; one-line errors otherwise."""
+    model_dir = Path(model_dir)
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.is_file():
+        raise EdgepackError(f"{model_dir}: no config.json; pass a Hugging Face classifier directory (save_pretrained output)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise EdgepackError(f"{cfg_path}: not valid JSON ({e.msg}); re-save the model") from None
+    archs = cfg.get("architectures") or []
+    if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise EdgepackError(
+            f"{cfg_path}: architecture {', '.join(archs)} has no sequence-classification head; "
+            "fine-tune a classifier first (edgepack finetune BASE_DIR --data DATA --out DIR)")
+    id2label = cfg.get("id2label") or {}
+    names = [str(id2label[k]) for k in sorted(id2label, key=int)] if id2label else []
+    if not names or all(n == f"LABEL_{i}" for i, n in enumerate(names)):
+        raise EdgepackError(
+            f"{cfg_path}: no id2label (or only LABEL_0, LABEL_1, ...); set config.id2label/label2id to the class names and re-save")
+    inputs = ["input_ids", "attention_mask"]
+    if cfg.get("type_vocab_size", 0) and cfg.get("model_type") not in ("distilbert", "roberta", "xlm-roberta"):
+        inputs.append("token_type_ids")
+    return ModelInfo(
+        model_type=cfg.get("model_type", "bert"),
+        num_labels=len(names),
+        label_names=tuple(names),
+        hidden_size=int(cfg.get("hidden_size") or cfg.get("dim") or 0),
+        num_heads=int(cfg.get("num_attention_heads") or cfg.get("n_heads") or 0),
+        num_layers=int(cfg.get("num_hidden_layers") or cfg.get("n_layers") or 0),
+        input_names=tuple(inputs),
+    )
+
+
+def load_classifier(model_dir: Path):
+    """The PyTorch model (eager attention: it exports to plain ONNX ops) and its fast tokenizer."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, attn_implementation="eager")
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, use_fast=True)
+    except (OSError, ValueError) as e:
+        raise EdgepackError(f"{model_dir}: could not load the classifier or its tokenizer ({str(e).splitlines()[0][:200]})") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise EdgepackError(f"{model_dir}: no fast tokenizer (tokenizer.json); the bundle needs a `tokenizers` file")
+    return model.eval(), tokenizer
+
+
+def export_onnx(cfg: ExportConfig, model_dir: Path, out_dir: Path, parity_texts: Sequence[str]) -> dict:
+    """Write ``model.onnx``, ``tokenizer.json`` and ``config.json`` into ``out_dir`` (created) and its
+    ``stage.json``; returns the record. Raises when the ONNX logits differ from PyTorch's by more
+    than ``cfg.atol`` on ``parity_texts``."""
+    import torch
+
+    started = time.time()
+    info = read_model_info(model_dir)
+    model, tokenizer = load_classifier(model_dir)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sample = tokenizer(["edgepack export sample", "a second, longer sample sentence for the trace"], padding=True,
+                       return_tensors="pt")
+    args = tuple(sample[name] for name in info.input_names)
+    axes = {name: {0: "batch", 1: "sequence"} for name in info.input_names} | {"logits": {0: "batch"}}
+    onnx_path = out_dir / ONNX_NAME
+    with torch.no_grad():
+        # dynamo=False: the TorchScript exporter needs no onnxscript and gives the graph ORT's BERT
+        # fusions recognise.
+        torch.onnx.export(model, args, str(onnx_path), input_names=list(info.input_names), output_names=["logits"],
+                          dynamic_axes=axes, opset_version=cfg.opset, dynamo=False)
+    tokenizer.backend_tokenizer.save(str(out_dir / "tokenizer.json"))
+    model.config.to_json_file(str(out_dir / "config.json"))
+    max_diff = parity(model, tokenizer, onnx_path, info, parity_texts[: cfg.parity_rows], cfg.max_length)
+    if max_diff > cfg.atol:
+        raise EdgepackError(f"{onnx_path}: ONNX logits differ from PyTorch by {max_diff:.2e} > {cfg.atol:g} "
+                            "on real rows; raise --atol only if this is expected for the architecture")
+    metrics = {"parity_max_abs_diff": max_diff, "parity_rows": min(len(parity_texts), cfg.parity_rows),
+               "onnx_bytes": onnx_path.stat().st_size, "info": info.to_dict()}
+    return write_stage_record(out_dir, stage="export", config=cfg.to_dict(), input_hash=hash_tree(model_dir),
+                              metrics=metrics, started=started)
+
+
+def parity(model, tokenizer, onnx_path: Path, info: ModelInfo, texts: Sequence[str], max_length: int) -> float:
+    """Max |logit difference| between PyTorch and ONNX Runtime (fp32) over ``texts``, batched."""
+    import onnxruntime as ort
+    import torch
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for i in range(0, len(texts), 16):
+        enc = tokenizer(list(texts[i:i + 16]), padding=True, truncation=True, max_length=max_length, return_tensors="np")
+        feed = {name: enc[name].astype(np.int64) for name in info.input_names}
+        with torch.no_grad():
+            ref = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits.numpy()
+        got = sess.run(["logits"], feed)[0]
+        worst = max(worst, float(np.abs(ref - got).max()))
+    return worst
+
+
+def check_onnx_classifier(onnx_path: Path, num_labels: int) -> tuple[str, ...]:
+    """The input names of an ONNX sequence classifier; one-line error when it is not one."""
+    import onnx
+
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as e:
+        raise EdgepackError(f"{onnx_path}: not a readable ONNX model ({type(e).__name__})") from None
+    inits = {i.name for i in model.graph.initializer}
+    inputs = tuple(i.name for i in model.graph.input if i.name not in inits)
+    if "input_ids" not in inputs:
+        raise EdgepackError(f"{onnx_path}: no 'input_ids' input (inputs: {', '.join(inputs) or 'none'}); "
+                            "export a text classifier (edgepack pack MODEL_DIR exports one)")
+    outs = model.graph.output
+    dims = [d.dim_value for d in outs[0].type.tensor_type.shape.dim] if outs else []
+    if len(outs) < 1 or len(dims) != 2 or (dims[1] and dims[1] != num_labels):
+        raise EdgepackError(f"{onnx_path}: first output is not [batch, {num_labels}] logits; "
+                            "export a sequence classifier whose labels match config.json")
+    unknown = [n for n in inputs if n not in INPUT_NAMES]
+    if unknown:
+        raise EdgepackError(f"{onnx_path}: unexpected inputs {', '.join(unknown)}; edgepack feeds {', '.join(INPUT_NAMES)}")
+    return inputs

@@ -1,0 +1,86 @@
+"""Quantize an fp32 ONNX classifier with ONNX Runtime for a target CPU (``targets/*.toml``)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from .config import QuantizeConfig
+from .errors import EdgepackError
+from .export import ModelInfo
+from .records import hash_tree, write_stage_record
+
+QUANT_NAME = "model.quant.onnx"
+
+
+def fuse(src: Path, out: Path, info: ModelInfo) -> Path:
+    """ORT's transformer fusions (Attention, SkipLayerNorm, BiasGelu, EmbedLayerNorm) into ``out``.
+    Fuse before quantizing: the quantizer then sees fused Attention and quantizes it whole."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    model_type = info.model_type if info.model_type in ("bert", "distilbert", "roberta") else "bert"
+    # opt_level=0: only the offline fusions; ORT applies its own graph optimisations at load time.
+    optimized = optimize_model(str(src), model_type=model_type, num_heads=info.num_heads,
+                               hidden_size=info.hidden_size, opt_level=0)
+    optimized.save_model_to_file(str(out))
+    return out
+
+
+def quantize_model(cfg: QuantizeConfig, src: Path, out: Path, *, info: ModelInfo) -> Path:
+    """Write the quantized model to ``out`` (never over ``src``). Static QDQ and 4-bit MatMulNBits
+    are built by ``edgepack.variants``, which measures them against the dynamic formats."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src, out = Path(src), Path(out)
+    if src.resolve() == out.resolve():
+        raise ValueError("quantize_model writes a new file; out must differ from src")
+    if cfg.format != "dynamic":
+        from . import variants  # optional formats live with their measurements
+
+        return variants.quantize_other(cfg, src, out, info=info)
+    with tempfile.TemporaryDirectory(prefix="edgepack-quant-") as tmp:
+        model_in = fuse(src, Path(tmp) / "fused.onnx", info) if cfg.fuse else src
+        # The quantizer logs a "run pre-processing first" hint on every call; the exported graph is
+        # already shape-inferred, so keep the console for our own progress lines.
+        logging.getLogger().setLevel(logging.ERROR)
+        quantize_dynamic(
+            str(model_in), str(out),
+            weight_type=QuantType.QInt8 if cfg.weight_type == "qint8" else QuantType.QUInt8,
+            per_channel=cfg.per_channel,
+            reduce_range=cfg.reduce_range,
+            op_types_to_quantize=list(cfg.op_types),
+            extra_options={"MatMulConstBOnly": True},
+        )
+    return out
+
+
+def count_ops(path: Path) -> dict[str, int]:
+    """Node counts by op type (to check what the quantizer or the fuser did)."""
+    import onnx
+
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def quantize(cfg: QuantizeConfig, src: Path, out: Path, *, info: ModelInfo) -> dict:
+    """The stage: ``src/model.onnx`` (+ tokenizer, config) -> ``out/model.quant.onnx`` + stage.json."""
+    started = time.time()
+    src, out = Path(src), Path(out)
+    onnx_in = src / "model.onnx" if src.is_dir() else src
+    if not onnx_in.is_file():
+        raise EdgepackError(f"{src}: no model.onnx; run the export stage first (edgepack pack does both)")
+    out.mkdir(parents=True, exist_ok=True)
+    quant = quantize_model(cfg, onnx_in, out / QUANT_NAME, info=info)
+    if src.is_dir():
+        for name in ("tokenizer.json", "config.json"):
+            if (src / name).is_file():
+                shutil.copy2(src / name, out / name)
+    metrics = {"fp32_bytes": onnx_in.stat().st_size, "quant_bytes": quant.stat().st_size,
+               "size_ratio": round(quant.stat().st_size / onnx_in.stat().st_size, 4), "ops": count_ops(quant)}
+    return write_stage_record(out, stage="quantize", config=cfg.to_dict(), input_hash=hash_tree(onnx_in),
+                              metrics=metrics, started=started)
