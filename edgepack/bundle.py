@@ -1,0 +1,86 @@
+"""The bundle: everything a device needs to run and verify the model, and nothing that needs torch.
+
+Layout (``../shared/docs/DESIGN.md``): ``model.quant.onnx``, ``tokenizer.json``, ``labels.json``,
+``runtime.json``, ``manifest.json``, ``runtime_shim/``, ``eval.jsonl``, ``requirements.txt`` and a
+``config.json`` so Hugging Face Optimum can load the model too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .records import write_json_atomic
+
+BUNDLE_FORMAT = "edgepack-bundle/1"
+RUNTIME_PACKAGES = ("onnxruntime", "tokenizers", "numpy")
+
+
+def default_runtime(model_name: str, *, max_length: int, inputs: tuple[str, ...], pad_id: int,
+                    session_config: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Session settings before tuning. One intra-op thread: for short queries thread hand-off costs
+    more than it saves (FACTS.md); ``edgepack tune`` measures the alternatives on the device."""
+    return {
+        "model": model_name,
+        "max_length": max_length,
+        "inputs": list(inputs),
+        "pad_id": pad_id,
+        "intra_op_num_threads": 1,
+        "inter_op_num_threads": 1,
+        "execution_mode": "sequential",  # a BERT graph is a chain: no parallel branches to run
+        "graph_optimization_level": "all",
+        "session_config": dict(session_config or {}),
+        "env": {},
+    }
+
+
+def requirements_txt() -> str:
+    """Pin the runtime packages to the versions the bundle was built and checked with (>=, so a
+    device may run newer releases)."""
+    lines = []
+    for name in RUNTIME_PACKAGES:
+        try:
+            lines.append(f"{name}>={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            lines.append(name)
+    return "\n".join(lines) + "\n"
+
+
+def copy_shim(dest: Path) -> None:
+    """Copy the ``runtime_shim`` package (sources only) into ``dest/runtime_shim``."""
+    import runtime_shim
+
+    src = Path(runtime_shim.__file__).parent
+    shutil.copytree(src, dest / "runtime_shim", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+
+def write_labels(dest: Path, label_names: list[str], oos_label: str | None, threshold: float | None) -> None:
+    write_json_atomic(dest / "labels.json", {"labels": list(label_names), "oos_label": oos_label,
+                                             "oos_threshold": threshold})
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def archive(bundle: Path) -> Path:
+    """``BUNDLE.tar.gz`` beside the bundle, written to a temporary name and renamed when complete."""
+    bundle = Path(bundle)
+    out = bundle.with_name(bundle.name + ".tar.gz")
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    os.close(fd)
+    try:
+        with tarfile.open(tmp, "w:gz") as tar:
+            tar.add(bundle, arcname=bundle.name, filter=lambda t: None if "__pycache__" in t.name else t)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out

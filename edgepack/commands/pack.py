@@ -1,0 +1,47 @@
+"""edgepack pack MODEL_DIR --data DATA --out BUNDLE [--target NAME]"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ._common import add_data_args, data_config
+
+
+def register(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("pack", help="export, quantize, check and bundle a classifier for a device",
+                       description="Export a Hugging Face classifier to ONNX, quantize it with ONNX Runtime for a "
+                       "target CPU, check accuracy against fp32, calibrate the out-of-scope threshold and write a "
+                       "self-contained bundle.")
+    p.add_argument("model_dir", type=Path, metavar="MODEL_DIR",
+                   help="a Hugging Face classifier directory (or one holding model.onnx, config.json, tokenizer.json)")
+    add_data_args(p)
+    p.add_argument("--out", type=Path, required=True, metavar="BUNDLE", help="the bundle directory to write")
+    p.add_argument("--target", default="auto", help="a target in targets/ (default: detect this CPU's)")
+    p.add_argument("--max-accuracy-drop", type=float, default=1.0, metavar="POINTS",
+                   help="refuse an int8 model that loses more validation accuracy than this vs fp32 (default: 1.0)")
+    p.add_argument("--oos-recall", type=float, default=None, metavar="R",
+                   help="calibrate the out-of-scope threshold to reach this validation recall (default: max accuracy)")
+    p.add_argument("--max-length", type=int, default=64, help="tokens per query (default: 64)")
+    p.add_argument("--eval-rows", type=int, default=1000, help="rows of the test split shipped as eval.jsonl")
+    p.add_argument("--archive", action="store_true", help="also write BUNDLE.tar.gz to copy to a device")
+    p.add_argument("--ort-format", action="store_true", help="also write model.ort for minimal ONNX Runtime builds")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle (once the new one is complete)")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import ExportConfig, PackConfig
+    from ..pack import pack
+
+    try:
+        cfg = PackConfig(target=args.target, max_accuracy_drop=args.max_accuracy_drop, oos_recall=args.oos_recall,
+                         eval_rows=args.eval_rows, archive=args.archive, ort_format=args.ort_format)
+        export_cfg = ExportConfig(max_length=args.max_length)
+    except ValueError as e:
+        from ..errors import EdgepackError
+
+        raise EdgepackError(str(e)) from None
+    pack(cfg, args.model_dir, data_config(args), args.out, export_cfg=export_cfg, force=args.force)
+    print(f"try it:  python -m runtime_shim predict {args.out} \"your text here\"")
+    return 0
