@@ -40,6 +40,16 @@ class Target(ConfigBase):
             missing.append(" or ".join(self.any_flags))
         return missing
 
+    def matched_flags(self, flags: set[str]) -> list[str]:
+        """The identifying flags this CPU has (for ``edgepack targets --detect``)."""
+        return sorted((set(self.requires_flags) | set(self.any_flags)) & flags)
+
+    def manifest_entry(self) -> dict:
+        """What a bundle records about its target, so the device can check its own CPU against it
+        (``runtime_shim.tune`` and ``host_warning`` read these keys)."""
+        return {"name": self.name, "arch": self.arch, "requires_flags": list(self.requires_flags),
+                "any_flags": list(self.any_flags)}
+
 
 def _dirs() -> list[Path]:
     extra = [Path(p) for p in os.environ.get(SEARCH_PATH_ENV, "").split(os.pathsep) if p]
@@ -91,9 +101,39 @@ def cpu_flags() -> tuple[str, set[str]]:
     return arch, flags
 
 
-def detect() -> Target:
-    arch, flags = cpu_flags()
+def detect(arch: str | None = None, flags: set[str] | None = None) -> Target:
+    """The highest-priority target whose flags this CPU (or the given ``arch``/``flags``) has."""
+    if arch is None or flags is None:
+        host_arch, host_flags = cpu_flags()
+        arch = host_arch if arch is None else arch
+        flags = host_flags if flags is None else flags
     matching = [t for t in (load(n) for n in available()) if t.matches(arch, flags)]
     if not matching:
         raise EdgepackError(f"no target in targets/ matches this CPU ({arch}); pass --target NAME or add a target file")
     return max(matching, key=lambda t: (t.priority, len(t.requires_flags)))
+
+
+def all_targets() -> list[Target]:
+    """Every target file, loaded (a broken file raises its one-line error)."""
+    return [load(n) for n in available()]
+
+
+def host_warning(target: Target | dict, arch: str | None = None, flags: set[str] | None = None) -> str | None:
+    """One line when this CPU (or the given ``arch``/``flags``) lacks what ``target`` was built for,
+    else None. A bundle still runs on a CPU without its flags (MLAS falls back to slower kernels, and
+    on x86 without VNNI a U8S8 model built at full range may saturate), so this warns, not fails."""
+    if isinstance(target, dict):
+        target = Target(name=str(target.get("name", "?")), arch=str(target.get("arch", "x86_64")),
+                        requires_flags=tuple(target.get("requires_flags", ())),
+                        any_flags=tuple(target.get("any_flags", ())))
+    if arch is None or flags is None:
+        host_arch, host_flags = cpu_flags()
+        arch = host_arch if arch is None else arch
+        flags = host_flags if flags is None else flags
+    if arch != target.arch:
+        return f"warning: bundle built for target '{target.name}' ({target.arch}) but this CPU is {arch}"
+    missing = target.missing_flags(flags)
+    if missing:
+        return (f"warning: bundle built for target '{target.name}' needs CPU flags this CPU lacks: "
+                f"{', '.join(missing)}; expect slower kernels (or rebuild with --target auto)")
+    return None
