@@ -1,0 +1,304 @@
+"""``python -m runtime_shim COMMAND BUNDLE ...``: the bundle's command line on a device.
+
+    python -m runtime_shim predict BUNDLE "what is my balance" [--top-k 3] [--json]
+    python -m runtime_shim bench BUNDLE [--data FILE] [--split test] [--json OUT] [--threads N]
+    python -m runtime_shim verify BUNDLE [--update]
+    python -m runtime_shim rss BUNDLE          (peak memory of a fresh process, one JSON line)
+
+Each command is a ``register(subparsers)`` and a ``run(args) -> int`` in ``COMMANDS``. Optional
+commands living in their own module (``runtime_shim/tune.py`` with the same two functions) are
+picked up when present; see ``OPTIONAL_COMMANDS``.
+
+numpy (and so the pipeline) is imported inside the commands, after the bundle's ``runtime.json``
+``env`` table (BLAS thread variables) has been applied: BLAS reads them once, when numpy loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .manifest import MANIFEST, BundleError, update_manifest, verify
+
+PROG = "python -m runtime_shim"
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    ERROR = 1  # an unexpected failure (a bug): a traceback is printed
+    USAGE = 2  # bad input (a damaged bundle, unreadable data): the message says what to change
+    INTERRUPTED = 130
+
+
+def apply_bundle_env(bundle: str | os.PathLike) -> dict[str, str]:
+    """Set the ``env`` entries of the bundle's ``runtime.json`` that are not already set; return them.
+
+    Only before numpy is first imported (BLAS reads its thread variables once, at load): called later,
+    it changes nothing. Values the user exported win over the bundle's.
+
+    Example:
+        >>> apply_bundle_env("bundle")  # doctest: +SKIP
+        {'OMP_NUM_THREADS': '1'}
+    """
+    if "numpy" in sys.modules:
+        return {}
+    try:
+        env = json.loads((Path(bundle) / "runtime.json").read_text()).get("env") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}  # loading the pipeline reports a missing or broken runtime.json properly
+    applied = {}
+    if isinstance(env, dict):
+        for key, value in env.items():
+            if str(key) not in os.environ:
+                os.environ[str(key)] = applied[str(key)] = str(value)
+    return applied
+
+
+def _bundle_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", metavar="BUNDLE", help="the bundle directory (holding manifest.json)")
+
+
+def _threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="intra-op threads for this run, instead of runtime.json's (0: one per physical core)")
+    p.add_argument("--no-verify", action="store_true", help="skip the checksum check of the bundle's files")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if getattr(args, "overrides", None):
+        try:
+            out.update(json.loads(args.overrides))
+        except json.JSONDecodeError as e:
+            raise BundleError(f"--overrides: not a JSON object ({e.msg}); pass e.g. '{{\"intra_op_num_threads\": 2}}'") from None
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 0:
+            raise BundleError(f"--threads {args.threads}: use 0 (one per physical core) or a positive count")
+        out["intra_op_num_threads"] = args.threads
+    return out
+
+
+def _load(args: argparse.Namespace):
+    apply_bundle_env(args.bundle)
+    from .pipeline import OnnxPipeline
+
+    return OnnxPipeline(args.bundle, verify=not getattr(args, "no_verify", False), overrides=_overrides(args))
+
+
+# ---------------------------------------------------------------------------------------- predict
+
+
+def register_predict(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("predict", help="classify texts", description="Classify each TEXT with the bundle.")
+    _bundle_arg(p)
+    p.add_argument("texts", nargs="+", metavar="TEXT", help="texts to classify")
+    p.add_argument("--top-k", type=int, default=None, metavar="K", help="show the K most probable labels")
+    p.add_argument("--no-threshold", action="store_true", help="plain argmax: ignore the out-of-scope threshold")
+    p.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    _threads_arg(p)
+    return p
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    if args.top_k is not None and args.top_k < 1:
+        raise BundleError(f"--top-k {args.top_k}: use a positive count")
+    pipe = _load(args)
+    out = pipe(args.texts, top_k=args.top_k, apply_threshold=not args.no_threshold)
+    if args.json:
+        print(json.dumps(out if len(args.texts) > 1 else out[0], indent=None))
+        return ExitCode.OK
+    for text, answer in zip(args.texts, out, strict=True):
+        if args.top_k is None:
+            print(f"{answer['label']}\t{answer['score']:.4f}\t{text}")
+        else:
+            print(text)
+            for a in answer:
+                print(f"  {a['label']}\t{a['score']:.4f}")
+    return ExitCode.OK
+
+
+# ------------------------------------------------------------------------------------------ bench
+
+
+def register_bench(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "bench", help="accuracy, latency, throughput and memory of the bundle",
+        description="Benchmark the bundle on labelled data (default: its eval.jsonl) and print a table.")
+    _bundle_arg(p)
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="labelled .jsonl/.csv or CLINC150 .json (default: BUNDLE/eval.jsonl)")
+    p.add_argument("--split", default="test", help="split of a CLINC150 .json file (default: test)")
+    p.add_argument("--text-column", default="text", help="column holding the text (default: text)")
+    p.add_argument("--label-column", default="label", help="column holding the label (default: label)")
+    p.add_argument("--reference", default=None, metavar="FILE",
+                   help="reference predictions for --data (e.g. the teacher's `bench --json` output): adds agreement")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the full result (with predictions) here")
+    p.add_argument("--runs", type=int, default=200, help="timed single queries (default: 200)")
+    p.add_argument("--warmup", type=int, default=50, help="untimed queries first (default: 50)")
+    p.add_argument("--gap-ms", type=float, default=0.0, metavar="MS",
+                   help="pause between timed queries, as requests arriving apart (default: 0)")
+    p.add_argument("--batch-sizes", default="1,32", metavar="B,B", help="throughput batch sizes (default: 1,32)")
+    p.add_argument("--no-rss", action="store_true", help="skip the peak-memory probe in a fresh process")
+    _threads_arg(p)
+    return p
+
+
+def _batch_sizes(value: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise BundleError(f"--batch-sizes {value!r}: pass positive integers separated by commas, e.g. 1,32")
+    return sizes
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    if args.runs < 1 or args.warmup < 0:
+        raise BundleError(f"--runs {args.runs} --warmup {args.warmup}: need at least 1 run and 0 warm-ups")
+    batch_sizes = _batch_sizes(args.batch_sizes)
+    pipe = _load(args)
+    from .bench import format_table, run_benchmark
+    from .datafiles import read_labelled, read_reference
+
+    data = Path(args.data) if args.data else pipe.bundle_dir / "eval.jsonl"
+    texts, gold = read_labelled(data, split=args.split, text_column=args.text_column,
+                                label_column=args.label_column)
+    reference = read_reference(args.reference, n=len(texts)) if args.reference else None
+    result = run_benchmark(pipe, texts, gold, reference=reference, warmup=args.warmup, runs=args.runs,
+                           batch_sizes=batch_sizes, gap_ms=args.gap_ms, rss_argv=[] if args.no_rss else None)
+    result["data"] = str(data)
+    result["build_metrics"] = pipe.manifest.get("metrics")
+    print(format_table([result]))
+    if result.get("peak_rss_error"):
+        print(f"peak memory not measured: {result['peak_rss_error']}", file=sys.stderr)
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.partial")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, out)
+        print(f"wrote {out}")
+    return ExitCode.OK
+
+
+# ----------------------------------------------------------------------------------------- verify
+
+
+def register_verify(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("verify", help="check every file against manifest.json",
+                       description="Check the sha256 and size of every file the manifest lists.")
+    _bundle_arg(p)
+    p.add_argument("--update", action="store_true",
+                   help="after changing a file on purpose (e.g. runtime.json): re-hash and rewrite manifest.json")
+    return p
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    if args.update:
+        manifest = update_manifest(args.bundle)
+        print(f"updated {Path(args.bundle) / MANIFEST}: {len(manifest['files'])} files")
+        return ExitCode.OK
+    manifest = verify(args.bundle)
+    print(f"ok: {len(manifest['files'])} files match {Path(args.bundle) / MANIFEST}")
+    return ExitCode.OK
+
+
+# -------------------------------------------------------------------------------------------- rss
+
+
+def register_rss(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "rss", help="peak memory of a fresh process serving the bundle (one JSON line)",
+        description="Load the bundle, run warm-up, single and batch-32 queries, print peak RSS as JSON. "
+                    "Run it as its own process: peak memory only ever grows.")
+    _bundle_arg(p)
+    p.add_argument("--overrides", default=None, metavar="JSON", help="runtime.json settings to replace, as JSON")
+    _threads_arg(p)
+    return p
+
+
+def run_rss(args: argparse.Namespace) -> int:
+    pipe = _load(args)
+    from .bench import rss_report
+    from .datafiles import DataError, read_labelled
+
+    try:
+        texts, _ = read_labelled(pipe.bundle_dir / "eval.jsonl")
+    except DataError:
+        texts = ["what is the balance of my checking account", "set an alarm for seven in the morning"]
+    print(json.dumps(rss_report(pipe, texts)))
+    return ExitCode.OK
+
+
+# ------------------------------------------------------------------------------------------- main
+
+Command = tuple[Callable[[Any], argparse.ArgumentParser], Callable[[argparse.Namespace], int]]
+COMMANDS: dict[str, Command] = {
+    "predict": (register_predict, run_predict),
+    "bench": (register_bench, run_bench),
+    "verify": (register_verify, run_verify),
+    "rss": (register_rss, run_rss),
+}
+# Commands in modules of their own, added when the module exists (``runtime_shim/tune.py`` with
+# ``register(subparsers) -> parser`` and ``run(args) -> int``); imported only when the CLI starts.
+OPTIONAL_COMMANDS = ("tune",)
+
+
+def _optional(name: str):
+    try:
+        return importlib.import_module(f"{__package__ or 'runtime_shim'}.{name}")
+    except ModuleNotFoundError as e:
+        if e.name and e.name.endswith(f"runtime_shim.{name}"):
+            return None
+        raise
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Run and check an edgepack bundle on this device.")
+    parser.add_argument("--version", action="version", version=f"runtime_shim {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for register, run in COMMANDS.values():
+        register(sub).set_defaults(_run=run)
+    for name in OPTIONAL_COMMANDS:
+        module = _optional(name)
+        if module is not None:
+            module.register(sub).set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; return its exit code (``ExitCode``).
+
+    Example:
+        >>> main(["predict", "bundle", "what is my balance"])  # doctest: +SKIP
+        balance	0.9731	what is my balance
+        0
+    """
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return ExitCode.USAGE
+    from .datafiles import DataError
+
+    try:
+        return int(args._run(args) or ExitCode.OK)
+    except (BundleError, DataError) as e:
+        print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
+        return ExitCode.USAGE
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return ExitCode.INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,433 @@
+"""The benchmark harness: one implementation for ``python -m runtime_shim bench`` on a device and for
+``edgepack bench`` on the build machine (which adds a PyTorch backend beside the bundle).
+
+A *backend* is anything with these attributes (``OnnxPipeline`` is one)::
+
+    name: str                     label_names: list[str]          settings: dict
+    oos_label: str | None         oos_threshold: float | None     model_bytes: int    bundle_bytes: int
+    encode(texts) -> dict of arrays            forward(encoded) -> np.ndarray logits [batch, num_labels]
+    rss_argv: list[str]  (optional: the command that loads it in a fresh process, see ``rss_report``)
+
+The harness does the softmax, argmax and threshold itself, in numpy, so every backend is timed and
+scored by the same code.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .datafiles import DataError
+from .pipeline import softmax, thresholded
+
+# The shim's parent directory: a fresh process started for the memory probe must import this same copy.
+_SHIM_PARENT = str(Path(__file__).resolve().parent.parent)
+
+
+class Backend(Protocol):
+    name: str
+    label_names: list[str]
+    oos_label: str | None
+    oos_threshold: float | None
+    settings: dict
+    model_bytes: int
+    bundle_bytes: int
+
+    def encode(self, texts: Sequence[str]) -> Any: ...
+
+    def forward(self, encoded: Any) -> np.ndarray: ...
+
+
+# ------------------------------------------------------------------------------------------- accuracy
+
+
+def _oos_id(backend: Backend) -> int | None:
+    oos = getattr(backend, "oos_label", None)
+    return backend.label_names.index(oos) if oos in backend.label_names else None
+
+
+def predict_probs(backend: Backend, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
+    """Softmax probabilities ``[n, num_labels]`` for ``texts``, in their order.
+
+    Texts are batched by length so batches carry little padding: faster, and with dynamic int8
+    quantization (activation ranges computed per batch) padding could nudge a borderline answer.
+
+    Example:
+        >>> probs = predict_probs(OnnxPipeline("bundle"), ["set an alarm", "hi"])  # doctest: +SKIP
+        >>> probs.shape  # doctest: +SKIP
+        (2, 5)
+    """
+    n = len(texts)
+    out = np.zeros((n, len(backend.label_names)), dtype=np.float64)
+    order = sorted(range(n), key=lambda i: len(texts[i]))
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        out[idx] = softmax(np.asarray(backend.forward(backend.encode([texts[i] for i in idx]))))
+    return out
+
+
+def accuracy_metrics(pred: Sequence[str], gold: Sequence[str], oos_label: str | None) -> dict[str, float | None]:
+    """``accuracy``, ``in_scope_accuracy`` and ``oos_recall`` of label names against gold label names.
+
+    ``in_scope_accuracy`` and ``oos_recall`` are ``None`` without an out-of-scope label (or rows).
+
+    Example:
+        >>> accuracy_metrics(["a", "oos", "b"], ["a", "oos", "oos"], "oos")
+        {'accuracy': 0.6666666666666666, 'in_scope_accuracy': 1.0, 'oos_recall': 0.5}
+    """
+    p = np.asarray(pred, dtype=object)
+    g = np.asarray(gold, dtype=object)
+    hit = p == g
+    out: dict[str, float | None] = {"accuracy": float(hit.mean()) if len(g) else None,
+                                    "in_scope_accuracy": None, "oos_recall": None}
+    if oos_label is not None:
+        is_oos = g == oos_label
+        if (~is_oos).any():
+            out["in_scope_accuracy"] = float(hit[~is_oos].mean())
+        if is_oos.any():
+            out["oos_recall"] = float(hit[is_oos].mean())
+    return out
+
+
+# -------------------------------------------------------------------------------------------- timing
+
+
+def _stats(ns: Sequence[int]) -> dict[str, float]:
+    ms = np.asarray(ns, dtype=np.float64) / 1e6
+    p50, p90, p95, p99 = np.percentile(ms, [50, 90, 95, 99])
+    return {"p50": round(float(p50), 4), "p90": round(float(p90), 4), "p95": round(float(p95), 4),
+            "p99": round(float(p99), 4), "mean": round(float(ms.mean()), 4), "n": int(ms.size)}
+
+
+def _answer(logits: np.ndarray, label_names: Sequence[str], oos_id: int | None,
+            threshold: float | None) -> list[str]:
+    probs = softmax(logits)
+    ids = thresholded(probs.argmax(axis=-1), probs.max(axis=-1), oos_id, threshold)
+    return [label_names[int(i)] for i in ids]
+
+
+def time_single_queries(backend: Backend, texts: Sequence[str], *, warmup: int = 50, runs: int = 200,
+                        gap_ms: float = 0.0) -> dict[str, dict[str, float]]:
+    """End-to-end single-query latency (tokenize + run + softmax/threshold), split into its parts.
+
+    ``runs`` queries cycle through ``texts`` after ``warmup`` untimed ones; ``gap_ms`` sleeps between
+    queries (a device answering requests as they come, not back to back: thread pools that spin
+    between calls look better back to back than they serve).
+
+    Example:
+        >>> t = time_single_queries(OnnxPipeline("bundle"), ["set an alarm"], warmup=5, runs=20)  # doctest: +SKIP
+        >>> sorted(t)  # doctest: +SKIP
+        ['latency_ms', 'model_ms', 'tokenize_ms']
+    """
+    names, oos_id, thr = backend.label_names, _oos_id(backend), getattr(backend, "oos_threshold", None)
+    for i in range(warmup):
+        _answer(backend.forward(backend.encode([texts[i % len(texts)]])), names, oos_id, thr)
+    tok, model, total = [], [], []
+    clock = time.perf_counter_ns
+    gap_s = gap_ms / 1000.0
+    # No collection pauses inside the timed region: they would land on random queries as tail latency
+    # that belongs to this harness's lists, not to the model.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for i in range(runs):
+            text = texts[(warmup + i) % len(texts)]
+            if gap_s:
+                time.sleep(gap_s)
+            t0 = clock()
+            enc = backend.encode([text])
+            t1 = clock()
+            logits = backend.forward(enc)
+            t2 = clock()
+            _answer(logits, names, oos_id, thr)
+            t3 = clock()
+            tok.append(t1 - t0)
+            model.append(t2 - t1)
+            total.append(t3 - t0)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {"latency_ms": _stats(total), "tokenize_ms": _stats(tok), "model_ms": _stats(model)}
+
+
+def throughput(backend: Backend, texts: Sequence[str], batch_size: int, *, batches: int) -> float:
+    """Queries per second, end to end, over ``batches`` batches of ``batch_size`` (after one warm-up batch).
+
+    Example:
+        >>> throughput(OnnxPipeline("bundle"), ["set an alarm", "hi"], 32, batches=5)  # doctest: +SKIP
+        4120.5
+    """
+    names, oos_id, thr = backend.label_names, _oos_id(backend), getattr(backend, "oos_threshold", None)
+    n = len(texts)
+    chunks = [[texts[(b * batch_size + j) % n] for j in range(batch_size)] for b in range(batches + 1)]
+    _answer(backend.forward(backend.encode(chunks[0])), names, oos_id, thr)
+    t0 = time.perf_counter_ns()
+    for chunk in chunks[1:]:
+        _answer(backend.forward(backend.encode(chunk)), names, oos_id, thr)
+    elapsed = (time.perf_counter_ns() - t0) / 1e9
+    return round(batch_size * batches / elapsed, 2) if elapsed > 0 else float("inf")
+
+
+# -------------------------------------------------------------------------------------------- memory
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident memory of this process so far, in MiB (``None`` where ``resource`` is missing).
+
+    ``ru_maxrss`` is in KiB on Linux and in bytes on macOS.
+
+    Example:
+        >>> peak_rss_mb() > 0  # doctest: +SKIP
+        True
+    """
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024, 2)
+
+
+def rss_report(backend: Backend, texts: Sequence[str], *, warmup: int = 10, singles: int = 20,
+               batches: int = 3, batch_size: int = 32) -> dict[str, Any]:
+    """Exercise a freshly loaded backend (warm-up, single queries, batches) and report peak memory.
+
+    This is what the fresh process started by ``run_benchmark`` runs; it prints the result as one
+    JSON line (``python -m runtime_shim rss BUNDLE``).
+
+    Example:
+        >>> rss_report(OnnxPipeline("bundle"), ["set an alarm"])  # doctest: +SKIP
+        {'peak_rss_mb': 61.3, 'name': 'bundle', 'threads': 1}
+    """
+    texts = list(texts) or ["hello"]
+    time_single_queries(backend, texts, warmup=warmup, runs=singles)
+    throughput(backend, texts, batch_size, batches=batches)
+    return {"peak_rss_mb": peak_rss_mb(), "name": backend.name,
+            "threads": backend.settings.get("intra_op_num_threads")}
+
+
+def measure_peak_rss(argv: Sequence[str], *, timeout: float = 600.0) -> float:
+    """Run ``argv`` in a fresh process and return the ``peak_rss_mb`` from the JSON line it prints.
+
+    Raises ``RuntimeError`` with the command's last stderr line when it fails.
+
+    Example:
+        >>> measure_peak_rss([sys.executable, "-m", "runtime_shim", "rss", "bundle"])  # doctest: +SKIP
+        61.3
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_SHIM_PARENT, env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"{' '.join(map(str, argv[:5]))}... exited {proc.returncode}: {last}")
+    for line in reversed(proc.stdout.strip().splitlines()):
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(data, dict) and data.get("peak_rss_mb") is not None:
+            return float(data["peak_rss_mb"])
+    raise RuntimeError(f"{' '.join(map(str, argv[:5]))}... printed no JSON line with peak_rss_mb")
+
+
+# ------------------------------------------------------------------------------------------- harness
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("onnxruntime", "tokenizers", "numpy", "torch", "transformers"):
+        if name in ("torch", "transformers") and name not in sys.modules:
+            continue  # report them only for a backend that uses them
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def run_benchmark(
+    backend: Backend,
+    texts: Sequence[str],
+    gold: Sequence[str],
+    *,
+    reference: Sequence[str] | None = None,
+    warmup: int = 50,
+    runs: int = 200,
+    batch_sizes: Sequence[int] = (1, 32),
+    rss_argv: Sequence[str] | None = None,
+    gap_ms: float = 0.0,
+    eval_batch_size: int = 32,
+    throughput_batches: int = 20,
+) -> dict[str, Any]:
+    """Accuracy, latency, throughput, memory and size of one backend on labelled texts.
+
+    - Accuracy is computed on every row: ``accuracy`` (with the backend's out-of-scope threshold),
+      ``accuracy_raw`` (argmax), ``in_scope_accuracy``/``oos_recall`` and their ``_raw`` variants when
+      the backend has an out-of-scope label (``None`` otherwise), ``agreement`` with ``reference``
+      labels when given, and ``predictions`` (thresholded label names) to compare models with.
+    - ``latency_ms``/``tokenize_ms``/``model_ms``: p50/p90/p95/p99/mean/n over ``runs`` single queries
+      after ``warmup``; ``throughput_qps``: ``{"1": ..., "32": ...}`` for ``batch_sizes``, over
+      ``max(throughput_batches, ceil(runs / batch_size))`` batches each.
+    - ``peak_rss_mb``: from ``rss_argv`` (default: the backend's ``rss_argv``) run in a fresh
+      process; ``[]`` skips it. A failure leaves ``None`` and the reason in ``peak_rss_error``.
+
+    Example:
+        >>> pipe = OnnxPipeline("bundle")  # doctest: +SKIP
+        >>> texts, gold = read_labelled("bundle/eval.jsonl")  # doctest: +SKIP
+        >>> r = run_benchmark(pipe, texts, gold, warmup=5, runs=20)  # doctest: +SKIP
+        >>> r["accuracy"], r["latency_ms"]["p50"], r["peak_rss_mb"]  # doctest: +SKIP
+        (0.95, 0.21, 58.4)
+    """
+    texts = [str(t) for t in texts]
+    gold = [str(g) for g in gold]
+    if not texts:
+        raise DataError("no evaluation rows; give a file with labelled rows")
+    if len(texts) != len(gold):
+        raise DataError(f"{len(texts)} texts but {len(gold)} gold labels; pass one label per text")
+    if runs < 1 or warmup < 0:
+        raise ValueError(f"runs={runs}, warmup={warmup}: need runs >= 1 and warmup >= 0")
+    names = list(backend.label_names)
+    unknown = sorted(set(gold) - set(names))
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise DataError(f"gold labels the model does not know: {shown} (model labels: {', '.join(names[:8])}"
+                        f"{', ...' if len(names) > 8 else ''}); evaluate on data with the model's labels")
+    if reference is not None and len(reference) != len(texts):
+        raise DataError(f"{len(reference)} reference labels for {len(texts)} rows; "
+                        "benchmark the reference on the same data")
+    oos_label = getattr(backend, "oos_label", None)
+    oos_label = oos_label if oos_label in names else None
+    threshold = getattr(backend, "oos_threshold", None) if oos_label is not None else None
+
+    probs = predict_probs(backend, texts, batch_size=eval_batch_size)
+    raw_ids = probs.argmax(axis=-1)
+    final_ids = thresholded(raw_ids, probs.max(axis=-1), _oos_id(backend) if oos_label else None, threshold)
+    raw_pred = [names[int(i)] for i in raw_ids]
+    pred = [names[int(i)] for i in final_ids]
+    with_thr = accuracy_metrics(pred, gold, oos_label)
+    raw = accuracy_metrics(raw_pred, gold, oos_label)
+
+    result: dict[str, Any] = {
+        "name": backend.name,
+        "n": len(texts),
+        "accuracy": with_thr["accuracy"],
+        "accuracy_raw": raw["accuracy"],
+        "in_scope_accuracy": with_thr["in_scope_accuracy"],
+        "in_scope_accuracy_raw": raw["in_scope_accuracy"],
+        "oos_recall": with_thr["oos_recall"],
+        "oos_recall_raw": raw["oos_recall"],
+        "agreement": None,
+        "oos_label": oos_label,
+        "oos_threshold": threshold,
+    }
+    if reference is not None:
+        result["agreement"] = float(np.mean(np.asarray(pred, dtype=object) == np.asarray(
+            [str(r) for r in reference], dtype=object)))
+
+    result.update(time_single_queries(backend, texts, warmup=warmup, runs=runs, gap_ms=gap_ms))
+    result["throughput_qps"] = {
+        str(bs): throughput(backend, texts, bs, batches=max(throughput_batches, math.ceil(runs / bs)))
+        for bs in batch_sizes
+    }
+
+    argv = rss_argv if rss_argv is not None else getattr(backend, "rss_argv", None)
+    result["peak_rss_mb"] = None
+    if argv:
+        try:
+            result["peak_rss_mb"] = measure_peak_rss(argv)
+        except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:
+            result["peak_rss_error"] = " ".join(str(e).split())
+    settings = dict(getattr(backend, "settings", {}) or {})
+    result.update({
+        "model_bytes": int(backend.model_bytes),
+        "bundle_bytes": int(backend.bundle_bytes),
+        "threads": settings.get("intra_op_num_threads"),
+        "settings": settings,
+        "warmup": warmup,
+        "runs": runs,
+        "gap_ms": gap_ms,
+        "host": {"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count(),
+                 "versions": _versions()},
+        "predictions": pred,
+    })
+    return result
+
+
+# --------------------------------------------------------------------------------------------- table
+
+
+def _pct(x: Any) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+def _ms(x: Any) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.3f}" if x < 10 else f"{x:.2f}" if x < 100 else f"{x:.1f}"
+
+
+def _num(x: Any, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:,.{digits}f}"
+
+
+def format_table(results: Sequence[Mapping[str, Any]]) -> str:
+    """A fixed-width table, one row per benchmarked model (accuracies in %, times in ms, sizes in MB).
+
+    Example:
+        >>> print(format_table([run_benchmark(pipe, texts, gold)]))  # doctest: +SKIP
+        model   acc %  acc raw %  in-scope %  oos rec %  agree %  model MB  p50 ms ...
+        bundle  95.00      90.00       100.0 ...
+    """
+    batch_sizes = sorted({int(k) for r in results for k in (r.get("throughput_qps") or {})})
+    columns: list[tuple[str, Any]] = [
+        ("model", lambda r: str(r.get("name", "?"))),
+        ("acc %", lambda r: _pct(r.get("accuracy"))),
+        ("acc raw %", lambda r: _pct(r.get("accuracy_raw"))),
+        ("in-scope %", lambda r: _pct(r.get("in_scope_accuracy"))),
+        ("oos rec %", lambda r: _pct(r.get("oos_recall"))),
+        ("agree %", lambda r: _pct(r.get("agreement"))),
+        ("model MB", lambda r: _num(None if r.get("model_bytes") is None else r["model_bytes"] / 1e6, 2)),
+        ("p50 ms", lambda r: _ms((r.get("latency_ms") or {}).get("p50"))),
+        ("p95 ms", lambda r: _ms((r.get("latency_ms") or {}).get("p95"))),
+        ("p99 ms", lambda r: _ms((r.get("latency_ms") or {}).get("p99"))),
+        ("tok p50", lambda r: _ms((r.get("tokenize_ms") or {}).get("p50"))),
+        ("model p50", lambda r: _ms((r.get("model_ms") or {}).get("p50"))),
+    ]
+    for bs in batch_sizes:
+        columns.append((f"qps@{bs}", lambda r, bs=bs: _num((r.get("throughput_qps") or {}).get(str(bs)))))
+    columns += [
+        ("RSS MB", lambda r: _num(r.get("peak_rss_mb"))),
+        ("threads", lambda r: "-" if r.get("threads") is None else str(r["threads"])),
+    ]
+    cells = [[fn(r) for _, fn in columns] for r in results]
+    widths = [max([len(head)] + [len(row[i]) for row in cells]) for i, (head, _) in enumerate(columns)]
+
+    def line(values: Sequence[str]) -> str:
+        first = values[0].ljust(widths[0])
+        return "  ".join([first] + [v.rjust(w) for v, w in zip(values[1:], widths[1:], strict=True)]).rstrip()
+
+    out = [line([head for head, _ in columns]), line(["-" * w for w in widths])]
+    out += [line(row) for row in cells]
+    n = {r.get("n") for r in results if r.get("n")}
+    runs = {r.get("runs") for r in results if r.get("runs")}
+    if n or runs:
+        notes = []
+        if n:
+            notes.append(f"accuracy over {', '.join(map(str, sorted(n)))} rows")
+        if runs:
+            notes.append(f"latency over {', '.join(map(str, sorted(runs)))} single queries")
+        out.append("(" + "; ".join(notes) + "; acc: with the out-of-scope threshold, acc raw: argmax)")
+    return "\n".join(out)

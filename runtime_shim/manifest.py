@@ -1,0 +1,209 @@
+"""The bundle's manifest: sha256 and size of every file, so a device can tell a whole bundle from a
+damaged or edited one before it answers a single query.
+
+``manifest.json`` lists every file of the bundle except itself and ``__pycache__`` (Python writes
+those on the device). Files the manifest does not list (a benchmark's JSON saved beside the model)
+are ignored by :func:`verify`; a listed file that is missing or differs is refused.
+
+This module is the one implementation: ``edgepack``'s packer imports it to write manifests, the
+shim imports it to check them. Standard library only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+FORMAT = "edgepack-bundle/1"
+MANIFEST = "manifest.json"
+_SKIP_DIRS = ("__pycache__",)
+_CHUNK = 1 << 20
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used as it is. ``str(err)`` is one line naming the file and the fix."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (a model never sits in memory twice).
+
+    Example:
+        >>> sha256_file("bundle/model.quant.onnx")  # doctest: +SKIP
+        '3f5a...'
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def bundle_files(bundle_dir: str | os.PathLike) -> list[str]:
+    """Relative POSIX paths of the files a manifest covers, sorted.
+
+    Example:
+        >>> bundle_files("bundle")  # doctest: +SKIP
+        ['eval.jsonl', 'labels.json', 'model.quant.onnx', 'requirements.txt', 'runtime.json', ...]
+    """
+    root = Path(bundle_dir)
+    out = []
+    for p in root.rglob("*"):
+        rel = p.relative_to(root)
+        if any(part in _SKIP_DIRS for part in rel.parts) or rel.as_posix() == MANIFEST:
+            continue
+        # A temporary manifest left by an interrupted write is not part of the bundle.
+        if rel.name.startswith(f".{MANIFEST}.") or not p.is_file():
+            continue
+        out.append(rel.as_posix())
+    return sorted(out)
+
+
+def hash_files(bundle_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """``{relpath: {"sha256", "bytes"}}`` for every file of the bundle.
+
+    Example:
+        >>> hash_files("bundle")["labels.json"]  # doctest: +SKIP
+        {'sha256': '9c1e...', 'bytes': 105}
+    """
+    root = Path(bundle_dir)
+    return {rel: {"sha256": sha256_file(root / rel), "bytes": (root / rel).stat().st_size}
+            for rel in bundle_files(root)}
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    # A temporary file beside the target, renamed into place: an interrupted write never leaves a
+    # half manifest that parses.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_manifest(bundle_dir: str | os.PathLike, **fields: Any) -> dict[str, Any]:
+    """Hash every file of ``bundle_dir`` and write ``manifest.json`` (atomically); return it.
+
+    ``fields`` (versions, target, metrics, ...) are stored beside ``format`` and ``files``; a field
+    named ``files`` or ``format`` is ignored, since those are computed here.
+
+    Example:
+        >>> m = write_manifest("bundle", versions={"onnxruntime": "1.31.1"}, metrics={"accuracy": 0.9})
+        ... # doctest: +SKIP
+        >>> sorted(m)  # doctest: +SKIP
+        ['files', 'format', 'metrics', 'versions']
+    """
+    root = Path(bundle_dir)
+    if not root.is_dir():
+        raise BundleError(f"{root}: no such bundle directory; pass the directory `edgepack pack` wrote")
+    extra = {k: v for k, v in fields.items() if k not in ("files", "format")}
+    manifest = {"format": FORMAT, **extra, "files": hash_files(root)}
+    _write_json_atomic(root / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(bundle_dir: str | os.PathLike) -> dict[str, Any]:
+    """The parsed ``manifest.json`` of a bundle, without checking any file.
+
+    Example:
+        >>> read_manifest("bundle")["format"]  # doctest: +SKIP
+        'edgepack-bundle/1'
+    """
+    root = Path(bundle_dir)
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise BundleError(f"{root}: no such bundle directory; pass the directory `edgepack pack` wrote")
+    if not path.is_file():
+        raise BundleError(f"{path}: missing, so this is not a packed bundle; re-run `edgepack pack` "
+                          f"(or `python -m runtime_shim verify {root} --update` to trust the files as they are)")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path}: not valid JSON ({e}); re-run `edgepack pack` or restore the file") from None
+    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+        raise BundleError(f"{path}: has no 'files' table; re-run `edgepack pack` or restore the file")
+    fmt = data.get("format")
+    if fmt != FORMAT:
+        raise BundleError(f"{path}: format {fmt!r} is not {FORMAT!r}; repack the bundle with this edgepack "
+                          "or use the runtime_shim copied inside it")
+    return data
+
+
+def verify(bundle_dir: str | os.PathLike) -> dict[str, Any]:
+    """Check every file listed in ``manifest.json`` (present, same size, same sha256); return the manifest.
+
+    Raises ``BundleError`` naming the first file that is missing or differs.
+
+    Example:
+        >>> verify("bundle")["format"]  # doctest: +SKIP
+        'edgepack-bundle/1'
+        >>> Path("bundle/labels.json").write_text("{}")  # doctest: +SKIP
+        >>> verify("bundle")  # doctest: +SKIP
+        Traceback (most recent call last):
+        BundleError: bundle/labels.json: sha256 differs from manifest.json ...
+    """
+    root = Path(bundle_dir)
+    manifest = read_manifest(root)
+    fix = ("restore it from the packed bundle (or its .tar.gz), or if you changed it on purpose run "
+           f"`python -m runtime_shim verify {root} --update`")
+    for rel, entry in sorted(manifest["files"].items()):
+        rel_path = Path(rel)
+        if rel_path.is_absolute() or ".." in rel_path.parts:
+            raise BundleError(f"{root / MANIFEST}: lists '{rel}', which is outside the bundle; re-run `edgepack pack`")
+        path = root / rel_path
+        if not path.is_file():
+            raise BundleError(f"{path}: missing from the bundle; {fix}")
+        size = path.stat().st_size
+        if entry.get("bytes") is not None and size != entry["bytes"]:
+            raise BundleError(f"{path}: {size} bytes, manifest.json says {entry['bytes']} (file changed after "
+                              f"packing); {fix}")
+        if sha256_file(path) != entry.get("sha256"):
+            raise BundleError(f"{path}: sha256 differs from manifest.json (file changed after packing); {fix}")
+    return manifest
+
+
+def update_manifest(bundle_dir: str | os.PathLike, **fields: Any) -> dict[str, Any]:
+    """Re-hash the files after an intended change (a tuned ``runtime.json``), keeping the other fields.
+
+    ``fields`` replace the top-level fields of the same name; nested tables are replaced, not merged.
+
+    Example:
+        >>> update_manifest("bundle", tuned={"intra_op_num_threads": 2})  # doctest: +SKIP
+        {'format': 'edgepack-bundle/1', ..., 'tuned': {'intra_op_num_threads': 2}, 'files': {...}}
+    """
+    root = Path(bundle_dir)
+    try:
+        old = read_manifest(root)
+    except BundleError:
+        if (root / MANIFEST).exists():
+            raise
+        old = {}
+    kept = {k: v for k, v in old.items() if k not in ("files", "format")}
+    kept.update(fields)
+    return write_manifest(root, **kept)
+
+
+def bundle_bytes(bundle_dir: str | os.PathLike) -> int:
+    """Bytes on disk of the whole bundle: every covered file plus ``manifest.json``.
+
+    Example:
+        >>> bundle_bytes("bundle")  # doctest: +SKIP
+        1874231
+    """
+    root = Path(bundle_dir)
+    total = sum((root / rel).stat().st_size for rel in bundle_files(root))
+    if (root / MANIFEST).is_file():
+        total += (root / MANIFEST).stat().st_size
+    return total

@@ -1,0 +1,268 @@
+"""``OnnxPipeline``: load a bundle, check it against its manifest, classify text like a Hugging Face
+text-classification pipeline, with onnxruntime, tokenizers and numpy only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from . import manifest as _manifest
+from .manifest import BundleError
+from .session import effective_settings, make_session
+
+_ORT_INT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, stable for large logits (the row maximum is subtracted first).
+
+    Example:
+        >>> softmax(np.array([[1000.0, 1000.0]])).tolist()
+        [[0.5, 0.5]]
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def thresholded(label_ids: np.ndarray, top_probs: np.ndarray, oos_id: int | None,
+                    threshold: float | None) -> np.ndarray:
+    """Replace a prediction by ``oos_id`` where its top probability is below ``threshold``.
+
+    Example:
+        >>> thresholded(np.array([0, 2]), np.array([0.9, 0.2]), oos_id=1, threshold=0.32).tolist()
+        [0, 1]
+    """
+    label_ids = np.asarray(label_ids)
+    if oos_id is None or threshold is None:
+        return label_ids.copy()
+    return np.where(np.asarray(top_probs) < threshold, oos_id, label_ids)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise BundleError(f"{path}: missing from the bundle; re-run `edgepack pack` or restore the file")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path}: not valid JSON ({e}); re-run `edgepack pack` or restore the file") from None
+    if not isinstance(data, dict):
+        raise BundleError(f"{path}: expected a JSON object; re-run `edgepack pack` or restore the file")
+    return data
+
+
+class OnnxPipeline:
+    """A bundle loaded for inference: ``pipe("text") -> [{"label", "score"}]``.
+
+    Loading verifies every file against ``manifest.json`` (``verify=False`` skips it) and builds the
+    ONNX Runtime session from ``runtime.json``; ``overrides`` replaces settings of ``runtime.json``
+    (``{"intra_op_num_threads": 2}``) without editing the bundle.
+
+    The out-of-scope threshold (``labels.json``) is applied by default: when the top softmax
+    probability is below ``oos_threshold`` the answer is ``oos_label``, and its score stays that top
+    probability (how sure the model was of its best in-scope guess, so a low score reads as "unsure").
+
+    Example:
+        >>> pipe = OnnxPipeline("bundle")  # doctest: +SKIP
+        >>> pipe("what is my checking balance")  # doctest: +SKIP
+        [{'label': 'balance', 'score': 0.97}]
+        >>> pipe(["wake me at 7", "who won the game"], top_k=2)  # doctest: +SKIP
+        [[{'label': 'alarm', 'score': 0.91}, ...], [{'label': 'oos', 'score': 0.41}, ...]]
+    """
+
+    def __init__(self, bundle_dir: str | os.PathLike, *, verify: bool = True,
+                 overrides: Mapping[str, Any] | None = None):
+        root = Path(bundle_dir)
+        if not root.is_dir():
+            raise BundleError(f"{root}: no such bundle directory; pass the directory `edgepack pack` wrote")
+        self.bundle_dir = root
+        if verify:
+            self.manifest = _manifest.verify(root)
+        else:
+            self.manifest = _manifest.read_manifest(root) if (root / _manifest.MANIFEST).is_file() else {}
+        runtime = _read_json(root / "runtime.json")
+        labels = _read_json(root / "labels.json")
+        self.overrides = dict(overrides or {})
+        self.settings: dict[str, Any] = effective_settings(runtime, self.overrides)
+
+        names = labels.get("labels")
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise BundleError(f"{root / 'labels.json'}: 'labels' must be a non-empty list of label names "
+                              "(index = id); re-run `edgepack pack`")
+        self.label_names: list[str] = list(names)
+        self.oos_label: str | None = labels.get("oos_label")
+        if self.oos_label is not None and self.oos_label not in self.label_names:
+            raise BundleError(f"{root / 'labels.json'}: oos_label {self.oos_label!r} is not among the labels; "
+                              "fix it or set it to null")
+        threshold = labels.get("oos_threshold")
+        self.oos_threshold: float | None = None if threshold is None or self.oos_label is None else float(threshold)
+        self.oos_id: int | None = None if self.oos_label is None else self.label_names.index(self.oos_label)
+
+        self.max_length = int(self.settings.get("max_length", 128))
+        self.pad_id = int(self.settings.get("pad_id", 0))
+        tok_path = root / str(self.settings.get("tokenizer", "tokenizer.json"))
+        if not tok_path.is_file():
+            raise BundleError(f"{tok_path}: missing from the bundle; re-run `edgepack pack` or restore the file")
+        try:
+            self.tokenizer = Tokenizer.from_file(str(tok_path))
+        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+            raise BundleError(f"{tok_path}: not a `tokenizers` file ({str(e)[:200]}); re-run `edgepack pack`") from None
+        # Whatever padding/truncation the saved tokenizer carried, the bundle's settings rule: truncate to
+        # the length the model was exported and calibrated for, pad only to the longest in the batch.
+        self.tokenizer.enable_truncation(max_length=self.max_length)
+        self.tokenizer.enable_padding(pad_id=self.pad_id, pad_token=self.tokenizer.id_to_token(self.pad_id) or "[PAD]")
+
+        self.model_path = root / str(self.settings.get("model", "model.quant.onnx"))
+        self.session = make_session(self.model_path, self.settings)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self._input_types = {i.name: _ORT_INT_TYPES.get(i.type, np.int64) for i in self.session.get_inputs()}
+        known = {"input_ids", "attention_mask", "token_type_ids"}
+        unknown = [n for n in self.input_names if n not in known]
+        if unknown:
+            raise BundleError(f"{self.model_path}: expects inputs {unknown} besides input_ids/attention_mask/"
+                              "token_type_ids; this is not a text classifier edgepack packed")
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.output_name = "logits" if "logits" in outputs else outputs[0]
+
+        self.model_bytes: int = self.model_path.stat().st_size
+        self.bundle_bytes: int = _manifest.bundle_bytes(root)
+        self.name: str = str(self.manifest.get("name") or root.resolve().name)
+
+    def __repr__(self) -> str:
+        return (f"OnnxPipeline({str(self.bundle_dir)!r}, labels={len(self.label_names)}, "
+                f"threads={self.settings.get('intra_op_num_threads')})")
+
+    @property
+    def rss_argv(self) -> list[str]:
+        """The command that measures this bundle's peak memory in a fresh process (used by ``bench``).
+
+        Example:
+            >>> OnnxPipeline("bundle").rss_argv  # doctest: +SKIP
+            ['/usr/bin/python3', '-m', 'runtime_shim', 'rss', 'bundle']
+        """
+        argv = [sys.executable, "-m", "runtime_shim", "rss", str(self.bundle_dir.resolve())]
+        if self.overrides:
+            argv += ["--overrides", json.dumps(self.overrides)]
+        return argv
+
+    # ------------------------------------------------------------------------------------ the pieces
+
+    def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Tokenize (truncate to ``max_length``, pad to the longest text) into the model's inputs.
+
+        Only the inputs the ONNX model declares are returned; ``token_type_ids`` are zeros (one segment).
+
+        Example:
+            >>> enc = OnnxPipeline("bundle").encode(["hi there", "a longer query than that"])  # doctest: +SKIP
+            >>> enc["input_ids"].shape  # doctest: +SKIP
+            (2, 7)
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        # encode() for one text: encode_batch() hands a single item to the thread pool for nothing.
+        encs = [self.tokenizer.encode(texts[0])] if len(texts) == 1 else self.tokenizer.encode_batch(list(texts))
+        ids = np.array([e.ids for e in encs], dtype=np.int64)
+        out: dict[str, np.ndarray] = {}
+        for name in self.input_names:
+            if name == "input_ids":
+                arr = ids
+            elif name == "attention_mask":
+                arr = np.array([e.attention_mask for e in encs], dtype=np.int64)
+            else:
+                arr = np.zeros_like(ids)
+            dtype = self._input_types[name]
+            out[name] = arr if arr.dtype == dtype else arr.astype(dtype)
+        return out
+
+    def forward(self, encoded: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Run the model on encoded inputs; return the logits ``[batch, num_labels]``.
+
+        Example:
+            >>> pipe = OnnxPipeline("bundle")  # doctest: +SKIP
+            >>> pipe.forward(pipe.encode(["set an alarm"])).shape  # doctest: +SKIP
+            (1, 5)
+        """
+        feed = {name: encoded[name] for name in self.input_names}
+        return self.session.run([self.output_name], feed)[0]
+
+    def predict(self, texts: Sequence[str], *, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """Raw predictions: ``(label_ids [n], probs [n, num_labels])``, argmax only, no threshold.
+
+        Example:
+            >>> ids, probs = OnnxPipeline("bundle").predict(["set an alarm for 7 am"])  # doctest: +SKIP
+            >>> ids.tolist(), probs.shape  # doctest: +SKIP
+            ([0], (1, 5))
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        if not texts:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, len(self.label_names)))
+        probs = np.concatenate([softmax(self.forward(self.encode(texts[i:i + batch_size])))
+                                for i in range(0, len(texts), batch_size)])
+        return probs.argmax(axis=-1), probs
+
+    def label_ids(self, probs: np.ndarray, *, apply_threshold: bool = True) -> np.ndarray:
+        """Label ids from probabilities: argmax, then the out-of-scope threshold when asked and set.
+
+        Example:
+            >>> pipe = OnnxPipeline("bundle")  # doctest: +SKIP
+            >>> pipe.label_ids(np.array([[0.3, 0.25, 0.2, 0.15, 0.1]])).tolist()  # threshold 0.32, oos id 3
+            ... # doctest: +SKIP
+            [3]
+        """
+        ids = probs.argmax(axis=-1)
+        if not apply_threshold:
+            return ids
+        return thresholded(ids, probs.max(axis=-1), self.oos_id, self.oos_threshold)
+
+    # ------------------------------------------------------------------------------------- the call
+
+    def __call__(self, inputs: str | Sequence[str], *, top_k: int | None = None, apply_threshold: bool = True,
+                 batch_size: int = 32) -> list:
+        """Classify a string or a list of strings.
+
+        - ``pipe("text")`` -> ``[{"label", "score"}]``; ``pipe(["a", "b"])`` -> one dict per input.
+        - ``top_k=k`` -> the k most probable labels per input, as a list of dicts for a string and a
+          list of lists for a list. When the threshold fires, the first entry is the out-of-scope
+          label (score: the top probability), followed by the k-1 most probable other labels.
+        - ``apply_threshold=False`` -> plain argmax, as the model alone would answer.
+
+        Example:
+            >>> pipe = OnnxPipeline("bundle")  # doctest: +SKIP
+            >>> pipe("check my savings balance")  # doctest: +SKIP
+            [{'label': 'balance', 'score': 0.95}]
+            >>> pipe("check my savings balance", top_k=2)  # doctest: +SKIP
+            [{'label': 'balance', 'score': 0.95}, {'label': 'transfer', 'score': 0.02}]
+        """
+        single = isinstance(inputs, str)
+        texts = [inputs] if single else list(inputs)
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k={top_k!r} is not valid; use a positive integer or None")
+        _, probs = self.predict(texts, batch_size=batch_size)
+        final = self.label_ids(probs, apply_threshold=apply_threshold)
+        top = probs.max(axis=-1) if len(texts) else np.zeros(0)
+        out = []
+        for i in range(len(texts)):
+            if top_k is None:
+                out.append({"label": self.label_names[int(final[i])], "score": float(top[i])})
+                continue
+            order = np.argsort(-probs[i], kind="stable")
+            k = min(top_k, len(order))
+            entries = [{"label": self.label_names[j], "score": float(probs[i, j])} for j in order]
+            if int(final[i]) != int(order[0]):  # the threshold fired
+                entries = [{"label": self.oos_label, "score": float(top[i])}] + [
+                    e for e in entries if e["label"] != self.oos_label]
+            out.append(entries[:k])
+        if top_k is None or not single:
+            return out
+        return out[0]
