@@ -61,6 +61,17 @@ def read_labelled(path: str | os.PathLike, *, split: str = "test", text_column: 
     return _columns(path, records, text_column, label_column)
 
 
+def read_rows(path: str | os.PathLike, **kwargs: Any) -> list[tuple[str, str]]:
+    """``[(text, label), ...]`` from a labelled file; ``kwargs`` as for :func:`read_labelled`.
+
+    Example:
+        >>> read_rows("bundle/eval.jsonl")[:1]  # doctest: +SKIP
+        [('what is my checking balance', 'balance')]
+    """
+    texts, labels = read_labelled(path, **kwargs)
+    return list(zip(texts, labels, strict=True))
+
+
 def _read_json_document(path: Path) -> Any:
     text = path.read_text(encoding="utf-8")
     try:
