@@ -13,3 +13,8 @@ def data_dir(kind: str) -> Path:
     if here.is_dir():
         return here
     return Path(str(resources.files(f"edgepack.{kind[:-1]}_files")))
+
+
+def demo_data() -> Path:
+    """The embedded demo dataset (CLINC150 JSON layout; see ``edgepack/demo_data/README.md``)."""
+    return Path(str(resources.files("edgepack"))) / "demo_data" / "assistant_intents.json"
