@@ -139,11 +139,19 @@ def _read_files(cfg: DataConfig, files: Mapping[str, list[str]], *, where: str) 
     if builder is None:
         raise EdgepackError(f"{where}: unknown format '{ext}'; use .json (CLINC150 layout or JSON lines), .jsonl, .csv or .parquet")
     kwargs = {"delimiter": "\t"} if ext == ".tsv" else {}
+    empty = [f for fs in files.values() for f in fs if not Path(f).read_text(errors="replace").strip()]
+    if empty:
+        raise EdgepackError(f"{empty[0]}: the file is empty; give a file with labelled rows")
     try:
         dd = datasets.load_dataset(builder, data_files=dict(files), **kwargs)
     except Exception as e:  # datasets raises many types for malformed files
-        raise EdgepackError(f"{where}: could not read as {builder} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise EdgepackError(f"{where}: could not read as {builder} ({type(e).__name__}: {_first_line(e)})") from None
     return {split: _columns(ds, cfg, where) for split, ds in dd.items()}
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else "no details"
 
 
 def _read_hub(cfg: DataConfig) -> dict[str, tuple[list[str], list]]:

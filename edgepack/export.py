@@ -72,7 +72,9 @@ def read_model_info(model_dir: Path) -> ModelInfo:
 def load_classifier(model_dir: Path):
     """The PyTorch model (eager attention: it exports to plain ONNX ops) and its fast tokenizer."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a bar per load of a small model is noise around our one-line errors
     try:
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, attn_implementation="eager")
         tokenizer = AutoTokenizer.from_pretrained(model_dir, use_fast=True)
@@ -96,7 +98,7 @@ def export_onnx(cfg: ExportConfig, model_dir: Path, out_dir: Path, parity_texts:
     out_dir.mkdir(parents=True, exist_ok=True)
     sample = tokenizer(["edgepack export sample", "a second, longer sample sentence for the trace"], padding=True,
                        return_tensors="pt")
-    args = tuple(sample[name] for name in info.input_names)
+    args = tuple(_input(sample, name) for name in info.input_names)
     axes = {name: {0: "batch", 1: "sequence"} for name in info.input_names} | {"logits": {0: "batch"}}
     onnx_path = out_dir / ONNX_NAME
     with torch.no_grad():
@@ -125,12 +127,17 @@ def parity(model, tokenizer, onnx_path: Path, info: ModelInfo, texts: Sequence[s
     worst = 0.0
     for i in range(0, len(texts), 16):
         enc = tokenizer(list(texts[i:i + 16]), padding=True, truncation=True, max_length=max_length, return_tensors="np")
-        feed = {name: enc[name].astype(np.int64) for name in info.input_names}
+        feed = {name: _input(enc, name).astype(np.int64) for name in info.input_names}
         with torch.no_grad():
             ref = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits.numpy()
         got = sess.run(["logits"], feed)[0]
         worst = max(worst, float(np.abs(ref - got).max()))
     return worst
+
+
+def _input(encoded, name: str):
+    # A tokenizer saved without token type ids still feeds a BERT that has them: segment 0 throughout.
+    return encoded[name] if name in encoded else encoded["input_ids"] * 0
 
 
 def check_onnx_classifier(onnx_path: Path, num_labels: int) -> tuple[str, ...]:

@@ -94,3 +94,16 @@ def shared_dir() -> Path:
 
 def all_rows(corpus) -> list[tuple[str, str]]:
     return list(itertools.chain.from_iterable(corpus.values()))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_model, clinc_json) -> Path:
+    """``edgepack pack`` of the tiny model on the tiny CLINC-style data (a real bundle)."""
+    from edgepack.config import DataConfig, PackConfig
+    from edgepack.pack import pack
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    # The tiny model is trained for seconds: its int8 copy may wander; the gate is tested on its own.
+    pack(PackConfig(target="auto", max_accuracy_drop=100.0, eval_rows=20), tiny_model,
+         DataConfig(source=str(clinc_json)), out, log=lambda *a: None)
+    return out

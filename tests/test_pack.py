@@ -1,0 +1,192 @@
+"""edgepack pack on a tiny real model: export parity, quantized nodes, the bundle's files and
+manifest, the accuracy gate, the out-of-scope threshold and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgepack.cli import main
+from edgepack.config import DataConfig, ExportConfig
+from edgepack.errors import ExitCode
+
+BUNDLE_FILES = {"model.quant.onnx", "tokenizer.json", "labels.json", "runtime.json", "manifest.json", "eval.jsonl",
+                "requirements.txt", "config.json"}
+
+
+def test_bundle_layout_and_manifest(tiny_bundle: Path):
+    names = {p.name for p in tiny_bundle.iterdir()}
+    assert BUNDLE_FILES <= names and "runtime_shim" in names
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    files = manifest["files"]
+    on_disk = {p.relative_to(tiny_bundle).as_posix() for p in tiny_bundle.rglob("*")
+               if p.is_file() and p.name != "manifest.json" and "__pycache__" not in p.parts}
+    assert set(files) == on_disk
+    assert "runtime_shim/pipeline.py" in files
+    assert files["model.quant.onnx"]["bytes"] == (tiny_bundle / "model.quant.onnx").stat().st_size
+    assert manifest["metrics"]["parity_max_abs_diff"] < 1e-3
+    assert manifest["versions"]["onnxruntime"]
+    assert manifest["target"]["name"]
+    req = (tiny_bundle / "requirements.txt").read_text().split()
+    assert [r.split(">=")[0] for r in req] == ["onnxruntime", "tokenizers", "numpy"]
+
+
+def test_labels_mark_out_of_scope_with_threshold(tiny_bundle: Path, label_names):
+    labels = json.loads((tiny_bundle / "labels.json").read_text())
+    assert labels["labels"] == label_names
+    assert labels["oos_label"] == "oos"
+    assert 0.0 <= labels["oos_threshold"] <= 1.0
+
+
+def test_int8_quantized_matmuls(tiny_bundle: Path):
+    from edgepack.quantize import count_ops
+
+    ops = count_ops(tiny_bundle / "model.quant.onnx")
+    # 2 layers x (Q, K, V, attention output, FFN in, FFN out) + classifier/pooler: every weight MatMul is int8.
+    assert ops.get("MatMulInteger", 0) >= 12
+    assert ops.get("MatMul", 0) <= 4  # only the two activation x activation attention products per layer remain
+
+
+def test_export_parity_and_dynamic_axes(tmp_path, tiny_model, corpus):
+    import onnx
+
+    from edgepack.export import export_onnx
+
+    texts = [t for t, _ in corpus["val"]]
+    rec = export_onnx(ExportConfig(), tiny_model, tmp_path / "export", texts)
+    assert rec["metrics"]["parity_max_abs_diff"] < 1e-4
+    assert set(rec) >= {"stage", "config", "config_hash", "input_hash", "metrics", "versions", "wall_time_s"}
+    graph = onnx.load(str(tmp_path / "export" / "model.onnx")).graph
+    dims = [d.dim_param for d in graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", "sequence"]
+
+
+def test_accuracy_gate_refuses_and_writes_nothing(tmp_path, tiny_model, clinc_json, monkeypatch, capsys):
+    import edgepack.pack as pack_mod
+
+    real = pack_mod.evaluate
+    calls = {"n": 0}
+
+    def wrecked_int8(pipe, split, **kw):  # the second call evaluates the int8 model: make it wrong
+        calls["n"] += 1
+        probs = real(pipe, split, **kw)
+        return np.roll(probs, 1, axis=1) if calls["n"] == 2 else probs
+
+    monkeypatch.setattr(pack_mod, "evaluate", wrecked_int8)
+    out = tmp_path / "bundle"
+    code = main(["pack", str(tiny_model), "--data", str(clinc_json), "--out", str(out), "--max-accuracy-drop", "1"])
+    err = capsys.readouterr().err
+    assert code == ExitCode.BUDGET
+    assert "--max-accuracy-drop" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_refused_unless_force(tmp_path, tiny_bundle, tiny_model, clinc_json, capsys):
+    out = tmp_path / "b"
+    shutil.copytree(tiny_bundle, out)
+    before = (out / "manifest.json").read_bytes()
+    code = main(["pack", str(tiny_model), "--data", str(clinc_json), "--out", str(out)])
+    assert code == ExitCode.USAGE and "--force" in capsys.readouterr().err
+    assert (out / "manifest.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("case", ["unknown_label", "no_id2label", "not_classifier", "empty_data", "missing_dir"])
+def test_bad_input_one_line(case, tmp_path, tiny_model, clinc_json, capsys):
+    model, data = tiny_model, clinc_json
+    if case == "unknown_label":
+        rows = json.loads(clinc_json.read_text())
+        rows["train"].append(["order a pizza", "food_order"])
+        data = tmp_path / "bad.json"
+        data.write_text(json.dumps(rows))
+    elif case in ("no_id2label", "not_classifier"):
+        model = tmp_path / "model"
+        shutil.copytree(tiny_model, model)
+        cfg = json.loads((model / "config.json").read_text())
+        if case == "no_id2label":
+            cfg["id2label"] = {str(i): f"LABEL_{i}" for i in range(len(cfg["id2label"]))}
+        else:
+            cfg["architectures"] = ["BertModel"]
+        (model / "config.json").write_text(json.dumps(cfg))
+    elif case == "empty_data":
+        data = tmp_path / "empty.jsonl"
+        data.write_text("")
+    else:
+        model = tmp_path / "nope"
+    out = tmp_path / "out"
+    code = main(["pack", str(model), "--data", str(data), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == ExitCode.USAGE, err
+    assert len(err.splitlines()) == 1 and err.startswith("edgepack pack: error:")
+    assert not out.exists()
+    expected = {"unknown_label": "food_order", "no_id2label": "id2label", "not_classifier": "BertModel",
+                "empty_data": "empty", "missing_dir": "nope"}[case]
+    assert expected in err
+
+
+def test_non_classifier_onnx_refused(tmp_path, tiny_model, clinc_json, capsys):
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = tmp_path / "onnxdir"
+    model.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copy2(tiny_model / name, model / name)
+    x = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["n", 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])
+    graph = helper.make_graph([helper.make_node("Relu", ["pixels"], ["y"])], "g", [x], [y])
+    onnx.save(helper.make_model(graph), str(model / "model.onnx"))
+    code = main(["pack", str(model), "--data", str(clinc_json), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == ExitCode.USAGE and "input_ids" in err
+
+
+def test_pack_from_onnx_export_dir(tmp_path, tiny_model, clinc_json, corpus):
+    """A user who exported elsewhere enters at pack with model.onnx + tokenizer.json + config.json."""
+    from edgepack.export import export_onnx
+
+    export_onnx(ExportConfig(), tiny_model, tmp_path / "exported", [t for t, _ in corpus["val"]])
+    out = tmp_path / "bundle"
+    code = main(["pack", str(tmp_path / "exported"), "--data", str(clinc_json), "--out", str(out),
+                 "--max-accuracy-drop", "100", "--archive"])
+    assert code == 0
+    assert (out / "model.quant.onnx").is_file()
+    assert (tmp_path / "bundle.tar.gz").stat().st_size > 1000
+
+
+def test_dataset_formats_bind_labels(tmp_path, corpus, label_names):
+    """JSONL and CSV read through `datasets`, labels bound to the model's ids, missing splits made."""
+    from edgepack.data import load_dataset
+
+    rows = [r for split in corpus.values() for r in split]
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"q": t, "intent": lab}) for t, lab in rows))
+    csv = tmp_path / "d.csv"
+    csv.write_text("q,intent\n" + "\n".join(f'"{t}",{lab}' for t, lab in rows))
+    id2label = dict(enumerate(label_names))
+    for path in (jsonl, csv):
+        d = load_dataset(DataConfig(source=str(path), text_column="q", label_column="intent"), id2label)
+        assert set(d.splits) == {"train", "validation", "test"} and set(d.made_splits) == {"validation", "test"}
+        assert sum(len(s) for s in d.splits.values()) == len(rows)
+        assert d.oos_label == "oos"
+        # stratified: every label appears in the carved-out test split
+        assert set(d["test"].labels.tolist()) == set(range(len(label_names)))
+        again = load_dataset(DataConfig(source=str(path), text_column="q", label_column="intent"), id2label)
+        assert again["test"].texts == d["test"].texts  # seeded
+
+
+def test_calibrated_threshold_maximises_accuracy():
+    from edgepack.calibrate import apply_threshold, calibrate_threshold, softmax
+
+    rng = np.random.default_rng(1)
+    probs = softmax(rng.normal(size=(300, 6)) * 2)
+    labels = rng.integers(0, 6, 300)
+    t = calibrate_threshold(probs, labels, oos_id=5)
+    best = max((apply_threshold(probs, 5, c) == labels).mean() for c in np.linspace(0, 1, 2001))
+    assert (apply_threshold(probs, 5, t) == labels).mean() == pytest.approx(best, abs=1e-9)
+    t90 = calibrate_threshold(probs, labels, oos_id=5, target_recall=0.9)
+    pred = apply_threshold(probs, 5, t90)
+    assert (pred[labels == 5] == 5).mean() >= 0.9
