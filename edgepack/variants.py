@@ -1,0 +1,377 @@
+"""Quantization candidates for a target, built and measured: keep the fastest inside the accuracy budget.
+
+For a target (``targets/*.toml``) the candidates are its own dynamic-int8 settings and their
+neighbours: U8S8 against U8U8 weights, reduce_range on and off, per-channel on and off, with and
+without ORT's transformer fusions (fused *before* quantizing, so Attention is quantized whole),
+static QDQ calibrated on training rows, and 4-bit ``MatMulNBits`` (weight-only, int8 compute).
+Each is measured on the validation split (accuracy, agreement with fp32) and for single-query model
+latency, all candidates interleaved in rounds so a noisy machine slows them alike. The table goes
+into the pack record and the report; ``search`` returns it with the chosen row marked.
+
+Also here: ``quantize_other`` builds the two non-dynamic formats for ``edgepack.quantize``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import QuantizeConfig
+from .errors import BudgetError, EdgepackError
+from .export import ModelInfo
+from .records import write_json_atomic
+from .targets import Target
+
+VARIANTS_JSON = "variants.json"
+Feed = Mapping[str, np.ndarray]
+
+
+# --------------------------------------------------------------------------------------- candidates
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    name: str
+    quantize: QuantizeConfig
+    why: str  # what the candidate tests, for the table
+
+
+def variant_name(q: QuantizeConfig) -> str:
+    """A short, stable label: ``dyn-u8s8-pc``, ``dyn-u8s8-pt-rr-fused``, ``qdq-u8s8-pc``, ``nbits4-b32``."""
+    if q.format == "matmul-nbits":
+        return f"nbits4-b{q.nbits_block_size}"
+    kind = "dyn" if q.format == "dynamic" else "qdq"
+    act = "u8" if q.activation_type == "quint8" else "s8"
+    w = "s8" if q.weight_type == "qint8" else "u8"
+    parts = [kind, f"{act}{w}", "pc" if q.per_channel else "pt"]
+    if q.reduce_range:
+        parts.append("rr")
+    if q.fuse:
+        parts.append("fused")
+    return "-".join(parts)
+
+
+def candidates(target: Target, *, formats: Sequence[str] = ("dynamic", "static-qdq", "matmul-nbits")) -> list[Variant]:
+    """The target's own settings first, then one change at a time (deduplicated)."""
+    base = target.quantize.replace(format="dynamic", activation_type="quint8")
+    flips: list[tuple[QuantizeConfig, str]] = [(base, f"{target.name}'s settings")]
+    flips.append((base.replace(weight_type="quint8" if base.weight_type == "qint8" else "qint8"),
+                  "U8U8 vs U8S8: exact everywhere (16-bit widening), slower where U8S8 has a fast path"))
+    flips.append((base.replace(reduce_range=not base.reduce_range),
+                  "7-bit weights: guards VPMADDUBSW saturation on x86 without VNNI, costs precision"))
+    flips.append((base.replace(per_channel=not base.per_channel), "per-channel vs per-tensor weight scales"))
+    flips.append((base.replace(fuse=not base.fuse), "ORT transformer fusions before quantizing"))
+    if "static-qdq" in formats:
+        flips.append((base.replace(format="static-qdq", fuse=False, op_types=("MatMul",)),
+                      "static QDQ: activation ranges calibrated on training rows, no run-time min/max"))
+    if "matmul-nbits" in formats:
+        flips.append((base.replace(format="matmul-nbits", fuse=False, op_types=("MatMul",)),
+                      "4-bit weights (MatMulNBits, int8 compute): built for memory-bound decoding"))
+    seen: set[str] = set()
+    out = []
+    for q, why in flips:
+        if q.format not in formats:
+            continue
+        name = variant_name(q)
+        if name not in seen:
+            seen.add(name)
+            out.append(Variant(name, q, why))
+    return out
+
+
+# -------------------------------------------------------------------------------- the other formats
+
+
+def quantize_other(cfg: QuantizeConfig, src: Path, out: Path, *, info: ModelInfo,
+                   calibration: Iterable[Feed] | None = None) -> Path:
+    """Build a ``static-qdq`` or ``matmul-nbits`` model from the fp32 ``src`` into ``out``.
+
+    ``calibration``: model feeds (``{"input_ids": [[...]], ...}``) of real training rows; static
+    QDQ needs them (its activation scales are fixed at build time), 4-bit ignores them.
+    """
+    src, out = Path(src), Path(out)
+    if cfg.format == "static-qdq":
+        if calibration is None:
+            raise EdgepackError("static-qdq needs calibration rows; use `edgepack pack --variants`, which "
+                                "calibrates on training rows, or pick a dynamic target")
+        return _static_qdq(cfg, src, out, info, calibration)
+    if cfg.format == "matmul-nbits":
+        return _matmul_nbits(cfg, src, out)
+    raise ValueError(f"format={cfg.format!r} is built by edgepack.quantize.quantize_model")
+
+
+def _static_qdq(cfg: QuantizeConfig, src: Path, out: Path, info: ModelInfo, calibration: Iterable[Feed]) -> Path:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
+
+    from .quantize import fuse
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, feeds: Iterable[Feed]):
+            self._it = iter(feeds)
+
+        def get_next(self):
+            return next(self._it, None)
+
+    with tempfile.TemporaryDirectory(prefix="edgepack-qdq-") as tmp:
+        model_in = fuse(src, Path(tmp) / "fused.onnx", info) if cfg.fuse else src
+        pre = Path(tmp) / "pre.onnx"
+        logging.getLogger().setLevel(logging.ERROR)
+        try:
+            # Shape inference lets the quantizer see every MatMul's operand shapes.
+            quant_pre_process(str(model_in), str(pre), skip_symbolic_shape=False)
+        except Exception:  # symbolic inference fails on some exports; plain ONNX inference still works
+            pre = model_in
+        quantize_static(
+            str(pre), str(out), Reader(calibration),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(cfg.op_types),
+            per_channel=cfg.per_channel,
+            reduce_range=cfg.reduce_range,
+            activation_type=QuantType.QUInt8 if cfg.activation_type == "quint8" else QuantType.QInt8,
+            weight_type=QuantType.QInt8 if cfg.weight_type == "qint8" else QuantType.QUInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            # Weight MatMuls only: Q.K^T and attention.V multiply two activations, whose int8 rounding
+            # costs accuracy for little time at short sequence lengths.
+            extra_options={"MatMulConstBOnly": True, "WeightSymmetric": True, "ActivationSymmetric": False},
+        )
+    return out
+
+
+def _matmul_nbits(cfg: QuantizeConfig, src: Path, out: Path) -> Path:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger().setLevel(logging.ERROR)
+    model = onnx.load(str(src))
+    # accuracy_level=4: activations are quantized to int8 per block and the dot products run on the
+    # int8 kernels (VNNI / dot-product); level 0/1 would dequantize the weights to fp32 first.
+    quant = MatMulNBitsQuantizer(model, bits=4, block_size=cfg.nbits_block_size, is_symmetric=True,
+                                 accuracy_level=4, op_types_to_quantize=("MatMul",))
+    quant.process()
+    quant.model.save_model_to_file(str(out), use_external_data_format=False)
+    return out
+
+
+def _dynamic_fused(q: QuantizeConfig, src: Path, out: Path, info: ModelInfo) -> Path:
+    """Fuse, then quantize dynamically. The fused graph's contrib ops (SkipLayerNormalization,
+    Attention) are unknown to ONNX shape inference, so the quantizer is told their outputs are float
+    (``DefaultTensorType``); without it quantize_dynamic stops on the first MatMul feeding one."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from .quantize import fuse
+
+    with tempfile.TemporaryDirectory(prefix="edgepack-fuse-") as tmp:
+        fused = fuse(src, Path(tmp) / "fused.onnx", info)
+        logging.getLogger().setLevel(logging.ERROR)
+        quantize_dynamic(str(fused), str(out),
+                         weight_type=QuantType.QInt8 if q.weight_type == "qint8" else QuantType.QUInt8,
+                         per_channel=q.per_channel, reduce_range=q.reduce_range, op_types_to_quantize=list(q.op_types),
+                         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
+    return out
+
+
+def build(variant: Variant, src: Path, out: Path, *, info: ModelInfo,
+          calibration: Callable[[], Iterable[Feed]] | None = None) -> Path:
+    """One candidate model at ``out`` (dynamic through ``edgepack.quantize``)."""
+    from .quantize import quantize_model
+
+    q = variant.quantize
+    if q.format == "dynamic" and q.fuse:
+        return _dynamic_fused(q, src, out, info)
+    if q.format == "dynamic":
+        return quantize_model(q, src, out, info=info)
+    return quantize_other(q, src, out, info=info, calibration=calibration() if calibration else None)
+
+
+# ------------------------------------------------------------------------------------ measurement
+
+
+def _percentile(xs: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs, dtype=np.float64), q)) if len(xs) else float("nan")
+
+
+def accuracy_probs(pipe, texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
+    """Softmax probabilities of an ``OnnxPipeline`` on ``texts``, batched by length (little padding)."""
+    from runtime_shim.pipeline import softmax
+
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    probs = np.zeros((len(texts), len(pipe.label_names)), dtype=np.float32)
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        probs[idx] = softmax(pipe.forward(pipe.encode([texts[j] for j in idx])))
+    return probs
+
+
+def time_interleaved(runners: Mapping[str, Callable[[Feed], Any]], feeds: Sequence[Feed], *, warmup: int = 50,
+                     runs: int = 200, rounds: int = 5) -> dict[str, list[float]]:
+    """Milliseconds per call of each runner on single-query ``feeds``, measured in ``rounds`` rotated
+    blocks so slow spells of a shared machine fall on every candidate alike. Warm-up is untimed."""
+    names = list(runners)
+    for name in names:
+        for i in range(warmup):
+            runners[name](feeds[i % len(feeds)])
+    per_round = max(1, runs // rounds)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    k = 0
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            run = runners[name]
+            run(feeds[k % len(feeds)])  # one untimed call: the block's first call pays the switch
+            for _ in range(per_round):
+                feed = feeds[k % len(feeds)]
+                k += 1
+                t0 = time.perf_counter_ns()
+                run(feed)
+                times[name].append((time.perf_counter_ns() - t0) / 1e6)
+    return times
+
+
+@dataclasses.dataclass
+class VariantSearch:
+    """The measured table. ``rows[0]`` is the fp32 reference; ``chosen`` names the kept candidate."""
+
+    rows: list[dict[str, Any]]
+    chosen: str | None
+    max_accuracy_drop: float
+    threads: int
+
+    def row(self, name: str) -> dict[str, Any]:
+        return next(r for r in self.rows if r["name"] == name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"chosen": self.chosen, "max_accuracy_drop": self.max_accuracy_drop, "threads": self.threads,
+                "rows": self.rows}
+
+    def table(self) -> str:
+        head = ("", "variant", "MB", "val acc", "drop pts", "agree", "p50 ms", "p95 ms", "vs fp32", "note")
+        lines = [head]
+        ref = self.rows[0]
+        for r in self.rows:
+            mark = "*" if r["name"] == self.chosen else ("x" if r.get("error") or not r.get("within_budget", True) else "")
+            if r.get("error"):
+                lines.append((mark, r["name"], "-", "-", "-", "-", "-", "-", "-", r["error"][:60]))
+                continue
+            lines.append((mark, r["name"], f"{r['model_mb']:.2f}", f"{r['accuracy']:.2%}",
+                          f"{r['accuracy_drop']:+.2f}", f"{r['agreement']:.2%}", f"{r['p50_ms']:.3f}",
+                          f"{r['p95_ms']:.3f}", f"{ref['p50_ms'] / r['p50_ms']:.2f}x" if r["p50_ms"] else "-",
+                          r.get("note", "")))
+        widths = [max(len(str(line[i])) for line in lines) for i in range(len(head) - 1)]
+        out = ["  ".join(str(c).ljust(w) for c, w in zip(line[:-1], widths, strict=True)) + "  " + str(line[-1])
+               for line in lines]
+        out.append(f"(* chosen: fastest p50 within {self.max_accuracy_drop:g} points of fp32 validation accuracy; "
+                   f"x: over budget or failed; single-query model latency, {self.threads} intra-op thread(s), "
+                   "candidates interleaved in the same run)")
+        return "\n".join(out)
+
+
+def search(
+    target: Target,
+    fp32_onnx: Path,
+    work_dir: Path,
+    *,
+    info: ModelInfo,
+    pipeline_dir: Path,
+    val_texts: Sequence[str],
+    val_labels: np.ndarray,
+    calibration_texts: Sequence[str],
+    max_accuracy_drop: float = 1.0,
+    threads: int = 1,
+    runs: int = 200,
+    warmup: int = 50,
+    latency_texts: int = 64,
+    formats: Sequence[str] = ("dynamic", "static-qdq", "matmul-nbits"),
+    log: Callable[[str], Any] = print,
+) -> VariantSearch:
+    """Build every candidate for ``target`` into ``work_dir/<name>.onnx``, measure them and choose.
+
+    ``pipeline_dir`` is any directory ``runtime_shim.OnnxPipeline`` loads (``tokenizer.json``,
+    ``runtime.json``, ``labels.json``: a bundle or pack's staging directory); each candidate runs
+    through it with ``overrides={"model": path}``, so encoding matches the bundle exactly.
+    Writes ``work_dir/variants.json``. Raises ``BudgetError`` when no candidate is inside the budget.
+    """
+    from runtime_shim import OnnxPipeline
+
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    val_labels = np.asarray(val_labels)
+    overrides = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+    ref_pipe = OnnxPipeline(pipeline_dir, verify=False, overrides={**overrides, "model": str(Path(fp32_onnx).resolve())})
+
+    def calibration() -> Iterable[Feed]:
+        # One row per feed: padding would add pad-token activations to the calibrated ranges.
+        for text in calibration_texts:
+            yield ref_pipe.encode([text])
+
+    variants = candidates(target, formats=formats)
+    pipes: dict[str, Any] = {"fp32": ref_pipe}
+    rows: dict[str, dict[str, Any]] = {"fp32": {"name": "fp32", "format": "fp32", "note": "reference",
+                                                "model_mb": Path(fp32_onnx).stat().st_size / 1e6}}
+    for v in variants:
+        path = work_dir / f"{v.name}.onnx"
+        row: dict[str, Any] = {"name": v.name, "format": v.quantize.format, "note": v.why,
+                               "quantize": v.quantize.to_dict(), "path": str(path)}
+        t0 = time.time()
+        try:
+            build(v, Path(fp32_onnx), path, info=info, calibration=calibration)
+            pipes[v.name] = OnnxPipeline(pipeline_dir, verify=False, overrides={**overrides, "model": str(path.resolve()),
+                                                                                "session_config": dict(v.quantize.session_config)})
+            row["model_mb"] = path.stat().st_size / 1e6
+            row["build_s"] = round(time.time() - t0, 2)
+        except Exception as e:  # a format this ORT cannot build or run is a row of the table, not a crash
+            row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            log(f"[variants] {v.name}: failed ({row['error'][:120]})")
+        rows[v.name] = row
+
+    ref_probs = accuracy_probs(ref_pipe, val_texts)
+    ref_pred = ref_probs.argmax(1)
+    ref_acc = float((ref_pred == val_labels).mean())
+    for name, pipe in pipes.items():
+        pred = ref_pred if name == "fp32" else accuracy_probs(pipe, val_texts).argmax(1)
+        acc = float((pred == val_labels).mean())
+        rows[name].update(accuracy=acc, accuracy_drop=(ref_acc - acc) * 100,
+                          agreement=float((pred == ref_pred).mean()))
+
+    sample = list(val_texts[:latency_texts]) or ["hello"]
+    feeds = [ref_pipe.encode([t]) for t in sample]
+    runners = {name: pipe.forward for name, pipe in pipes.items()}
+    times = time_interleaved(runners, feeds, warmup=warmup, runs=runs)
+    for name, ts in times.items():
+        rows[name].update(p50_ms=_percentile(ts, 50), p95_ms=_percentile(ts, 95), n=len(ts))
+
+    ok = [r for n, r in rows.items() if n != "fp32" and "error" not in r and r["accuracy_drop"] <= max_accuracy_drop]
+    for n, r in rows.items():
+        if n != "fp32" and "error" not in r:
+            r["within_budget"] = r["accuracy_drop"] <= max_accuracy_drop
+    chosen = min(ok, key=lambda r: r["p50_ms"])["name"] if ok else None
+    result = VariantSearch(rows=[rows["fp32"], *(rows[v.name] for v in variants)], chosen=chosen,
+                           max_accuracy_drop=max_accuracy_drop, threads=threads)
+    write_json_atomic(work_dir / VARIANTS_JSON, result.to_dict())
+    if chosen is None:
+        raise BudgetError(f"no quantization variant for {target.name} stays within {max_accuracy_drop:g} points of "
+                          f"fp32 validation accuracy ({ref_acc:.2%}); see {work_dir / VARIANTS_JSON} or raise "
+                          "--max-accuracy-drop")
+    return result
+
+
+def chosen_model(result: VariantSearch, dest: Path) -> Path:
+    """Copy the chosen candidate's model to ``dest`` (e.g. the bundle's ``model.quant.onnx``)."""
+    src = Path(result.row(result.chosen)["path"])
+    shutil.copy2(src, dest)
+    return dest
