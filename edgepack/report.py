@@ -700,8 +700,7 @@ def _render_html(p: _Parts) -> str:
     if p.changed is not None:
         n = len(p.changed)
         w(f"<section><h2>Predictions changed from {_e(p.changed_from)}</h2>")
-        w(f'<p class="note" style="margin-top:0">{n} quer{"y" if n == 1 else "ies"} predicted differently by '
-          f"{_e(p.changed_to)}" + (f"; the first {MAX_CHANGED} are shown." if n > MAX_CHANGED else ".") + "</p>")
+        w(f'<p class="note" style="margin-top:0">{_e(_changed_summary(p))}</p>')
         if n:
             w(f'<div class="scroll"><table><thead><tr><th>Query</th><th>Gold</th><th>{_e(p.changed_from)}</th>'
               f"<th>{_e(p.changed_to)}</th></tr></thead><tbody>")
@@ -721,6 +720,24 @@ def _render_html(p: _Parts) -> str:
         w("</ul></section>")
     w("</main></body></html>\n")
     return "".join(out)
+
+
+def _changed_key(c: Mapping[str, Any]) -> int:
+    """Regressions first (the reference was right, the model is not), then both wrong, then fixes."""
+    gold = c.get("gold")
+    if gold is None:
+        return 1
+    return 0 if c.get("teacher") == gold else 2 if c.get("model") == gold else 1
+
+
+def _changed_summary(p: _Parts) -> str:
+    n = len(p.changed or [])
+    text = f"{_plural(n, 'query')} predicted differently by {p.changed_to}".replace("querys", "queries")
+    keys = [_changed_key(c) for c in p.changed or []]
+    if any(c.get("gold") is not None for c in p.changed or []):
+        text += (f": {keys.count(0)} newly wrong, {keys.count(2)} newly right, {keys.count(1)} wrong either way"
+                 " (listed in that order)")
+    return text + (f"; the first {MAX_CHANGED} are shown." if n > MAX_CHANGED else ".")
 
 
 def _html_row(p: _Parts, r: Mapping[str, Any], cols: Sequence[Column], threads: bool) -> str:
@@ -815,8 +832,7 @@ def _render_md(p: _Parts) -> str:
     if p.changed is not None:
         n = len(p.changed)
         out += [f"## Predictions changed from {_md(p.changed_from)}", "",
-                f"{n} quer{'y' if n == 1 else 'ies'} predicted differently by {_md(p.changed_to)}"
-                + (f"; the first {MAX_CHANGED} are shown." if n > MAX_CHANGED else "."), ""]
+                _md(_changed_summary(p)), ""]
         if n:
             out += [f"| Query | Gold | {_md(p.changed_from)} | {_md(p.changed_to)} |", "|:---|:---|:---|:---|"]
             for c in p.changed[:MAX_CHANGED]:
@@ -863,8 +879,6 @@ def write_report(
     changed_to = str(final.get("name")) if final is not None else "model"
     if changed is None and reference is not None and final is not None and reference is not final:
         changed = changed_queries(reference, final, rows)
-    if changed is not None and reference is None:
-        changed_from = "teacher"
 
     plots: dict[str, bytes] = {}
     skipped: list[str] = []
@@ -883,7 +897,8 @@ def write_report(
 
     parts = _Parts(
         title=title, rows=rows, columns=_columns(rows), baseline=baseline, final=final,
-        budgets=[_budget(b) for b in budgets or []], domain_names=dnames, domain_acc=dacc, changed=changed,
+        budgets=[_budget(b) for b in budgets or []], domain_names=dnames, domain_acc=dacc,
+        changed=None if changed is None else sorted(changed, key=_changed_key),
         changed_from=changed_from, changed_to=changed_to, notes=[str(n) for n in notes or []], plots=plots,
         skipped=skipped, generated=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     )

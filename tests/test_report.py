@@ -185,9 +185,13 @@ def test_changed_queries_are_derived_escaped_and_capped(tmp_path):
     table = _md_table(md, "Query")
     assert len(table) == 2 + MAX_CHANGED
     assert table[2] == ["<b>q0</b> \\| pipe", "a", "a", "b"]
-    # Given explicitly, the list is shown as is.
-    write_report(tmp_path, [teacher, model], title="t", changed=[{"text": "x", "gold": "a", "teacher": "a", "model": "c"}])
-    assert "1 query predicted differently" in (tmp_path / "report.md").read_text()
+    # Given explicitly, the list is shown with regressions first.
+    changed = [{"text": "fixed", "gold": "a", "teacher": "c", "model": "a"},
+               {"text": "broken", "gold": "a", "teacher": "a", "model": "c"}]
+    write_report(tmp_path, [teacher, model], title="t", changed=changed)
+    md = (tmp_path / "report.md").read_text()
+    assert "2 queries predicted differently by bundle: 1 newly wrong, 1 newly right, 0 wrong either way" in md
+    assert [r[0] for r in _md_table(md, "Query")[2:]] == ["broken", "fixed"]
 
 
 def test_rows_without_numbers_leave_no_stale_plots(tmp_path, rows):
@@ -230,6 +234,23 @@ def test_cli_writes_the_report(tmp_path, rows, capsys):
     assert md.startswith("# CLI report") and "teacher (baseline)" in md and "machine: test" in md
     assert main([str(out), *paths, "--baseline", "nope"]) == ExitCode.USAGE
     assert "--baseline nope: no such row" in capsys.readouterr().err
+
+
+def test_cli_data_gives_gold_for_domains_and_changed_queries(tmp_path, capsys):
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps({"text": t, "label": g}) + "\n"
+                                                 for t, g in zip(TEXTS, GOLD, strict=True)))
+    wrong = ["oos"] + GOLD[1:]  # query 0 ("balance") newly wrong
+    results = [{"name": "teacher", "accuracy": 1.0, "predictions": GOLD},
+               {"name": "bundle", "accuracy": 39 / 40, "predictions": wrong}]
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    (tmp_path / "domains.json").write_text(json.dumps(DOMAINS))
+    code = main([str(tmp_path / "out"), str(tmp_path / "results.json"), "--data", str(tmp_path / "eval.jsonl"),
+                 "--domains", str(tmp_path / "domains.json")])
+    assert code == ExitCode.OK, capsys.readouterr().err
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert _md_table(md, "Query")[2] == ["query 0 for balance", "balance", "balance", "oos"]
+    domains = {r[0]: r[1:] for r in _md_table(md, "Domain")[2:]}
+    assert domains["banking"] == ["16", "100.0", "93.8"] and domains["oos"] == ["8", "100.0", "100.0"]
 
 
 @pytest.mark.slow
