@@ -71,6 +71,9 @@ class OnnxPipeline:
     probability is below ``oos_threshold`` the answer is ``oos_label``, and its score stays that top
     probability (how sure the model was of its best in-scope guess, so a low score reads as "unsure").
 
+    Scores of a text can differ in the third decimal between calls with different batch-mates: dynamic
+    int8 quantization scales activations over the whole batch (padding included).
+
     Example:
         >>> pipe = OnnxPipeline("bundle")  # doctest: +SKIP
         >>> pipe("what is my checking balance")  # doctest: +SKIP
