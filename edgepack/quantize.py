@@ -32,6 +32,7 @@ def fuse(src: Path, out: Path, info: ModelInfo) -> Path:
 def quantize_model(cfg: QuantizeConfig, src: Path, out: Path, *, info: ModelInfo) -> Path:
     """Write the quantized model to ``out`` (never over ``src``). Static QDQ and 4-bit MatMulNBits
     are built by ``edgepack.variants``, which measures them against the dynamic formats."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     src, out = Path(src), Path(out)
@@ -52,7 +53,9 @@ def quantize_model(cfg: QuantizeConfig, src: Path, out: Path, *, info: ModelInfo
             per_channel=cfg.per_channel,
             reduce_range=cfg.reduce_range,
             op_types_to_quantize=list(cfg.op_types),
-            extra_options={"MatMulConstBOnly": True},
+            # Fused contrib ops (Attention, SkipLayerNormalization) defeat ONNX shape inference; their
+            # outputs are fp32, which the quantizer must be told.
+            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
         )
     return out
 

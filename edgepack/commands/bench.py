@@ -38,9 +38,21 @@ def is_bundle(path: Path) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    from runtime_shim import BundleError
+    from runtime_shim.datafiles import DataError
+
+    from ..errors import EdgepackError
+
+    try:
+        return _run(args)
+    except (BundleError, DataError) as e:
+        raise EdgepackError(str(e)) from None
+
+
+def _run(args: argparse.Namespace) -> int:
     from runtime_shim import OnnxPipeline
     from runtime_shim.bench import format_table, run_benchmark
-    from runtime_shim.datafiles import read_rows
+    from runtime_shim.datafiles import read_labelled
 
     from ..config import DataConfig
     from ..data import load_dataset, stratified_slice
@@ -62,8 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if args.data is None:
         if len(args.paths) != 1 or first is None:
             raise EdgepackError("pass --data DATA to measure model directories or several paths on the same rows")
-        rows = read_rows(args.paths[0] / "eval.jsonl")
-        texts, gold = [r[0] for r in rows], [r[1] for r in rows]
+        texts, gold = read_labelled(args.paths[0] / "eval.jsonl")
         val = None
     else:
         model_labels = first.label_names if first is not None else None
@@ -113,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(results))
     failures: list[str] = []
     if args.profile:
-        from ..profiles import check_budgets, load_profile
+        from ..profiles import check_budgets
+        from ..profiles import load as load_profile
 
         profile = load_profile(args.profile)
         for res, path in zip(results, args.paths, strict=True):
