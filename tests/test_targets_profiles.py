@@ -187,3 +187,11 @@ def test_unmeasured_budget_is_a_miss():
     prof = profiles.load("edge-x86-2core")
     fails = profiles.check_budgets(prof, {"latency_ms": {"p95": 1.0}, "bundle_bytes": 1e6, "accuracy_drop": 0.0})
     assert len(fails) == 1 and "peak_memory_mb: not measured" in fails[0]
+
+
+def test_accuracy_drop_from_the_bundle_manifest(tmp_path):
+    prof = profiles.load("edge-x86-2core")
+    (tmp_path / "manifest.json").write_text('{"metrics": {"validation": {"accuracy_drop_points": 1.5}}}')
+    fails = profiles.check_budgets(prof, _results(path=str(tmp_path)))
+    assert len(fails) == 1 and "max_accuracy_drop: 1.5 exceeds 1" in fails[0]
+    assert profiles.check_budgets(prof, _results(build_metrics={"validation": {"accuracy_drop_points": 0.2}})) == []
