@@ -207,3 +207,59 @@ class FinetuneConfig(ConfigBase):
         _in_range("max_length", self.max_length, 8, 4096)
         _in_range("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
         _in_range("weight_decay", self.weight_decay, 0.0)
+
+
+SPARSITY_METHODS = ("none", "magnitude", "movement")
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneConfig(ConfigBase):
+    """``edgepack prune``: vocabulary trimming, structured head/FFN/layer pruning, recovery distillation
+    and, optionally, unstructured sparsity during recovery (see ``edgepack.prune``)."""
+
+    section: ClassVar[str] = "prune"
+    trim_vocab: bool = True  # keep the tokens the training split uses, every character piece and specials
+    keep_top: int = 0  # also keep the first K ids of the original vocabulary (roughly its most frequent)
+    max_positions: int | None = None  # keep this many position embeddings (>= the export max_length)
+    keep_layers: tuple[int, ...] = ()  # encoder layers to keep, e.g. (0, 5); empty: all
+    heads_per_layer: tuple[int, ...] = ()  # one value for every layer, or one per layer (uneven allowed)
+    ffn_size: int | None = None  # FFN neurons kept in every layer
+    param_budget: int | None = None  # total parameters after pruning; heads spread by importance
+    importance_rows: int = 2048  # training rows the head/FFN importance is measured on
+    recover: bool = True  # distil the pruned model from the teacher afterwards
+    recover_epochs: int = 3
+    recover_learning_rate: float = 2e-4
+    alpha: float = 0.5
+    temperature: float = 2.0
+    sparsity: str = "none"  # unstructured pruning during recovery: none, magnitude, movement
+    sparsity_target: float = 0.0  # final fraction of zero weights in the encoder's Linear layers
+    max_length: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _in_range("keep_top", self.keep_top, 0)
+        if self.max_positions is not None:
+            _in_range("max_positions", self.max_positions, self.max_length, 1 << 16)
+        if self.param_budget is not None:
+            _in_range("param_budget", self.param_budget, 1)
+        if self.ffn_size is not None:
+            _in_range("ffn_size", self.ffn_size, 1)
+        for n in self.heads_per_layer:
+            _in_range("heads_per_layer", n, 0)
+        for n in self.keep_layers:
+            _in_range("keep_layers", n, 0)
+        _in_range("importance_rows", self.importance_rows, 1)
+        _in_range("recover_epochs", self.recover_epochs, 1)
+        _in_range("recover_learning_rate", self.recover_learning_rate, 0.0, lo_open=True)
+        _in_range("alpha", self.alpha, 0.0, 1.0)
+        _in_range("temperature", self.temperature, 0.0, lo_open=True)
+        _choice("sparsity", self.sparsity, SPARSITY_METHODS)
+        _in_range("sparsity_target", self.sparsity_target, 0.0, 0.99)
+        if self.sparsity != "none" and not self.recover:
+            raise ValueError("sparsity needs recover=True: it is applied during the recovery distillation")
+        _in_range("max_length", self.max_length, 8, 4096)
+
+    @property
+    def structured(self) -> bool:
+        return bool(self.keep_layers or self.heads_per_layer or self.ffn_size is not None
+                    or self.param_budget is not None)

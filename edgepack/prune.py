@@ -1,0 +1,232 @@
+"""The ``prune`` stage: make a fine-tuned (or distilled) classifier physically smaller.
+
+Steps, each measured (parameters, embedding size, heads and FFN per layer, validation and test
+accuracy raw and with the calibrated out-of-scope threshold, agreement with the input model):
+
+1. ``layers``: keep some encoder layers (``keep_layers``),
+2. ``vocab``: trim the vocabulary to what the training split uses (``edgepack.vocab``),
+3. ``structured``: remove the least important heads and FFN neurons (``edgepack.structured``),
+4. ``recover``: a short distillation from the teacher (``edgepack.distill``), optionally with
+   magnitude or movement sparsity (``edgepack.sparsity``).
+
+``prune(cfg, src, out, data, teacher_dir=None)`` reads only ``src`` (and the teacher), writes only
+``out`` (atomically, ``stage.json`` last) and returns ``out``. Every target is checked against the
+model before any slow step runs, so bad input fails in a second with nothing written.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import DistillConfig, PruneConfig
+from .data import LabelledData
+from .errors import EdgepackError
+from .records import hash_config, hash_tree, staging_dir, write_stage_record
+
+STAGE = "prune"
+
+
+def _describe(model) -> dict[str, Any]:
+    from . import structured as st
+
+    emb = model.get_input_embeddings().weight
+    return {
+        "parameters": st.count_params(model),
+        "embedding_params": int(emb.numel()),
+        "vocab_size": int(emb.shape[0]),
+        "layers": len(st.layers(model)),
+        "heads_per_layer": st.heads_per_layer(model),
+        "ffn_size": st.ffn_sizes(model),
+        "fp32_bytes": 4 * st.count_params(model),
+    }
+
+
+class _Evaluator:
+    """Validation/test logits of each step, compared with the input model's and the teacher's."""
+
+    def __init__(self, data: LabelledData, max_length: int, teacher_test: np.ndarray | None):
+        self.data, self.max_length, self.teacher_test = data, max_length, teacher_test
+        self.input_test: np.ndarray | None = None
+
+    def __call__(self, model, tokenizer) -> dict[str, Any]:
+        from .distill import predict_logits, score
+
+        val, test = self.data["validation"], self.data["test"]
+        lv = predict_logits(model, tokenizer, val.texts, self.max_length)
+        lt = predict_logits(model, tokenizer, test.texts, self.max_length)
+        m = score(lv, val.labels, lt, test.labels, self.data.oos_id, teacher_test_logits=self.teacher_test)
+        if self.input_test is None:
+            self.input_test = lt
+        m["test_agreement_with_input"] = round(float((lt.argmax(1) == self.input_test.argmax(1)).mean()), 6)
+        return m
+
+
+def _check_targets(cfg: PruneConfig, model) -> None:
+    """Fail fast: run the structural edits on a throw-away copy with dummy importance."""
+    from . import structured as st
+
+    probe = copy.deepcopy(model)
+    if cfg.keep_layers:
+        st.keep_layers(probe, cfg.keep_layers)
+    if cfg.max_positions is not None:
+        n = probe.base_model.embeddings.position_embeddings.num_embeddings
+        if cfg.max_positions > n:
+            raise EdgepackError(f"--max-positions {cfg.max_positions} is larger than the model's {n} positions")
+    if cfg.heads_per_layer or cfg.ffn_size is not None:
+        heads = st.heads_per_layer(probe)
+        imp = np.zeros((len(heads), max(heads)))
+        st.make_plan(probe, imp, [np.zeros(f) for f in st.ffn_sizes(probe)], heads=cfg.heads_per_layer,
+                     ffn_size=cfg.ffn_size)
+    del probe
+
+
+def prune(cfg: PruneConfig, src: Path, out: Path, data: LabelledData, teacher_dir: Path | None = None, *,
+          force: bool = False, cache_dir: Path | None = None, data_config: Mapping[str, Any] | None = None,
+          log: Callable[[str], None] = print, progress: bool = False) -> Path:
+    """Prune the classifier in ``src`` into ``out``; ``teacher_dir`` (default: ``src``) guides recovery."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from . import structured as st
+    from . import vocab
+    from .distill import check_labels, prepare, run_once
+    from .sparsity import make_callback
+    from .teacher_cache import teacher_outputs
+
+    started = time.time()
+    src, out = Path(src), Path(out)
+    teacher_dir = Path(teacher_dir) if teacher_dir else src
+    if not src.is_dir():
+        raise EdgepackError(f"{src}: no such directory; pass a Hugging Face classifier directory")
+    if out.exists() and not force:
+        raise EdgepackError(f"{out} exists; pass --force to replace it or choose another --out")
+    train = data.splits.get("train")
+    if train is None or not len(train) or not any(t.strip() for t in train.texts):
+        raise EdgepackError(f"{data.source}: the training corpus is empty; pruning needs training texts")
+    for split in ("validation", "test"):
+        if split not in data.splits or not len(data[split]):
+            raise EdgepackError(f"{data.source}: no {split} rows; pruning measures every step on them")
+    tok_json = vocab.read_tokenizer_json(src) if cfg.trim_vocab else None
+    if not cfg.trim_vocab and not cfg.structured and cfg.sparsity == "none":
+        raise EdgepackError("nothing to do: give --heads-per-layer, --ffn-size, --param-budget, --keep-layers, "
+                            "--sparsity or leave vocabulary trimming on")
+    torch.manual_seed(cfg.seed)
+    try:
+        model = st.load_classifier(src).eval()
+    except (OSError, ValueError) as e:
+        raise EdgepackError(f"{src}: cannot load as a sequence classifier ({str(e).splitlines()[0][:200]})") from None
+    st.spec_for(model)
+    check_labels(model.config.id2label, data)
+    _check_targets(cfg, model)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    input_hash = hash_tree(src)
+    teacher_hash = hash_tree(teacher_dir)
+    teacher_test = teacher_outputs(teacher_dir, data["test"].texts, cache_dir=cache_dir, max_length=cfg.max_length,
+                                   teacher_hash=teacher_hash, progress=progress)["logits"]
+    evaluate = _Evaluator(data, cfg.max_length, teacher_test)
+    steps: list[dict[str, Any]] = []
+
+    def record(name: str, t0: float, extra: Mapping[str, Any] | None = None) -> None:
+        m = evaluate(model, tokenizer)
+        step = {"step": name, **_describe(model), **m, **(dict(extra) if extra else {}),
+                "wall_time_s": round(time.time() - t0, 1)}
+        steps.append(step)
+        log(_line(step))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with staging_dir(out, force=force) as tmp:
+        t0 = time.time()
+        record("input", t0)
+        if cfg.keep_layers:
+            t0 = time.time()
+            st.keep_layers(model, cfg.keep_layers)
+            record("layers", t0, {"kept_layers": list(cfg.keep_layers)})
+        if tok_json is not None:
+            t0 = time.time()
+            new_json, report = vocab.trim_vocab(model, tok_json, train.texts, keep_top=cfg.keep_top)
+            if cfg.max_positions is not None:
+                vocab.trim_positions(model, cfg.max_positions)
+            vocab.save_tokenizer(src, tmp, new_json, model_max_length=cfg.max_positions)
+            tokenizer = AutoTokenizer.from_pretrained(tmp)
+            record("vocab", t0, report)
+        else:
+            tokenizer.save_pretrained(tmp)
+        if cfg.heads_per_layer or cfg.ffn_size is not None or cfg.param_budget is not None:
+            t0 = time.time()
+            from tokenizers import Tokenizer
+
+            rng = np.random.default_rng(cfg.seed)
+            idx = np.sort(rng.choice(len(train), size=min(cfg.importance_rows, len(train)), replace=False))
+            rows = train.take(idx)
+            fast = Tokenizer.from_file(str(tmp / "tokenizer.json"))
+            head_imp, ffn_imp = st.importance(model, fast, rows.texts, rows.labels, max_length=cfg.max_length)
+            plan = st.make_plan(model, head_imp, ffn_imp, heads=cfg.heads_per_layer, ffn_size=cfg.ffn_size,
+                                param_budget=cfg.param_budget)
+            st.apply_plan(model, plan)
+            record("structured", t0, {"importance_rows": len(rows), "head_importance": np.round(head_imp, 4).tolist(),
+                                      "kept_heads": plan.heads})
+        sparsity_report = None
+        if cfg.recover:
+            t0 = time.time()
+            dcfg = DistillConfig(epochs=cfg.recover_epochs, learning_rate=cfg.recover_learning_rate, alpha=cfg.alpha,
+                                 temperature=cfg.temperature, max_length=cfg.max_length, ablation=False, seed=cfg.seed)
+            callback = make_callback(cfg.sparsity, cfg.sparsity_target)
+            prep = prepare(dcfg, teacher_dir, data, student_model=model, student_tokenizer=tokenizer,
+                           cache_dir=cache_dir, progress=progress)
+            model, m = run_once(prep, dcfg, model=model, callbacks=[callback] if callback else (), progress=progress)
+            model.eval()
+            extra: dict[str, Any] = {"distill": dcfg.to_dict(), "best_epoch": m.get("best_epoch"),
+                                     "train_rows": m.get("train_rows")}
+            if callback is not None:
+                sparsity_report = callback.report(model)
+                extra["sparsity"] = sparsity_report
+            record("recover", t0, extra)
+        st.save_model(model, tmp)
+        weights = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
+        first, last = steps[0], steps[-1]
+        metrics = {
+            "steps": steps,
+            "parameters_before": first["parameters"], "parameters_after": last["parameters"],
+            "embedding_params_before": first["embedding_params"], "embedding_params_after": last["embedding_params"],
+            "test_accuracy_before": first["test_accuracy"], "test_accuracy_after": last["test_accuracy"],
+            "test_accuracy_calibrated_before": first.get("test_accuracy_calibrated"),
+            "test_accuracy_calibrated_after": last.get("test_accuracy_calibrated"),
+            "weights_bytes": weights,
+            **({"sparsity": sparsity_report} if sparsity_report else {}),
+        }
+        config = {"prune": cfg.to_dict(), **({"data": dict(data_config)} if data_config else {})}
+        write_stage_record(tmp, stage=STAGE, config=config, input_hash=_input_hash(input_hash, teacher_hash, data),
+                           metrics=metrics, started=started,
+                           extra={"source": str(src), "teacher": str(teacher_dir), "config_key": hash_config(config)})
+    log(f"[prune] wrote {out} ({weights / 1e6:.1f} MB of weights, {last['parameters']:,} parameters, "
+        f"{time.time() - started:.0f} s)")
+    return out
+
+
+def _input_hash(model_hash: str, teacher_hash: str, data: LabelledData) -> str:
+    import hashlib
+
+    return hashlib.sha256(f"{model_hash}\0{teacher_hash}\0{data.fingerprint()}".encode()).hexdigest()
+
+
+def _line(step: Mapping[str, Any]) -> str:
+    heads = step["heads_per_layer"]
+    ffn = step["ffn_size"]
+    cal = step.get("test_accuracy_calibrated")
+    return (f"[prune] {step['step']:<10} params {step['parameters'] / 1e6:6.2f}M  embedding "
+            f"{step['vocab_size']:>6} x {step['embedding_params'] // max(step['vocab_size'], 1)}  "
+            f"layers {step['layers']}  heads {','.join(map(str, heads))}  ffn {','.join(map(str, sorted(set(ffn))))}  "
+            f"test acc {step['test_accuracy']:.2%}" + (f" (calibrated {cal:.2%})" if cal is not None else "")
+            + f"  agreement w/ input {step['test_agreement_with_input']:.2%}  {step['wall_time_s']:.0f}s")
+
+
+def read_steps(out: Path) -> list[dict[str, Any]]:
+    rec = json.loads((Path(out) / "stage.json").read_text())
+    return rec["metrics"]["steps"]
