@@ -117,10 +117,24 @@ def pack(
             info = ModelInfo(**{**info.to_dict(), "input_names": inputs})
             if not tokenizer.is_file():
                 raise EdgepackError(f"{model_dir}: no tokenizer.json beside model.onnx; save the fast tokenizer there")
-        quant = quantize_model(target.quantize, fp32, stage / QUANT_NAME, info=info)
-        log(f"[pack] quantized for {target.name}: {quant.stat().st_size / 1e6:.2f} MB "
-            f"({quant.stat().st_size / fp32.stat().st_size:.0%} of fp32)")
         _write_static_files(stage, tokenizer, info, data, export_cfg, target, model_dir, cfg)
+        variants_table = None
+        if cfg.variants:
+            from . import variants
+
+            result = variants.search(
+                target, fp32, work / "variants", info=info, pipeline_dir=stage, val_texts=val.texts,
+                val_labels=val.labels, calibration_texts=data["train"].texts[: target.quantize.calibration_rows],
+                max_accuracy_drop=cfg.max_accuracy_drop, formats=cfg.variant_formats, log=log)
+            log(result.table())
+            quant = variants.chosen_model(result, stage / QUANT_NAME)
+            chosen = result.row(result.chosen)
+            _set_session_config(stage, chosen.get("quantize", {}).get("session_config") or {})
+            variants_table = result.to_dict()
+        else:
+            quant = quantize_model(target.quantize, fp32, stage / QUANT_NAME, info=info)
+        log(f"[pack] quantized for {target.name}: {quant.stat().st_size / 1e6:.2f} MB "
+            f"({quant.stat().st_size / fp32.stat().st_size:.1%} of fp32)")
 
         pipe_q = runtime_shim.OnnxPipeline(stage, verify=False)
         pipe_f = runtime_shim.OnnxPipeline(stage, verify=False, overrides={"model": str(fp32.resolve())})
@@ -155,8 +169,14 @@ def pack(
             "test": test_metrics,
             "test_rows": len(test),
             "ops": count_ops(quant),
+            **({"variants": variants_table} if variants_table else {}),
         }
         del pipe_q, pipe_f
+        if cfg.ort_format:
+            from .ortformat import write_ort
+
+            ort_model, _ = write_ort(quant, stage)
+            log(f"[pack] ORT format written: {ort_model.name} + required_operators.config")
         manifest = write_manifest(
             stage,
             format=bundle_files.BUNDLE_FORMAT,
@@ -192,6 +212,12 @@ def _write_static_files(stage: Path, tokenizer: Path, info: ModelInfo, data: Lab
     write_jsonl(stratified_slice(data["test"], cfg.eval_rows), data.label_names, stage / "eval.jsonl")
     (stage / "requirements.txt").write_text(bundle_files.requirements_txt())
     bundle_files.copy_shim(stage)
+
+
+def _set_session_config(stage: Path, entries: dict[str, str]) -> None:
+    runtime = json.loads((stage / "runtime.json").read_text())
+    runtime["session_config"] = {**runtime.get("session_config", {}), **entries}
+    write_json_atomic(stage / "runtime.json", runtime)
 
 
 def _pad_id(tokenizer_json: Path) -> int:

@@ -26,6 +26,8 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--eval-rows", type=int, default=1000, help="rows of the test split shipped as eval.jsonl")
     p.add_argument("--archive", action="store_true", help="also write BUNDLE.tar.gz to copy to a device")
     p.add_argument("--ort-format", action="store_true", help="also write model.ort for minimal ONNX Runtime builds")
+    p.add_argument("--variants", action="store_true",
+                   help="build and measure the target's quantization variants; keep the fastest within the accuracy limit")
     p.add_argument("--force", action="store_true", help="replace an existing bundle (once the new one is complete)")
     return p
 
@@ -36,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cfg = PackConfig(target=args.target, max_accuracy_drop=args.max_accuracy_drop, oos_recall=args.oos_recall,
-                         eval_rows=args.eval_rows, archive=args.archive, ort_format=args.ort_format)
+                         eval_rows=args.eval_rows, archive=args.archive, ort_format=args.ort_format,
+                         variants=args.variants)
         export_cfg = ExportConfig(max_length=args.max_length)
     except ValueError as e:
         from ..errors import EdgepackError
