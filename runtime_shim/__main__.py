@@ -180,6 +180,9 @@ def run_bench(args: argparse.Namespace) -> int:
     result["data"] = str(data)
     result["build_metrics"] = pipe.manifest.get("metrics")
     print(format_table([result]))
+    build = _build_accuracy(pipe.manifest)
+    if build:
+        print(build)
     if result.get("peak_rss_error"):
         print(f"peak memory not measured: {result['peak_rss_error']}", file=sys.stderr)
     if args.json:
@@ -190,6 +193,18 @@ def run_bench(args: argparse.Namespace) -> int:
         os.replace(tmp, out)
         print(f"wrote {out}")
     return ExitCode.OK
+
+
+def _build_accuracy(manifest: dict[str, Any]) -> str | None:
+    """The build machine's test accuracy from manifest.json, to read beside the device's figures."""
+    metrics = manifest.get("metrics") if isinstance(manifest, dict) else None
+    test = metrics.get("test") if isinstance(metrics, dict) else None
+    if not isinstance(test, dict) or not isinstance(test.get("accuracy"), (int, float)):
+        return None
+    parts = [f"{key.replace('_', ' ')} {100 * test[key]:.2f}%" for key in
+             ("accuracy", "accuracy_raw", "in_scope_accuracy", "oos_recall") if isinstance(test.get(key), (int, float))]
+    rows = metrics.get("test_rows")
+    return f"at build time (manifest.json, test split{f' of {rows} rows' if rows else ''}): {', '.join(parts)}"
 
 
 # ----------------------------------------------------------------------------------------- verify
@@ -300,6 +315,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return ExitCode.INTERRUPTED
+    except BrokenPipeError:  # output piped into `head`: stop quietly, as other command-line tools do
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (the interpreter flushes it at exit)
+        return ExitCode.OK
 
 
 if __name__ == "__main__":

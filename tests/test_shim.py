@@ -367,6 +367,7 @@ def test_cli_bench_json(tiny_bundle: Path, tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert printed.splitlines()[0].startswith("model") and str(out) in printed
+    assert "at build time (manifest.json" in printed  # the packer's test accuracy, to compare with
     result = json.loads(out.read_text())
     assert HARNESS_KEYS <= set(result) and result["latency_ms"]["n"] == 20 and result["threads"] == 1
     assert result["data"].endswith("eval.jsonl")
