@@ -259,6 +259,12 @@ class VariantSearch:
         return {"chosen": self.chosen, "max_accuracy_drop": self.max_accuracy_drop, "threads": self.threads,
                 "rows": self.rows}
 
+    def record(self) -> dict[str, Any]:
+        """``to_dict`` without the work-directory paths: for the pack record and the manifest."""
+        d = self.to_dict()
+        d["rows"] = [{k: v for k, v in r.items() if k != "path"} for r in self.rows]
+        return d
+
     def table(self) -> str:
         head = ("", "variant", "MB", "val acc", "drop pts", "agree", "p50 ms", "p95 ms", "vs fp32", "note")
         lines = [head]
