@@ -5,7 +5,7 @@
     python -m runtime_shim verify BUNDLE [--update]
     python -m runtime_shim rss BUNDLE          (peak memory of a fresh process, one JSON line)
 
-Each command is a ``register(subparsers)`` and a ``run(args) -> int`` in ``COMMANDS``. Optional
+Each command is a ``register(subparsers) -> parser`` and a ``run(args) -> int`` in ``COMMANDS``. Optional
 commands living in their own module (``runtime_shim/tune.py`` with the same two functions) are
 picked up when present; see ``OPTIONAL_COMMANDS``.
 
@@ -32,6 +32,13 @@ PROG = "python -m runtime_shim"
 
 
 class ExitCode(enum.IntEnum):
+    """Exit codes of ``main``.
+
+    Example:
+        >>> main(["verify", "no/such/bundle"]) == ExitCode.USAGE  # doctest: +SKIP
+        True
+    """
+
     OK = 0
     ERROR = 1  # an unexpected failure (a bug): a traceback is printed
     USAGE = 2  # bad input (a damaged bundle, unreadable data): the message says what to change
@@ -96,7 +103,7 @@ def _load(args: argparse.Namespace):
 # ---------------------------------------------------------------------------------------- predict
 
 
-def register_predict(sub) -> argparse.ArgumentParser:
+def _register_predict(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="classify texts", description="Classify each TEXT with the bundle.")
     _bundle_arg(p)
     p.add_argument("texts", nargs="+", metavar="TEXT", help="texts to classify")
@@ -107,7 +114,7 @@ def register_predict(sub) -> argparse.ArgumentParser:
     return p
 
 
-def run_predict(args: argparse.Namespace) -> int:
+def _run_predict(args: argparse.Namespace) -> int:
     if args.top_k is not None and args.top_k < 1:
         raise BundleError(f"--top-k {args.top_k}: use a positive count")
     pipe = _load(args)
@@ -130,7 +137,7 @@ def run_predict(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------ bench
 
 
-def register_bench(sub) -> argparse.ArgumentParser:
+def _register_bench(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench", help="accuracy, latency, throughput and memory of the bundle",
         description="Benchmark the bundle on labelled data (default: its eval.jsonl) and print a table.")
@@ -163,7 +170,7 @@ def _batch_sizes(value: str) -> tuple[int, ...]:
     return sizes
 
 
-def run_bench(args: argparse.Namespace) -> int:
+def _run_bench(args: argparse.Namespace) -> int:
     if args.runs < 1 or args.warmup < 0:
         raise BundleError(f"--runs {args.runs} --warmup {args.warmup}: need at least 1 run and 0 warm-ups")
     batch_sizes = _batch_sizes(args.batch_sizes)
@@ -210,7 +217,7 @@ def _build_accuracy(manifest: dict[str, Any]) -> str | None:
 # ----------------------------------------------------------------------------------------- verify
 
 
-def register_verify(sub) -> argparse.ArgumentParser:
+def _register_verify(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check every file against manifest.json",
                        description="Check the sha256 and size of every file the manifest lists.")
     _bundle_arg(p)
@@ -219,7 +226,7 @@ def register_verify(sub) -> argparse.ArgumentParser:
     return p
 
 
-def run_verify(args: argparse.Namespace) -> int:
+def _run_verify(args: argparse.Namespace) -> int:
     if args.update:
         manifest = update_manifest(args.bundle)
         print(f"updated {Path(args.bundle) / MANIFEST}: {len(manifest['files'])} files")
@@ -232,7 +239,7 @@ def run_verify(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------------------------------- rss
 
 
-def register_rss(sub) -> argparse.ArgumentParser:
+def _register_rss(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "rss", help="peak memory of a fresh process serving the bundle (one JSON line)",
         description="Load the bundle, run warm-up, single and batch-32 queries, print peak RSS as JSON. "
@@ -243,7 +250,7 @@ def register_rss(sub) -> argparse.ArgumentParser:
     return p
 
 
-def run_rss(args: argparse.Namespace) -> int:
+def _run_rss(args: argparse.Namespace) -> int:
     pipe = _load(args)
     from .bench import rss_report
     from .datafiles import DataError, read_labelled
@@ -260,10 +267,10 @@ def run_rss(args: argparse.Namespace) -> int:
 
 Command = tuple[Callable[[Any], argparse.ArgumentParser], Callable[[argparse.Namespace], int]]
 COMMANDS: dict[str, Command] = {
-    "predict": (register_predict, run_predict),
-    "bench": (register_bench, run_bench),
-    "verify": (register_verify, run_verify),
-    "rss": (register_rss, run_rss),
+    "predict": (_register_predict, _run_predict),
+    "bench": (_register_bench, _run_bench),
+    "verify": (_register_verify, _run_verify),
+    "rss": (_register_rss, _run_rss),
 }
 # Commands in modules of their own, added when the module exists (``runtime_shim/tune.py`` with
 # ``register(subparsers) -> parser`` and ``run(args) -> int``); imported only when the CLI starts.
@@ -280,6 +287,12 @@ def _optional(name: str):
 
 
 def make_parser() -> argparse.ArgumentParser:
+    """The argument parser with every command, optional ones included when their module exists.
+
+    Example:
+        >>> make_parser().parse_args(["predict", "bundle", "hi"]).texts
+        ['hi']
+    """
     parser = argparse.ArgumentParser(prog=PROG, description="Run and check an edgepack bundle on this device.")
     parser.add_argument("--version", action="version", version=f"runtime_shim {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -37,6 +37,13 @@ _SHIM_PARENT = str(Path(__file__).resolve().parent.parent)
 
 
 class Backend(Protocol):
+    """What ``run_benchmark`` needs of a model (``OnnxPipeline`` and edgepack's PyTorch backend fit).
+
+    Example:
+        >>> run_benchmark(OnnxPipeline("bundle"), texts, gold)  # doctest: +SKIP
+        >>> run_benchmark(TorchBackend("teacher/"), texts, gold)  # edgepack's, same protocol  # doctest: +SKIP
+    """
+
     name: str
     label_names: list[str]
     oos_label: str | None
@@ -45,9 +52,11 @@ class Backend(Protocol):
     model_bytes: int
     bundle_bytes: int
 
-    def encode(self, texts: Sequence[str]) -> Any: ...
+    def encode(self, texts: Sequence[str]) -> Any:
+        """Model inputs for a batch of texts. Example: ``backend.encode(["hi", "set an alarm"])``."""
 
-    def forward(self, encoded: Any) -> np.ndarray: ...
+    def forward(self, encoded: Any) -> np.ndarray:
+        """Logits ``[batch, num_labels]``. Example: ``backend.forward(backend.encode(["hi"])).shape``."""
 
 
 # ------------------------------------------------------------------------------------------- accuracy
@@ -415,12 +424,12 @@ def format_table(results: Sequence[Mapping[str, Any]]) -> str:
     cells = [[fn(r) for _, fn in columns] for r in results]
     widths = [max([len(head)] + [len(row[i]) for row in cells]) for i, (head, _) in enumerate(columns)]
 
-    def line(values: Sequence[str]) -> str:
+    def _line(values: Sequence[str]) -> str:
         first = values[0].ljust(widths[0])
         return "  ".join([first] + [v.rjust(w) for v, w in zip(values[1:], widths[1:], strict=True)]).rstrip()
 
-    out = [line([head for head, _ in columns]), line(["-" * w for w in widths])]
-    out += [line(row) for row in cells]
+    out = [_line([head for head, _ in columns]), _line(["-" * w for w in widths])]
+    out += [_line(row) for row in cells]
     n = {r.get("n") for r in results if r.get("n")}
     runs = {r.get("runs") for r in results if r.get("runs")}
     if n or runs:

@@ -18,7 +18,13 @@ SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation"
 
 
 class DataError(ValueError):
-    """Evaluation data that cannot be read. ``str(err)`` is one line naming the file and the fix."""
+    """Evaluation data that cannot be read. ``str(err)`` is one line naming the file and the fix.
+
+    Example:
+        >>> read_labelled("rows.jsonl", text_column="query")  # doctest: +SKIP
+        Traceback (most recent call last):
+        DataError: rows.jsonl: row 1 has no column 'query' (columns: text, label); pass --text-column
+    """
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))

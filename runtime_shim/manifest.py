@@ -26,7 +26,15 @@ _CHUNK = 1 << 20
 
 
 class BundleError(ValueError):
-    """A bundle that cannot be used as it is. ``str(err)`` is one line naming the file and the fix."""
+    """A bundle that cannot be used as it is. ``str(err)`` is one line naming the file and the fix.
+
+    Example:
+        >>> try:
+        ...     verify("bundle")
+        ... except BundleError as e:
+        ...     print(e)  # doctest: +SKIP
+        bundle/labels.json: sha256 differs from manifest.json (file changed after packing); ...
+    """
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
