@@ -118,3 +118,14 @@ def test_shim_tune_imports_only_runtime_packages():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True,
                          env={**os.environ, "PYTHONPATH": str(root)})
     assert out.stdout.strip() == ""
+
+
+def test_profile_caps_threads_and_warns_on_other_hardware(bundle, capsys):
+    # avx512-vnni-server-core is one physical core: the search stops at one thread
+    assert main(["tune", str(bundle), "--profile", "avx512-vnni-server-core", "--dry-run", *FAST]) == ExitCode.OK
+    out = capsys.readouterr().out
+    assert "t1" in out and "t2-spin" not in out
+    assert main(["tune", str(bundle), "--profile", "raspberry-pi-4", "--max-threads", "1", "--dry-run", *FAST]) == ExitCode.OK
+    err = capsys.readouterr().err
+    if tune.cpu_flags()[0] != "arm64":
+        assert "profile 'raspberry-pi-4' is for target 'arm64'" in err
