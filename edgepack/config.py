@@ -313,3 +313,49 @@ class PruneConfig(ConfigBase):
     def structured(self) -> bool:
         return bool(self.keep_layers or self.heads_per_layer or self.ffn_size is not None
                     or self.param_budget is not None)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig(ConfigBase):
+    """``edgepack distill``: a student from the teacher's layers (or another checkpoint) trained on
+    ``alpha * CE + (1 - alpha) * T^2 * KL`` against cached teacher logits (see ``edgepack.distill``)."""
+
+    section: ClassVar[str] = "distill"
+    num_layers: int = 2  # teacher layers kept when ``layers`` is empty (spread by ``student.pick_layers``)
+    layers: tuple[int, ...] = ()  # explicit teacher layer indices, e.g. (0, 2, 5); overrides num_layers
+    student: str | None = None  # a checkpoint directory with its own tokenizer instead of teacher layers
+    alpha: float = 0.5  # weight of the cross-entropy on gold labels; 1 - alpha goes to the teacher
+    temperature: float = 2.0
+    epochs: int = 5
+    learning_rate: float = 1e-4
+    batch_size: int = 32
+    max_length: int = 64  # CLINC150 queries are short; batches are padded to their longest row only
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.01
+    hidden_weight: float = 0.0  # weight of the [CLS] hidden-state MSE against the mapped teacher layers
+    freeze_embeddings: bool = False  # keep the word-embedding table fixed (most of a shallow student's weights)
+    augment: int = 0  # teacher-labelled noisy copies per training text (word dropout/swap)
+    ablation: bool = True  # also train the same student on labels only (alpha = 1) and record it
+    search_trials: int = 0  # > 0: an Optuna study over alpha, T, epochs, lr before the final run
+    search_layers: bool = False  # let the study choose the layer count too (teacher students only)
+    storage: str | None = None  # Optuna storage URL; None: a SQLite file kept with the output
+    study_name: str = "distill"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _in_range("alpha", self.alpha, 0.0, 1.0)
+        _in_range("temperature", self.temperature, 0.0, lo_open=True)
+        _in_range("num_layers", self.num_layers, 1)
+        if any(i < 0 for i in self.layers):
+            raise ValueError(f"layers={list(self.layers)} must be teacher layer indices >= 0")
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers={list(self.layers)} repeats a layer; give each index once")
+        _in_range("epochs", self.epochs, 1)
+        _in_range("learning_rate", self.learning_rate, 0.0, lo_open=True)
+        _in_range("batch_size", self.batch_size, 1)
+        _in_range("max_length", self.max_length, 8, 4096)
+        _in_range("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        _in_range("weight_decay", self.weight_decay, 0.0)
+        _in_range("hidden_weight", self.hidden_weight, 0.0)
+        _in_range("augment", self.augment, 0, 16)
+        _in_range("search_trials", self.search_trials, 0)

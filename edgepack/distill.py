@@ -1,0 +1,569 @@
+"""Knowledge distillation: a small student trained on the teacher's cached logits.
+
+The loss is the reference recipe (NLP with Transformers, ch. 8)::
+
+    alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(softmax(z_t / T) || softmax(z_s / T))
+
+(``nn.KLDivLoss(log_softmax(z_s / T), softmax(z_t / T))``: the teacher's distribution is the target),
+plus, optionally, an MSE between the student's and the mapped teacher layers' first-token states
+(TinyBERT's intermediate-layer loss, reduced to [CLS] so the cache stays small).
+
+``DistillationTrainer`` is a ``transformers.Trainer`` that overrides only what differs from plain
+fine-tuning: where the teacher's outputs come from (``teacher_targets``: the batch, filled from the
+on-disk cache) and the loss (``distillation_loss``). ``train_student`` runs it on any student model
+with extra ``TrainerCallback``s (pruning reuses it for recovery); ``distill`` is the stage: it builds
+the student, trains it and the labels-only ablation, measures both and writes the output directory
+atomically with its ``stage.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .calibrate import apply_threshold, calibrate_threshold, softmax
+from .config import DistillConfig
+from .data import LabelledData, Split
+from .errors import EdgepackError
+from .records import hash_tree, write_stage_record
+
+STAGE = "distill"
+
+try:  # a Trainer subclass needs transformers at import; the CLI imports this module lazily
+    from transformers import Trainer
+except ImportError:  # pragma: no cover
+    Trainer = object  # type: ignore[assignment,misc]
+
+
+# --------------------------------------------------------------------------------------------- trainer
+
+
+class DistillationTrainer(Trainer):
+    """``Trainer`` whose loss mixes gold labels with the teacher's soft targets.
+
+    Batches carry ``teacher_logits`` (and ``teacher_hidden`` when the hidden-state loss is on) next to
+    the token ids, and ``has_label`` (0 for teacher-labelled augmented rows, which get no CE term).
+    Evaluation batches carry none of them and are scored with plain cross-entropy.
+    """
+
+    def __init__(self, *args, alpha: float = 0.5, temperature: float = 2.0, hidden_weight: float = 0.0,
+                 hidden_map: Sequence[int] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.alpha = alpha
+        self.temperature = temperature
+        self.hidden_weight = hidden_weight
+        self.hidden_map = list(hidden_map) if hidden_map is not None else None
+
+    def teacher_targets(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Remove and return the teacher's outputs for this batch (here: read from the cache)."""
+        return {k: inputs.pop(k) for k in ("teacher_logits", "teacher_hidden", "has_label") if k in inputs}
+
+    def distillation_loss(self, student_logits, teacher_logits, labels, has_label=None):
+        import torch.nn.functional as F
+
+        t = self.temperature
+        mask = has_label.bool() if has_label is not None else None
+        if self.alpha > 0 and labels is not None:
+            if mask is None:
+                ce = F.cross_entropy(student_logits, labels)
+            elif mask.any():
+                ce = F.cross_entropy(student_logits[mask], labels[mask])
+            else:
+                ce = student_logits.sum() * 0.0
+        else:
+            ce = student_logits.sum() * 0.0
+        if teacher_logits is None or self.alpha >= 1:
+            return ce
+        kd = F.kl_div(F.log_softmax(student_logits / t, dim=-1), F.softmax(teacher_logits / t, dim=-1),
+                      reduction="batchmean") * t * t
+        return self.alpha * ce + (1 - self.alpha) * kd
+
+    def hidden_loss(self, student_hidden, teacher_hidden):
+        import torch
+        import torch.nn.functional as F
+
+        s = torch.stack([student_hidden[j][:, 0] for j in range(len(student_hidden))], dim=1)
+        t = teacher_hidden[:, self.hidden_map].to(s.dtype)
+        return F.mse_loss(s, t)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        targets = self.teacher_targets(inputs)
+        labels = inputs.pop("labels", None)
+        want_hidden = (self.hidden_weight > 0 and self.hidden_map is not None and "teacher_hidden" in targets)
+        outputs = model(**inputs, output_hidden_states=want_hidden) if want_hidden else model(**inputs)
+        loss = self.distillation_loss(outputs.logits, targets.get("teacher_logits"), labels, targets.get("has_label"))
+        if want_hidden:
+            loss = loss + self.hidden_weight * self.hidden_loss(outputs.hidden_states, targets["teacher_hidden"])
+        return (loss, outputs) if return_outputs else loss
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def augment_texts(texts: Sequence[str], copies: int, seed: int = 0) -> list[str]:
+    """``copies`` noisy variants of each text: word dropout, a swap of two words, or the first half of
+    the text spliced to the second half of another. The teacher labels them (soft targets only): the
+    spliced ones are ambiguous on purpose, teaching the student where the teacher is unsure, which is
+    what the out-of-scope threshold reads.
+    """
+    rng = random.Random(seed)
+    out = []
+    for _ in range(copies):
+        for text in texts:
+            words = text.split()
+            op = rng.random()
+            if len(words) < 3 or op < 0.2:
+                other = texts[rng.randrange(len(texts))].split()
+                words = words[: max(1, len(words) // 2)] + other[len(other) // 2:]
+            elif op < 0.6:
+                kept = [w for w in words if rng.random() > 0.2]
+                words = kept or [rng.choice(words)]
+            else:
+                i, j = rng.sample(range(len(words)), 2)
+                words[i], words[j] = words[j], words[i]
+            out.append(" ".join(words))
+    return out
+
+
+class _Rows:
+    """A map-style dataset of pre-tokenised rows (dicts of lists / arrays)."""
+
+    def __init__(self, rows: list[dict[str, Any]]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.rows[i]
+
+
+def _encode(tokenizer, texts: Sequence[str], max_length: int) -> list[dict[str, list[int]]]:
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length)
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    return [{k: enc[k][i] for k in keys} for i in range(len(texts))]
+
+
+def make_rows(tokenizer, texts: Sequence[str], labels: np.ndarray | None, max_length: int, *,
+              teacher_logits: np.ndarray | None = None, teacher_hidden: np.ndarray | None = None,
+              has_label: np.ndarray | None = None) -> _Rows:
+    rows = _encode(tokenizer, texts, max_length)
+    for i, row in enumerate(rows):
+        if labels is not None:
+            row["labels"] = int(labels[i])
+        if teacher_logits is not None:
+            row["teacher_logits"] = teacher_logits[i]
+        if teacher_hidden is not None:
+            row["teacher_hidden"] = teacher_hidden[i]
+        if has_label is not None:
+            row["has_label"] = int(has_label[i])
+    return _Rows(rows)
+
+
+class Collator:
+    """Pads token ids to the longest row of the batch (not to max_length); stacks the rest."""
+
+    _TOKENS = ("input_ids", "attention_mask", "token_type_ids")
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        tokens = [{k: f[k] for k in self._TOKENS if k in f} for f in features]
+        batch = dict(self.tokenizer.pad(tokens, return_tensors="pt"))
+        first = features[0]
+        if "labels" in first:
+            batch["labels"] = torch.tensor([f["labels"] for f in features], dtype=torch.long)
+        if "has_label" in first:
+            batch["has_label"] = torch.tensor([f["has_label"] for f in features], dtype=torch.long)
+        for k in ("teacher_logits", "teacher_hidden"):
+            if k in first:
+                batch[k] = torch.from_numpy(np.stack([f[k] for f in features]).astype(np.float32))
+        return batch
+
+
+# --------------------------------------------------------------------------------------------- train
+
+
+@dataclasses.dataclass
+class TrainSet:
+    """Training texts with gold labels (``has_label`` 0 for augmented rows) and the teacher's outputs."""
+
+    texts: list[str]
+    labels: np.ndarray
+    has_label: np.ndarray
+    teacher_logits: np.ndarray
+    teacher_hidden: np.ndarray | None = None
+
+    def labels_only(self) -> TrainSet:
+        """The gold-labelled rows alone (what the labels-only ablation sees)."""
+        keep = np.flatnonzero(self.has_label)
+        return TrainSet([self.texts[i] for i in keep], self.labels[keep], self.has_label[keep],
+                        self.teacher_logits[keep], None if self.teacher_hidden is None else self.teacher_hidden[keep])
+
+
+def build_trainset(cfg: DistillConfig, teacher_dir: Path, train: Split, *, cache_dir: Path | None,
+                   teacher_hash: str, progress: bool = True) -> TrainSet:
+    from .teacher_cache import teacher_outputs
+
+    aug = augment_texts(train.texts, cfg.augment, seed=cfg.seed) if cfg.augment else []
+    texts = list(train.texts) + aug
+    out = teacher_outputs(teacher_dir, texts, cache_dir=cache_dir, max_length=cfg.max_length,
+                          hidden=cfg.hidden_weight > 0, teacher_hash=teacher_hash, progress=progress)
+    # Augmented rows get the teacher's top label only as a placeholder: has_label=0 keeps them out of CE.
+    labels = np.concatenate([train.labels, out["logits"][len(train.texts):].argmax(axis=1)]).astype(np.int64)
+    has_label = np.concatenate([np.ones(len(train.texts), np.int64), np.zeros(len(aug), np.int64)])
+    return TrainSet(texts, labels, has_label, out["logits"], out.get("hidden"))
+
+
+def _metrics_fn(oos_id: int | None):
+    def compute(pred) -> dict[str, float]:
+        logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+        labels = pred.label_ids
+        probs = softmax(np.asarray(logits, dtype=np.float64))
+        m = {"accuracy": float((probs.argmax(1) == labels).mean())}
+        if oos_id is not None:
+            th = calibrate_threshold(probs, labels, oos_id)
+            m["cal_accuracy"] = float((apply_threshold(probs, oos_id, th) == labels).mean())
+        return m
+    return compute
+
+
+def train_student(
+    cfg: DistillConfig,
+    model,
+    tokenizer,
+    trainset: TrainSet,
+    validation: Split,
+    *,
+    oos_id: int | None = None,
+    work_dir: Path | None = None,
+    callbacks: Iterable[Any] = (),
+    hidden_map: Sequence[int] | None = None,
+    progress: bool = True,
+):
+    """Train ``model`` in place with ``DistillationTrainer``; evaluate on ``validation`` each epoch and
+    end with the best epoch's weights. Returns the trainer (``trainer.model`` is the student).
+
+    ``cfg.alpha == 1`` is plain fine-tuning on the labelled rows. ``callbacks`` are extra
+    ``transformers.TrainerCallback``s (pruning schedules, Optuna's pruning hook).
+    """
+    import transformers
+    from transformers import TrainingArguments
+
+    transformers.logging.set_verbosity_error()
+    tmp = None
+    if work_dir is None:
+        tmp = tempfile.mkdtemp(prefix="edgepack-distill-")
+        work_dir = Path(tmp)
+    try:
+        if cfg.alpha >= 1:
+            trainset = trainset.labels_only()
+        use_hidden = cfg.hidden_weight > 0 and hidden_map is not None and trainset.teacher_hidden is not None
+        train_rows = make_rows(tokenizer, trainset.texts, trainset.labels, cfg.max_length,
+                               teacher_logits=trainset.teacher_logits,
+                               teacher_hidden=trainset.teacher_hidden if use_hidden else None,
+                               has_label=trainset.has_label)
+        val_rows = make_rows(tokenizer, validation.texts, validation.labels, cfg.max_length)
+        best_metric = "cal_accuracy" if oos_id is not None else "accuracy"
+        if cfg.freeze_embeddings:
+            # The word-embedding table holds most of a 2-layer student's weights (11.7M of 15.5M for
+            # MiniLM): fixing it skips its gradient and AdamW update on every step.
+            model.get_input_embeddings().weight.requires_grad_(False)
+        args = TrainingArguments(
+            output_dir=str(work_dir),
+            num_train_epochs=cfg.epochs,
+            learning_rate=cfg.learning_rate,
+            per_device_train_batch_size=cfg.batch_size,
+            per_device_eval_batch_size=128,
+            warmup_steps=int(cfg.warmup_ratio * cfg.epochs * -(-len(train_rows) // cfg.batch_size)),
+            weight_decay=cfg.weight_decay,
+            lr_scheduler_type="linear",
+            eval_strategy="epoch",
+            save_strategy="epoch",
+            save_only_model=True,
+            save_total_limit=1,
+            load_best_model_at_end=True,
+            metric_for_best_model=best_metric,
+            greater_is_better=True,
+            logging_strategy="epoch",
+            seed=cfg.seed,
+            data_seed=cfg.seed,
+            use_cpu=True,
+            report_to=[],
+            disable_tqdm=not progress,
+            remove_unused_columns=False,
+            dataloader_num_workers=0,
+        )
+        trainer = DistillationTrainer(
+            model=model, args=args, train_dataset=train_rows, eval_dataset=val_rows,
+            data_collator=Collator(tokenizer), compute_metrics=_metrics_fn(oos_id),
+            callbacks=list(callbacks), alpha=cfg.alpha, temperature=cfg.temperature,
+            hidden_weight=cfg.hidden_weight if use_hidden else 0.0, hidden_map=hidden_map,
+        )
+        trainer.train()
+        trainer.model.eval()
+        return trainer
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------- measure
+
+
+def predict_logits(model, tokenizer, texts: Sequence[str], max_length: int, batch_size: int = 128) -> np.ndarray:
+    """Logits for ``texts`` in length-sorted batches (little padding)."""
+    import torch
+
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length)
+    order = np.argsort([len(x) for x in enc["input_ids"]], kind="stable")
+    out = None
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = tokenizer.pad({k: [enc[k][i] for i in idx] for k in enc.keys()}, return_tensors="pt")
+            logits = model(**batch).logits.float().numpy()
+            if out is None:
+                out = np.zeros((len(texts), logits.shape[1]), dtype=np.float32)
+            out[idx] = logits
+    return out if out is not None else np.zeros((0, 0), np.float32)
+
+
+def score(val_logits: np.ndarray, val_labels: np.ndarray, test_logits: np.ndarray, test_labels: np.ndarray,
+          oos_id: int | None, *, teacher_test_logits: np.ndarray | None = None) -> dict[str, float]:
+    """Validation and test accuracy, raw and with the out-of-scope threshold chosen on validation."""
+    pv, pt = softmax(val_logits.astype(np.float64)), softmax(test_logits.astype(np.float64))
+    raw_t = pt.argmax(1)
+    m: dict[str, float] = {
+        "val_accuracy": float((pv.argmax(1) == val_labels).mean()),
+        "test_accuracy": float((raw_t == test_labels).mean()),
+    }
+    if oos_id is not None:
+        th = calibrate_threshold(pv, val_labels, oos_id)
+        cal_t = apply_threshold(pt, oos_id, th)
+        is_oos = test_labels == oos_id
+        m.update({
+            "oos_threshold": th,
+            "val_accuracy_calibrated": float((apply_threshold(pv, oos_id, th) == val_labels).mean()),
+            "test_accuracy_calibrated": float((cal_t == test_labels).mean()),
+            "test_in_scope_accuracy_calibrated": float((cal_t[~is_oos] == test_labels[~is_oos]).mean()),
+            "test_oos_recall_calibrated": float((cal_t[is_oos] == oos_id).mean()) if is_oos.any() else float("nan"),
+            "test_oos_recall": float((raw_t[is_oos] == oos_id).mean()) if is_oos.any() else float("nan"),
+        })
+    if teacher_test_logits is not None:
+        m["test_agreement_with_teacher"] = float((raw_t == teacher_test_logits.argmax(1)).mean())
+    return {k: round(v, 6) for k, v in m.items()}
+
+
+# --------------------------------------------------------------------------------------------- stage
+
+
+@dataclasses.dataclass
+class Prepared:
+    """Everything a training run needs, built once (a search reuses it for every trial)."""
+
+    cfg: DistillConfig
+    teacher_dir: Path
+    teacher_hash: str
+    data: LabelledData
+    tokenizer: Any
+    student_init: Any  # the untrained student (copied for each run)
+    hidden_map: list[int] | None
+    trainset: TrainSet
+    teacher_val: np.ndarray
+    teacher_test: np.ndarray
+    cache_dir: Path | None
+
+    def fresh_student(self):
+        return copy.deepcopy(self.student_init)
+
+
+def check_labels(teacher_id2label: Mapping[int, str], data: LabelledData) -> None:
+    names = [teacher_id2label[i] for i in sorted(teacher_id2label)]
+    if list(data.label_names) != names:
+        extra = sorted(set(data.label_names) - set(names))
+        raise EdgepackError(
+            f"{data.source}: labels differ from the teacher's id2label"
+            + (f" (unknown to the teacher: {', '.join(extra[:5])})" if extra else "")
+            + "; load the data with the teacher's labels"
+        )
+
+
+def prepare(cfg: DistillConfig, teacher_dir: Path, data: LabelledData, *, student_model=None,
+            student_tokenizer=None, cache_dir: Path | None = None, progress: bool = True) -> Prepared:
+    """Check the inputs, build the student and fill the teacher cache (no training, nothing written
+    but the cache)."""
+    from . import student as st
+    from .teacher_cache import teacher_outputs
+
+    teacher_dir = Path(teacher_dir)
+    id2label = st.read_id2label(teacher_dir)
+    check_labels(id2label, data)
+    for split in ("train", "validation", "test"):
+        if split not in data.splits or not len(data.splits[split]):
+            raise EdgepackError(f"{data.source}: no {split} rows; distillation needs train, validation and test")
+    hidden_map = None
+    if student_model is not None:
+        model = student_model
+        tokenizer = student_tokenizer or st.load_tokenizer(teacher_dir, what="teacher")
+    elif cfg.student:
+        model = st.from_checkpoint(Path(cfg.student), id2label)
+        tokenizer = st.load_tokenizer(Path(cfg.student), what="student")
+    else:
+        depth = st.teacher_depth(teacher_dir)
+        layers = tuple(cfg.layers) or st.pick_layers(cfg.num_layers, depth)
+        if len(layers) > depth or any(i >= depth for i in layers):
+            raise EdgepackError(
+                f"--layers {','.join(map(str, layers)) if cfg.layers else cfg.num_layers}: the teacher has "
+                f"{depth} layers (0..{depth - 1})"
+            )
+        teacher = st.load_teacher(teacher_dir)
+        model = st.from_teacher(teacher, layers)
+        del teacher
+        tokenizer = st.load_tokenizer(teacher_dir, what="teacher")
+        # Student hidden state j (0 = embeddings) matches teacher state layers[j-1] + 1.
+        hidden_map = [0] + [i + 1 for i in layers]
+    if model.config.num_labels != len(id2label):
+        raise EdgepackError(f"the student has {model.config.num_labels} outputs, the teacher {len(id2label)} labels")
+    teacher_hash = hash_tree(teacher_dir)
+    trainset = build_trainset(cfg, teacher_dir, data["train"], cache_dir=cache_dir, teacher_hash=teacher_hash,
+                              progress=progress)
+    evalset = teacher_outputs(teacher_dir, data["validation"].texts + data["test"].texts, cache_dir=cache_dir,
+                              max_length=cfg.max_length, teacher_hash=teacher_hash, progress=progress)["logits"]
+    n_val = len(data["validation"])
+    return Prepared(cfg, teacher_dir, teacher_hash, data, tokenizer, model, hidden_map, trainset,
+                    evalset[:n_val], evalset[n_val:], cache_dir)
+
+
+def run_once(prep: Prepared, cfg: DistillConfig, *, model=None, callbacks: Iterable[Any] = (),
+             progress: bool = True):
+    """Train one student with ``cfg`` (a copy of the prepared init unless ``model`` is given) and
+    measure it. Returns ``(model, metrics)``."""
+    t0 = time.time()
+    if cfg.augment != prep.cfg.augment or (cfg.hidden_weight > 0) != (prep.cfg.hidden_weight > 0):
+        trainset = build_trainset(cfg, prep.teacher_dir, prep.data["train"], cache_dir=prep.cache_dir,
+                                  teacher_hash=prep.teacher_hash, progress=progress)
+    else:
+        trainset = prep.trainset
+    model = model if model is not None else prep.fresh_student()
+    trainer = train_student(cfg, model, prep.tokenizer, trainset, prep.data["validation"], oos_id=prep.data.oos_id,
+                            callbacks=callbacks, hidden_map=prep.hidden_map, progress=progress)
+    model = trainer.model
+    val, test = prep.data["validation"], prep.data["test"]
+    metrics = score(predict_logits(model, prep.tokenizer, val.texts, cfg.max_length), val.labels,
+                    predict_logits(model, prep.tokenizer, test.texts, cfg.max_length), test.labels,
+                    prep.data.oos_id, teacher_test_logits=prep.teacher_test)
+    metrics["train_rows"] = len(trainset.texts) if cfg.alpha < 1 else int(trainset.has_label.sum())
+    metrics["best_epoch"] = _best_epoch(trainer)
+    metrics["wall_time_s"] = round(time.time() - t0, 1)
+    return model, metrics
+
+
+def _best_epoch(trainer) -> float | None:
+    best = trainer.state.best_model_checkpoint
+    if not best:
+        return None
+    step = int(Path(best).name.rsplit("-", 1)[-1])
+    for entry in trainer.state.log_history:
+        if entry.get("step") == step and "epoch" in entry:
+            return float(entry["epoch"])
+    return None
+
+
+def distill(
+    cfg: DistillConfig,
+    teacher_dir: Path,
+    data: LabelledData,
+    out: Path,
+    *,
+    student_model=None,
+    student_tokenizer=None,
+    callbacks: Iterable[Any] = (),
+    cache_dir: Path | None = None,
+    force: bool = False,
+    data_config: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The ``distill`` stage: train a student of ``teacher_dir`` on ``data`` and write it to ``out``
+    (a Hugging Face classifier directory with the teacher's ``id2label``, its tokenizer and
+    ``stage.json``). Returns the stage record.
+
+    ``student_model`` (with ``student_tokenizer``; the teacher's tokenizer by default) distils into an
+    already-built model, e.g. a structurally pruned one; ``callbacks`` are passed to the Trainer of the
+    final run. With ``cfg.search_trials`` an Optuna study picks alpha, T, epochs and lr first
+    (``edgepack.search``); with ``cfg.ablation`` the same student is also trained on labels only.
+    """
+    from .records import staging_dir
+
+    started = time.time()
+    out = Path(out)
+    if out.exists() and not force:
+        raise EdgepackError(f"{out} exists; pass --force to replace it or choose another --out")
+    prep = prepare(cfg, teacher_dir, data, student_model=student_model, student_tokenizer=student_tokenizer,
+                   cache_dir=cache_dir, progress=progress)
+    teacher_metrics = score(prep.teacher_val, data["validation"].labels, prep.teacher_test, data["test"].labels,
+                            data.oos_id)
+    extra: dict[str, Any] = {"teacher": {"dir": str(teacher_dir), "hash": prep.teacher_hash, **teacher_metrics}}
+    search_db = None
+    final_cfg = cfg
+    if cfg.search_trials:
+        from .search import run_search
+
+        result = run_search(prep, out=out, progress=progress)
+        final_cfg = result.best_config
+        search_db = result.db_path
+        extra["search"] = result.record()
+        if final_cfg.search_layers and student_model is None and not cfg.student and final_cfg != cfg:
+            prep = prepare(final_cfg, teacher_dir, data, cache_dir=cache_dir, progress=progress)
+    ablation_init = copy.deepcopy(student_model) if (cfg.ablation and student_model is not None) else None
+    model, metrics = run_once(prep, final_cfg, model=student_model, callbacks=callbacks, progress=progress)
+    metrics["train_wall_time_s"] = metrics.pop("wall_time_s")
+    if cfg.ablation:
+        _, abl = run_once(prep, final_cfg.replace(alpha=1.0, augment=0, hidden_weight=0.0), model=ablation_init,
+                          progress=progress)
+        extra["ablation"] = {"alpha": 1.0, **abl}
+        if "test_accuracy_calibrated" in metrics:
+            metrics["gain_over_ablation_calibrated"] = round(
+                metrics["test_accuracy_calibrated"] - abl["test_accuracy_calibrated"], 6)
+        metrics["gain_over_ablation"] = round(metrics["test_accuracy"] - abl["test_accuracy"], 6)
+    layers = getattr(model.config, "edgepack_teacher_layers", None)
+    extra["student"] = {
+        "source": "model" if student_model is not None else (cfg.student or "teacher layers"),
+        "teacher_layers": layers,
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "final_config": final_cfg.to_dict(),
+    }
+    input_hash = _input_hash(prep.teacher_hash, data.fingerprint(), cfg.student)
+    config = {"distill": cfg.to_dict(), **({"data": dict(data_config)} if data_config else {})}
+    with staging_dir(out, force=force) as tmp:
+        model.save_pretrained(tmp)
+        prep.tokenizer.save_pretrained(tmp)
+        if search_db is not None and Path(search_db).is_file():
+            shutil.copy2(search_db, tmp / "search.db")
+        record = write_stage_record(tmp, stage=STAGE, config=config, input_hash=input_hash, metrics=metrics,
+                                    started=started, extra=extra)
+    if search_db is not None and Path(search_db).is_file() and Path(search_db).parent == out.parent:
+        Path(search_db).unlink(missing_ok=True)  # the study now lives in OUT/search.db
+    return record
+
+
+def _input_hash(teacher_hash: str, data_fp: str, student_dir: str | None) -> str:
+    import hashlib
+
+    h = hashlib.sha256(f"{teacher_hash}\0{data_fp}".encode())
+    if student_dir:
+        h.update(hash_tree(Path(student_dir)).encode())
+    return h.hexdigest()
