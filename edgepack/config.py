@@ -315,47 +315,50 @@ class PruneConfig(ConfigBase):
                     or self.param_budget is not None)
 
 
-@dataclasses.dataclass(frozen=True)
-class DistillConfig(ConfigBase):
-    """``edgepack distill``: a student from the teacher's layers (or another checkpoint) trained on
-    ``alpha * CE + (1 - alpha) * T^2 * KL`` against cached teacher logits (see ``edgepack.distill``)."""
+BUILD_STAGES = ("distill", "prune", "pack", "tune", "verify")
 
-    section: ClassVar[str] = "distill"
-    num_layers: int = 2  # teacher layers kept when ``layers`` is empty (spread by ``student.pick_layers``)
-    layers: tuple[int, ...] = ()  # explicit teacher layer indices, e.g. (0, 2, 5); overrides num_layers
-    student: str | None = None  # a checkpoint directory with its own tokenizer instead of teacher layers
-    alpha: float = 0.5  # weight of the cross-entropy on gold labels; 1 - alpha goes to the teacher
-    temperature: float = 2.0
-    epochs: int = 5
-    learning_rate: float = 1e-4
-    batch_size: int = 32
-    max_length: int = 64  # CLINC150 queries are short; batches are padded to their longest row only
-    warmup_ratio: float = 0.06
-    weight_decay: float = 0.01
-    hidden_weight: float = 0.0  # weight of the [CLS] hidden-state MSE against the mapped teacher layers
-    freeze_embeddings: bool = False  # keep the word-embedding table fixed (most of a shallow student's weights)
-    augment: int = 0  # teacher-labelled noisy copies per training text (word dropout/swap)
-    ablation: bool = True  # also train the same student on labels only (alpha = 1) and record it
-    search_trials: int = 0  # > 0: an Optuna study over alpha, T, epochs, lr before the final run
-    search_layers: bool = False  # let the study choose the layer count too (teacher students only)
-    storage: str | None = None  # Optuna storage URL; None: a SQLite file kept with the output
-    study_name: str = "distill"
-    seed: int = 0
+
+@dataclasses.dataclass(frozen=True)
+class VerifyConfig(ConfigBase):
+    """The verify stage: the benchmark harness on the test split, every stage's model side by side."""
+
+    section: ClassVar[str] = "verify"
+    split: str = "test"
+    runs: int = 200  # timed single queries per model
+    warmup: int = 50
+    limit: int | None = None  # rows of the split (stratified); None: all
+    compare: bool = True  # also measure the teacher, the student and the pruned model in PyTorch
+    tune_runs: int = 200  # timed queries per thread-setting candidate in the tune stage
+    tune_gap_ms: float = 20.0  # pause between queries in tune's gapped mode
 
     def __post_init__(self) -> None:
-        _in_range("alpha", self.alpha, 0.0, 1.0)
-        _in_range("temperature", self.temperature, 0.0, lo_open=True)
-        _in_range("num_layers", self.num_layers, 1)
-        if any(i < 0 for i in self.layers):
-            raise ValueError(f"layers={list(self.layers)} must be teacher layer indices >= 0")
-        if len(set(self.layers)) != len(self.layers):
-            raise ValueError(f"layers={list(self.layers)} repeats a layer; give each index once")
-        _in_range("epochs", self.epochs, 1)
-        _in_range("learning_rate", self.learning_rate, 0.0, lo_open=True)
-        _in_range("batch_size", self.batch_size, 1)
-        _in_range("max_length", self.max_length, 8, 4096)
-        _in_range("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
-        _in_range("weight_decay", self.weight_decay, 0.0)
-        _in_range("hidden_weight", self.hidden_weight, 0.0)
-        _in_range("augment", self.augment, 0, 16)
-        _in_range("search_trials", self.search_trials, 0)
+        _in_range("runs", self.runs, 1)
+        _in_range("warmup", self.warmup, 0)
+        _in_range("tune_runs", self.tune_runs, 1)
+        _in_range("tune_gap_ms", self.tune_gap_ms, 0.0)
+        if self.limit is not None:
+            _in_range("limit", self.limit, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildConfig(ConfigBase):
+    """``edgepack build``: the whole chain, as command-line options or a recipe TOML file with the
+    same names (top-level keys here, one table per stage: [data], [distill], [prune], [export],
+    [pack], [verify])."""
+
+    teacher: str = ""
+    out: str = ""
+    profile: str = "edge-x86-2core"
+    build_dir: str = ""  # default: OUT.build beside the bundle
+    domains: str | None = None  # JSON domain -> intents map for the report (CLINC150's domains.json)
+    skip: tuple[str, ...] = ()  # stages to leave out: distill, prune, tune
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+    prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
+    export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+    pack: PackConfig = dataclasses.field(default_factory=lambda: PackConfig(variants=True))
+    verify: VerifyConfig = dataclasses.field(default_factory=VerifyConfig)
+
+    def __post_init__(self) -> None:
+        for s in self.skip:
+            _choice("skip", s, ("distill", "prune", "tune"))

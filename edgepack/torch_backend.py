@@ -70,7 +70,8 @@ class TorchBackend:
 
 def _rss(argv: Sequence[str]) -> int:
     import argparse
-    import resource
+
+    from runtime_shim.bench import peak_rss_mb
 
     p = argparse.ArgumentParser(prog="python -m edgepack.torch_backend rss")
     p.add_argument("model_dir", type=Path)
@@ -81,9 +82,7 @@ def _rss(argv: Sequence[str]) -> int:
     for q in queries[:20]:
         backend.forward(backend.encode([q]))
     backend.forward(backend.encode(queries))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak_mb = peak / 1024 if sys.platform != "darwin" else peak / 1024 / 1024  # KiB on Linux, bytes on macOS
-    print(json.dumps({"peak_rss_mb": round(peak_mb, 1)}))
+    print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
     return 0
 
 

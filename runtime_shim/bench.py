@@ -193,14 +193,23 @@ def throughput(backend: Backend, texts: Sequence[str], batch_size: int, *, batch
 
 
 def peak_rss_mb() -> float | None:
-    """Peak resident memory of this process so far, in MiB (``None`` where ``resource`` is missing).
+    """Peak resident memory of this process so far, in MiB (``None`` where it cannot be read).
 
-    ``ru_maxrss`` is in KiB on Linux and in bytes on macOS.
+    On Linux this is ``VmHWM`` from ``/proc/self/status``: ``ru_maxrss`` survives ``execve``, so a
+    child started by a large parent (a benchmark that has torch loaded) would report the parent's
+    peak. Elsewhere ``ru_maxrss`` (KiB on Linux, bytes on macOS).
 
     Example:
         >>> peak_rss_mb() > 0  # doctest: +SKIP
         True
     """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 2)
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:  # Windows

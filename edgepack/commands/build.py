@@ -1,0 +1,93 @@
+"""edgepack build TEACHER_DIR --data DATA --profile NAME --out BUNDLE   |   edgepack build RECIPE.toml"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ._common import add_data_args
+
+
+def register(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("build", help="teacher -> distill -> prune -> pack -> tune -> verified bundle (resumable)",
+                       description="Run the whole chain from a fine-tuned teacher to a verified bundle. Rerunning "
+                       "resumes: only stages whose config or input changed run again. A recipe TOML file holds the "
+                       "same options (top-level teacher/out/profile, tables [data] [distill] [prune] [export] [pack] "
+                       "[verify]); command-line options override it.")
+    p.add_argument("source", type=Path, metavar="TEACHER_DIR|RECIPE.toml")
+    add_data_args(p, required=False)
+    p.add_argument("--out", type=Path, default=None, metavar="BUNDLE", help="the bundle directory to write")
+    p.add_argument("--profile", default=None, help="a device profile in profiles/ (default: edge-x86-2core)")
+    p.add_argument("--build-dir", type=Path, default=None, help="stage directories (default: BUNDLE.build)")
+    p.add_argument("--domains", type=Path, default=None, help="domain -> intents JSON for per-domain accuracy")
+    p.add_argument("--layers", type=int, default=None, help="student depth (teacher layers kept)")
+    p.add_argument("--search", type=int, default=None, metavar="N", help="Optuna trials before distilling")
+    p.add_argument("--skip", action="append", default=None, choices=("distill", "prune", "tune"),
+                   help="leave a stage out (repeatable)")
+    p.add_argument("--limit", type=int, default=None, help="verify on at most this many test rows")
+    p.add_argument("--archive", action="store_true", help="also write BUNDLE.tar.gz")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle this build did not make")
+    return p
+
+
+def resolve(args: argparse.Namespace):
+    import tomllib
+
+    from ..config import BuildConfig
+    from ..errors import EdgepackError
+
+    base: dict = {}
+    if args.source.suffix == ".toml":
+        if not args.source.is_file():
+            raise EdgepackError(f"{args.source}: no such recipe file")
+        try:
+            base = tomllib.loads(args.source.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise EdgepackError(f"{args.source}: not valid TOML ({e}); fix the recipe") from None
+        here = args.source.resolve().parent
+        for key in ("teacher", "out", "build_dir", "domains"):
+            if base.get(key) and not Path(base[key]).is_absolute():
+                base[key] = str(here / base[key])
+        src = (base.get("data") or {}).get("source")
+        if src and (here / src).exists():
+            base["data"]["source"] = str(here / src)
+    else:
+        base["teacher"] = str(args.source)
+    data = dict(base.get("data") or {})
+    if args.data is not None:
+        data["source"] = str(args.data)
+    for key, flag in (("text_column", "text_column"), ("label_column", "label_column"), ("oos_label", "oos_label")):
+        value = getattr(args, flag)
+        if value is not None and value != {"text_column": "text", "label_column": "label"}.get(key):
+            data[key] = value
+    base["data"] = data
+    for key, value in (("out", args.out), ("profile", args.profile), ("build_dir", args.build_dir),
+                       ("domains", args.domains)):
+        if value is not None:
+            base[key] = str(value)
+    if args.skip:
+        base["skip"] = list(args.skip)
+    if args.layers is not None:
+        base.setdefault("distill", {})["num_layers"] = args.layers
+    if args.search is not None:
+        base.setdefault("distill", {})["search_trials"] = args.search
+    if args.limit is not None:
+        base.setdefault("verify", {})["limit"] = args.limit
+    if args.archive:
+        base.setdefault("pack", {})["archive"] = True
+    try:
+        cfg = BuildConfig.from_dict(base, where=str(args.source) if args.source.suffix == ".toml" else "")
+    except (ValueError, TypeError) as e:
+        raise EdgepackError(str(e)) from None
+    if not cfg.data.source:
+        raise EdgepackError("no dataset: pass --data DATA or set [data] source in the recipe")
+    if not cfg.out:
+        raise EdgepackError("no output: pass --out BUNDLE or set out in the recipe")
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..build import build
+
+    build(resolve(args), force=args.force)
+    return 0
