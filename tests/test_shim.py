@@ -391,6 +391,11 @@ def test_cli_verify_and_rss(bundle_copy: Path, capsys):
     assert "ok" in capsys.readouterr().out
     assert main(["rss", str(bundle_copy)]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["peak_rss_mb"] > 0
+    # the memory probe of a run with --threads loads the bundle with the same override
+    argv = OnnxPipeline(bundle_copy, overrides={"intra_op_num_threads": 2}).rss_argv
+    assert argv[argv.index("--overrides") + 1] == '{"intra_op_num_threads": 2}'
+    assert main(argv[3:]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["threads"] == 2
     _edit_json(bundle_copy / "runtime.json", intra_op_num_threads=2)
     assert main(["verify", str(bundle_copy)]) == ExitCode.USAGE
     assert "runtime.json" in capsys.readouterr().err
