@@ -107,6 +107,9 @@ class OnnxPipeline:
             raise BundleError(f"{root / 'labels.json'}: oos_label {self.oos_label!r} is not among the labels; "
                               "fix it or set it to null")
         threshold = labels.get("oos_threshold")
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
+            raise BundleError(f"{root / 'labels.json'}: oos_threshold {threshold!r} is not a probability; "
+                              "set a number in [0, 1] or null")
         self.oos_threshold: float | None = None if threshold is None or self.oos_label is None else float(threshold)
         self.oos_id: int | None = None if self.oos_label is None else self.label_names.index(self.oos_label)
 
@@ -133,8 +136,12 @@ class OnnxPipeline:
         if unknown:
             raise BundleError(f"{self.model_path}: expects inputs {unknown} besides input_ids/attention_mask/"
                               "token_type_ids; this is not a text classifier edgepack packed")
-        outputs = [o.name for o in self.session.get_outputs()]
-        self.output_name = "logits" if "logits" in outputs else outputs[0]
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        self.output_name = "logits" if "logits" in outputs else next(iter(outputs))
+        width = (outputs[self.output_name].shape or [None])[-1]
+        if isinstance(width, int) and width != len(self.label_names):
+            raise BundleError(f"{self.model_path}: outputs {width} logits but labels.json names "
+                              f"{len(self.label_names)} labels; re-run `edgepack pack`")
 
         self.model_bytes: int = self.model_path.stat().st_size
         self.bundle_bytes: int = _manifest.bundle_bytes(root)

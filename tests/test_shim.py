@@ -145,6 +145,13 @@ def test_runtime_json_tolerance(bundle_copy: Path):
     assert pipe(QUERIES[0])[0]["label"] in pipe.label_names
 
 
+def test_labels_must_match_the_model(bundle_copy: Path):
+    labels = json.loads((bundle_copy / "labels.json").read_text())
+    _edit_json(bundle_copy / "labels.json", labels=labels["labels"] + ["extra"])
+    with pytest.raises(BundleError, match="labels.json names 6 labels"):
+        OnnxPipeline(bundle_copy, verify=False)
+
+
 # ------------------------------------------------------------------------------------------ manifest
 
 
