@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .manifest import MANIFEST, BundleError, update_manifest, verify
+from .manifest import MANIFEST, BundleError, update_manifest, verify, write_json_atomic
 
 PROG = "python -m runtime_shim"
 
@@ -193,12 +193,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     if result.get("peak_rss_error"):
         print(f"peak memory not measured: {result['peak_rss_error']}", file=sys.stderr)
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.partial")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, out)
-        print(f"wrote {out}")
+        write_json_atomic(args.json, result)
+        print(f"wrote {args.json}")
     return ExitCode.OK
 
 

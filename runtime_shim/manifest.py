@@ -86,9 +86,16 @@ def hash_files(bundle_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
             for rel in bundle_files(root)}
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    # A temporary file beside the target, renamed into place: an interrupted write never leaves a
-    # half manifest that parses.
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON to a temporary file beside ``path``, then rename it into place.
+
+    An interrupted write never leaves a half file that parses.
+
+    Example:
+        >>> write_json_atomic("results/bench.json", {"accuracy": 0.9})  # doctest: +SKIP
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
@@ -118,7 +125,7 @@ def write_manifest(bundle_dir: str | os.PathLike, **fields: Any) -> dict[str, An
         raise BundleError(f"{root}: no such bundle directory; pass the directory `edgepack pack` wrote")
     extra = {k: v for k, v in fields.items() if k not in ("files", "format")}
     manifest = {"format": FORMAT, **extra, "files": hash_files(root)}
-    _write_json_atomic(root / MANIFEST, manifest)
+    write_json_atomic(root / MANIFEST, manifest)
     return manifest
 
 
