@@ -129,6 +129,7 @@ class ExportConfig(ConfigBase):
     max_length: int = 64  # tokens per query: CLINC150 queries are short (p99 ~ 25 tokens)
     parity_rows: int = 64  # real rows to compare PyTorch and ONNX logits on
     atol: float = 1e-3  # max |logit difference| allowed between PyTorch and ONNX fp32
+    trim_unreachable: bool = True  # drop embedding rows no input can reach (edgepack.unreachable): exact
 
     def __post_init__(self) -> None:
         _in_range("opset", self.opset, 14, 23)

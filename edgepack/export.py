@@ -94,12 +94,24 @@ def export_onnx(cfg: ExportConfig, model_dir: Path, out_dir: Path, parity_texts:
 
     started = time.time()
     info = read_model_info(model_dir)
-    model, tokenizer = load_classifier(model_dir)
+    reference, tokenizer = load_classifier(model_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    sample = tokenizer(["edgepack export sample", "a second, longer sample sentence for the trace"], padding=True,
-                       return_tensors="pt")
-    args = tuple(_input(sample, name) for name in info.input_names)
+    tok_json = json.loads(tokenizer.backend_tokenizer.to_str())
+    model, trim = reference, None
+    if cfg.trim_unreachable:
+        import copy
+
+        from .unreachable import trim_unreachable
+
+        model = copy.deepcopy(reference)
+        tok_json, trim = trim_unreachable(model, tok_json, cfg.max_length)
+    tok_path = out_dir / "tokenizer.json"
+    tok_path.write_text(json.dumps(tok_json, ensure_ascii=False))
+    runtime_tok = _runtime_tokenizer(tok_path, cfg.max_length)
+    sample = _encode(runtime_tok, ["edgepack export sample", "a second, longer sample sentence for the trace"],
+                     info.input_names)
+    args = tuple(torch.from_numpy(sample[name]) for name in info.input_names)
     axes = {name: {0: "batch", 1: "sequence"} for name in info.input_names} | {"logits": {0: "batch"}}
     onnx_path = out_dir / ONNX_NAME
     with torch.no_grad(), warnings.catch_warnings():
@@ -110,31 +122,64 @@ def export_onnx(cfg: ExportConfig, model_dir: Path, out_dir: Path, parity_texts:
         # fusions recognise.
         torch.onnx.export(model, args, str(onnx_path), input_names=list(info.input_names), output_names=["logits"],
                           dynamic_axes=axes, opset_version=cfg.opset, dynamo=False)
-    tokenizer.backend_tokenizer.save(str(out_dir / "tokenizer.json"))
     model.config.to_json_file(str(out_dir / "config.json"))
-    max_diff = parity(model, tokenizer, onnx_path, info, parity_texts[: cfg.parity_rows], cfg.max_length)
+    # Parity is against the untouched model and its own tokenizer: it covers the export and the
+    # trimming together.
+    max_diff = parity(reference, tokenizer, onnx_path, runtime_tok, info, parity_texts[: cfg.parity_rows],
+                      cfg.max_length)
     if max_diff > cfg.atol:
         raise EdgepackError(f"{onnx_path}: ONNX logits differ from PyTorch by {max_diff:.2e} > {cfg.atol:g} "
                             "on real rows; raise --atol only if this is expected for the architecture")
     metrics = {"parity_max_abs_diff": max_diff, "parity_rows": min(len(parity_texts), cfg.parity_rows),
-               "onnx_bytes": onnx_path.stat().st_size, "info": info.to_dict()}
+               "onnx_bytes": onnx_path.stat().st_size, "source_weight_bytes": _weight_bytes(model_dir),
+               "info": info.to_dict(), **({"unreachable_trimmed": trim} if trim else {})}
     return write_stage_record(out_dir, stage="export", config=cfg.to_dict(), input_hash=hash_tree(model_dir),
                               metrics=metrics, started=started)
 
 
-def parity(model, tokenizer, onnx_path: Path, info: ModelInfo, texts: Sequence[str], max_length: int) -> float:
-    """Max |logit difference| between PyTorch and ONNX Runtime (fp32) over ``texts``, batched."""
+def _weight_bytes(model_dir: Path) -> int:
+    return sum(f.stat().st_size for pattern in ("*.safetensors", "pytorch_model*.bin") for f in Path(model_dir).glob(pattern))
+
+
+def _runtime_tokenizer(path: Path, max_length: int):
+    """The ``tokenizers`` object as the runtime shim configures it (truncation, no padding here)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path))
+    tok.no_padding()
+    tok.enable_truncation(max_length)
+    return tok
+
+
+def _encode(tok, texts: Sequence[str], input_names: Sequence[str]) -> dict[str, np.ndarray]:
+    encs = tok.encode_batch(list(texts))
+    width = max(len(e.ids) for e in encs)
+    ids = np.zeros((len(encs), width), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    types = np.zeros_like(ids)
+    for r, e in enumerate(encs):
+        n = len(e.ids)
+        ids[r, :n], mask[r, :n], types[r, :n] = e.ids, e.attention_mask, e.type_ids
+    feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+    return {k: feed[k] for k in input_names}
+
+
+def parity(model, tokenizer, onnx_path: Path, onnx_tokenizer, info: ModelInfo, texts: Sequence[str],
+           max_length: int) -> float:
+    """Max |logit difference| between the PyTorch model (with its Hugging Face tokenizer) and the
+    ONNX model under ONNX Runtime (fp32, with the runtime's tokenizer) over ``texts``, batched."""
     import onnxruntime as ort
     import torch
 
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     worst = 0.0
     for i in range(0, len(texts), 16):
-        enc = tokenizer(list(texts[i:i + 16]), padding=True, truncation=True, max_length=max_length, return_tensors="np")
-        feed = {name: _input(enc, name).astype(np.int64) for name in info.input_names}
+        batch = list(texts[i:i + 16])
+        enc = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="np")
+        ref_feed = {name: _input(enc, name).astype(np.int64) for name in info.input_names}
         with torch.no_grad():
-            ref = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits.numpy()
-        got = sess.run(["logits"], feed)[0]
+            ref = model(**{k: torch.from_numpy(v) for k, v in ref_feed.items()}).logits.numpy()
+        got = sess.run(["logits"], _encode(onnx_tokenizer, batch, info.input_names))[0]
         worst = max(worst, float(np.abs(ref - got).max()))
     return worst
 

@@ -110,9 +110,15 @@ def pack(
             fp32 = work / "export" / "model.onnx"
             tokenizer = work / "export" / "tokenizer.json"
             parity = rec["metrics"]["parity_max_abs_diff"]
+            source_bytes = rec["metrics"]["source_weight_bytes"]
+            trim = rec["metrics"].get("unreachable_trimmed")
+            if trim:
+                log(f"[pack] unreachable rows trimmed (exact): vocabulary {trim['vocab_before']} -> {trim['vocab_after']}, "
+                    f"positions {trim['positions_before']} -> {trim['positions_after']}")
             log(f"[pack] exported fp32 ONNX ({fp32.stat().st_size / 1e6:.1f} MB), max |logit diff| vs PyTorch {parity:.1e}")
         else:
             fp32, tokenizer, parity = model_dir / "model.onnx", model_dir / "tokenizer.json", None
+            source_bytes = fp32.stat().st_size
             inputs = check_onnx_classifier(fp32, info.num_labels)
             info = ModelInfo(**{**info.to_dict(), "input_names": inputs})
             if not tokenizer.is_file():
@@ -134,7 +140,8 @@ def pack(
         else:
             quant = quantize_model(target.quantize, fp32, stage / QUANT_NAME, info=info)
         log(f"[pack] quantized for {target.name}: {quant.stat().st_size / 1e6:.2f} MB "
-            f"({quant.stat().st_size / fp32.stat().st_size:.1%} of fp32)")
+            f"({quant.stat().st_size / source_bytes:.1%} of the source model's fp32 weights, "
+            f"{quant.stat().st_size / fp32.stat().st_size:.1%} of the exported fp32 ONNX)")
 
         pipe_q = runtime_shim.OnnxPipeline(stage, verify=False)
         pipe_f = runtime_shim.OnnxPipeline(stage, verify=False, overrides={"model": str(fp32.resolve())})
@@ -162,7 +169,9 @@ def pack(
         metrics = {
             "parity_max_abs_diff": parity,
             "fp32_bytes": fp32.stat().st_size,
+            "source_fp32_bytes": source_bytes,
             "model_bytes": quant.stat().st_size,
+            "size_vs_source_fp32": round(quant.stat().st_size / source_bytes, 4),
             "validation": {"accuracy_fp32": acc_f, "accuracy_int8": acc_q, "accuracy_drop_points": drop,
                            "agreement_fp32_int8": agreement,
                            **accuracy_report(p_int8, val.labels, oos_id, threshold)},
@@ -206,8 +215,10 @@ def _write_static_files(stage: Path, tokenizer: Path, info: ModelInfo, data: Lab
     write_json_atomic(stage / "runtime.json", bundle_files.default_runtime(
         QUANT_NAME, max_length=export_cfg.max_length, inputs=info.input_names, pad_id=pad_id,
         session_config=target.quantize.session_config))
-    # Optimum's ORTModelForSequenceClassification reads config.json beside the model.
-    config = json.loads((model_dir / "config.json").read_text())
+    # Optimum's ORTModelForSequenceClassification reads config.json beside the model (the exported
+    # one, whose vocabulary and positions match the trimmed embedding tables).
+    exported = tokenizer.parent / "config.json"
+    config = json.loads((exported if exported.is_file() else model_dir / "config.json").read_text())
     (stage / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     write_jsonl(stratified_slice(data["test"], cfg.eval_rows), data.label_names, stage / "eval.jsonl")
     (stage / "requirements.txt").write_text(bundle_files.requirements_txt())

@@ -190,3 +190,33 @@ def test_calibrated_threshold_maximises_accuracy():
     t90 = calibrate_threshold(probs, labels, oos_id=5, target_recall=0.9)
     pred = apply_threshold(probs, 5, t90)
     assert (pred[labels == 5] == 5).mean() >= 0.9
+
+
+def test_unreachable_rows_are_never_produced(tiny_model, corpus):
+    """Every id the tokenizer emits (on the corpus and on odd text) survives exact trimming, and the
+    placeholder, split-off continuation and accent-folded rows go."""
+    from tokenizers import Tokenizer
+
+    from edgepack.unreachable import reachable_ids
+
+    tok_json = json.loads((tiny_model / "tokenizer.json").read_text())
+    vocab = tok_json["model"]["vocab"]
+    for extra in ("[unused0]", "##!", "é", "##é"):
+        vocab.setdefault(extra, len(vocab))
+    keep = set(reachable_ids(tok_json).tolist())
+    tok = Tokenizer.from_str(json.dumps(tok_json))
+    texts = [t for t, _ in corpus["test"]] + ["Héllo!! [unused0] wörld ¿qué? 東京 e-mail $200.50"]
+    emitted = {i for t in texts for i in tok.encode(t).ids}
+    assert emitted <= keep
+    assert {vocab["[unused0]"], vocab["##!"], vocab["é"], vocab["##é"]}.isdisjoint(keep)
+    assert {vocab["[PAD]"], vocab["[UNK]"], vocab["[CLS]"], vocab["[SEP]"]} <= keep
+
+
+def test_export_trims_positions_to_max_length(tmp_path, tiny_model, corpus):
+    from edgepack.export import export_onnx
+
+    rec = export_onnx(ExportConfig(max_length=32), tiny_model, tmp_path / "e", [t for t, _ in corpus["val"]])
+    trim = rec["metrics"]["unreachable_trimmed"]
+    assert trim["positions_before"] == 128 and trim["positions_after"] == 32
+    assert json.loads((tmp_path / "e" / "config.json").read_text())["max_position_embeddings"] == 32
+    assert rec["metrics"]["parity_max_abs_diff"] < 1e-4

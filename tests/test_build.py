@@ -1,0 +1,147 @@
+"""edgepack build on the tiny teacher: the whole chain, resume, a changed stage, an interruption,
+a missed budget and a bad recipe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edgepack.cli import main
+from edgepack.errors import ExitCode
+
+pytestmark = pytest.mark.slow
+
+RECIPE = """
+teacher = "{teacher}"
+out = "{out}"
+profile = "{profile}"
+
+[data]
+source = "{data}"
+
+[distill]
+num_layers = 1
+epochs = 1
+ablation = false
+
+[prune]
+recover_epochs = {recover_epochs}
+
+[pack]
+max_accuracy_drop = 100.0
+variant_formats = ["dynamic"]
+eval_rows = 20
+
+[verify]
+runs = 10
+warmup = 2
+tune_runs = 5
+compare = false
+"""
+
+
+def write_recipe(path: Path, **kw) -> Path:
+    values = {"profile": "edge-x86-2core", "recover_epochs": 1, **kw}
+    path.write_text(RECIPE.format(**{k: str(v) for k, v in values.items()}))
+    return path
+
+
+def stage_lines(out: str) -> dict[str, str]:
+    lines = {}
+    for line in out.splitlines():
+        if line.startswith("[build ") and ":" in line:
+            name, _, state = line.split("] ", 1)[1].partition(": ")
+            lines[name] = "skipped" if "up to date" in state else lines.get(name, state)
+    return lines
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_model, clinc_json):
+    root = tmp_path_factory.mktemp("build")
+    recipe = write_recipe(root / "recipe.toml", teacher=tiny_model, out=root / "bundle", data=clinc_json)
+    code = main(["build", str(recipe)])
+    assert code == 0
+    return root, recipe
+
+
+def test_build_writes_verified_bundle_and_report(built):
+    from runtime_shim import OnnxPipeline
+
+    root, _ = built
+    out, work = root / "bundle", root / "bundle.build"
+    for stage in ("distill", "prune", "pack", "tune", "verify"):
+        assert (work / "ledger" / f"{stage}.json").is_file()
+    assert (work / "distill" / "stage.json").is_file() and (work / "prune" / "stage.json").is_file()
+    assert {"report.html", "report.md", "model.quant.onnx", "manifest.json"} <= {p.name for p in out.iterdir()}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "report.html" in manifest["files"] and manifest["verified"]["profile"] == "edge-x86-2core"
+    assert manifest["tuned"]["winner"]
+    assert OnnxPipeline(out)("what is my checking balance")[0]["label"]  # checksums verify
+    assert "data:image/png;base64," in (out / "report.html").read_text()
+    from edgepack.config import BuildConfig
+
+    resolved = BuildConfig.from_toml(work / "recipe.toml")
+    assert resolved.distill.num_layers == 1 and resolved.pack.variant_formats == ("dynamic",)
+
+
+def test_rerun_skips_every_stage(built, capsys):
+    _, recipe = built
+    capsys.readouterr()
+    assert main(["build", str(recipe)]) == 0
+    assert set(stage_lines(capsys.readouterr().out).values()) == {"skipped"}
+
+
+def test_changed_stage_reruns_it_and_what_follows(built, capsys, tiny_model, clinc_json):
+    root, _ = built
+    recipe = write_recipe(root / "recipe2.toml", teacher=tiny_model, out=root / "bundle", data=clinc_json,
+                          recover_epochs=2)
+    capsys.readouterr()
+    assert main(["build", str(recipe)]) == 0
+    states = stage_lines(capsys.readouterr().out)
+    assert states["distill"] == "skipped"
+    assert all(states[s] != "skipped" for s in ("prune", "pack", "tune", "verify"))
+
+
+def test_interrupted_build_keeps_finished_stages_and_old_bundle(built, capsys, monkeypatch, tiny_model, clinc_json):
+    import edgepack.pack as pack_mod
+
+    root, _ = built
+    out = root / "bundle"
+    before = (out / "manifest.json").read_bytes()
+    recipe = write_recipe(root / "recipe3.toml", teacher=tiny_model, out=out, data=clinc_json, recover_epochs=3)
+
+    def killed(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pack_mod, "pack", killed)
+    assert main(["build", str(recipe)]) == ExitCode.INTERRUPTED
+    assert (out / "manifest.json").read_bytes() == before
+    assert not [p for p in root.rglob("*partial*")]
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(["build", str(recipe)]) == 0
+    states = stage_lines(capsys.readouterr().out)
+    assert states["distill"] == "skipped" and states["prune"] == "skipped" and states["pack"] != "skipped"
+
+
+def test_missed_budget_finishes_and_names_it(built, tmp_path, capsys, monkeypatch, tiny_model, clinc_json):
+    profile = (Path(__file__).resolve().parents[1] / "profiles" / "edge-x86-2core.toml").read_text()
+    profile = profile.replace("bundle_size_mb = 40.0", "bundle_size_mb = 0.001")
+    (tmp_path / "tight-box.toml").write_text(profile)
+    monkeypatch.setenv("EDGEPACK_PROFILES_PATH", str(tmp_path))
+    recipe = write_recipe(tmp_path / "recipe.toml", teacher=tiny_model, out=tmp_path / "bundle", data=clinc_json,
+                          profile="tight-box")
+    code = main(["build", str(recipe)])
+    err = capsys.readouterr().err
+    assert code == ExitCode.BUDGET and "bundle_size_mb" in err
+    assert (tmp_path / "bundle" / "report.html").is_file()
+
+
+def test_recipe_with_unknown_key_names_it(tmp_path, capsys, tiny_model, clinc_json):
+    recipe = write_recipe(tmp_path / "r.toml", teacher=tiny_model, out=tmp_path / "o", data=clinc_json)
+    recipe.write_text(recipe.read_text().replace("[prune]", "[prune]\nffn_sise = 16"))
+    assert main(["build", str(recipe)]) == ExitCode.USAGE
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "ffn_sise" in err and "ffn_size" in err and not (tmp_path / "o").exists()
