@@ -18,7 +18,7 @@ import pytest
 import runtime_shim
 from runtime_shim import BundleError, OnnxPipeline
 from runtime_shim.__main__ import ExitCode, apply_bundle_env, main
-from runtime_shim.bench import accuracy_metrics, format_table, run_benchmark
+from runtime_shim.bench import accuracy_metrics, format_table, measure_peak_rss, run_benchmark
 from runtime_shim.datafiles import DataError, read_labelled, read_reference, read_rows
 from runtime_shim.manifest import bundle_files, read_manifest, update_manifest, verify, write_manifest
 from runtime_shim.pipeline import softmax
@@ -308,6 +308,17 @@ def test_harness_on_the_bundle(pipe: OnnxPipeline, tiny_bundle: Path):
     assert lines[0].split()[:3] == ["model", "acc", "%"] and "p95 ms" in lines[0] and "qps@32" in lines[0]
     assert lines[2].startswith(r["name"]) and lines[3].startswith("second")
     assert len({len(line) for line in lines[:2]}) == 1  # fixed width
+
+
+def test_peak_rss_is_the_fresh_process_not_its_parent(pipe: OnnxPipeline):
+    """``ru_maxrss`` survives ``execve``: a probe started by a big parent (a bench with torch loaded)
+    must still report its own peak."""
+    big = np.ones(512 * 2**20 // 8)  # 512 MiB, touched: far above what the tiny bundle needs
+    try:
+        mb = measure_peak_rss(pipe.rss_argv)
+    finally:
+        del big
+    assert 10 < mb < 400
 
 
 # ---------------------------------------------------------------------------------------------- data
