@@ -168,11 +168,8 @@ def finetune(cfg: FinetuneConfig, base: str | Path, data_cfg: DataConfig, out: P
             for k, v in _split_metrics(pred.predictions, pred.label_ids, data.oos_id).items():
                 metrics[f"{name}_{k}"] = round(v, 6)
         shutil.rmtree(tmp / _CHECKPOINTS, ignore_errors=True)
-        trainer.model.config.architectures = [type(trainer.model).__name__]
         trainer.model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if not (tmp / "tokenizer.json").is_file():
-            tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
+        tokenizer.save_pretrained(tmp)  # a fast tokenizer: writes tokenizer.json
         config = {"finetune": cfg.to_dict(), "data": data_cfg.to_dict(), "base": str(base_dir)}
         record = write_stage_record(tmp, stage="finetune", config=config, input_hash=input_hash(base_dir, data),
                                     metrics=metrics, started=started,
