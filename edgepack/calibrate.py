@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from runtime_shim.pipeline import softmax, thresholded
+
+__all__ = ["apply_threshold", "calibrate_threshold", "softmax"]  # softmax: the runtime's, re-exported
+
 
 def apply_threshold(probs: np.ndarray, oos_id: int, threshold: float | None) -> np.ndarray:
     """Argmax predictions, with rows whose top probability is below ``threshold`` set to ``oos_id``.
@@ -18,10 +22,7 @@ def apply_threshold(probs: np.ndarray, oos_id: int, threshold: float | None) -> 
     >>> apply_threshold(np.array([[0.9, 0.1], [0.55, 0.45]]), oos_id=1, threshold=0.6).tolist()
     [0, 1]
     """
-    preds = probs.argmax(axis=1)
-    if threshold is not None:
-        preds = np.where(probs.max(axis=1) < threshold, oos_id, preds)
-    return preds
+    return thresholded(probs.argmax(axis=1), probs.max(axis=1), oos_id, threshold)
 
 
 def calibrate_threshold(probs: np.ndarray, labels: np.ndarray, oos_id: int, *,
@@ -54,9 +55,3 @@ def calibrate_threshold(probs: np.ndarray, labels: np.ndarray, oos_id: int, *,
     if k == len(top_sorted):
         return float(np.nextafter(top_sorted[-1], np.inf))
     return float((top_sorted[k - 1] + top_sorted[k]) / 2)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
