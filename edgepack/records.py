@@ -67,7 +67,12 @@ def staging_dir(out: Path, *, force: bool = False) -> Iterator[Path]:
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # A run killed outright (SIGKILL, power loss) leaves its partial directory: it never became
+    # ``out``, so it is only garbage.
+    for stale in out.parent.glob(f".{out.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would follow the bundle to the device
     try:
         yield tmp
         if out.exists():

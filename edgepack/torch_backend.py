@@ -22,25 +22,29 @@ class TorchBackend:
     """``encode``/``forward`` over a Hugging Face classifier, with an optional out-of-scope threshold."""
 
     def __init__(self, model_dir: Path, *, threads: int = 1, max_length: int = 64, oos_label: str | None = None,
-                 name: str | None = None):
+                 name: str | None = None, dynamic_int8: bool = False):
         import torch
 
         torch.set_num_threads(threads)
         self.model_dir = Path(model_dir)
         info = read_model_info(self.model_dir)
         self.model, self.tokenizer = load_classifier(self.model_dir)
+        if dynamic_int8:
+            # The reference recipe's PyTorch step: int8 weights for every Linear, activations
+            # quantized on the fly (torch.ao dynamic quantization, fbgemm on x86).
+            self.model = torch.ao.quantization.quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
         self.label_names = list(info.label_names)
         self.oos_label = oos_label if oos_label in self.label_names else None
         self.oos_threshold: float | None = None
         self.max_length = max_length
-        self.name = name or f"{self.model_dir.name} (PyTorch fp32)"
+        self.name = name or f"{self.model_dir.name} (PyTorch {'dynamic int8' if dynamic_int8 else 'fp32'})"
         self.settings = {"intra_op_num_threads": threads, "framework": f"torch {torch.__version__}",
                          "max_length": max_length}
         self.model_bytes = sum(f.stat().st_size for f in self.model_dir.glob("*.safetensors")) or sum(
             f.stat().st_size for f in self.model_dir.glob("pytorch_model*.bin"))
         self.bundle_bytes = sum(f.stat().st_size for f in self.model_dir.rglob("*") if f.is_file())
         self.rss_argv = [sys.executable, "-m", "edgepack.torch_backend", "rss", str(self.model_dir),
-                         "--threads", str(threads)]
+                         "--threads", str(threads), *(["--dynamic-int8"] if dynamic_int8 else [])]
 
     def encode(self, texts: Sequence[str]):
         return self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
@@ -76,8 +80,9 @@ def _rss(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m edgepack.torch_backend rss")
     p.add_argument("model_dir", type=Path)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dynamic-int8", action="store_true")
     args = p.parse_args(argv)
-    backend = TorchBackend(args.model_dir, threads=args.threads)
+    backend = TorchBackend(args.model_dir, threads=args.threads, dynamic_int8=args.dynamic_int8)
     queries = ["what is my account balance", "book a table for two at eight tonight"] * 16
     for q in queries[:20]:
         backend.forward(backend.encode([q]))

@@ -20,16 +20,13 @@ def register(sub) -> argparse.ArgumentParser:
     return p
 
 
-def demo_data() -> Path:
-    return Path(__file__).resolve().parents[1] / "demo_data" / "assistant_intents.json"
-
-
 def run(args: argparse.Namespace) -> int:
     from ..build import build
     from ..config import BuildConfig, DataConfig, DistillConfig, FinetuneConfig, PruneConfig
     from ..data import load_dataset
     from ..finetune import finetune, input_hash, resolve_base
     from ..records import is_fresh
+    from ..resources import demo_data
 
     out: Path = args.out
     data_cfg = DataConfig(source=str(demo_data()))
