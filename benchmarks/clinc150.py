@@ -1,0 +1,206 @@
+"""Side by side on CLINC150 ('plus', 5,500 test queries), one machine, one run, the same threads:
+
+1. the shared teacher in PyTorch, fp32 and dynamic int8 (the reference recipe's PyTorch steps);
+2. the teacher in ONNX Runtime, fp32 and dynamic int8 (the reference recipe's last step, no distillation);
+3. the reference recipe in full: a half-depth student distilled as the book did (every other teacher
+   layer, alpha 0.12, T 7: its Optuna result), exported and quantized with plain ``quantize_dynamic``;
+4. edgepack's default ``edgepack build`` for this machine's profile.
+
+    nice python benchmarks/clinc150.py --work /tmp/clinc-bench          # builds what is missing, then measures
+    python benchmarks/clinc150.py --work /tmp/clinc-bench --measure-only # re-measure the built models
+
+Every model is built once into WORK (reruns reuse it); the measurement is always fresh. Prints the
+table with ratios against the reference recipe row and writes WORK/results.json and
+WORK/report/report.{html,md} (the accuracy-latency scatter). Skips politely without ../shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHARED = ROOT.parent / "shared"
+TEACHER = SHARED / "models" / "clinc150-minilm-l6"
+DATA = SHARED / "data" / "clinc150" / "data_oos_plus.json"
+DOMAINS = SHARED / "data" / "clinc150" / "domains.json"
+# The book quantized with onnxruntime.quantization.quantize_dynamic(..., weight_type=QInt8): per-tensor,
+# full range, no fusion. As a target file, so pack builds it like any other.
+BOOK_TARGET = """name = "book-ort-int8"
+description = "NLP with Transformers ch. 8: quantize_dynamic(weight_type=QInt8), no fusion"
+arch = "x86_64"
+[quantize]
+weight_type = "qint8"
+per_channel = false
+reduce_range = false
+"""
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def build_all(args, data) -> dict[str, Path]:
+    from edgepack.build import build
+    from edgepack.config import BuildConfig, DataConfig, DistillConfig, ExportConfig, PackConfig
+    from edgepack.distill import distill
+    from edgepack.export import export_onnx
+    from edgepack.pack import pack
+
+    w = args.work
+    w.mkdir(parents=True, exist_ok=True)
+    dcfg = DataConfig(source=str(args.data))
+    paths = {"teacher_int8": w / "teacher-int8", "teacher_fp32_onnx": w / "teacher-fp32",
+             "reference_student": w / "reference-student", "reference_int8": w / "reference-int8",
+             "edgepack": w / "edgepack-bundle"}
+    plain = ExportConfig(trim_unreachable=False)  # the recipe's export, row for row
+    book_target = w / "book-ort-int8.toml"
+    book_target.write_text(BOOK_TARGET)
+    if not paths["teacher_int8"].is_dir():
+        log("[bench] teacher -> ORT int8 (the recipe's last step without distillation)")
+        pack(PackConfig(target=str(book_target)), args.teacher, dcfg, paths["teacher_int8"], export_cfg=plain,
+             data=data)
+    if not (paths["teacher_fp32_onnx"] / "model.onnx").is_file():
+        log("[bench] teacher -> ONNX fp32")
+        export_onnx(plain, args.teacher, paths["teacher_fp32_onnx"], data["validation"].texts)
+    if not paths["reference_student"].is_dir():
+        log("[bench] reference recipe: half-depth student, every other layer, alpha 0.12, T 7")
+        depth = json.loads((args.teacher / "config.json").read_text())["num_hidden_layers"]
+        distill(DistillConfig(layers=tuple(range(0, depth, 2)), alpha=0.12, temperature=7.0,
+                              epochs=args.reference_epochs, learning_rate=args.reference_lr, ablation=False),
+                args.teacher, data, paths["reference_student"], cache_dir=w / "cache")
+    if not paths["reference_int8"].is_dir():
+        log("[bench] reference recipe: student -> ORT int8 (plain quantize_dynamic)")
+        pack(PackConfig(target=str(book_target)), paths["reference_student"], dcfg, paths["reference_int8"],
+             export_cfg=plain, data=data)
+    log("[bench] edgepack build (resumes when already built)")
+    t0 = time.time()
+    try:
+        build(BuildConfig(teacher=str(args.teacher), out=str(paths["edgepack"]), profile=args.profile, data=dcfg,
+                          domains=str(DOMAINS)), force=True)
+    except Exception as e:  # a missed budget still leaves the bundle to measure
+        log(f"[bench] build: {e}")
+    log(f"[bench] build wall time this run {time.time() - t0:.0f} s; stages "
+        + ", ".join(f"{k} {v.get('seconds', 0):.0f} s" for k, v in _ledger(w / "edgepack-bundle.build").items()))
+    return paths
+
+
+def _ledger(build_dir: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted((build_dir / "ledger").glob("*.json"))}
+
+
+def measure(args, data, paths) -> list[dict]:
+    from edgepack.data import stratified_slice
+    from edgepack.torch_backend import TorchBackend
+    from runtime_shim import OnnxPipeline
+    from runtime_shim.bench import format_table, run_benchmark
+
+    split = data["test"] if not args.limit else stratified_slice(data["test"], args.limit)
+    texts, gold = split.texts, [data.label_names[i] for i in split.labels]
+    val = data["validation"]
+    over = {"intra_op_num_threads": args.threads, "inter_op_num_threads": 1}
+    backends = []
+    for name, int8 in (("teacher, PyTorch fp32", False), ("teacher, PyTorch dynamic int8", True)):
+        tb = TorchBackend(args.teacher, threads=args.threads, oos_label=data.oos_label, name=name, dynamic_int8=int8)
+        tb.calibrate(val.texts, val.labels)
+        backends.append(tb)
+    fp32 = OnnxPipeline(paths["teacher_int8"], overrides={**over, "model": str(paths["teacher_fp32_onnx"] / "model.onnx")})
+    fp32.name = "teacher, ORT fp32"
+    backends.append(fp32)
+    for key, name in (("teacher_int8", "teacher, ORT int8 (no distillation)"),
+                      ("reference_int8", "reference recipe: half-depth student, ORT int8"),
+                      ("edgepack", "edgepack build")):
+        pipe = OnnxPipeline(paths[key], overrides=over if key != "edgepack" or args.threads_all else None)
+        pipe.name = name
+        backends.append(pipe)
+    rows, reference = [], None
+    for b in backends:
+        log(f"[bench] measuring {b.name}: {len(texts)} rows, {args.warmup} warm-up + {args.runs} timed queries")
+        r = run_benchmark(b, texts, gold, reference=reference, warmup=args.warmup, runs=args.runs,
+                          gap_ms=args.gap_ms, rss_argv=getattr(b, "rss_argv", None))
+        r["name"] = b.name
+        reference = reference or r.get("predictions")
+        rows.append(r)
+    rows[4]["baseline"] = True
+    rows[5]["final"] = True
+    log("\n" + format_table(rows))
+    return rows
+
+
+def ratios_table(rows: list[dict]) -> str:
+    ref = next(r for r in rows if r.get("baseline"))
+    lines = ["| model | size MB | test acc. (calibrated) | raw | OOS recall | p50 e2e ms | p95 ms | model p50 ms "
+             "| smaller than ref. | faster than ref. (p50 e2e) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        size = r["model_bytes"] / 1e6
+        lines.append(
+            f"| {r['name']} | {size:.2f} | {r['accuracy']:.2%} | {r['accuracy_raw']:.2%} | {r['oos_recall']:.1%} "
+            f"| {r['latency_ms']['p50']:.3f} | {r['latency_ms']['p95']:.3f} | {r['model_ms']['p50']:.3f} "
+            f"| {ref['model_bytes'] / r['model_bytes']:.1f}x | {ref['latency_ms']['p50'] / r['latency_ms']['p50']:.1f}x |")
+    final = rows[-1]
+    lines.append("")
+    lines.append(f"edgepack end-to-end p50 {final['latency_ms']['p50']:.3f} ms vs the reference recipe's model-only "
+                 f"p50 {ref['model_ms']['p50']:.3f} ms: {ref['model_ms']['p50'] / final['latency_ms']['p50']:.2f}x "
+                 "(issue 6 asks for >= 5x)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", type=Path, default=Path("/tmp/edgepack-clinc150-bench"))
+    p.add_argument("--teacher", type=Path, default=TEACHER)
+    p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument("--profile", default="edge-x86-2core")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads for every model (default: 1, the book's)")
+    p.add_argument("--threads-all", action="store_true",
+                   help="force --threads on edgepack's bundle too (default: its tuned runtime.json)")
+    p.add_argument("--runs", type=int, default=300)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--gap-ms", type=float, default=0.0)
+    p.add_argument("--limit", type=int, default=None, help="measure on a stratified slice of the test split")
+    p.add_argument("--reference-epochs", type=int, default=5)
+    p.add_argument("--reference-lr", type=float, default=1e-4)
+    p.add_argument("--measure-only", action="store_true")
+    args = p.parse_args(argv)
+    if not args.teacher.is_dir() or not args.data.is_file():
+        print(f"skipped: {args.teacher} or {args.data} is absent (needs ../shared beside the checkout)")
+        return 0
+    import torch
+
+    torch.set_num_threads(2)
+    from edgepack.config import DataConfig
+    from edgepack.data import load_dataset
+    from edgepack.export import read_model_info
+    from edgepack.records import write_json_atomic
+    from edgepack.report import attach_eval_data, host_notes, write_report
+
+    data = load_dataset(DataConfig(source=str(args.data)), dict(enumerate(read_model_info(args.teacher).label_names)))
+    paths = {k: args.work / v for k, v in (("teacher_int8", "teacher-int8"), ("teacher_fp32_onnx", "teacher-fp32"),
+                                           ("reference_int8", "reference-int8"), ("edgepack", "edgepack-bundle"))}
+    if not args.measure_only:
+        paths = build_all(args, data)
+    rows = measure(args, data, paths)
+    table = ratios_table(rows)
+    print("\n" + table)
+    if not args.limit:  # per-domain accuracy and changed queries need the rows in the split's order
+        split = data["test"]
+        attach_eval_data(rows, split.texts, [data.label_names[i] for i in split.labels])
+    write_report(args.work / "report", rows, title="CLINC150: edgepack against the reference recipe, same machine, same run",
+                 domains=json.loads(DOMAINS.read_text()) if not args.limit else None, notes=host_notes(rows))
+    slim = [{k: v for k, v in r.items() if k not in ("predictions", "gold", "texts")} for r in rows]
+    write_json_atomic(args.work / "results.json", {"rows": slim, "table": table, "args": {k: str(v) for k, v in vars(args).items()}})
+    print(f"\nresults: {args.work / 'results.json'}   report: {args.work / 'report' / 'report.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
