@@ -1,0 +1,83 @@
+"""The README's commands are real: the two opening commands match the project's install and CI, and
+every ``edgepack`` / ``python -m runtime_shim`` line in its shell blocks parses with the real CLI."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def shell_lines() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+    lines = []
+    for block in blocks:
+        for raw in block.replace("\\\n", " ").splitlines():
+            line = raw.split(" #", 1)[0].strip()
+            if line and not line.startswith("#"):
+                lines.append(line)
+    return lines
+
+
+def test_opening_commands_install_and_run_the_demo_and_the_tests():
+    first, second = shell_lines()[:2]
+    assert first == 'pip install -c constraints-cpu.txt -e ".[demo]" && edgepack demo'
+    assert second == 'pip install -c constraints-cpu.txt -e ".[dev]" && python -m pytest -q'
+    # CI runs the README's test command verbatim.
+    assert second in (ROOT / ".ci" / "run").read_text()
+    assert "torch==2.13.0" in (ROOT / "constraints-cpu.txt").read_text()
+
+
+def _argv(line: str) -> list[str] | None:
+    for part in line.split("&&"):
+        words = shlex.split(part.strip())
+        if words[:1] == ["edgepack"]:
+            return words
+        if words[:3] == ["python", "-m", "runtime_shim"]:
+            return words
+        if words[:2] == ["python", "benchmarks/clinc150.py"]:
+            return words
+    return None
+
+
+COMMANDS = [a for a in (_argv(line) for line in shell_lines()) if a]
+
+
+def test_readme_shows_commands():
+    assert any(a[0] == "edgepack" and a[1] == "pack" for a in COMMANDS)
+    assert any(a[:4] == ["python", "-m", "runtime_shim", "bench"] for a in COMMANDS)
+
+
+@pytest.mark.parametrize("argv", COMMANDS, ids=[" ".join(a[:3]) for a in COMMANDS])
+def test_readme_command_parses(argv, monkeypatch):
+    """Parse (not run) each command with the CLI's own parser: subcommands and flags must exist."""
+    if argv[0] == "edgepack":
+        from edgepack.cli import make_parser
+
+        args = make_parser().parse_args(argv[1:])
+        assert args.command == argv[1]
+    elif argv[1] == "-m":
+        from runtime_shim import __main__ as shim
+
+        shim.make_parser().parse_args(argv[3:])
+    else:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("clinc_bench", ROOT / "benchmarks" / "clinc150.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        assert callable(mod.main)
+
+
+def test_readme_predict_runs_on_a_real_bundle(tiny_bundle, label_names, capsys):
+    """The README's on-device predict, on the tiny bundle: one answer naming a known label."""
+    from runtime_shim.__main__ import main
+
+    assert main(["predict", str(tiny_bundle), "what is my checking balance"]) == 0
+    out = capsys.readouterr().out
+    assert any(name in out for name in label_names)
