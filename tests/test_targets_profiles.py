@@ -195,3 +195,8 @@ def test_accuracy_drop_from_the_bundle_manifest(tmp_path):
     fails = profiles.check_budgets(prof, _results(path=str(tmp_path)))
     assert len(fails) == 1 and "max_accuracy_drop: 1.5 exceeds 1" in fails[0]
     assert profiles.check_budgets(prof, _results(build_metrics={"validation": {"accuracy_drop_points": 0.2}})) == []
+
+
+def test_no_matching_target_is_one_line():
+    with pytest.raises(EdgepackError, match=r"no target in targets/ matches this CPU \(riscv64\)"):
+        targets.detect("riscv64", {"rvv"})
