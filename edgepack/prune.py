@@ -54,13 +54,17 @@ class _Evaluator:
     def __init__(self, data: LabelledData, max_length: int, teacher_test: np.ndarray | None):
         self.data, self.max_length, self.teacher_test = data, max_length, teacher_test
         self.input_test: np.ndarray | None = None
+        self.cached_input: np.ndarray | None = None  # validation + test logits of the unmodified input
 
     def __call__(self, model, tokenizer) -> dict[str, Any]:
         from .distill import predict_logits, score
 
         val, test = self.data["validation"], self.data["test"]
-        lv = predict_logits(model, tokenizer, val.texts, self.max_length)
-        lt = predict_logits(model, tokenizer, test.texts, self.max_length)
+        if self.input_test is None and self.cached_input is not None:
+            lv, lt = self.cached_input[: len(val)], self.cached_input[len(val):]
+        else:
+            lv = predict_logits(model, tokenizer, val.texts, self.max_length)
+            lt = predict_logits(model, tokenizer, test.texts, self.max_length)
         m = score(lv, val.labels, lt, test.labels, self.data.oos_id, teacher_test_logits=self.teacher_test)
         if self.input_test is None:
             self.input_test = lt
@@ -128,9 +132,12 @@ def prune(cfg: PruneConfig, src: Path, out: Path, data: LabelledData, teacher_di
     tokenizer = AutoTokenizer.from_pretrained(src)
     input_hash = hash_tree(src)
     teacher_hash = hash_tree(teacher_dir)
-    teacher_test = teacher_outputs(teacher_dir, data["test"].texts, cache_dir=cache_dir, max_length=cfg.max_length,
-                                   teacher_hash=teacher_hash, progress=progress)["logits"]
-    evaluate = _Evaluator(data, cfg.max_length, teacher_test)
+    # The same texts and order as distillation's evaluation set, so both share one teacher cache entry.
+    teacher_eval = teacher_outputs(teacher_dir, data["validation"].texts + data["test"].texts, cache_dir=cache_dir,
+                                   max_length=cfg.max_length, teacher_hash=teacher_hash, progress=progress)["logits"]
+    evaluate = _Evaluator(data, cfg.max_length, teacher_eval[len(data["validation"]):])
+    if teacher_dir.resolve() == src.resolve():
+        evaluate.cached_input = teacher_eval  # the input is the teacher: no need to run it again
     steps: list[dict[str, Any]] = []
 
     def record(name: str, t0: float, extra: Mapping[str, Any] | None = None) -> None:
@@ -150,7 +157,8 @@ def prune(cfg: PruneConfig, src: Path, out: Path, data: LabelledData, teacher_di
             record("layers", t0, {"kept_layers": list(cfg.keep_layers)})
         if tok_json is not None:
             t0 = time.time()
-            new_json, report = vocab.trim_vocab(model, tok_json, train.texts, keep_top=cfg.keep_top)
+            new_json, report = vocab.trim_vocab(model, tok_json, train.texts, keep_top=cfg.keep_top,
+                                               keep_chars=cfg.keep_chars)
             if cfg.max_positions is not None:
                 vocab.trim_positions(model, cfg.max_positions)
             vocab.save_tokenizer(src, tmp, new_json, model_max_length=cfg.max_positions)

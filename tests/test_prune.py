@@ -289,3 +289,14 @@ def test_bad_inputs_one_line_nothing_written(tiny_model, clinc_json, tmp_path, c
     empty.write_text(json.dumps(data))
     assert "training corpus is empty" in _bad(["prune", str(tiny_model), "--data", str(empty), "--out", str(out)],
                                                capsys, out)
+
+
+def test_keep_chars_latin_drops_other_scripts(tiny_model, corpus):
+    tok_json = vocab.read_tokenizer_json(tiny_model)
+    n = len(vocab._full_vocab(tok_json))
+    tok_json["model"]["vocab"].update({"ж": n, "##ж": n + 1, "é": n + 2, "##é": n + 3})
+    kept_all = vocab.remap_tokenizer_json(tok_json, vocab.select_tokens(tok_json, _texts(corpus)))["model"]["vocab"]
+    kept_latin = vocab.remap_tokenizer_json(
+        tok_json, vocab.select_tokens(tok_json, _texts(corpus), keep_chars="latin"))["model"]["vocab"]
+    assert {"ж", "##ж", "é", "##é"} <= set(kept_all)
+    assert {"é", "##é"} <= set(kept_latin) and not {"ж", "##ж"} & set(kept_latin)

@@ -30,6 +30,8 @@ def register(sub) -> argparse.ArgumentParser:
     g.add_argument("--no-trim-vocab", dest="trim_vocab", action="store_false", help="keep the full vocabulary")
     g.add_argument("--keep-top", type=int, default=0, metavar="K",
                    help="also keep the first K tokens of the original vocabulary (default: 0)")
+    g.add_argument("--keep-chars", choices=("all", "latin"), default="all",
+                   help="character pieces kept so unseen words still tokenize: all scripts (default) or Latin only")
     g.add_argument("--max-positions", type=int, default=None, metavar="N",
                    help="keep only N position embeddings (at least --max-length)")
     g = p.add_argument_group("structure")
@@ -62,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import EdgepackError
 
     try:
-        cfg = PruneConfig(trim_vocab=args.trim_vocab, keep_top=args.keep_top, max_positions=args.max_positions,
+        cfg = PruneConfig(trim_vocab=args.trim_vocab, keep_top=args.keep_top, keep_chars=args.keep_chars,
+                          max_positions=args.max_positions,
                           keep_layers=args.keep_layers, heads_per_layer=args.heads_per_layer, ffn_size=args.ffn_size,
                           param_budget=args.param_budget, importance_rows=args.importance_rows, recover=args.recover,
                           recover_epochs=args.epochs, recover_learning_rate=args.learning_rate, alpha=args.alpha,
