@@ -526,7 +526,7 @@ def distill(
         final_cfg = result.best_config
         search_db = result.db_path
         extra["search"] = result.record()
-        if final_cfg.search_layers and student_model is None and not cfg.student and final_cfg != cfg:
+        if student_model is None and not cfg.student and (final_cfg.num_layers, final_cfg.layers) != (cfg.num_layers, cfg.layers):
             prep = prepare(final_cfg, teacher_dir, data, cache_dir=cache_dir, progress=progress)
     ablation_init = copy.deepcopy(student_model) if (cfg.ablation and student_model is not None) else None
     model, metrics = run_once(prep, final_cfg, model=student_model, callbacks=callbacks, progress=progress)
