@@ -25,11 +25,20 @@ def fp32_onnx(tmp_path_factory, tiny_model, corpus) -> Path:
 
 
 @pytest.fixture(scope="module")
-def search(tmp_path_factory, tiny_model, tiny_bundle, fp32_onnx, corpus, label_names):
+def pipeline_dir(tmp_path_factory, tiny_bundle, fp32_onnx) -> Path:
+    """The bundle's settings and labels with the export's tokenizer (pack may trim the bundle's vocabulary)."""
+    dest = tmp_path_factory.mktemp("pipe") / "b"
+    shutil.copytree(tiny_bundle, dest)
+    shutil.copy2(fp32_onnx.parent / "tokenizer.json", dest / "tokenizer.json")
+    return dest
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory, tiny_model, pipeline_dir, fp32_onnx, corpus, label_names):
     val = corpus["val"]
     work = tmp_path_factory.mktemp("variants")
     result = variants.search(
-        targets.load("x86-64-vnni"), fp32_onnx, work, info=read_model_info(tiny_model), pipeline_dir=tiny_bundle,
+        targets.load("x86-64-vnni"), fp32_onnx, work, info=read_model_info(tiny_model), pipeline_dir=pipeline_dir,
         val_texts=[t for t, _ in val], val_labels=np.array([label_names.index(lab) for _, lab in val]),
         calibration_texts=[t for t, _ in corpus["train"]][:32], max_accuracy_drop=100.0,
         runs=12, warmup=2, latency_texts=8, log=lambda *a: None)
@@ -76,11 +85,11 @@ def test_chosen_model_copied(search, tmp_path):
     assert dest.read_bytes() == Path(result.row(result.chosen)["path"]).read_bytes()
 
 
-def test_no_variant_within_budget_is_refused(tmp_path, tiny_model, tiny_bundle, fp32_onnx, corpus, label_names):
+def test_no_variant_within_budget_is_refused(tmp_path, tiny_model, pipeline_dir, fp32_onnx, corpus, label_names):
     val = corpus["val"][:10]
     with pytest.raises(BudgetError, match="no quantization variant for x86-64-vnni stays within -1 points"):
         variants.search(targets.load("x86-64-vnni"), fp32_onnx, tmp_path, info=read_model_info(tiny_model),
-                        pipeline_dir=tiny_bundle, val_texts=[t for t, _ in val],
+                        pipeline_dir=pipeline_dir, val_texts=[t for t, _ in val],
                         val_labels=np.array([label_names.index(lab) for _, lab in val]), calibration_texts=[],
                         max_accuracy_drop=-1.0, runs=2, warmup=0, formats=("dynamic",), log=lambda *a: None)
     assert (tmp_path / variants.VARIANTS_JSON).is_file()  # the table is kept for the post-mortem
