@@ -206,8 +206,10 @@ def _percentile(xs: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs, dtype=np.float64), q)) if len(xs) else float("nan")
 
 
-def accuracy_probs(pipe, texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
-    """Softmax probabilities of an ``OnnxPipeline`` on ``texts``, batched by length (little padding)."""
+def accuracy_probs(pipe, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
+    """Softmax probabilities of an ``OnnxPipeline`` on ``texts``, batched by length (little padding).
+    Batches as ``edgepack.pack.evaluate`` does (32 rows): dynamic int8 computes each activation scale
+    over the whole batch tensor, so batch composition moves a few predictions."""
     from runtime_shim.pipeline import softmax
 
     order = np.argsort([len(t) for t in texts], kind="stable")
@@ -267,23 +269,24 @@ class VariantSearch:
         return d
 
     def table(self) -> str:
-        head = ("", "variant", "MB", "val acc", "drop pts", "agree", "p50 ms", "p95 ms", "vs fp32", "note")
+        head = ("", "variant", "MB", "val acc", "drop pts", "agree", "cal acc", "p50 ms", "p95 ms", "vs fp32", "note")
         lines = [head]
         ref = self.rows[0]
         for r in self.rows:
             mark = "*" if r["name"] == self.chosen else ("x" if r.get("error") or not r.get("within_budget", True) else "")
             if r.get("error"):
-                lines.append((mark, r["name"], "-", "-", "-", "-", "-", "-", "-", r["error"][:60]))
+                lines.append((mark, r["name"], "-", "-", "-", "-", "-", "-", "-", "-", r["error"][:60]))
                 continue
             lines.append((mark, r["name"], f"{r['model_mb']:.2f}", f"{r['accuracy']:.2%}",
-                          f"{r['accuracy_drop']:+.2f}", f"{r['agreement']:.2%}", f"{r['p50_ms']:.3f}",
+                          f"{r['accuracy_drop']:+.2f}", f"{r['agreement']:.2%}",
+                          f"{r['accuracy_calibrated']:.2%}" if "accuracy_calibrated" in r else "-", f"{r['p50_ms']:.3f}",
                           f"{r['p95_ms']:.3f}", f"{ref['p50_ms'] / r['p50_ms']:.2f}x" if r["p50_ms"] else "-",
                           r.get("note", "")))
         widths = [max(len(str(line[i])) for line in lines) for i in range(len(head) - 1)]
         out = ["  ".join(str(c).ljust(w) for c, w in zip(line[:-1], widths, strict=True)) + "  " + str(line[-1])
                for line in lines]
         out.append(f"(* chosen: fastest p50 within {self.max_accuracy_drop:g} points of fp32 validation accuracy, the "
-                   f"most accurate of those within {self.tie_pct:g}% of it; "
+                   f"one agreeing most with fp32 among those within {self.tie_pct:g}% of it; "
                    f"x: over budget or failed; single-query model latency, {self.threads} intra-op thread(s), "
                    "candidates interleaved in the same run)")
         return "\n".join(out)
@@ -314,7 +317,9 @@ def search(
     ``runtime.json``, ``labels.json``: a bundle or pack's staging directory, whose tokenizer matches
     ``fp32_onnx``); each candidate runs through it with ``overrides={"model": path}``, so encoding
     matches the bundle exactly. The chosen row is the fastest p50 inside ``max_accuracy_drop``
-    (points vs fp32); candidates within ``tie_pct`` percent of it are a tie, won by the most accurate.
+    (points vs fp32); candidates within ``tie_pct`` percent of it are a tie, won by the one agreeing
+    most with fp32. With an out-of-scope label, ``accuracy_calibrated`` is each candidate's validation
+    accuracy under its own best threshold (shown, not gated: 100 out-of-scope rows make it noisy).
     Writes ``work_dir/variants.json``. Raises ``BudgetError`` when no candidate is inside the budget.
     """
     from runtime_shim import OnnxPipeline
@@ -353,11 +358,18 @@ def search(
     ref_probs = accuracy_probs(ref_pipe, val_texts)
     ref_pred = ref_probs.argmax(1)
     ref_acc = float((ref_pred == val_labels).mean())
+    oos_id = ref_pipe.oos_id
     for name, pipe in pipes.items():
-        pred = ref_pred if name == "fp32" else accuracy_probs(pipe, val_texts).argmax(1)
+        probs = ref_probs if name == "fp32" else accuracy_probs(pipe, val_texts)
+        pred = probs.argmax(1)
         acc = float((pred == val_labels).mean())
         rows[name].update(accuracy=acc, accuracy_drop=(ref_acc - acc) * 100,
                           agreement=float((pred == ref_pred).mean()))
+        if oos_id is not None:
+            from .calibrate import apply_threshold, calibrate_threshold
+
+            thr = calibrate_threshold(probs, val_labels, oos_id)
+            rows[name]["accuracy_calibrated"] = float((apply_threshold(probs, oos_id, thr) == val_labels).mean())
 
     sample = list(val_texts[:latency_texts]) or ["hello"]
     feeds = [ref_pipe.encode([t]) for t in sample]
@@ -372,11 +384,12 @@ def search(
             r["within_budget"] = r["accuracy_drop"] <= max_accuracy_drop
     chosen = None
     if ok:
-        # Within tie_pct of the fastest p50 the difference is noise on a shared machine: take the
-        # most accurate of those.
+        # Within tie_pct of the fastest p50 the difference is noise on a shared machine: take the one
+        # closest to fp32 (label agreement: a steadier signal than a few validation rows of accuracy,
+        # and it keeps the confidence the out-of-scope threshold is calibrated on).
         fastest = min(r["p50_ms"] for r in ok)
         tied = [r for r in ok if r["p50_ms"] <= fastest * (1 + tie_pct / 100)]
-        chosen = min(tied, key=lambda r: (r["accuracy_drop"], r["p50_ms"]))["name"]
+        chosen = min(tied, key=lambda r: (-r["agreement"], r["p50_ms"]))["name"]
     result = VariantSearch(rows=[rows["fp32"], *(rows[v.name] for v in variants)], chosen=chosen,
                            max_accuracy_drop=max_accuracy_drop, threads=threads, tie_pct=tie_pct)
     write_json_atomic(work_dir / VARIANTS_JSON, result.to_dict())
