@@ -15,8 +15,8 @@ What is searched, and why:
 
 Each setting is timed end to end (tokenize + run + softmax) in two modes: back to back, and with a
 gap between queries (default 20 ms, as an assistant sees them: spinning threads have gone to sleep
-by then). ONNX Runtime's own defaults (a bare ``SessionOptions()``) are measured in the same run, in
-interleaved blocks, and a confirmation round re-measures the leaders against them; the winner must
+by then). ONNX Runtime's own defaults (a bare ``SessionOptions()``) are measured in the same run
+(back to back in interleaved blocks, gapped query by query in turn), and a confirmation round re-measures the leaders against them; the winner must
 be no worse than the defaults at p50 and p95 in both modes, else the defaults are kept.
 
 The winner goes into ``runtime.json`` (and ``manifest.json`` is re-hashed, with the table under
@@ -252,8 +252,10 @@ def _stats(ms: Sequence[float]) -> dict[str, float]:
 
 def measure(runners: Mapping[str, _Runner], texts: Sequence[str], *, runs: int, warmup: int, gap_ms: float,
             rounds: int) -> dict[str, dict[str, float]]:
-    """End-to-end ms per query for each runner, in ``rounds`` interleaved blocks (rotated order) so
-    slow spells of a shared machine land on every candidate; ``gap_ms`` sleeps before each query.
+    """End-to-end ms per query for each runner. Back to back (``gap_ms=0``): ``rounds`` blocks per
+    runner in rotated order, so slow spells of a shared machine land on every candidate. With gaps:
+    query by query in turn, each after ``gap_ms`` of sleep, so every candidate sees the same moments
+    (the gap is long enough for the previous session's workers to stop spinning).
 
     Example:
         >>> measure({"a": runner_a, "b": runner_b}, ["set an alarm"], runs=40, warmup=5, gap_ms=0, rounds=4)
@@ -264,29 +266,37 @@ def measure(runners: Mapping[str, _Runner], texts: Sequence[str], *, runs: int, 
     for name in names:
         for i in range(warmup):
             runners[name](texts[i % len(texts)])
-    per_block = max(1, math.ceil(runs / rounds))
     times: dict[str, list[float]] = {n: [] for n in names}
     gap_s = gap_ms / 1000.0
     clock = time.perf_counter_ns
-    k = 0
     gc_was = gc.isenabled()
     gc.disable()
     try:
-        for r in range(rounds):
-            shift = r % len(names)
-            for name in names[shift:] + names[:shift]:
-                run = runners[name]
-                # Let the previous block's spinning workers give up their cores before timing this one.
-                time.sleep(0.02)
-                run(texts[k % len(texts)])
-                for _ in range(per_block):
-                    text = texts[k % len(texts)]
-                    k += 1
-                    if gap_s:
-                        time.sleep(gap_s)
+        if gap_s:
+            for k in range(runs):
+                text = texts[k % len(texts)]
+                shift = k % len(names)
+                for name in names[shift:] + names[:shift]:
+                    time.sleep(gap_s)
                     t0 = clock()
-                    run(text)
+                    runners[name](text)
                     times[name].append((clock() - t0) / 1e6)
+        else:
+            per_block = max(1, math.ceil(runs / rounds))
+            k = 0
+            for r in range(rounds):
+                shift = r % len(names)
+                for name in names[shift:] + names[:shift]:
+                    run = runners[name]
+                    # Let the previous block's spinning workers give up their cores before timing this one.
+                    time.sleep(0.02)
+                    run(texts[k % len(texts)])
+                    for _ in range(per_block):
+                        text = texts[k % len(texts)]
+                        k += 1
+                        t0 = clock()
+                        run(text)
+                        times[name].append((clock() - t0) / 1e6)
     finally:
         if gc_was:
             gc.enable()
