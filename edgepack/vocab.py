@@ -30,6 +30,7 @@ from .errors import EdgepackError
 
 SUPPORTED_MODELS = ("WordPiece", "BPE")
 _BYTE_FALLBACK = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+_PLACEHOLDER = re.compile(r"^\[unused\d+\]$")
 
 
 def read_tokenizer_json(model_dir: Path) -> dict[str, Any]:
@@ -122,7 +123,8 @@ def select_tokens(tok_json: dict[str, Any], texts: Sequence[str], *, keep_top: i
     unk = model.get("unk_token")
     if unk is not None and unk in vocab:
         keep.add(vocab[unk])
-    keep.update(i for i in vocab.values() if i < keep_top)
+    # BERT's [unused0]..[unused993] sit among the first ids but no text ever produces them.
+    keep.update(i for t, i in vocab.items() if i < keep_top and not _PLACEHOLDER.match(t))
     if model["type"] == "BPE":
         keep = _bpe_closure(model, keep, vocab)
     return np.asarray(sorted(keep), dtype=np.int64)
