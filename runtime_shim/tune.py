@@ -164,26 +164,29 @@ class Candidate:
 
     def describe(self) -> dict[str, Any]:
         if self.settings is None:
-            return {"threads": "0 (ORT: 1/phys core)", "spinning": "default", "graph": "all"}
+            return {"threads": "0 (1/phys core, pinned)", "spinning": "default", "graph": "all"}
         sc = self.settings.get("session_config", {})
         spin = next((k for k, v in SPINNING.items() if all(sc.get(a) == b for a, b in v.items())
                      and (k == "force-stop" or "session.force_spinning_stop" not in sc)), "-")
-        return {"threads": self.settings["intra_op_num_threads"],
-                "spinning": spin if self.settings["intra_op_num_threads"] > 1 else "-",
+        threads = self.settings["intra_op_num_threads"]
+        return {"threads": "0 (1/phys core, pinned)" if threads == 0 else threads,
+                "spinning": spin if threads != 1 else "-",
                 "graph": self.settings["graph_optimization_level"],
                 **({"x64quantprecision": sc["session.x64quantprecision"]} if "session.x64quantprecision" in sc else {})}
 
 
 def candidate(threads: int, spinning: str = "on", graph: str = "all", extra: Mapping[str, str] | None = None) -> Candidate:
-    """A candidate with ``threads`` intra-op threads (1 = no worker pool, so spinning does not apply).
+    """A candidate with ``threads`` intra-op threads (1 = no worker pool, so spinning does not apply;
+    0 = ORT's choice: one thread per physical core, pinned to it, which an explicit count is not).
 
     Example:
-        >>> candidate(2, "off").name
-        't2-spin-off'
+        >>> candidate(2, "off").name, candidate(0, "force-stop").name
+        ('t2-spin-off', 'auto-spin-force-stop')
     """
-    config = dict(SPINNING[spinning]) if threads > 1 else {}
+    config = dict(SPINNING[spinning]) if threads != 1 else {}
     config.update(extra or {})
-    name = f"t{threads}" + (f"-spin-{spinning}" if threads > 1 else "") + ("" if graph == "all" else f"-{graph}")
+    name = ("auto" if threads == 0 else f"t{threads}") + (f"-spin-{spinning}" if threads != 1 else "")
+    name += "" if graph == "all" else f"-{graph}"
     if extra and extra.get("session.x64quantprecision") == "1":
         name += "-x64qp"
     return Candidate(name, {"intra_op_num_threads": threads, "inter_op_num_threads": 1,
@@ -191,11 +194,14 @@ def candidate(threads: int, spinning: str = "on", graph: str = "all", extra: Map
                             "session_config": config})
 
 
-def thread_candidates(max_threads: int) -> list[Candidate]:
-    """ORT's defaults, then 1..max_threads intra-op threads, each 2+ with every spinning choice."""
+def thread_candidates(max_threads: int, *, auto: bool = False) -> list[Candidate]:
+    """ORT's defaults, then 1..max_threads intra-op threads, each 2+ with every spinning choice; with
+    ``auto`` (max_threads is all physical cores) also ORT's pinned pool without spinning."""
     out = [Candidate(DEFAULTS, None), candidate(1)]
     for t in range(2, max_threads + 1):
         out += [candidate(t, s) for s in SPINNING]
+    if auto and max_threads > 1:
+        out += [candidate(0, s) for s in SPINNING if s != "on"]  # auto + spinning on is the defaults
     return out
 
 
@@ -390,12 +396,12 @@ def tune(pipe, texts: Sequence[str], *, max_threads: int, runs: int = 200, warmu
         del runners
         return rows
 
-    by_name = {c.name: c for c in thread_candidates(max_threads)}
+    by_name = {c.name: c for c in thread_candidates(max_threads, auto=max_threads == cores)}
     rows = run_stage(list(by_name.values()), "threads and spinning", runs)
     lead = min((r for r in rows.values() if r["name"] != DEFAULTS), key=lambda r: r["score"])
     lead_c = by_name[lead["name"]]
     t = lead_c.settings["intra_op_num_threads"]
-    spin = lead_c.describe()["spinning"] if t > 1 else "on"
+    spin = lead_c.describe()["spinning"] if t != 1 else "on"
     second = [candidate(t, spin, g) for g in graph_levels]
     if quant_precision:
         second.append(candidate(t, spin, "all", {"session.x64quantprecision": "1"}))

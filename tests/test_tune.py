@@ -40,6 +40,9 @@ def test_candidates_threads_and_spinning():
     assert c.settings["session_config"] == {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1"}
     assert c.settings["graph_optimization_level"] == "extended" and c.name == "t2-spin-force-stop-extended"
     assert tune.candidate(1, "off").settings["session_config"] == {}  # no worker pool: nothing spins
+    # 0 = ORT's pinned pool of one thread per physical core: searched with spinning off / force-stop
+    assert [c.name for c in tune.thread_candidates(2, auto=True)][-2:] == ["auto-spin-off", "auto-spin-force-stop"]
+    assert tune.candidate(0, "off").settings["intra_op_num_threads"] == 0
 
 
 def test_quant_precision_only_on_x86_without_vnni():
