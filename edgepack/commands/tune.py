@@ -27,6 +27,9 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=50, help="untimed queries per candidate first (default: 50)")
     p.add_argument("--gap-ms", type=float, default=20.0, help="pause between gapped queries (default: 20)")
     p.add_argument("--rounds", type=int, default=4, help="interleaved blocks per candidate (default: 4)")
+    p.add_argument("--tolerance", type=float, default=0.0, metavar="PCT",
+                   help="accept a winner up to PCT%% worse than ORT's defaults on any of p50/p95 back to back and "
+                        "gapped (default 0: no worse on any)")
     p.add_argument("--data", default=None, help="query texts (default: the bundle's eval.jsonl)")
     p.add_argument("--dry-run", action="store_true", help="print the table, leave the bundle unchanged")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the full result as JSON")
@@ -59,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
             raise EdgepackError(f"--max-threads {max_threads} is above profile '{prof.name}''s "
                                 f"{prof.physical_cores} physical cores; pass at most {prof.physical_cores}")
     argv = [str(args.bundle), "--runs", str(args.runs), "--warmup", str(args.warmup), "--gap-ms", str(args.gap_ms),
-            "--rounds", str(args.rounds)]
+            "--rounds", str(args.rounds), "--tolerance", str(args.tolerance)]
     if max_threads is not None:
         argv += ["--max-threads", str(max_threads)]
     for flag, value in (("--data", args.data), ("--json", args.json)):
