@@ -32,16 +32,12 @@ def resolve_target(name: str) -> Target:
     return detect() if name == "auto" else load(name)
 
 
-def evaluate(pipe, split: Split, *, batch_size: int = 64) -> np.ndarray:
-    """Softmax probabilities of ``pipe`` (an ``OnnxPipeline``) on ``split``, in the split's order.
-    Rows are batched by length so padding stays small."""
-    order = np.argsort([len(t) for t in split.texts], kind="stable")
-    probs = np.zeros((len(split), len(pipe.label_names)), dtype=np.float32)
-    for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
-        _, p = pipe.predict([split.texts[j] for j in idx])
-        probs[idx] = p
-    return probs
+def evaluate(pipe, split: Split) -> np.ndarray:
+    """Softmax probabilities of ``pipe`` on ``split``, in the split's order, batched exactly as the
+    benchmark harness batches them (so pack's and bench's accuracies agree)."""
+    from runtime_shim.bench import predict_probs
+
+    return predict_probs(pipe, split.texts)
 
 
 def accuracy_report(probs: np.ndarray, labels: np.ndarray, oos_id: int | None, threshold: float | None) -> dict[str, float]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .calibrate import calibrate_threshold, softmax
+from .calibrate import calibrate_threshold
 from .export import load_classifier, read_model_info
 
 
@@ -56,13 +56,10 @@ class TorchBackend:
         with torch.inference_mode():
             return self.model(**encoded).logits.numpy()
 
-    def probs(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        order = np.argsort([len(t) for t in texts], kind="stable")
-        out = np.zeros((len(texts), len(self.label_names)), dtype=np.float32)
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            out[idx] = softmax(self.forward(self.encode([texts[j] for j in idx])))
-        return out
+    def probs(self, texts: Sequence[str]) -> np.ndarray:
+        from runtime_shim.bench import predict_probs
+
+        return predict_probs(self, texts)
 
     def calibrate(self, texts: Sequence[str], labels: np.ndarray) -> float | None:
         """Set the out-of-scope threshold from validation rows, as ``pack`` does for a bundle."""
