@@ -170,7 +170,7 @@ def run_small(args) -> dict:
     data = load_data(args.teacher, args.data)
     name = args.name or "small"
     out = args.work / name
-    cfg = PruneConfig(keep_layers=tuple(args.layers), max_positions=64, param_budget=args.param_budget,
+    cfg = PruneConfig(keep_layers=tuple(args.layers), max_positions=64, keep_chars=args.keep_chars, param_budget=args.param_budget,
                       heads_per_layer=tuple(args.heads_per_layer), ffn_size=args.ffn_size,
                       recover_epochs=args.epochs, recover_learning_rate=args.learning_rate, alpha=args.alpha,
                       temperature=args.temperature, sparsity=args.sparsity, sparsity_target=args.sparsity_target,
@@ -206,7 +206,8 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--name", default=None)
     p.add_argument("--keep-top", type=int, default=0)
-    p.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=[0, 5])
+    p.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")] if s != "all" else [], default=[0, 5])
+    p.add_argument("--keep-chars", default="all")
     p.add_argument("--param-budget", type=int, default=None)
     p.add_argument("--heads-per-layer", type=lambda s: [int(x) for x in s.split(",")], default=[])
     p.add_argument("--ffn-size", type=int, default=None)
