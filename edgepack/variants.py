@@ -206,18 +206,13 @@ def _percentile(xs: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs, dtype=np.float64), q)) if len(xs) else float("nan")
 
 
-def accuracy_probs(pipe, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
-    """Softmax probabilities of an ``OnnxPipeline`` on ``texts``, batched by length (little padding).
-    Batches as ``edgepack.pack.evaluate`` does (32 rows): dynamic int8 computes each activation scale
-    over the whole batch tensor, so batch composition moves a few predictions."""
-    from runtime_shim.pipeline import softmax
+def accuracy_probs(pipe, texts: Sequence[str]) -> np.ndarray:
+    """Softmax probabilities of an ``OnnxPipeline`` on ``texts``, batched exactly as ``pack`` and
+    ``bench`` score (``runtime_shim.bench.predict_probs``): dynamic int8 computes each activation
+    scale over the whole batch tensor, so batch composition moves a few predictions."""
+    from runtime_shim.bench import predict_probs
 
-    order = np.argsort([len(t) for t in texts], kind="stable")
-    probs = np.zeros((len(texts), len(pipe.label_names)), dtype=np.float32)
-    for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
-        probs[idx] = softmax(pipe.forward(pipe.encode([texts[j] for j in idx])))
-    return probs
+    return predict_probs(pipe, list(texts))
 
 
 def time_interleaved(runners: Mapping[str, Callable[[Feed], Any]], feeds: Sequence[Feed], *, warmup: int = 50,
