@@ -126,13 +126,13 @@ def pack(
 
             result = variants.search(
                 target, fp32, work / "variants", info=info, pipeline_dir=stage, val_texts=val.texts,
-                val_labels=val.labels, calibration_texts=data["train"].texts[: target.quantize.calibration_rows],
+                val_labels=val.labels, calibration_texts=stratified_slice(data["train"], target.quantize.calibration_rows).texts,
                 max_accuracy_drop=cfg.max_accuracy_drop, formats=cfg.variant_formats, log=log)
             log(result.table())
             quant = variants.chosen_model(result, stage / QUANT_NAME)
             chosen = result.row(result.chosen)
             _set_session_config(stage, chosen.get("quantize", {}).get("session_config") or {})
-            variants_table = result.to_dict()
+            variants_table = result.record()
         else:
             quant = quantize_model(target.quantize, fp32, stage / QUANT_NAME, info=info)
         log(f"[pack] quantized for {target.name}: {quant.stat().st_size / 1e6:.2f} MB "

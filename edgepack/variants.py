@@ -167,34 +167,13 @@ def _matmul_nbits(cfg: QuantizeConfig, src: Path, out: Path) -> Path:
     return out
 
 
-def _dynamic_fused(q: QuantizeConfig, src: Path, out: Path, info: ModelInfo) -> Path:
-    """Fuse, then quantize dynamically. The fused graph's contrib ops (SkipLayerNormalization,
-    Attention) are unknown to ONNX shape inference, so the quantizer is told their outputs are float
-    (``DefaultTensorType``); without it quantize_dynamic stops on the first MatMul feeding one."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    from .quantize import fuse
-
-    with tempfile.TemporaryDirectory(prefix="edgepack-fuse-") as tmp:
-        fused = fuse(src, Path(tmp) / "fused.onnx", info)
-        logging.getLogger().setLevel(logging.ERROR)
-        quantize_dynamic(str(fused), str(out),
-                         weight_type=QuantType.QInt8 if q.weight_type == "qint8" else QuantType.QUInt8,
-                         per_channel=q.per_channel, reduce_range=q.reduce_range, op_types_to_quantize=list(q.op_types),
-                         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
-    return out
-
-
 def build(variant: Variant, src: Path, out: Path, *, info: ModelInfo,
           calibration: Callable[[], Iterable[Feed]] | None = None) -> Path:
     """One candidate model at ``out`` (dynamic through ``edgepack.quantize``)."""
     from .quantize import quantize_model
 
     q = variant.quantize
-    if q.format == "dynamic" and q.fuse:
-        return _dynamic_fused(q, src, out, info)
-    if q.format == "dynamic":
+    if q.format == "dynamic":  # fused or not: quantize_model fuses first when asked
         return quantize_model(q, src, out, info=info)
     return quantize_other(q, src, out, info=info, calibration=calibration() if calibration else None)
 
