@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import types
 import typing
 from collections.abc import Mapping
@@ -35,7 +34,7 @@ import tomllib
 
 from .config import ConfigBase, _choice, _in_range
 from .errors import EdgepackError
-from .resources import data_dir
+from .resources import data_files
 
 SEARCH_PATH_ENV = "EDGEPACK_PROFILES_PATH"  # extra directories of profile files, os.pathsep-separated
 SPINNING = ("on", "off", "force-stop")
@@ -108,18 +107,9 @@ class Profile(ConfigBase):
                              f"{self.physical_cores} physical cores; hyperthreads slow ORT's int8 kernels down")
 
 
-def _dirs() -> list[Path]:
-    extra = [Path(p) for p in os.environ.get(SEARCH_PATH_ENV, "").split(os.pathsep) if p]
-    return [*extra, data_dir("profiles")]
-
-
 def available() -> dict[str, Path]:
     """Profile names (file stems) to files; earlier search directories win."""
-    found: dict[str, Path] = {}
-    for d in _dirs():
-        for f in sorted(d.glob("*.toml")):
-            found.setdefault(f.stem, f)
-    return found
+    return data_files("profiles", SEARCH_PATH_ENV)
 
 
 def load(name: str) -> Profile:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -18,3 +19,14 @@ def data_dir(kind: str) -> Path:
 def demo_data() -> Path:
     """The embedded demo dataset (CLINC150 JSON layout; see ``edgepack/demo_data/README.md``)."""
     return Path(str(resources.files("edgepack"))) / "demo_data" / "assistant_intents.json"
+
+
+def data_files(kind: str, env: str) -> dict[str, Path]:
+    """``{stem: path}`` of the ``*.toml`` files of ``kind``: the directories in ``$env``
+    (``os.pathsep``-separated) first, then the project's own; an earlier directory wins a name."""
+    dirs = [Path(p) for p in os.environ.get(env, "").split(os.pathsep) if p] + [data_dir(kind)]
+    found: dict[str, Path] = {}
+    for d in dirs:
+        for f in sorted(d.glob("*.toml")):
+            found.setdefault(f.stem, f)
+    return found

@@ -4,14 +4,13 @@ recognise it from the CPU's flags. Adding a CPU family is adding a file."""
 from __future__ import annotations
 
 import dataclasses
-import os
-import platform
-import subprocess
 from pathlib import Path
+
+from runtime_shim.tune import cpu_flags  # the device runtime detects the same way
 
 from .config import ConfigBase, QuantizeConfig
 from .errors import EdgepackError
-from .resources import data_dir
+from .resources import data_files
 
 SEARCH_PATH_ENV = "EDGEPACK_TARGETS_PATH"  # extra directories of target files, os.pathsep-separated
 
@@ -51,17 +50,9 @@ class Target(ConfigBase):
                 "any_flags": list(self.any_flags)}
 
 
-def _dirs() -> list[Path]:
-    extra = [Path(p) for p in os.environ.get(SEARCH_PATH_ENV, "").split(os.pathsep) if p]
-    return [*extra, data_dir("targets")]
-
-
 def available() -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for d in _dirs():
-        for f in sorted(d.glob("*.toml")):
-            found.setdefault(f.stem, f)
-    return found
+    """Target names (file stems) to files; earlier search directories win."""
+    return data_files("targets", SEARCH_PATH_ENV)
 
 
 def load(name: str) -> Target:
@@ -74,31 +65,6 @@ def load(name: str) -> Target:
     except (ValueError, TypeError) as e:
         raise EdgepackError(f"{path}: {e}") from None
     return target if target.name else target.replace(name=path.stem)
-
-
-def cpu_flags() -> tuple[str, set[str]]:
-    """This CPU's architecture family and feature flags (Linux /proc/cpuinfo, macOS sysctl)."""
-    machine = platform.machine().lower()
-    arch = "arm64" if machine in ("arm64", "aarch64") else "x86_64" if machine in ("x86_64", "amd64") else machine
-    flags: set[str] = set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("flags", "Features"):
-                flags.update(value.split())
-    elif platform.system() == "Darwin":
-        try:
-            out = subprocess.run(["sysctl", "-a"], capture_output=True, text=True, timeout=5).stdout
-        except (OSError, subprocess.TimeoutExpired):
-            out = ""
-        for line in out.splitlines():
-            key, _, value = line.partition(":")
-            # hw.optional.arm.FEAT_DotProd: 1 -> asimddp; FEAT_I8MM -> i8mm
-            if key.startswith("hw.optional.") and value.strip() == "1":
-                feat = key.rsplit(".", 1)[-1].lower()
-                flags.add({"feat_dotprod": "asimddp", "feat_i8mm": "i8mm"}.get(feat, feat))
-    return arch, flags
 
 
 def detect(arch: str | None = None, flags: set[str] | None = None) -> Target:
