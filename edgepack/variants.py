@@ -13,6 +13,7 @@ Also here: ``quantize_other`` builds the two non-dynamic formats for ``edgepack.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
@@ -97,15 +98,18 @@ def quantize_other(cfg: QuantizeConfig, src: Path, out: Path, *, info: ModelInfo
     ``calibration``: model feeds (``{"input_ids": [[...]], ...}``) of real training rows; static
     QDQ needs them (its activation scales are fixed at build time), 4-bit ignores them.
     """
-    src, out = Path(src), Path(out)
-    if cfg.format == "static-qdq":
-        if calibration is None:
-            raise EdgepackError("static-qdq needs calibration rows; use `edgepack pack --variants`, which "
-                                "calibrates on training rows, or pick a dynamic target")
-        return _static_qdq(cfg, src, out, info, calibration)
-    if cfg.format == "matmul-nbits":
+    src, out = Path(src).resolve(), Path(out).resolve()
+    if cfg.format not in ("static-qdq", "matmul-nbits"):
+        raise ValueError(f"format={cfg.format!r} is built by edgepack.quantize.quantize_model")
+    if cfg.format == "static-qdq" and calibration is None:
+        raise EdgepackError("static-qdq needs calibration rows; use `edgepack pack --variants`, which "
+                            "calibrates on training rows, or pick a dynamic target")
+    # ORT's symbolic shape inference and the external-data writer drop scratch files
+    # (sym_shape_infer_temp.onnx, <uuid>.data) into the working directory: give them their own.
+    with tempfile.TemporaryDirectory(prefix="edgepack-quant-scratch-") as scratch, contextlib.chdir(scratch):
+        if cfg.format == "static-qdq":
+            return _static_qdq(cfg, src, out, info, calibration)
         return _matmul_nbits(cfg, src, out)
-    raise ValueError(f"format={cfg.format!r} is built by edgepack.quantize.quantize_model")
 
 
 def _static_qdq(cfg: QuantizeConfig, src: Path, out: Path, info: ModelInfo, calibration: Iterable[Feed]) -> Path:

@@ -119,3 +119,21 @@ def test_ort_format_loads_in_the_shim(tmp_path, tiny_bundle):
     texts = ["set an alarm for noon", "what is the weather in paris"]
     enc = onnx_pipe.encode(texts)
     np.testing.assert_allclose(ort_pipe.forward(enc), onnx_pipe.forward(enc), atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["static-qdq", "matmul-nbits"])
+def test_quantizers_leave_the_working_directory_alone(fmt, tmp_path, monkeypatch, tiny_model, fp32_onnx, pipeline_dir):
+    """ORT's shape inference drops scratch files into the current directory; they must not land in a checkout."""
+    from edgepack.config import QuantizeConfig
+    from runtime_shim import OnnxPipeline
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    pipe = OnnxPipeline(pipeline_dir, verify=False, overrides={"model": str(fp32_onnx)})
+    feeds = [pipe.encode(["what is my balance"]), pipe.encode(["set an alarm for 7"])]
+    out = tmp_path / "q.onnx"
+    variants.quantize_other(QuantizeConfig(format=fmt, per_channel=True), fp32_onnx, out,
+                            info=read_model_info(tiny_model), calibration=feeds)
+    assert out.stat().st_size > 0
+    assert list(cwd.iterdir()) == []
