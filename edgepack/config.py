@@ -362,7 +362,8 @@ class BuildConfig(ConfigBase):
     domains: str | None = None  # JSON domain -> intents map for the report (CLINC150's domains.json)
     skip: tuple[str, ...] = ()  # stages to leave out: distill, prune, tune
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+    # The labels-only ablation is an experiment (edgepack distill records it); a build skips it.
+    distill: DistillConfig = dataclasses.field(default_factory=lambda: DistillConfig(ablation=False))
     prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
     export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
     pack: PackConfig = dataclasses.field(default_factory=lambda: PackConfig(variants=True))
