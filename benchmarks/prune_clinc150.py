@@ -50,7 +50,7 @@ def run_vocab(args) -> dict:
     from edgepack.prune import prune, read_steps
 
     data = load_data(args.teacher, args.data)
-    out = args.work / "vocab"
+    out = args.work / f"vocab-top{args.keep_top}"
     t0 = time.time()
     prune(PruneConfig(trim_vocab=True, keep_top=args.keep_top, recover=False), args.teacher, out, data,
           force=True, cache_dir=args.work / "cache")
@@ -191,6 +191,36 @@ def run_small(args) -> dict:
     return result
 
 
+def run_sparse(args) -> dict:
+    """What unstructured sparsity buys at deployment: one-shot magnitude masks (no recovery, so the
+    accuracy is not the point) on a pruned model, then the same export/int8 path. Bytes on disk,
+    gzip bytes and single-query latency against the dense model."""
+    import shutil
+
+    from edgepack.sparsity import MagnitudePruningCallback, measure_sparsity
+    from edgepack.structured import load_classifier, save_model
+
+    data = load_data(args.teacher, args.data)
+    src = args.work / (args.name or "small")
+    out: dict = {}
+    for s in (0.0, 0.5, 0.8):
+        model = load_classifier(src).eval()
+        if s:
+            cb = MagnitudePruningCallback(s)
+            cb.setup(model, 1)
+            cb.finish()
+        d = args.work / f"sparse-{int(s * 100)}"
+        shutil.rmtree(d, ignore_errors=True)
+        save_model(model, d)
+        shutil.copy2(src / "tokenizer.json", d / "tokenizer.json")
+        _, quant = export_int8(d, d / "onnx")
+        m = measure_onnx(quant, d / "tokenizer.json", data)
+        out[f"sparsity_{s:.1f}"] = {"sparsity_reached": round(measure_sparsity(model), 4), "bytes": m["bytes"],
+                                    "gzip_bytes": m["gzip_bytes"], "latency_ms": m["latency_ms"],
+                                    "test_accuracy_calibrated": m["test_accuracy_calibrated"]}
+    return out
+
+
 def run_teacher_int8(args) -> dict:
     """The unpruned teacher through the same export/quantize/measure path, for side-by-side latency."""
     data = load_data(args.teacher, args.data)
@@ -200,7 +230,7 @@ def run_teacher_int8(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=("vocab", "small", "teacher"))
+    p.add_argument("what", choices=("vocab", "small", "sparse", "teacher"))
     p.add_argument("--work", type=Path, default=Path("/tmp/prune-bench"))
     p.add_argument("--teacher", type=Path, default=TEACHER)
     p.add_argument("--data", type=Path, default=DATA)
@@ -227,9 +257,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    result = {"vocab": run_vocab, "small": run_small, "teacher": run_teacher_int8}[args.what](args)
+    result = {"vocab": run_vocab, "small": run_small, "sparse": run_sparse,
+              "teacher": run_teacher_int8}[args.what](args)
     result["total_wall_time_s"] = round(time.time() - t0, 1)
     name = args.name or args.what
+    if args.what in ("vocab", "sparse"):
+        name = f"{args.what}-{args.name or 'default'}-top{args.keep_top}"
     (args.work / f"{name}.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
