@@ -72,6 +72,8 @@ class DistillationTrainer(Trainer):
 
         t = self.temperature
         mask = has_label.bool() if has_label is not None else None
+        if teacher_logits is None:  # evaluation batches: plain cross-entropy, whatever alpha is
+            return F.cross_entropy(student_logits, labels)
         if self.alpha > 0 and labels is not None:
             if mask is None:
                 ce = F.cross_entropy(student_logits, labels)
@@ -81,7 +83,7 @@ class DistillationTrainer(Trainer):
                 ce = student_logits.sum() * 0.0
         else:
             ce = student_logits.sum() * 0.0
-        if teacher_logits is None or self.alpha >= 1:
+        if self.alpha >= 1:
             return ce
         kd = F.kl_div(F.log_softmax(student_logits / t, dim=-1), F.softmax(teacher_logits / t, dim=-1),
                       reduction="batchmean") * t * t
