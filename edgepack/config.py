@@ -104,6 +104,16 @@ def _is_tuple(hint: Any) -> bool:
     return False
 
 
+def _check_training(cfg: Any) -> None:
+    """The Trainer fields distillation and fine-tuning share."""
+    _in_range("epochs", cfg.epochs, 1)
+    _in_range("learning_rate", cfg.learning_rate, 0.0, lo_open=True)
+    _in_range("batch_size", cfg.batch_size, 1)
+    _in_range("max_length", cfg.max_length, 8, 4096)
+    _in_range("warmup_ratio", cfg.warmup_ratio, 0.0, 1.0)
+    _in_range("weight_decay", cfg.weight_decay, 0.0)
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig(ConfigBase):
     """Where the labelled data comes from and how to read it (see ``edgepack.data``)."""
@@ -231,12 +241,7 @@ class DistillConfig(ConfigBase):
             raise ValueError(f"layers={list(self.layers)} must be teacher layer indices >= 0")
         if len(set(self.layers)) != len(self.layers):
             raise ValueError(f"layers={list(self.layers)} repeats a layer; give each index once")
-        _in_range("epochs", self.epochs, 1)
-        _in_range("learning_rate", self.learning_rate, 0.0, lo_open=True)
-        _in_range("batch_size", self.batch_size, 1)
-        _in_range("max_length", self.max_length, 8, 4096)
-        _in_range("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
-        _in_range("weight_decay", self.weight_decay, 0.0)
+        _check_training(self)
         _in_range("hidden_weight", self.hidden_weight, 0.0)
         _in_range("augment", self.augment, 0, 16)
         _in_range("search_trials", self.search_trials, 0)
@@ -258,12 +263,7 @@ class FinetuneConfig(ConfigBase):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _in_range("epochs", self.epochs, 1)
-        _in_range("learning_rate", self.learning_rate, 0.0, lo_open=True)
-        _in_range("batch_size", self.batch_size, 1)
-        _in_range("max_length", self.max_length, 8, 4096)
-        _in_range("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
-        _in_range("weight_decay", self.weight_decay, 0.0)
+        _check_training(self)
 
 
 SPARSITY_METHODS = ("none", "magnitude", "movement")

@@ -50,21 +50,9 @@ def pick_layers(n: int, depth: int) -> tuple[int, ...]:
 
 def read_id2label(model_dir: Path) -> dict[int, str]:
     """The teacher's ``id2label`` from ``config.json``; refuses the placeholder ``LABEL_0..``."""
-    cfg_path = Path(model_dir) / "config.json"
-    if not cfg_path.is_file():
-        raise EdgepackError(f"{model_dir}: no config.json; pass a Hugging Face classifier directory")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise EdgepackError(f"{cfg_path}: not valid JSON ({e.msg}); re-save the model with save_pretrained") from None
-    id2label = raw.get("id2label")
-    if not id2label or all(_DEFAULT_LABEL.match(str(v)) for v in id2label.values()):
-        raise EdgepackError(
-            f"{model_dir}: config.json has no id2label (label names); set config.id2label/label2id on the "
-            "fine-tuned teacher and save it again"
-        )
-    return {int(k): str(v) for k, v in id2label.items()}
+    from .export import read_model_info
 
+    return dict(enumerate(read_model_info(model_dir).label_names))
 
 def layer_list(model):
     """(parent module, attribute name, ModuleList) of the transformer blocks of ``model``."""
