@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .errors import EdgepackError
-
-_DEFAULT_LABEL = re.compile(r"^LABEL_\d+$")
 
 
 def parse_layers(spec: str) -> tuple[int, tuple[int, ...]]:
