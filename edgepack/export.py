@@ -72,12 +72,12 @@ def read_model_info(model_dir: Path) -> ModelInfo:
 
 def load_classifier(model_dir: Path):
     """The PyTorch model (eager attention: it exports to plain ONNX ops) and its fast tokenizer."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoTokenizer
 
-    hf_logging.disable_progress_bar()  # a bar per load of a small model is noise around our one-line errors
+    from .structured import load_classifier as load_any  # pruned heads too, without remote code
+
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, attn_implementation="eager")
+        model = load_any(model_dir, attn_implementation="eager")
         tokenizer = AutoTokenizer.from_pretrained(model_dir, use_fast=True)
     except (OSError, ValueError) as e:
         raise EdgepackError(f"{model_dir}: could not load the classifier or its tokenizer ({str(e).splitlines()[0][:200]})") from None

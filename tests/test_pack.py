@@ -220,3 +220,20 @@ def test_export_trims_positions_to_max_length(tmp_path, tiny_model, corpus):
     assert trim["positions_before"] == 128 and trim["positions_after"] == 32
     assert json.loads((tmp_path / "e" / "config.json").read_text())["max_position_embeddings"] == 32
     assert rec["metrics"]["parity_max_abs_diff"] < 1e-4
+
+
+def test_pack_a_model_with_uneven_pruned_heads(tmp_path, tiny_model, clinc_json):
+    """prune -> pack: heads sliced per layer (no transformers class for it) export and bundle."""
+    import onnx
+
+    pruned = tmp_path / "pruned"
+    assert main(["prune", str(tiny_model), "--data", str(clinc_json), "--out", str(pruned), "--heads-per-layer",
+                 "3,1", "--ffn-size", "16", "--no-recover", "--importance-rows", "16"]) == 0
+    out = tmp_path / "bundle"
+    assert main(["pack", str(pruned), "--data", str(clinc_json), "--out", str(out), "--max-accuracy-drop", "100"]) == 0
+    from runtime_shim import OnnxPipeline
+
+    assert OnnxPipeline(out)("what is my checking balance")[0]["label"]
+    shapes = [tuple(d.dims) for d in onnx.load(str(out / "model.quant.onnx")).graph.initializer
+              if d.data_type == onnx.TensorProto.INT8 and len(d.dims) == 2]
+    assert (32, 16) in shapes and (16, 32) in shapes  # the pruned FFN, int8
