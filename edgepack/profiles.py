@@ -32,6 +32,8 @@ from typing import Any, ClassVar
 
 import tomllib
 
+from runtime_shim.bench import result_value as _get  # one reader of harness results
+
 from .config import ConfigBase, _choice, _in_range
 from .errors import EdgepackError
 from .resources import data_files
@@ -200,17 +202,6 @@ class BudgetCheck:
     def line(self) -> str:
         shown = "not measured" if self.value is None else f"{self.value:.3g}"
         return f"{self.budget}: {shown} {'<=' if self.ok else 'exceeds' if self.value is not None else 'vs'} {self.limit:g}"
-
-
-def _get(results: Mapping[str, Any], dotted: str) -> Any:
-    if dotted in results:
-        return results[dotted]
-    node: Any = results
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    return node
 
 
 def _points(x: float) -> float:

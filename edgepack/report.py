@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runtime_shim.bench import result_value as _get  # one reader of harness results
+
 from .errors import EdgepackError, ExitCode
 
 DASH = "—"
@@ -54,16 +56,6 @@ _PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#
 
 
 # ---------------------------------------------------------------- values
-
-
-def _get(row: Mapping[str, Any], key: str) -> Any:
-    """``row["a.b"]`` for nested dicts; None when any part is missing."""
-    cur: Any = row
-    for part in key.split("."):
-        if not isinstance(cur, Mapping) or part not in cur:
-            return None
-        cur = cur[part]
-    return cur
 
 
 def _num(value: Any) -> float | None:

@@ -401,6 +401,23 @@ def _num(x: Any, digits: int = 1) -> str:
     return "-" if x is None else f"{x:,.{digits}f}"
 
 
+def result_value(result: Mapping[str, Any], dotted: str) -> Any:
+    """A figure of a benchmark result by dotted path (``"latency_ms.p95"``); None when any part is missing.
+
+    Example:
+        >>> result_value({"latency_ms": {"p95": 1.3}}, "latency_ms.p95")
+        1.3
+    """
+    if dotted in result:
+        return result[dotted]
+    node: Any = result
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
 def format_table(results: Sequence[Mapping[str, Any]]) -> str:
     """A fixed-width table, one row per benchmarked model (accuracies in %, times in ms, sizes in MB).
 
