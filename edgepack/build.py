@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .config import BuildConfig
+from .config import BUILD_STAGES, BuildConfig
 from .data import LabelledData, load_dataset
 from .errors import BudgetError, EdgepackError
 from .records import hash_config, hash_tree, staging_dir, write_json_atomic
@@ -40,8 +40,8 @@ def _record_hash(stage_dir: Path, name: str = "stage.json") -> str:
 class Build:
     """The ledger and the stage runner of one build directory."""
 
-    def __init__(self, cfg: BuildConfig, root: Path, log: Log = print):
-        self.cfg, self.root, self.log = cfg, Path(root), log
+    def __init__(self, root: Path, log: Log = print):
+        self.root, self.log = Path(root), log
         self.ledger = self.root / "ledger"
         self.ran: list[str] = []
         self.skipped: list[str] = []
@@ -95,8 +95,8 @@ def build(cfg: BuildConfig, *, force: bool = False, log: Log = print) -> dict[st
 
     info = read_model_info(teacher)
     data = load_dataset(cfg.data, dict(enumerate(info.label_names)))
-    b = Build(cfg, root, log)
-    stages = [s for s in ("distill", "prune", "pack", "tune", "verify") if s not in cfg.skip]
+    b = Build(root, log)
+    stages = [s for s in BUILD_STAGES if s not in cfg.skip]
     total = len(stages)
     idx = iter(range(1, total + 1))
     cache = root / "cache"
