@@ -45,7 +45,10 @@ def write_ort(onnx_path: Path, out_dir: Path, *, level: str = "extended") -> tup
         so.optimized_model_filepath = str(tmp_model)
         so.add_session_config_entry("session.save_model_format", "ORT")
         so.log_severity_level = 3
-        ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+        from runtime_shim.session import DEFAULTS
+
+        ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=DEFAULTS["disabled_optimizers"])
         tmp_config = Path(tmp) / REQUIRED_OPERATORS
         create_config_from_models([tmp_model], tmp_config, enable_type_reduction=False)
         # The generated header names the temporary path; keep the file stable across builds.
