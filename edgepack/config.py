@@ -140,8 +140,12 @@ class ExportConfig(ConfigBase):
     parity_rows: int = 64  # real rows to compare PyTorch and ONNX logits on
     atol: float = 1e-3  # max |logit difference| allowed between PyTorch and ONNX fp32
     trim_unreachable: bool = True  # drop embedding rows no input can reach (edgepack.unreachable): exact
+    # fused: write BERT straight to ORT's fused operators (edgepack.bert_onnx); torch: torch.onnx.export;
+    # auto: fused where supported, else torch
+    writer: str = "auto"
 
     def __post_init__(self) -> None:
+        _choice("writer", self.writer, ("auto", "fused", "torch"))
         _in_range("opset", self.opset, 14, 23)
         _in_range("max_length", self.max_length, 8, 4096)
         _in_range("parity_rows", self.parity_rows, 1)
@@ -278,6 +282,9 @@ class PruneConfig(ConfigBase):
     trim_vocab: bool = True  # keep the tokens the training split uses, every character piece and specials
     keep_top: int = 0  # also keep the first K ids of the original vocabulary (roughly its most frequent)
     keep_chars: str = "all"  # character pieces kept: all (any word in any script tokenizes) or latin
+    # > 0: the tokens trimming drops are not removed but folded into this many shared rows (k-means of
+    # their embeddings), so a word the training split lacks keeps roughly its own meaning
+    cluster_rest: int = 0
     max_positions: int | None = None  # keep this many position embeddings (>= the export max_length)
     keep_layers: tuple[int, ...] = ()  # encoder layers to keep, e.g. (0, 5); empty: all
     heads_per_layer: tuple[int, ...] = ()  # one value for every layer, or one per layer (uneven allowed)
@@ -296,6 +303,7 @@ class PruneConfig(ConfigBase):
 
     def __post_init__(self) -> None:
         _in_range("keep_top", self.keep_top, 0)
+        _in_range("cluster_rest", self.cluster_rest, 0)
         _choice("keep_chars", self.keep_chars, ("all", "latin"))
         if self.max_positions is not None:
             _in_range("max_positions", self.max_positions, self.max_length, 1 << 16)

@@ -109,19 +109,24 @@ def export_onnx(cfg: ExportConfig, model_dir: Path, out_dir: Path, parity_texts:
     tok_path = out_dir / "tokenizer.json"
     tok_path.write_text(json.dumps(tok_json, ensure_ascii=False))
     runtime_tok = _runtime_tokenizer(tok_path, cfg.max_length)
-    sample = _encode(runtime_tok, ["edgepack export sample", "a second, longer sample sentence for the trace"],
-                     info.input_names)
-    args = tuple(torch.from_numpy(sample[name]) for name in info.input_names)
-    axes = {name: {0: "batch", 1: "sequence"} for name in info.input_names} | {"logits": {0: "batch"}}
     onnx_path = out_dir / ONNX_NAME
-    with torch.no_grad(), warnings.catch_warnings():
-        # The tracer warns about Python-side shape checks in transformers' masking code and about
-        # advanced indexing; parity below is the check that matters, so keep the console clean.
-        warnings.simplefilter("ignore")
-        # dynamo=False: the TorchScript exporter needs no onnxscript and gives the graph ORT's BERT
-        # fusions recognise.
-        torch.onnx.export(model, args, str(onnx_path), input_names=list(info.input_names), output_names=["logits"],
-                          dynamic_axes=axes, opset_version=cfg.opset, dynamo=False)
+    writer = choose_writer(cfg.writer, model)
+    if writer == "fused":
+        from .bert_onnx import write_bert_onnx
+
+        write_bert_onnx(model, onnx_path, opset=cfg.opset)
+    else:
+        sample = _encode(runtime_tok, ["edgepack export sample", "a second, longer sample sentence for the trace"],
+                         info.input_names)
+        args = tuple(torch.from_numpy(sample[name]) for name in info.input_names)
+        axes = {name: {0: "batch", 1: "sequence"} for name in info.input_names} | {"logits": {0: "batch"}}
+        with torch.no_grad(), warnings.catch_warnings():
+            # The tracer warns about Python-side shape checks in transformers' masking code and about
+            # advanced indexing; parity below is the check that matters, so keep the console clean.
+            warnings.simplefilter("ignore")
+            # dynamo=False: the TorchScript exporter needs no onnxscript.
+            torch.onnx.export(model, args, str(onnx_path), input_names=list(info.input_names),
+                              output_names=["logits"], dynamic_axes=axes, opset_version=cfg.opset, dynamo=False)
     model.config.to_json_file(str(out_dir / "config.json"))
     # Parity is against the untouched model and its own tokenizer: it covers the export and the
     # trimming together.
@@ -130,11 +135,24 @@ def export_onnx(cfg: ExportConfig, model_dir: Path, out_dir: Path, parity_texts:
     if max_diff > cfg.atol:
         raise EdgepackError(f"{onnx_path}: ONNX logits differ from PyTorch by {max_diff:.2e} > {cfg.atol:g} "
                             "on real rows; raise --atol only if this is expected for the architecture")
-    metrics = {"parity_max_abs_diff": max_diff, "parity_rows": min(len(parity_texts), cfg.parity_rows),
+    metrics = {"writer": writer, "input_names": list(check_onnx_classifier(onnx_path, info.num_labels)),
+               "parity_max_abs_diff": max_diff, "parity_rows": min(len(parity_texts), cfg.parity_rows),
                "onnx_bytes": onnx_path.stat().st_size, "source_weight_bytes": _weight_bytes(model_dir),
                "info": info.to_dict(), **({"unreachable_trimmed": trim} if trim else {})}
     return write_stage_record(out_dir, stage="export", config=cfg.to_dict(), input_hash=hash_tree(model_dir),
                               metrics=metrics, started=started)
+
+
+def choose_writer(writer: str, model) -> str:
+    """``fused`` or ``torch`` for ``ExportConfig.writer`` (``auto``: fused where the model allows)."""
+    from .bert_onnx import supported
+
+    why = supported(model)
+    if writer == "fused" and why:
+        raise EdgepackError(f"--writer fused cannot write this model ({why}); use --writer torch or auto")
+    if writer == "auto":
+        return "torch" if why else "fused"
+    return writer
 
 
 def _weight_bytes(model_dir: Path) -> int:
@@ -172,6 +190,8 @@ def parity(model, tokenizer, onnx_path: Path, onnx_tokenizer, info: ModelInfo, t
     import torch
 
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    # The graph's own inputs and integer types (the fused writer takes int32 ids and mask only).
+    feeds = {i.name: np.int32 if i.type == "tensor(int32)" else np.int64 for i in sess.get_inputs()}
     worst = 0.0
     for i in range(0, len(texts), 16):
         batch = list(texts[i:i + 16])
@@ -179,7 +199,8 @@ def parity(model, tokenizer, onnx_path: Path, onnx_tokenizer, info: ModelInfo, t
         ref_feed = {name: _input(enc, name).astype(np.int64) for name in info.input_names}
         with torch.no_grad():
             ref = model(**{k: torch.from_numpy(v) for k, v in ref_feed.items()}).logits.numpy()
-        got = sess.run(["logits"], _encode(onnx_tokenizer, batch, info.input_names))[0]
+        encoded = _encode(onnx_tokenizer, batch, INPUT_NAMES)
+        got = sess.run(["logits"], {k: encoded[k].astype(t) for k, t in feeds.items()})[0]
         worst = max(worst, float(np.abs(ref - got).max()))
     return worst
 

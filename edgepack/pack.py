@@ -108,10 +108,12 @@ def pack(
             parity = rec["metrics"]["parity_max_abs_diff"]
             source_bytes = rec["metrics"]["source_weight_bytes"]
             trim = rec["metrics"].get("unreachable_trimmed")
+            info = ModelInfo(**{**info.to_dict(), "input_names": tuple(rec["metrics"]["input_names"])})
             if trim:
                 log(f"[pack] unreachable rows trimmed (exact): vocabulary {trim['vocab_before']} -> {trim['vocab_after']}, "
                     f"positions {trim['positions_before']} -> {trim['positions_after']}")
-            log(f"[pack] exported fp32 ONNX ({fp32.stat().st_size / 1e6:.1f} MB), max |logit diff| vs PyTorch {parity:.1e}")
+            log(f"[pack] exported fp32 ONNX ({rec['metrics']['writer']} writer, {fp32.stat().st_size / 1e6:.1f} MB), "
+                f"max |logit diff| vs PyTorch {parity:.1e}")
         else:
             fp32, tokenizer, parity = model_dir / "model.onnx", model_dir / "tokenizer.json", None
             source_bytes = fp32.stat().st_size

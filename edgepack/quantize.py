@@ -29,6 +29,14 @@ def fuse(src: Path, out: Path, info: ModelInfo) -> Path:
     return out
 
 
+def written_fused(path: Path) -> bool:
+    """True for a graph ``edgepack.bert_onnx`` wrote: already fused (the optimizer would only turn its
+    Add + LayerNormalization pairs back into the slower SkipLayerNormalization)."""
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False).producer_name == "edgepack"
+
+
 def quantize_model(cfg: QuantizeConfig, src: Path, out: Path, *, info: ModelInfo) -> Path:
     """Write the quantized model to ``out`` (never over ``src``). Static QDQ and 4-bit MatMulNBits
     are built by ``edgepack.variants``, which measures them against the dynamic formats."""
@@ -43,7 +51,7 @@ def quantize_model(cfg: QuantizeConfig, src: Path, out: Path, *, info: ModelInfo
 
         return variants.quantize_other(cfg, src, out, info=info)
     with tempfile.TemporaryDirectory(prefix="edgepack-quant-") as tmp:
-        model_in = fuse(src, Path(tmp) / "fused.onnx", info) if cfg.fuse else src
+        model_in = fuse(src, Path(tmp) / "fused.onnx", info) if cfg.fuse and not written_fused(src) else src
         # The quantizer logs a "run pre-processing first" hint on every call; the exported graph is
         # already shape-inferred, so keep the console for our own progress lines.
         logging.getLogger().setLevel(logging.ERROR)

@@ -46,9 +46,14 @@ def test_int8_quantized_matmuls(tiny_bundle: Path):
     from edgepack.quantize import count_ops
 
     ops = count_ops(tiny_bundle / "model.quant.onnx")
-    # 2 layers x (Q, K, V, attention output, FFN in, FFN out) + classifier/pooler: every weight MatMul is int8.
-    assert ops.get("MatMulInteger", 0) >= 12
-    assert ops.get("MatMul", 0) <= 4  # only the two activation x activation attention products per layer remain
+    # The fused writer: per layer one Attention (Q, K, V in one weight) and three weight MatMuls (attention
+    # output, FFN in, FFN out), plus pooler and classifier; every one of them int8.
+    assert ops.get("QAttention", 0) == 2 and "Attention" not in ops
+    assert ops.get("MatMulInteger", 0) == 2 * 3 + 2
+    assert "MatMul" not in ops
+    assert ops.get("QEmbedLayerNormalization", 0) == 1
+    # Add + LayerNormalization on purpose: ORT's SkipLayerNormalization kernel is slower on CPU.
+    assert "SkipLayerNormalization" not in ops and ops.get("LayerNormalization", 0) == 4
 
 
 def test_export_parity_and_dynamic_axes(tmp_path, tiny_model, corpus):
@@ -184,9 +189,16 @@ def test_calibrated_threshold_maximises_accuracy():
     rng = np.random.default_rng(1)
     probs = softmax(rng.normal(size=(300, 6)) * 2)
     labels = rng.integers(0, 6, 300)
-    t = calibrate_threshold(probs, labels, oos_id=5)
-    best = max((apply_threshold(probs, 5, c) == labels).mean() for c in np.linspace(0, 1, 2001))
-    assert (apply_threshold(probs, 5, t) == labels).mean() == pytest.approx(best, abs=1e-9)
+    t = calibrate_threshold(probs, labels, oos_id=5, rule="max")
+    grid = np.linspace(0, 1, 2001)
+    accs = np.array([(apply_threshold(probs, 5, c) == labels).mean() for c in grid])
+    assert (apply_threshold(probs, 5, t) == labels).mean() == pytest.approx(accs.max(), abs=1e-9)
+    # one-se (the default): the largest threshold within one standard error of the best accuracy
+    se = np.sqrt(accs.max() * (1 - accs.max()) / len(labels))
+    t1 = calibrate_threshold(probs, labels, oos_id=5)
+    assert t1 >= t
+    assert (apply_threshold(probs, 5, t1) == labels).mean() >= accs.max() - se - 1e-9
+    assert t1 >= grid[np.flatnonzero(accs >= accs.max() - se - 1e-9)[-1]] - 1e-3
     t90 = calibrate_threshold(probs, labels, oos_id=5, target_recall=0.9)
     pred = apply_threshold(probs, 5, t90)
     assert (pred[labels == 5] == 5).mean() >= 0.9
