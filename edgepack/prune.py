@@ -158,7 +158,7 @@ def prune(cfg: PruneConfig, src: Path, out: Path, data: LabelledData, teacher_di
         if tok_json is not None:
             t0 = time.time()
             new_json, report = vocab.trim_vocab(model, tok_json, train.texts, keep_top=cfg.keep_top,
-                                               keep_chars=cfg.keep_chars)
+                                               keep_chars=cfg.keep_chars, clusters=cfg.cluster_rest, seed=cfg.seed)
             if cfg.max_positions is not None:
                 vocab.trim_positions(model, cfg.max_positions)
             vocab.save_tokenizer(src, tmp, new_json, model_max_length=cfg.max_positions)

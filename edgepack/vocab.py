@@ -244,9 +244,43 @@ def trim_positions(model, max_positions: int) -> None:
     model.config.max_position_embeddings = max_positions
 
 
-def trim_vocab(model, tok_json: dict[str, Any], texts: Sequence[str], *, keep_top: int = 0, keep_chars: str = "all"
-               ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Trim ``model`` (in place) and return ``(new tokenizer JSON, report)``."""
+def cluster_rest(weights: np.ndarray, keep_ids: np.ndarray, dropped: np.ndarray, clusters: int, *, seed: int = 0
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """k-means of the dropped tokens' embedding rows: ``(centroids [k, d], cluster of each dropped id)``.
+
+    A dropped word then keeps (approximately) its own embedding, one row shared with similar words,
+    instead of being spelled out in character pieces the model rarely saw: the tokenizer still splits
+    it the same way, only its id changes. Plain Lloyd iterations from a seeded sample, in numpy."""
+    x = weights[dropped].astype(np.float32)
+    k = min(clusters, len(dropped))
+    rng = np.random.default_rng(seed)
+    centroids = x[rng.choice(len(x), size=k, replace=False)].copy()
+    sq = (x * x).sum(1)
+    assign = np.zeros(len(x), dtype=np.int64)
+    for _ in range(20):
+        dist = sq[:, None] - 2.0 * (x @ centroids.T) + (centroids * centroids).sum(1)[None, :]
+        new = dist.argmin(1)
+        if _ and np.array_equal(new, assign):
+            break
+        assign = new
+        counts = np.bincount(assign, minlength=k)
+        sums = np.zeros_like(centroids)
+        np.add.at(sums, assign, x)
+        filled = counts > 0
+        centroids[filled] = sums[filled] / counts[filled, None]
+    # Every dropped token maps to its nearest final centroid.
+    dist = sq[:, None] - 2.0 * (x @ centroids.T) + (centroids * centroids).sum(1)[None, :]
+    return centroids, dist.argmin(1)
+
+
+def trim_vocab(model, tok_json: dict[str, Any], texts: Sequence[str], *, keep_top: int = 0, keep_chars: str = "all",
+               clusters: int = 0, seed: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Trim ``model`` (in place) and return ``(new tokenizer JSON, report)``.
+
+    ``clusters > 0`` folds the dropped tokens into that many shared rows (:func:`cluster_rest`)
+    instead of removing them from the tokenizer."""
+    import torch
+
     keep = select_tokens(tok_json, texts, keep_top=keep_top, keep_chars=keep_chars)
     emb = model.get_input_embeddings()
     if emb.weight.shape[0] < int(keep.max()) + 1:
@@ -254,13 +288,34 @@ def trim_vocab(model, tok_json: dict[str, Any], texts: Sequence[str], *, keep_to
                             f"{emb.weight.shape[0]} rows; model and tokenizer do not belong together")
     before = tuple(emb.weight.shape)
     new_json = remap_tokenizer_json(tok_json, keep)
+    folded = 0
+    if clusters > 0:
+        vocab = tok_json["model"]["vocab"]
+        kept = set(int(i) for i in keep)
+        dropped_tokens = [(t, i) for t, i in vocab.items()
+                          if i not in kept and not _PLACEHOLDER.match(t) and i < emb.weight.shape[0]]
+        if dropped_tokens:
+            dropped = np.asarray([i for _, i in dropped_tokens], dtype=np.int64)
+            centroids, assign = cluster_rest(emb.weight.detach().float().numpy(), keep, dropped, clusters, seed=seed)
+            base = len(keep)
+            for (tok, _), c in zip(dropped_tokens, assign, strict=True):
+                new_json["model"]["vocab"][tok] = base + int(c)
+            folded = len(dropped_tokens)
     trim_embeddings(model, keep)
+    if folded:
+        old = model.get_input_embeddings()
+        new = torch.nn.Embedding(old.num_embeddings + len(centroids), old.embedding_dim, padding_idx=old.padding_idx)
+        with torch.no_grad():
+            new.weight[: old.num_embeddings].copy_(old.weight)
+            new.weight[old.num_embeddings:].copy_(torch.as_tensor(centroids, dtype=old.weight.dtype))
+        model.set_input_embeddings(new)
+        model.config.vocab_size = new.num_embeddings
     after = tuple(model.get_input_embeddings().weight.shape)
     report = {
         "vocab_before": before[0], "vocab_after": after[0],
         "embedding_params_before": before[0] * before[1], "embedding_params_after": after[0] * after[1],
         "embedding_reduction": round(1 - after[0] / before[0], 4),
-        "keep_top": keep_top, "keep_chars": keep_chars,
+        "keep_top": keep_top, "keep_chars": keep_chars, "clusters": clusters, "tokens_folded": folded,
     }
     return new_json, report
 
@@ -285,7 +340,9 @@ def save_tokenizer(src: Path, out: Path, new_json: dict[str, Any], *, model_max_
                 data["model_max_length"] = min(int(data.get("model_max_length") or model_max_length), model_max_length)
         (out / name).write_text(json.dumps(data, ensure_ascii=False, indent=2))
     # Slow-tokenizer files would silently disagree with the new ids: rewrite them from the new vocabulary.
-    if (Path(src) / "vocab.txt").is_file() and new_json["model"]["type"] == "WordPiece":
+    # Folded vocabularies (several tokens on one id) have no vocab.txt form: tokenizer.json only.
+    if (Path(src) / "vocab.txt").is_file() and new_json["model"]["type"] == "WordPiece" \
+            and len(set(vocab.values())) == len(vocab):
         (out / "vocab.txt").write_text("".join(t + "\n" for t in inv))
     if new_json["model"]["type"] == "BPE":
         if (Path(src) / "vocab.json").is_file():

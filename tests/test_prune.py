@@ -89,6 +89,39 @@ def test_trim_vocab_reports_sizes_and_keeps_char_pieces(tiny_model, corpus):
     assert new_json["model"]["vocab"]["[PAD]"] == 0 == model.config.pad_token_id
 
 
+def test_cluster_rest_folds_dropped_tokens_into_shared_rows(tiny_model, corpus, tmp_path):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    texts = _texts(corpus)
+    model = _load(tiny_model)
+    old_emb = model.get_input_embeddings().weight.detach().clone()
+    tok_json = vocab.read_tokenizer_json(tiny_model)
+    new_json, report = vocab.trim_vocab(model, tok_json, texts[:10], clusters=4)
+    kept = len(vocab.select_tokens(tok_json, texts[:10]))
+    assert report["vocab_after"] == kept + 4 and report["tokens_folded"] > 0
+    old_tok = Tokenizer.from_file(str(tiny_model / "tokenizer.json"))
+    new_tok = Tokenizer.from_str(json.dumps(new_json))
+    emb = model.get_input_embeddings().weight.detach()
+    folded = 0
+    for text in texts[10:]:  # words the sub-corpus never used: split exactly as before, ids remapped
+        old, new = old_tok.encode(text), new_tok.encode(text)
+        assert new.tokens == old.tokens and max(new.ids) < emb.shape[0]
+        for o, n in zip(old.ids, new.ids, strict=True):
+            if n >= kept:  # a folded token: its row is its cluster's centroid, near its own embedding
+                folded += 1
+                centroids = emb[kept:]
+                assert torch.argmin(((centroids - old_emb[o]) ** 2).sum(1)).item() == n - kept
+            else:
+                assert torch.equal(emb[n], old_emb[o])
+    assert folded > 0
+    out = tmp_path / "folded"
+    model.save_pretrained(out)
+    vocab.save_tokenizer(tiny_model, out, new_json)
+    assert not (out / "vocab.txt").exists()  # several tokens share an id: no vocab.txt form
+    assert AutoTokenizer.from_pretrained(out)(texts[12])["input_ids"] == new_tok.encode(texts[12]).ids
+
+
 def test_bpe_tokenizer_trims_with_its_merges(corpus):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 

@@ -32,6 +32,9 @@ def register(sub) -> argparse.ArgumentParser:
                    help="also keep the first K tokens of the original vocabulary (default: 0)")
     g.add_argument("--keep-chars", choices=("all", "latin"), default="all",
                    help="character pieces kept so unseen words still tokenize: all scripts (default) or Latin only")
+    g.add_argument("--cluster-rest", type=int, default=0, metavar="K",
+                   help="fold the dropped tokens into K shared rows (k-means of their embeddings) instead of "
+                        "spelling unseen words in character pieces (default: 0, drop them)")
     g.add_argument("--max-positions", type=int, default=None, metavar="N",
                    help="keep only N position embeddings (at least --max-length)")
     g = p.add_argument_group("structure")
@@ -65,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cfg = PruneConfig(trim_vocab=args.trim_vocab, keep_top=args.keep_top, keep_chars=args.keep_chars,
+                          cluster_rest=args.cluster_rest,
                           max_positions=args.max_positions,
                           keep_layers=args.keep_layers, heads_per_layer=args.heads_per_layer, ffn_size=args.ffn_size,
                           param_budget=args.param_budget, importance_rows=args.importance_rows, recover=args.recover,
