@@ -143,9 +143,13 @@ class ExportConfig(ConfigBase):
     # fused: write BERT straight to ORT's fused operators (edgepack.bert_onnx); torch: torch.onnx.export;
     # auto: fused where supported, else torch
     writer: str = "auto"
+    # fused writer: one EmbedLayerNormalization, or gather (Gather + Add + LayerNorm; needed to store
+    # the word table in 4 bits, see QuantizeConfig.embedding_bits)
+    embedding: str = "fused"
 
     def __post_init__(self) -> None:
         _choice("writer", self.writer, ("auto", "fused", "torch"))
+        _choice("embedding", self.embedding, ("fused", "gather"))
         _in_range("opset", self.opset, 14, 23)
         _in_range("max_length", self.max_length, 8, 4096)
         _in_range("parity_rows", self.parity_rows, 1)
@@ -170,6 +174,10 @@ class QuantizeConfig(ConfigBase):
     op_types: tuple[str, ...] = ("MatMul", "Attention", "Gather", "EmbedLayerNormalization")
     fuse: bool = False  # run onnxruntime.transformers.optimizer first (measured: not always faster)
     nbits_block_size: int = 32
+    # 4: the word-embedding table as 4-bit blocks (GatherBlockQuantized), a quarter of fp32 instead of
+    # a half of int8's... bytes: on a small student the table is most of the file
+    embedding_bits: int = 8
+    embedding_block_size: int = 64
     calibration_rows: int = 256  # for static QDQ
     session_config: dict[str, str] = dataclasses.field(default_factory=dict)  # e.g. x64quantprecision
 
@@ -177,6 +185,8 @@ class QuantizeConfig(ConfigBase):
         _choice("format", self.format, QUANT_FORMATS)
         _choice("weight_type", self.weight_type, WEIGHT_TYPES)
         _choice("activation_type", self.activation_type, ACTIVATION_TYPES)
+        _choice("embedding_bits", self.embedding_bits, (8, 4))
+        _choice("embedding_block_size", self.embedding_block_size, (16, 32, 64, 128, 256))
         if self.format == "dynamic" and self.activation_type != "quint8":
             raise ValueError("activation_type must be 'quint8' for dynamic quantization (ORT's only choice)")
 
@@ -194,8 +204,10 @@ class PackConfig(ConfigBase):
     ort_format: bool = False  # also write model.ort + required_operators.config for minimal ORT builds
     variants: bool = False  # build and measure the target's quantization variants, keep the fastest in budget
     variant_formats: tuple[str, ...] = ("dynamic", "static-qdq", "matmul-nbits")
+    embedding_bits: int = 8  # 4: the word table in 4-bit blocks (overrides the target's setting)
 
     def __post_init__(self) -> None:
+        _choice("embedding_bits", self.embedding_bits, (8, 4))
         _in_range("max_accuracy_drop", self.max_accuracy_drop, 0.0, 100.0)
         if self.oos_recall is not None:
             _in_range("oos_recall", self.oos_recall, 0.0, 1.0)

@@ -114,7 +114,7 @@ def export_onnx(cfg: ExportConfig, model_dir: Path, out_dir: Path, parity_texts:
     if writer == "fused":
         from .bert_onnx import write_bert_onnx
 
-        write_bert_onnx(model, onnx_path, opset=cfg.opset)
+        write_bert_onnx(model, onnx_path, opset=cfg.opset, embedding=cfg.embedding)
     else:
         sample = _encode(runtime_tok, ["edgepack export sample", "a second, longer sample sentence for the trace"],
                          info.input_names)

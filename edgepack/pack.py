@@ -8,6 +8,7 @@ when complete, manifest last).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -94,6 +95,10 @@ def pack(
     info = read_model_info(model_dir)
     kind = _source_kind(model_dir)
     target = resolve_target(cfg.target)
+    if cfg.embedding_bits != target.quantize.embedding_bits:
+        target = dataclasses.replace(target, quantize=target.quantize.replace(embedding_bits=cfg.embedding_bits))
+    if cfg.embedding_bits == 4:
+        export_cfg = export_cfg.replace(embedding="gather")  # 4-bit blocks need a plain Gather on the table
     data = data or load_dataset(data_cfg, dict(enumerate(info.label_names)))
     val, test = data["validation"], data["test"]
     log(f"[pack] {model_dir} -> {out} (target {target.name}; {len(data['train'])}/{len(val)}/{len(test)} rows)")

@@ -37,6 +37,37 @@ def written_fused(path: Path) -> bool:
     return onnx.load(str(path), load_external_data=False).producer_name == "edgepack"
 
 
+def quantize_embedding_4bit(src: Path, out: Path, block_size: int) -> Path:
+    """The word-embedding Gather of ``src`` as a 4-bit, block-quantized GatherBlockQuantized (blocks of
+    ``block_size`` along the hidden axis, symmetric). Needs a plain Gather on the table: the fused
+    writer's ``embedding="gather"`` or a ``torch.onnx.export`` graph, not EmbedLayerNormalization."""
+    import numpy as np
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    model = onnx.load(str(src))
+    inits = {i.name: i for i in model.graph.initializer}
+    if not any(n.op_type == "Gather" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2
+               for n in model.graph.node):
+        raise EdgepackError(f"{src}: no Gather on an embedding table to store in 4 bits (the embedding is fused); "
+                            "export with ExportConfig(embedding='gather') or keep embedding_bits = 8")
+    cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, bits=4,
+                                       op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),))
+    level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs one INFO line per node it skips
+    try:
+        quantizer = MatMulNBitsQuantizer(model, algo_config=cfg)
+        with np.errstate(invalid="ignore", divide="ignore"):  # an all-zero block (the [PAD] row): scale 0, handled
+            quantizer.process()
+    finally:
+        logging.getLogger().setLevel(level)
+    quantizer.model.save_model_to_file(str(out))
+    return Path(out)
+
+
 def quantize_model(cfg: QuantizeConfig, src: Path, out: Path, *, info: ModelInfo) -> Path:
     """Write the quantized model to ``out`` (never over ``src``). Static QDQ and 4-bit MatMulNBits
     are built by ``edgepack.variants``, which measures them against the dynamic formats."""
@@ -52,6 +83,10 @@ def quantize_model(cfg: QuantizeConfig, src: Path, out: Path, *, info: ModelInfo
         return variants.quantize_other(cfg, src, out, info=info)
     with tempfile.TemporaryDirectory(prefix="edgepack-quant-") as tmp:
         model_in = fuse(src, Path(tmp) / "fused.onnx", info) if cfg.fuse and not written_fused(src) else src
+        op_types = list(cfg.op_types)
+        if cfg.embedding_bits == 4:
+            model_in = quantize_embedding_4bit(model_in, Path(tmp) / "embedding4.onnx", cfg.embedding_block_size)
+            op_types = [t for t in op_types if t != "Gather"]
         # The quantizer logs a "run pre-processing first" hint on every call; the exported graph is
         # already shape-inferred, so keep the console for our own progress lines.
         logging.getLogger().setLevel(logging.ERROR)
@@ -60,7 +95,7 @@ def quantize_model(cfg: QuantizeConfig, src: Path, out: Path, *, info: ModelInfo
             weight_type=QuantType.QInt8 if cfg.weight_type == "qint8" else QuantType.QUInt8,
             per_channel=cfg.per_channel,
             reduce_range=cfg.reduce_range,
-            op_types_to_quantize=list(cfg.op_types),
+            op_types_to_quantize=op_types,
             # Fused contrib ops (Attention, SkipLayerNormalization) defeat ONNX shape inference; their
             # outputs are fp32, which the quantizer must be told.
             extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},

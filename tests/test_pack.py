@@ -249,3 +249,31 @@ def test_pack_a_model_with_uneven_pruned_heads(tmp_path, tiny_model, clinc_json)
     shapes = [tuple(d.dims) for d in onnx.load(str(out / "model.quant.onnx")).graph.initializer
               if d.data_type == onnx.TensorProto.INT8 and len(d.dims) == 2]
     assert (32, 16) in shapes and (16, 32) in shapes  # the pruned FFN, int8
+
+
+def test_embedding_bits_4_stores_the_table_in_4bit_blocks(tmp_path, tiny_model, clinc_json, tiny_bundle):
+    import onnx
+
+    from edgepack.config import DataConfig, PackConfig
+    from edgepack.pack import pack
+    from edgepack.quantize import count_ops
+    from runtime_shim import OnnxPipeline
+
+    out = tmp_path / "emb4"
+    pack(PackConfig(max_accuracy_drop=100.0, eval_rows=20, embedding_bits=4), tiny_model,
+         DataConfig(source=str(clinc_json)), out, log=lambda *a: None)
+    ops = count_ops(out / "model.quant.onnx")
+    assert ops.get("GatherBlockQuantized") == 1 and "EmbedLayerNormalization" not in ops
+    model = onnx.load(str(out / "model.quant.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    node = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    table = inits[node.input[0]]
+    assert table.data_type in (onnx.TensorProto.UINT4, onnx.TensorProto.INT4, onnx.TensorProto.UINT8)
+    rows, width = (table.dims[0], table.dims[1] * (2 if table.data_type == onnx.TensorProto.UINT8 else 1))
+    assert width == 32 and len(table.raw_data) == rows * width // 2  # 4 bits a weight
+    eight = OnnxPipeline(tiny_bundle)
+    four = OnnxPipeline(out)
+    queries = ["what is my balance", "book a flight to paris", "tell me a joke about cats"]
+    a = [r[0]["label"] for r in eight(queries, top_k=1)]
+    b = [r[0]["label"] for r in four(queries, top_k=1)]
+    assert sum(x == y for x, y in zip(a, b, strict=True)) >= 2

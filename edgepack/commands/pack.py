@@ -22,6 +22,8 @@ def register(sub) -> argparse.ArgumentParser:
                    help="refuse an int8 model that loses more validation accuracy than this vs fp32 (default: 1.0)")
     p.add_argument("--oos-recall", type=float, default=None, metavar="R",
                    help="calibrate the out-of-scope threshold to reach this validation recall (default: max accuracy)")
+    p.add_argument("--embedding-bits", type=int, choices=(8, 4), default=8,
+                   help="store the word-embedding table in 8-bit or 4-bit blocks (default: 8)")
     p.add_argument("--max-length", type=int, default=64, help="tokens per query (default: 64)")
     p.add_argument("--eval-rows", type=int, default=1000, help="rows of the test split shipped as eval.jsonl")
     p.add_argument("--archive", action="store_true", help="also write BUNDLE.tar.gz to copy to a device")
@@ -39,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = PackConfig(target=args.target, max_accuracy_drop=args.max_accuracy_drop, oos_recall=args.oos_recall,
                          eval_rows=args.eval_rows, archive=args.archive, ort_format=args.ort_format,
-                         variants=args.variants)
+                         variants=args.variants, embedding_bits=args.embedding_bits)
         export_cfg = ExportConfig(max_length=args.max_length)
     except ValueError as e:
         from ..errors import EdgepackError
