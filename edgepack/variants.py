@@ -314,6 +314,10 @@ def search(
             yield ref_pipe.encode([text])
 
     variants = candidates(target, formats=formats)
+    from .quantize import written_fused
+
+    if written_fused(Path(fp32_onnx)):  # already fused: the "fuse" flip would build the same model twice
+        variants = [v for v in variants if v.quantize.fuse == target.quantize.fuse or v.quantize.format != "dynamic"]
     pipes: dict[str, Any] = {"fp32": ref_pipe}
     rows: dict[str, dict[str, Any]] = {"fp32": {"name": "fp32", "format": "fp32", "note": "reference",
                                                 "model_mb": Path(fp32_onnx).stat().st_size / 1e6}}
