@@ -179,18 +179,20 @@ class OnnxPipeline:
         if isinstance(texts, str):
             texts = [texts]
         # encode() for one text: encode_batch() hands a single item to the thread pool for nothing.
-        encs = [self.tokenizer.encode(texts[0])] if len(texts) == 1 else self.tokenizer.encode_batch(list(texts))
-        ids = np.array([e.ids for e in encs], dtype=np.int64)
+        # Arrays are built in the model's own integer type (int32 for edgepack's fused graphs).
+        single = len(texts) == 1
+        encs = [self.tokenizer.encode(texts[0])] if single else self.tokenizer.encode_batch(list(texts))
+        types = self._input_types
         out: dict[str, np.ndarray] = {}
         for name in self.input_names:
             if name == "input_ids":
-                arr = ids
+                out[name] = np.array([e.ids for e in encs], dtype=types[name])
             elif name == "attention_mask":
-                arr = np.array([e.attention_mask for e in encs], dtype=np.int64)
+                # One unpadded text: all ones, without building the list.
+                out[name] = (np.ones((1, len(encs[0].ids)), dtype=types[name]) if single
+                             else np.array([e.attention_mask for e in encs], dtype=types[name]))
             else:
-                arr = np.zeros_like(ids)
-            dtype = self._input_types[name]
-            out[name] = arr if arr.dtype == dtype else arr.astype(dtype)
+                out[name] = np.zeros((len(encs), len(encs[0].ids)), dtype=types[name])
         return out
 
     def forward(self, encoded: Mapping[str, np.ndarray]) -> np.ndarray:
