@@ -553,6 +553,11 @@ def distill(
     with staging_dir(out, force=force) as tmp:
         model.save_pretrained(tmp)
         prep.tokenizer.save_pretrained(tmp)
+        # Keep the source's tokenizer.json as it is: re-serialising drops tokens that share an id
+        # (a vocabulary folded by prune --cluster-rest).
+        src_tok = Path(str(getattr(prep.tokenizer, "name_or_path", "") or "")) / "tokenizer.json"
+        if src_tok.is_file():
+            shutil.copy2(src_tok, tmp / "tokenizer.json")
         if search_db is not None and Path(search_db).is_file():
             shutil.copy2(search_db, tmp / "search.db")
         record = write_stage_record(tmp, stage=STAGE, config=config, input_hash=input_hash, metrics=metrics,

@@ -97,7 +97,10 @@ def export_onnx(cfg: ExportConfig, model_dir: Path, out_dir: Path, parity_texts:
     reference, tokenizer = load_classifier(model_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tok_json = json.loads(tokenizer.backend_tokenizer.to_str())
+    # The file itself, not tokenizers' re-serialisation: that keeps one token per id and would drop
+    # the tokens vocabulary folding (prune --cluster-rest) put on shared rows.
+    raw_tok = Path(model_dir) / "tokenizer.json"
+    tok_json = json.loads(raw_tok.read_text() if raw_tok.is_file() else tokenizer.backend_tokenizer.to_str())
     model, trim = reference, None
     if cfg.trim_unreachable:
         import copy

@@ -120,6 +120,13 @@ def test_cluster_rest_folds_dropped_tokens_into_shared_rows(tiny_model, corpus, 
     vocab.save_tokenizer(tiny_model, out, new_json)
     assert not (out / "vocab.txt").exists()  # several tokens share an id: no vocab.txt form
     assert AutoTokenizer.from_pretrained(out)(texts[12])["input_ids"] == new_tok.encode(texts[12]).ids
+    # Export keeps the folded tokens (tokenizers' own re-serialisation would drop all but one per id).
+    from edgepack.config import ExportConfig
+    from edgepack.export import export_onnx
+
+    export_onnx(ExportConfig(), out, tmp_path / "export", texts[10:])  # raises on a parity miss
+    exported = json.loads((tmp_path / "export" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert len(exported) > len(set(exported.values()))
 
 
 def test_bpe_tokenizer_trims_with_its_merges(corpus):
