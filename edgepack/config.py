@@ -306,6 +306,8 @@ class PruneConfig(ConfigBase):
     recover: bool = True  # distil the pruned model from the teacher afterwards
     recover_epochs: int = 3
     recover_learning_rate: float = 2e-4
+    recover_augment: int = 0  # teacher-labelled noisy copies of each training text during recovery
+    recover_freeze_embeddings: bool = True  # a trimmed table is small: training it is affordable
     alpha: float = 0.5
     temperature: float = 2.0
     sparsity: str = "none"  # unstructured pruning during recovery: none, magnitude, movement
@@ -329,6 +331,7 @@ class PruneConfig(ConfigBase):
             _in_range("keep_layers", n, 0)
         _in_range("importance_rows", self.importance_rows, 1)
         _in_range("recover_epochs", self.recover_epochs, 1)
+        _in_range("recover_augment", self.recover_augment, 0, 20)
         _in_range("recover_learning_rate", self.recover_learning_rate, 0.0, lo_open=True)
         _in_range("alpha", self.alpha, 0.0, 1.0)
         _in_range("temperature", self.temperature, 0.0, lo_open=True)

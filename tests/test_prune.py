@@ -273,7 +273,8 @@ def test_prune_cli_end_to_end(tiny_model, clinc_json, tmp_path, capsys):
     out = tmp_path / "pruned"
     code = main(["prune", str(tiny_model), "--data", str(clinc_json), "--out", str(out), "--heads-per-layer", "3,2",
                  "--ffn-size", "32", "--epochs", "1", "--sparsity", "magnitude", "--sparsity-target", "0.5",
-                 "--max-positions", "64", "--importance-rows", "32"])
+                 "--max-positions", "64", "--importance-rows", "32", "--cluster-rest", "8", "--augment", "1",
+                 "--train-embeddings"])
     assert code == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     for step in ("input", "vocab", "structured", "recover"):
@@ -286,6 +287,10 @@ def test_prune_cli_end_to_end(tiny_model, clinc_json, tmp_path, capsys):
         assert {"parameters", "embedding_params", "test_accuracy", "val_accuracy", "test_agreement_with_input",
                 "heads_per_layer", "ffn_size", "wall_time_s"} <= set(s)
     assert steps[2]["heads_per_layer"] == [3, 2] and steps[2]["ffn_size"] == [32, 32]
+    assert steps[1]["clusters"] == 8 and steps[1]["tokens_folded"] > 0
+    recover = steps[-1]["distill"]
+    assert recover["augment"] == 1 and recover["freeze_embeddings"] is False
+    assert steps[-1]["train_rows"] == 2 * 60  # the 60 training rows and one teacher-labelled copy of each
     assert steps[-1]["parameters"] < steps[0]["parameters"]
     assert record["metrics"]["sparsity"]["sparsity_reached"] == pytest.approx(0.5, abs=0.01)
     model = structured.load_classifier(out)

@@ -50,6 +50,10 @@ def register(sub) -> argparse.ArgumentParser:
     g.add_argument("--no-recover", dest="recover", action="store_false", help="skip the recovery distillation")
     g.add_argument("--epochs", type=int, default=3, help="recovery epochs (default: 3)")
     g.add_argument("--learning-rate", type=float, default=2e-4, help="recovery learning rate (default: 2e-4)")
+    g.add_argument("--augment", type=int, default=0, metavar="N",
+                   help="N teacher-labelled noisy copies of each training text during recovery (default: 0)")
+    g.add_argument("--train-embeddings", action="store_true",
+                   help="train the (trimmed) embedding table during recovery instead of freezing it")
     g.add_argument("--alpha", type=float, default=0.5, help="weight of the gold-label loss (default: 0.5)")
     g.add_argument("--temperature", type=float, default=2.0, help="distillation temperature (default: 2)")
     g.add_argument("--sparsity", choices=("none", "magnitude", "movement"), default="none",
@@ -72,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
                           max_positions=args.max_positions,
                           keep_layers=args.keep_layers, heads_per_layer=args.heads_per_layer, ffn_size=args.ffn_size,
                           param_budget=args.param_budget, importance_rows=args.importance_rows, recover=args.recover,
-                          recover_epochs=args.epochs, recover_learning_rate=args.learning_rate, alpha=args.alpha,
+                          recover_epochs=args.epochs, recover_augment=args.augment,
+                          recover_freeze_embeddings=not args.train_embeddings, recover_learning_rate=args.learning_rate, alpha=args.alpha,
                           temperature=args.temperature, sparsity=args.sparsity, sparsity_target=args.sparsity_target,
                           max_length=args.max_length, seed=args.seed)
     except ValueError as e:
