@@ -91,7 +91,7 @@ def build_graph(model, *, opset: int = 17, embedding: str = "fused") -> onnx.Mod
 
     ``embedding="gather"`` writes the embedding as Gather + Add + LayerNormalization instead of one
     EmbedLayerNormalization, so that the word table can be block-quantized to 4 bits
-    (GatherBlockQuantized) by ``edgepack.quantize``; the attention then reads the 0/1 mask directly."""
+    by ``edgepack.quantize.quantize_embedding_4bit``; the attention then reads the 0/1 mask directly."""
     if embedding not in EMBEDDINGS:
         raise ValueError(f"embedding={embedding!r}; choose one of: {', '.join(EMBEDDINGS)}")
     why = supported(model)

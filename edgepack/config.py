@@ -174,8 +174,8 @@ class QuantizeConfig(ConfigBase):
     op_types: tuple[str, ...] = ("MatMul", "Attention", "Gather", "EmbedLayerNormalization")
     fuse: bool = False  # run onnxruntime.transformers.optimizer first (measured: not always faster)
     nbits_block_size: int = 32
-    # 4: the word-embedding table as 4-bit blocks (GatherBlockQuantized), a quarter of fp32 instead of
-    # a half of int8's... bytes: on a small student the table is most of the file
+    # 4: the word-embedding table in 4-bit blocks (edgepack.quantize.quantize_embedding_4bit): on a
+    # small student the table is most of the file
     embedding_bits: int = 8
     embedding_block_size: int = 64
     calibration_rows: int = 256  # for static QDQ

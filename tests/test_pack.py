@@ -253,6 +253,7 @@ def test_pack_a_model_with_uneven_pruned_heads(tmp_path, tiny_model, clinc_json)
 
 def test_embedding_bits_4_stores_the_table_in_4bit_blocks(tmp_path, tiny_model, clinc_json, tiny_bundle):
     import onnx
+    from onnx import numpy_helper
 
     from edgepack.config import DataConfig, PackConfig
     from edgepack.pack import pack
@@ -263,17 +264,43 @@ def test_embedding_bits_4_stores_the_table_in_4bit_blocks(tmp_path, tiny_model, 
     pack(PackConfig(max_accuracy_drop=100.0, eval_rows=20, embedding_bits=4), tiny_model,
          DataConfig(source=str(clinc_json)), out, log=lambda *a: None)
     ops = count_ops(out / "model.quant.onnx")
-    assert ops.get("GatherBlockQuantized") == 1 and "EmbedLayerNormalization" not in ops
-    model = onnx.load(str(out / "model.quant.onnx"))
-    inits = {i.name: i for i in model.graph.initializer}
-    node = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
-    table = inits[node.input[0]]
-    assert table.data_type in (onnx.TensorProto.UINT4, onnx.TensorProto.INT4, onnx.TensorProto.UINT8)
-    rows, width = (table.dims[0], table.dims[1] * (2 if table.data_type == onnx.TensorProto.UINT8 else 1))
-    assert width == 32 and len(table.raw_data) == rows * width // 2  # 4 bits a weight
+    assert ops.get("DequantizeLinear") == 1 and ops.get("BitShift") == 1 and "EmbedLayerNormalization" not in ops
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(out / "model.quant.onnx")).graph.initializer}
+    packed = next(v for k, v in inits.items() if k.endswith("_q4"))
+    vocab = json.loads((out / "config.json").read_text())["vocab_size"]
+    assert packed.dtype == np.uint8 and packed.shape == (vocab, 32 // 2)  # two 4-bit weights a byte
+    assert not any(v.dtype == np.float32 and v.shape == (vocab, 32) for v in inits.values())  # no fp32 table left
     eight = OnnxPipeline(tiny_bundle)
     four = OnnxPipeline(out)
     queries = ["what is my balance", "book a flight to paris", "tell me a joke about cats"]
     a = [r[0]["label"] for r in eight(queries, top_k=1)]
     b = [r[0]["label"] for r in four(queries, top_k=1)]
     assert sum(x == y for x, y in zip(a, b, strict=True)) >= 2
+
+
+def test_4bit_embedding_decodes_to_its_blocks(tmp_path):
+    """The decode graph returns exactly the dequantised blocks, within half a step of the weights."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgepack.quantize import quantize_embedding_4bit
+
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(50, 64)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["y"], axis=0)], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT32, [1, "s"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(table, "table")])
+    src = tmp_path / "g.onnx"
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(src))
+    out = quantize_embedding_4bit(src, tmp_path / "q.onnx", 16)
+    ids = np.array([[0, 7, 49, 7]], dtype=np.int32)
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0][0]
+    blocks = table[ids[0]].reshape(4, 4, 16)
+    step = (blocks.max(axis=2) - blocks.min(axis=2)) / 15.0
+    err = np.abs(got.reshape(4, 4, 16) - blocks)
+    assert (err <= step[:, :, None] * 0.5 + 1e-6).all()
+    assert np.array_equal(got[1], got[3])  # same id, same row
