@@ -64,8 +64,8 @@ def quantize_embedding_4bit(src: Path, out: Path, block_size: int) -> Path:
     node = max(tables, key=lambda n: inits[n.input[0]].dims[0])  # the word table: the most rows
     weights = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
     rows, width = weights.shape
-    while block_size > 1 and (width // 2) % block_size:  # blocks must tile each half of the hidden axis
-        block_size //= 2
+    # Blocks must tile each half of the hidden axis: the largest divisor of width / 2 up to block_size.
+    block_size = max((b for b in range(1, min(block_size, width // 2) + 1) if (width // 2) % b == 0), default=1)
     if width % 2 or block_size < 2:
         raise EdgepackError(f"{src}: embedding width {width} cannot be split into 4-bit blocks; keep embedding_bits = 8")
     blocks = weights.reshape(rows, width // block_size, block_size)

@@ -145,3 +145,18 @@ def test_recipe_with_unknown_key_names_it(tmp_path, capsys, tiny_model, clinc_js
     assert main(["build", str(recipe)]) == ExitCode.USAGE
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "ffn_sise" in err and "ffn_size" in err and not (tmp_path / "o").exists()
+
+
+def test_recipe_tables_override_the_builds_own_defaults(tmp_path):
+    from edgepack.config import BuildConfig, PruneConfig
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('teacher = "t"\n[prune]\nrecover_epochs = 2\n[distill]\nepochs = 1\n')
+    cfg = BuildConfig.from_toml(recipe)
+    default = BuildConfig()
+    # Only the named keys change; the rest are the build's defaults, not the section class's.
+    assert cfg.prune == default.prune.replace(recover_epochs=2)
+    assert cfg.distill == default.distill.replace(epochs=1) and cfg.distill.ablation is False
+    assert PruneConfig(ffn_fraction=1 / 3).resolved([1536, 1536]).ffn_size == 512
+    with pytest.raises(ValueError, match="not both"):
+        PruneConfig(ffn_size=10, ffn_fraction=0.5)

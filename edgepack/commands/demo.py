@@ -22,7 +22,7 @@ def register(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ..build import build
-    from ..config import BuildConfig, DataConfig, DistillConfig, FinetuneConfig, PruneConfig
+    from ..config import BuildConfig, DataConfig, DistillConfig, FinetuneConfig
     from ..data import load_dataset
     from ..finetune import finetune, input_hash, resolve_base
     from ..records import is_fresh
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         teacher=str(teacher), out=str(out / "bundle"), profile=args.profile, data=data_cfg,
         # A 2-layer student from teacher layers; the demo data is small, so more epochs are cheap.
         distill=DistillConfig(num_layers=2, epochs=10, learning_rate=3e-4, ablation=False),
-        prune=PruneConfig(recover_epochs=3),
+        prune=BuildConfig().prune.replace(recover_epochs=3),
     )
     summary = None
     try:
