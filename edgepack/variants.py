@@ -107,6 +107,10 @@ def quantize_other(cfg: QuantizeConfig, src: Path, out: Path, *, info: ModelInfo
     # ORT's symbolic shape inference and the external-data writer drop scratch files
     # (sym_shape_infer_temp.onnx, <uuid>.data) into the working directory: give them their own.
     with tempfile.TemporaryDirectory(prefix="edgepack-quant-scratch-") as scratch, contextlib.chdir(scratch):
+        if cfg.embedding_bits == 4:  # the same 4-bit word table as the dynamic formats, so sizes compare
+            from .quantize import quantize_embedding_4bit
+
+            src = quantize_embedding_4bit(src, Path(scratch) / "embedding4.onnx", cfg.embedding_block_size)
         if cfg.format == "static-qdq":
             return _static_qdq(cfg, src, out, info, calibration)
         return _matmul_nbits(cfg, src, out)
