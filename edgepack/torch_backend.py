@@ -40,8 +40,15 @@ class TorchBackend:
         self.name = name or f"{self.model_dir.name} (PyTorch {'dynamic int8' if dynamic_int8 else 'fp32'})"
         self.settings = {"intra_op_num_threads": threads, "framework": f"torch {torch.__version__}",
                          "max_length": max_length}
-        self.model_bytes = sum(f.stat().st_size for f in self.model_dir.glob("*.safetensors")) or sum(
-            f.stat().st_size for f in self.model_dir.glob("pytorch_model*.bin"))
+        if dynamic_int8:  # what torch.save of the quantized model writes (the book's size column)
+            import io
+
+            buf = io.BytesIO()
+            torch.save(self.model.state_dict(), buf)
+            self.model_bytes = buf.tell()
+        else:
+            self.model_bytes = sum(f.stat().st_size for f in self.model_dir.glob("*.safetensors")) or sum(
+                f.stat().st_size for f in self.model_dir.glob("pytorch_model*.bin"))
         self.bundle_bytes = sum(f.stat().st_size for f in self.model_dir.rglob("*") if f.is_file())
         self.rss_argv = [sys.executable, "-m", "edgepack.torch_backend", "rss", str(self.model_dir),
                          "--threads", str(threads), *(["--dynamic-int8"] if dynamic_int8 else [])]
