@@ -6,8 +6,11 @@ transformer optimizer, so its Attention and EmbedLayerNormalization fusions find
 student those small nodes, not the matrix products, are the latency. This module writes the graph the
 optimizer would have produced, from the weights:
 
-    EmbedLayerNormalization -> per layer: Attention, MatMul, SkipLayerNormalization,
-    MatMul, BiasGelu, MatMul, SkipLayerNormalization -> [CLS] -> pooler MatMul/Add/Tanh -> classifier
+    EmbedLayerNormalization -> per layer: Attention, MatMul, Add + LayerNormalization,
+    MatMul, BiasGelu, MatMul, Add + LayerNormalization -> [CLS] -> pooler MatMul/Add/Tanh -> classifier
+
+(Add + LayerNormalization rather than the fused SkipLayerNormalization, whose CPU kernel is slower;
+``runtime_shim.session`` keeps ORT from fusing them back at load time.)
 
 and in the last layer only the [CLS] row goes through the attention output and the FFN (the only row
 the classifier reads). Heads may differ per layer (pruned models). The token-type embedding of segment
