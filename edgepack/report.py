@@ -326,7 +326,7 @@ def plot_accuracy_latency(rows: Sequence[Mapping[str, Any]]) -> tuple[bytes | No
     _log_if_spread(ax, xs, "x")
     lo, hi = min(xs), max(xs)
     if ax.get_xscale() == "log":
-        ax.set_xlim(lo / 1.6, hi * 2.2)
+        ax.set_xlim(lo / 1.6, hi * 6.0)  # room for the rightmost labels inside the axes
     else:
         pad = (hi - lo) * 0.15 or hi * 0.3
         ax.set_xlim(max(0.0, lo - pad), hi + pad * 2)
@@ -386,7 +386,7 @@ def _declutter(fig, anns, obstacles, fixed=()) -> None:
         if step:  # a leader line back to the point it names
             ax.annotate("", xy=ann.xy, xytext=ann.xyann, textcoords="offset points",
                         arrowprops={"arrowstyle": "-", "color": "#9ca3af", "linewidth": 0.7, "shrinkA": 1,
-                                    "shrinkB": dx - 4})
+                                    "shrinkB": abs(dx) - 4})
         placed.append(ann.get_window_extent(renderer))
 
 
