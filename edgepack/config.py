@@ -205,7 +205,7 @@ class PackConfig(ConfigBase):
     section: ClassVar[str] = "pack"
     target: str = "auto"  # a name in targets/, or "auto" to detect this CPU's
     max_accuracy_drop: float = 1.0  # points of validation accuracy the int8 model may lose vs fp32
-    oos_recall: float | None = None  # calibrate the threshold to reach this recall instead of max accuracy
+    oos_recall: float | None = None  # calibrate the threshold to reach this recall (default: the one-SE rule)
     eval_rows: int = 1000  # size of the held-out slice shipped as eval.jsonl
     archive: bool = False
     ort_format: bool = False  # also write model.ort + required_operators.config for minimal ORT builds

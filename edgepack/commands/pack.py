@@ -21,7 +21,8 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-accuracy-drop", type=float, default=1.0, metavar="POINTS",
                    help="refuse an int8 model that loses more validation accuracy than this vs fp32 (default: 1.0)")
     p.add_argument("--oos-recall", type=float, default=None, metavar="R",
-                   help="calibrate the out-of-scope threshold to reach this validation recall (default: max accuracy)")
+                   help="calibrate the out-of-scope threshold to reach this validation recall (default: the largest "
+                        "threshold within one standard error of the best validation accuracy)")
     p.add_argument("--embedding-bits", type=int, choices=(8, 4), default=8,
                    help="store the word-embedding table in 8-bit or 4-bit blocks (default: 8)")
     p.add_argument("--max-length", type=int, default=64, help="tokens per query (default: 64)")
