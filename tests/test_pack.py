@@ -99,6 +99,20 @@ def test_existing_output_refused_unless_force(tmp_path, tiny_bundle, tiny_model,
     assert (out / "manifest.json").read_bytes() == before
 
 
+def test_pack_cli_writer_torch_bundles_the_exported_graph(tmp_path, tiny_model, clinc_json, capsys):
+    from edgepack.quantize import count_ops
+    from runtime_shim import OnnxPipeline
+
+    out = tmp_path / "torch-writer"
+    code = main(["pack", str(tiny_model), "--data", str(clinc_json), "--out", str(out), "--writer", "torch",
+                 "--max-accuracy-drop", "100"])
+    assert code == 0, capsys.readouterr().err
+    assert "torch writer" in capsys.readouterr().out
+    assert "QAttention" not in count_ops(out / "model.quant.onnx")  # the exported graph as it is, unfused
+    pipe = OnnxPipeline(out)
+    assert "token_type_ids" in pipe.input_names and pipe("what is my balance")[0]["label"]
+
+
 @pytest.mark.parametrize("case", ["unknown_label", "no_id2label", "not_classifier", "empty_data", "missing_dir"])
 def test_bad_input_one_line(case, tmp_path, tiny_model, clinc_json, capsys):
     model, data = tiny_model, clinc_json

@@ -25,6 +25,9 @@ def register(sub) -> argparse.ArgumentParser:
                         "threshold within one standard error of the best validation accuracy)")
     p.add_argument("--embedding-bits", type=int, choices=(8, 4), default=8,
                    help="store the word-embedding table in 8-bit or 4-bit blocks (default: 8)")
+    p.add_argument("--writer", choices=("auto", "fused", "torch"), default="auto",
+                   help="ONNX export: ORT's fused operators written directly (BERT), torch.onnx.export, or "
+                        "auto (fused where supported; default)")
     p.add_argument("--max-length", type=int, default=64, help="tokens per query (default: 64)")
     p.add_argument("--eval-rows", type=int, default=1000, help="rows of the test split shipped as eval.jsonl")
     p.add_argument("--archive", action="store_true", help="also write BUNDLE.tar.gz to copy to a device")
@@ -43,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = PackConfig(target=args.target, max_accuracy_drop=args.max_accuracy_drop, oos_recall=args.oos_recall,
                          eval_rows=args.eval_rows, archive=args.archive, ort_format=args.ort_format,
                          variants=args.variants, embedding_bits=args.embedding_bits)
-        export_cfg = ExportConfig(max_length=args.max_length)
+        export_cfg = ExportConfig(max_length=args.max_length, writer=args.writer)
     except ValueError as e:
         from ..errors import EdgepackError
 
