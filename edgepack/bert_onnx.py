@@ -53,6 +53,10 @@ def supported(model) -> str | None:
     return None
 
 
+def _np(tensor) -> np.ndarray:
+    return tensor.detach().cpu().float().numpy()
+
+
 class _Graph:
     def __init__(self):
         self.nodes: list[onnx.NodeProto] = []
@@ -67,7 +71,11 @@ class _Graph:
         return name
 
     def weight(self, name: str, tensor) -> str:
-        return self.const(name, tensor.detach().cpu().float().numpy())
+        return self.const(name, _np(tensor))
+
+    def matmul(self, x: str, linear, name: str) -> str:
+        """``x @ linear.weight.T`` (the bias is added by the caller's next node)."""
+        return self.node("MatMul", [x, self.const(f"{name}_w", _np(linear.weight).T)], name=name)
 
     def add_norm(self, x: str, skip: str, bias, norm, name: str, eps: float) -> str:
         """LayerNorm(x + bias + skip): Add, Add, LayerNormalization. ONNX Runtime's fused
@@ -106,9 +114,9 @@ def build_graph(model, *, opset: int = 17, embedding: str = "fused") -> onnx.Mod
     emb = model.bert.embeddings
     g = _Graph()
 
-    pos = emb.position_embeddings.weight.detach().float().numpy()
+    pos = _np(emb.position_embeddings.weight)
     if getattr(emb, "token_type_embeddings", None) is not None:
-        pos = pos + emb.token_type_embeddings.weight[0].detach().float().numpy()[None, :]
+        pos = pos + _np(emb.token_type_embeddings.weight[0])[None, :]
     if embedding == "fused":
         x, mask_index = g.node(
             "EmbedLayerNormalization",
@@ -135,8 +143,8 @@ def build_graph(model, *, opset: int = 17, embedding: str = "fused") -> onnx.Mod
         q, k, v = att.query, att.key, att.value
         width = q.out_features
         heads = width // (cfg.hidden_size // cfg.num_attention_heads)
-        w = np.concatenate([m.weight.detach().float().numpy().T for m in (q, k, v)], axis=1)
-        b = np.concatenate([m.bias.detach().float().numpy() for m in (q, k, v)])
+        w = np.concatenate([_np(m.weight).T for m in (q, k, v)], axis=1)
+        b = np.concatenate([_np(m.bias) for m in (q, k, v)])
         ctx = g.node("Attention", [x, g.const(f"l{i}_qkv_w", w), g.const(f"l{i}_qkv_b", b), mask_index],
                      domain=MS, name=f"l{i}_attention", num_heads=heads)
         skip = x
@@ -145,25 +153,23 @@ def build_graph(model, *, opset: int = 17, embedding: str = "fused") -> onnx.Mod
             ctx = g.node("Gather", [ctx, zero], name=f"l{i}_cls_ctx", axis=1)
             skip = g.node("Gather", [x, zero], name=f"l{i}_cls_skip", axis=1)
         out = layer.attention.output
-        h = g.node("MatMul", [ctx, g.const(f"l{i}_attn_out_w", out.dense.weight.detach().float().numpy().T)],
-                   name=f"l{i}_attn_out")
+        h = g.matmul(ctx, out.dense, f"l{i}_attn_out")
         x1 = g.add_norm(h, skip, out.dense.bias, out.LayerNorm, f"l{i}_ln1", eps)
         inter, ffo = layer.intermediate.dense, layer.output
-        f = g.node("MatMul", [x1, g.const(f"l{i}_ffn_in_w", inter.weight.detach().float().numpy().T)], name=f"l{i}_ffn_in")
+        f = g.matmul(x1, inter, f"l{i}_ffn_in")
         f = g.node(gelu, [f, g.weight(f"l{i}_ffn_in_b", inter.bias)], domain=MS, name=f"l{i}_gelu")
-        f = g.node("MatMul", [f, g.const(f"l{i}_ffn_out_w", ffo.dense.weight.detach().float().numpy().T)],
-                   name=f"l{i}_ffn_out")
+        f = g.matmul(f, ffo.dense, f"l{i}_ffn_out")
         x = g.add_norm(f, x1, ffo.dense.bias, ffo.LayerNorm, f"l{i}_ln2", eps)
 
     if not len(layers):
         x = g.node("Gather", [x, g.const("cls_index", np.array([0], dtype=np.int64))], name="cls", axis=1)
     cls = g.node("Reshape", [x, g.const("cls_shape", np.array([-1, cfg.hidden_size], dtype=np.int64))], name="cls_2d")
     pooler = model.bert.pooler.dense
-    p = g.node("MatMul", [cls, g.const("pooler_w", pooler.weight.detach().float().numpy().T)], name="pooler")
+    p = g.matmul(cls, pooler, "pooler")
     p = g.node("Add", [p, g.weight("pooler_b", pooler.bias)], name="pooler_bias")
     p = g.node("Tanh", [p], name="pooler_tanh")
     head = model.classifier
-    logits = g.node("MatMul", [p, g.const("classifier_w", head.weight.detach().float().numpy().T)], name="classifier")
+    logits = g.matmul(p, head, "classifier")
     g.nodes.append(helper.make_node("Add", [logits, g.weight("classifier_b", head.bias)], ["logits"], name="classifier_bias"))
 
     graph = helper.make_graph(

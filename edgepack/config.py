@@ -72,8 +72,7 @@ class ConfigBase:
                 factory = fields[name].default_factory
                 base = factory() if factory is not dataclasses.MISSING else None
                 if isinstance(base, ConfigBase):
-                    unknown_sub = sorted(set(value) - {f.name for f in dataclasses.fields(sub)})
-                    value = {**(base.to_dict() if not unknown_sub else {}), **value}
+                    value = {**base.to_dict(), **value}  # unknown keys stay in and are refused below
                 value = sub.from_dict(value, where=where)
             elif _is_tuple(hint) and isinstance(value, list):
                 value = tuple(value)

@@ -193,8 +193,10 @@ def parity(model, tokenizer, onnx_path: Path, onnx_tokenizer, info: ModelInfo, t
     import torch
 
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    from runtime_shim.pipeline import ORT_INT_TYPES
+
     # The graph's own inputs and integer types (the fused writer takes int32 ids and mask only).
-    feeds = {i.name: np.int32 if i.type == "tensor(int32)" else np.int64 for i in sess.get_inputs()}
+    feeds = {i.name: ORT_INT_TYPES.get(i.type, np.int64) for i in sess.get_inputs()}
     worst = 0.0
     for i in range(0, len(texts), 16):
         batch = list(texts[i:i + 16])

@@ -73,9 +73,9 @@ def quantize_embedding_4bit(src: Path, out: Path, block_size: int) -> Path:
     scale = np.maximum(hi - lo, 1e-8) / 15.0
     zero = np.clip(np.round(-lo / scale), 0, 15).astype(np.uint8)
     q = np.clip(np.round(blocks / scale[:, :, None]) + zero[:, :, None], 0, 15).astype(np.uint8).reshape(rows, width)
-    packed = q[:, : width // 2] | (q[:, width // 2:] << 4)
+    packed = q[:, : width // 2] | (q[:, width // 2:] << 4)  # uint8: two 4-bit codes a byte
     name = node.input[0]
-    new_inits = [numpy_helper.from_array(packed.astype(np.uint8), f"{name}_q4"),
+    new_inits = [numpy_helper.from_array(packed, f"{name}_q4"),
                  numpy_helper.from_array(scale.astype(np.float32), f"{name}_q4_scale"),
                  numpy_helper.from_array(zero, f"{name}_q4_zero"),
                  numpy_helper.from_array(np.array(15, dtype=np.uint8), f"{name}_q4_mask"),
@@ -92,8 +92,8 @@ def quantize_embedding_4bit(src: Path, out: Path, block_size: int) -> Path:
         helper.make_node("DequantizeLinear", [f"{p}_codes", f"{p}_scales", f"{p}_zeros"], [y], name=f"{p}_dequantize",
                          axis=-1, block_size=block_size),
     ]
-    at = list(graph.node).index(node)
     nodes = list(graph.node)
+    at = nodes.index(node)
     nodes[at:at + 1] = decode
     del graph.node[:]
     graph.node.extend(nodes)

@@ -244,33 +244,35 @@ def trim_positions(model, max_positions: int) -> None:
     model.config.max_position_embeddings = max_positions
 
 
-def cluster_rest(weights: np.ndarray, keep_ids: np.ndarray, dropped: np.ndarray, clusters: int, *, seed: int = 0
+def cluster_rest(weights: np.ndarray, dropped: np.ndarray, clusters: int, *, seed: int = 0
                  ) -> tuple[np.ndarray, np.ndarray]:
     """k-means of the dropped tokens' embedding rows: ``(centroids [k, d], cluster of each dropped id)``.
 
     A dropped word then keeps (approximately) its own embedding, one row shared with similar words,
     instead of being spelled out in character pieces the model rarely saw: the tokenizer still splits
-    it the same way, only its id changes. Plain Lloyd iterations from a seeded sample, in numpy."""
+    it the same way, only its id changes. Plain Lloyd iterations from a seeded sample, in numpy; every
+    dropped token ends up on its nearest final centroid."""
     x = weights[dropped].astype(np.float32)
     k = min(clusters, len(dropped))
     rng = np.random.default_rng(seed)
     centroids = x[rng.choice(len(x), size=k, replace=False)].copy()
     sq = (x * x).sum(1)
-    assign = np.zeros(len(x), dtype=np.int64)
+
+    def nearest() -> np.ndarray:
+        return (sq[:, None] - 2.0 * (x @ centroids.T) + (centroids * centroids).sum(1)[None, :]).argmin(1)
+
+    assign = nearest()
     for _ in range(20):
-        dist = sq[:, None] - 2.0 * (x @ centroids.T) + (centroids * centroids).sum(1)[None, :]
-        new = dist.argmin(1)
-        if _ and np.array_equal(new, assign):
-            break
-        assign = new
         counts = np.bincount(assign, minlength=k)
         sums = np.zeros_like(centroids)
         np.add.at(sums, assign, x)
         filled = counts > 0
         centroids[filled] = sums[filled] / counts[filled, None]
-    # Every dropped token maps to its nearest final centroid.
-    dist = sq[:, None] - 2.0 * (x @ centroids.T) + (centroids * centroids).sum(1)[None, :]
-    return centroids, dist.argmin(1)
+        new = nearest()
+        if np.array_equal(new, assign):
+            break
+        assign = new
+    return centroids, assign
 
 
 def trim_vocab(model, tok_json: dict[str, Any], texts: Sequence[str], *, keep_top: int = 0, keep_chars: str = "all",
@@ -296,7 +298,7 @@ def trim_vocab(model, tok_json: dict[str, Any], texts: Sequence[str], *, keep_to
                           if i not in kept and not _PLACEHOLDER.match(t) and i < emb.weight.shape[0]]
         if dropped_tokens:
             dropped = np.asarray([i for _, i in dropped_tokens], dtype=np.int64)
-            centroids, assign = cluster_rest(emb.weight.detach().float().numpy(), keep, dropped, clusters, seed=seed)
+            centroids, assign = cluster_rest(emb.weight.detach().float().numpy(), dropped, clusters, seed=seed)
             base = len(keep)
             for (tok, _), c in zip(dropped_tokens, assign, strict=True):
                 new_json["model"]["vocab"][tok] = base + int(c)

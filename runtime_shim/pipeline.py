@@ -18,7 +18,7 @@ from . import manifest as _manifest
 from .manifest import BundleError
 from .session import effective_settings, make_session
 
-_ORT_INT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
+ORT_INT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}  # an input's numpy type
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -130,7 +130,7 @@ class OnnxPipeline:
         self.model_path = root / str(self.settings.get("model", "model.quant.onnx"))
         self.session = make_session(self.model_path, self.settings)
         self.input_names = [i.name for i in self.session.get_inputs()]
-        self._input_types = {i.name: _ORT_INT_TYPES.get(i.type, np.int64) for i in self.session.get_inputs()}
+        self._input_types = {i.name: ORT_INT_TYPES.get(i.type, np.int64) for i in self.session.get_inputs()}
         known = {"input_ids", "attention_mask", "token_type_ids"}
         unknown = [n for n in self.input_names if n not in known]
         if unknown:

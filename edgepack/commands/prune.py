@@ -74,12 +74,12 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cfg = PruneConfig(trim_vocab=args.trim_vocab, keep_top=args.keep_top, keep_chars=args.keep_chars,
-                          cluster_rest=args.cluster_rest,
-                          max_positions=args.max_positions,
-                          keep_layers=args.keep_layers, heads_per_layer=args.heads_per_layer, ffn_size=args.ffn_size, ffn_fraction=args.ffn_fraction,
-                          param_budget=args.param_budget, importance_rows=args.importance_rows, recover=args.recover,
-                          recover_epochs=args.epochs, recover_augment=args.augment,
-                          recover_freeze_embeddings=not args.train_embeddings, recover_learning_rate=args.learning_rate, alpha=args.alpha,
+                          cluster_rest=args.cluster_rest, max_positions=args.max_positions,
+                          keep_layers=args.keep_layers, heads_per_layer=args.heads_per_layer, ffn_size=args.ffn_size,
+                          ffn_fraction=args.ffn_fraction, param_budget=args.param_budget,
+                          importance_rows=args.importance_rows, recover=args.recover, recover_epochs=args.epochs,
+                          recover_augment=args.augment, recover_freeze_embeddings=not args.train_embeddings,
+                          recover_learning_rate=args.learning_rate, alpha=args.alpha,
                           temperature=args.temperature, sparsity=args.sparsity, sparsity_target=args.sparsity_target,
                           max_length=args.max_length, seed=args.seed)
     except ValueError as e:
