@@ -200,7 +200,14 @@ class BudgetCheck:
     ok: bool
 
     def line(self) -> str:
+        """``max_accuracy_drop: -0.2 (a gain) <= 1``: a negative drop means the bundle scored higher.
+
+        >>> BudgetCheck("max_accuracy_drop", 1.0, -0.2, True).line()
+        'max_accuracy_drop: -0.2 (a gain) <= 1'
+        """
         shown = "not measured" if self.value is None else f"{self.value:.3g}"
+        if self.budget == "max_accuracy_drop" and self.value is not None and self.value < 0:
+            shown += " (a gain)"
         return f"{self.budget}: {shown} {'<=' if self.ok else 'exceeds' if self.value is not None else 'vs'} {self.limit:g}"
 
 

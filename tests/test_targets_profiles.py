@@ -197,6 +197,14 @@ def test_accuracy_drop_from_the_bundle_manifest(tmp_path):
     assert profiles.check_budgets(prof, _results(build_metrics={"validation": {"accuracy_drop_points": 0.2}})) == []
 
 
+def test_negative_accuracy_drop_reads_as_a_gain():
+    prof = profiles.load("edge-x86-2core")
+    checks = {c.budget: c for c in profiles.budget_report(prof, {"accuracy": 0.91, "reference_accuracy": 0.90})}
+    drop = checks["max_accuracy_drop"]
+    assert drop.ok and drop.value < 0 and "(a gain) <= 1" in drop.line()
+    assert "(a gain)" not in profiles.BudgetCheck("max_accuracy_drop", 1.0, 0.3, True).line()
+
+
 def test_no_matching_target_is_one_line():
     with pytest.raises(EdgepackError, match=r"no target in targets/ matches this CPU \(riscv64\)"):
         targets.detect("riscv64", {"rvv"})
