@@ -248,6 +248,10 @@ class DistillConfig(ConfigBase):
     hidden_weight: float = 0.0  # weight of the [CLS] hidden-state MSE against the mapped teacher layers
     freeze_embeddings: bool = True  # the word-embedding table: 11.7M of a 2-layer student's 15.5M; fixed, steps take half the time
     augment: int = 0  # teacher-labelled noisy copies per training text (word dropout/swap)
+    # > 0: on teacher-labelled (augmented) rows where the teacher's top probability is below its own
+    # out-of-scope threshold (chosen on validation), move this share of the target to the out-of-scope
+    # label: the student learns the calibrated teacher's answer, not only its unsure distribution.
+    oos_relabel: float = 0.0
     ablation: bool = True  # also train the same student on labels only (alpha = 1) and record it
     search_trials: int = 0  # > 0: an Optuna study over alpha, T, epochs, lr before the final run
     search_layers: bool = False  # let the study choose the layer count too (teacher students only)
@@ -266,6 +270,7 @@ class DistillConfig(ConfigBase):
         _check_training(self)
         _in_range("hidden_weight", self.hidden_weight, 0.0)
         _in_range("augment", self.augment, 0, 16)
+        _in_range("oos_relabel", self.oos_relabel, 0.0, 1.0)
         _in_range("search_trials", self.search_trials, 0)
 
 
@@ -314,6 +319,7 @@ class PruneConfig(ConfigBase):
     recover_epochs: int = 3
     recover_learning_rate: float = 2e-4
     recover_augment: int = 0  # teacher-labelled noisy copies of each training text during recovery
+    recover_oos_relabel: float = 0.0  # the distill stage's oos_relabel, for the recovery distillation
     recover_freeze_embeddings: bool = True  # a trimmed table is small: training it is affordable
     alpha: float = 0.5
     temperature: float = 2.0
@@ -343,6 +349,7 @@ class PruneConfig(ConfigBase):
         _in_range("importance_rows", self.importance_rows, 1)
         _in_range("recover_epochs", self.recover_epochs, 1)
         _in_range("recover_augment", self.recover_augment, 0, 20)
+        _in_range("recover_oos_relabel", self.recover_oos_relabel, 0.0, 1.0)
         _in_range("recover_learning_rate", self.recover_learning_rate, 0.0, lo_open=True)
         _in_range("alpha", self.alpha, 0.0, 1.0)
         _in_range("temperature", self.temperature, 0.0, lo_open=True)

@@ -229,6 +229,29 @@ def build_trainset(cfg: DistillConfig, teacher_dir: Path, train: Split, *, cache
     return TrainSet(texts, labels, has_label, out["logits"], out.get("hidden"))
 
 
+def relabel_unsure(trainset: TrainSet, oos_id: int, threshold: float, weight: float) -> tuple[TrainSet, int]:
+    """The calibrated teacher's targets: on rows without a gold label whose top teacher probability is
+    below ``threshold``, the target becomes ``(1 - weight) * p + weight * onehot(oos_id)`` (stored as
+    its log, so the loss's temperature applies to it like to any teacher logits). Returns the new set
+    and the number of rows changed.
+
+    >>> ts = TrainSet(["a", "b"], np.array([0, 0]), np.array([1, 0]), np.log(np.array([[.4, .3, .3]] * 2, np.float32)))
+    >>> new, n = relabel_unsure(ts, oos_id=2, threshold=0.5, weight=0.5)
+    >>> n, np.exp(new.teacher_logits.astype(np.float64)).round(2).tolist()
+    (1, [[0.4, 0.3, 0.3], [0.2, 0.15, 0.65]])
+    """
+    logits = np.asarray(trainset.teacher_logits, dtype=np.float32)
+    p = softmax(logits.astype(np.float64))
+    unsure = (trainset.has_label == 0) & (p.max(axis=1) < threshold)
+    if weight <= 0 or not unsure.any():
+        return trainset, 0
+    q = p[unsure] * (1.0 - weight)
+    q[:, oos_id] += weight
+    new = logits.copy()
+    new[unsure] = np.log(np.maximum(q, 1e-12)).astype(np.float32)
+    return dataclasses.replace(trainset, teacher_logits=new), int(unsure.sum())
+
+
 def _metrics_fn(oos_id: int | None):
     def compute(pred) -> dict[str, float]:
         logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
@@ -388,6 +411,13 @@ class Prepared:
     teacher_val: np.ndarray
     teacher_test: np.ndarray
     cache_dir: Path | None
+    teacher_threshold: float | None = None  # the teacher's out-of-scope threshold on validation
+
+    def targets(self, trainset: TrainSet, cfg: DistillConfig) -> tuple[TrainSet, int]:
+        """``trainset`` with ``cfg.oos_relabel`` applied (see ``relabel_unsure``)."""
+        if cfg.oos_relabel <= 0 or self.teacher_threshold is None or self.data.oos_id is None:
+            return trainset, 0
+        return relabel_unsure(trainset, self.data.oos_id, self.teacher_threshold, cfg.oos_relabel)
 
     def fresh_student(self):
         return copy.deepcopy(self.student_init)
@@ -446,8 +476,12 @@ def prepare(cfg: DistillConfig, teacher_dir: Path, data: LabelledData, *, studen
     evalset = teacher_outputs(teacher_dir, data["validation"].texts + data["test"].texts, cache_dir=cache_dir,
                               max_length=cfg.max_length, teacher_hash=teacher_hash, progress=progress)["logits"]
     n_val = len(data["validation"])
+    threshold = None
+    if data.oos_id is not None:
+        threshold = calibrate_threshold(softmax(evalset[:n_val].astype(np.float64)), data["validation"].labels,
+                                        data.oos_id)
     return Prepared(cfg, teacher_dir, teacher_hash, data, tokenizer, model, hidden_map, trainset,
-                    evalset[:n_val], evalset[n_val:], cache_dir)
+                    evalset[:n_val], evalset[n_val:], cache_dir, threshold)
 
 
 def run_once(prep: Prepared, cfg: DistillConfig, *, model=None, callbacks: Iterable[Any] = (),
@@ -460,6 +494,7 @@ def run_once(prep: Prepared, cfg: DistillConfig, *, model=None, callbacks: Itera
                                   teacher_hash=prep.teacher_hash, progress=progress)
     else:
         trainset = prep.trainset
+    trainset, relabelled = prep.targets(trainset, cfg)
     model = model if model is not None else prep.fresh_student()
     trainer = train_student(cfg, model, prep.tokenizer, trainset, prep.data["validation"], oos_id=prep.data.oos_id,
                             callbacks=callbacks, hidden_map=prep.hidden_map, progress=progress)
@@ -470,6 +505,9 @@ def run_once(prep: Prepared, cfg: DistillConfig, *, model=None, callbacks: Itera
                     prep.data.oos_id, teacher_test_logits=prep.teacher_test)
     metrics["train_rows"] = len(trainset.texts) if cfg.alpha < 1 else int(trainset.has_label.sum())
     metrics["best_epoch"] = _best_epoch(trainer)
+    if relabelled:
+        metrics["oos_relabelled_rows"] = relabelled
+        metrics["teacher_oos_threshold"] = round(float(prep.teacher_threshold), 6)
     metrics["wall_time_s"] = round(time.time() - t0, 1)
     return model, metrics
 

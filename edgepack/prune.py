@@ -186,7 +186,8 @@ def prune(cfg: PruneConfig, src: Path, out: Path, data: LabelledData, teacher_di
             t0 = time.time()
             dcfg = DistillConfig(epochs=cfg.recover_epochs, learning_rate=cfg.recover_learning_rate, alpha=cfg.alpha,
                                  temperature=cfg.temperature, max_length=cfg.max_length, ablation=False, seed=cfg.seed,
-                                 augment=cfg.recover_augment, freeze_embeddings=cfg.recover_freeze_embeddings)
+                                 augment=cfg.recover_augment, oos_relabel=cfg.recover_oos_relabel,
+                                 freeze_embeddings=cfg.recover_freeze_embeddings)
             callback = make_callback(cfg.sparsity, cfg.sparsity_target)
             prep = prepare(dcfg, teacher_dir, data, student_model=model, student_tokenizer=tokenizer,
                            cache_dir=cache_dir, progress=progress)

@@ -147,7 +147,7 @@ def test_teacher_logits_cached_and_reused(tiny_model, data, tmp_path, monkeypatc
 def test_distill_cli_writes_student_and_record(tiny_model, clinc_json, tmp_path, capsys):
     out = tmp_path / "student"
     rc = main(["distill", str(tiny_model), "--data", str(clinc_json), "--out", str(out), "--layers", "1",
-               "--cache-dir", str(tmp_path / "cache"), "--augment", "1", *FAST])
+               "--cache-dir", str(tmp_path / "cache"), "--augment", "1", "--oos-relabel", "0.5", *FAST])
     assert rc == 0, capsys.readouterr().err
     teacher_cfg = json.loads((tiny_model / "config.json").read_text())
     cfg = json.loads((out / "config.json").read_text())
@@ -155,6 +155,7 @@ def test_distill_cli_writes_student_and_record(tiny_model, clinc_json, tmp_path,
     assert (out / "tokenizer.json").is_file() and (out / "model.safetensors").is_file()
     rec = json.loads((out / "stage.json").read_text())
     assert rec["stage"] == "distill" and rec["config"]["distill"]["augment"] == 1
+    assert rec["config"]["distill"]["oos_relabel"] == 0.5
     assert {"config", "config_hash", "input_hash", "metrics", "versions", "wall_time_s", "teacher", "ablation"} <= set(rec)
     for key in ("test_accuracy", "test_accuracy_calibrated", "val_accuracy_calibrated", "oos_threshold",
                 "gain_over_ablation_calibrated"):
@@ -162,6 +163,25 @@ def test_distill_cli_writes_student_and_record(tiny_model, clinc_json, tmp_path,
     assert rec["ablation"]["alpha"] == 1.0 and rec["student"]["teacher_layers"] == [1]
     assert "student (labels only)" in capsys.readouterr().out
     assert _leftovers(tmp_path, "student") == []
+
+
+def test_oos_relabel_moves_unsure_teacher_rows_to_out_of_scope():
+    from edgepack.distill import TrainSet, relabel_unsure
+    from edgepack.calibrate import softmax
+
+    probs = np.array([[0.9, 0.05, 0.05],   # gold row, confident
+                      [0.4, 0.35, 0.25],   # gold row, unsure: a gold label outranks the teacher's doubt
+                      [0.9, 0.05, 0.05],   # augmented, confident
+                      [0.4, 0.35, 0.25]])  # augmented, unsure: becomes out-of-scope (id 2)
+    ts = TrainSet(list("abcd"), np.zeros(4, np.int64), np.array([1, 1, 0, 0]), np.log(probs).astype(np.float32))
+    new, n = relabel_unsure(ts, oos_id=2, threshold=0.5, weight=0.5)
+    after = softmax(new.teacher_logits.astype(np.float64))
+    assert n == 1 and after.argmax(1).tolist() == [0, 0, 0, 2]
+    np.testing.assert_allclose(after[:3], probs[:3], atol=1e-6)
+    np.testing.assert_allclose(after[3], [0.2, 0.175, 0.625], atol=1e-6)
+    assert relabel_unsure(ts, oos_id=2, threshold=0.5, weight=0.0)[1] == 0
+    with pytest.raises(ValueError, match="oos_relabel"):
+        DistillConfig(oos_relabel=1.5)
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from ._common import add_data_args, data_config, existing_dir
 _FIELDS = {
     "alpha": "alpha", "temperature": "temperature", "epochs": "epochs", "learning_rate": "learning_rate",
     "batch_size": "batch_size", "max_length": "max_length", "hidden_weight": "hidden_weight",
-    "augment": "augment", "search": "search_trials", "storage": "storage", "study_name": "study_name",
+    "augment": "augment", "oos_relabel": "oos_relabel", "search": "search_trials", "storage": "storage", "study_name": "study_name",
 }
 
 
@@ -43,6 +43,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="weight of the [CLS] hidden-state MSE against the mapped teacher layers (0: off)")
     t.add_argument("--augment", type=int, default=None,
                    help="teacher-labelled noisy copies of each training text (0: off)")
+    t.add_argument("--oos-relabel", type=float, default=None, metavar="W",
+                   help="on augmented rows the teacher's threshold calls out of scope, move this share of "
+                        "the target to the out-of-scope label, in [0, 1] (0: off)")
     t.add_argument("--no-ablation", dest="ablation", action="store_false", default=None,
                    help="skip the labels-only (alpha=1) run of the same student")
     t.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
