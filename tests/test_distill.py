@@ -166,8 +166,8 @@ def test_distill_cli_writes_student_and_record(tiny_model, clinc_json, tmp_path,
 
 
 def test_oos_relabel_moves_unsure_teacher_rows_to_out_of_scope():
-    from edgepack.distill import TrainSet, relabel_unsure
     from edgepack.calibrate import softmax
+    from edgepack.distill import TrainSet, relabel_unsure
 
     probs = np.array([[0.9, 0.05, 0.05],   # gold row, confident
                       [0.4, 0.35, 0.25],   # gold row, unsure: a gold label outranks the teacher's doubt
