@@ -99,6 +99,20 @@ def test_pieces_agree_with_the_call(pipe: OnnxPipeline):
     assert [d["label"] for d in raw] == [pipe.label_names[i] for i in ids]
 
 
+@pytest.mark.parametrize("threshold", [None, 0.0, 0.5, 1.01])
+def test_single_query_path_matches_the_batch_path(bundle_copy: Path, threshold):
+    if threshold is not None:
+        _edit_json(bundle_copy / "labels.json", oos_threshold=threshold)
+        update_manifest(bundle_copy)
+    pipe = OnnxPipeline(bundle_copy)
+    for text in [*QUERIES, "", "zzzz qqqq", "balance " * 500]:
+        for thr in (True, False):
+            _, probs = pipe.predict([text])  # the general path, one text: same batch, same scores
+            ids = pipe.label_ids(probs, apply_threshold=thr)
+            want = {"label": pipe.label_names[int(ids[0])], "score": pytest.approx(float(probs.max()), abs=1e-12)}
+            assert pipe(text, apply_threshold=thr) == [want]
+
+
 def test_attributes(pipe: OnnxPipeline, tiny_bundle: Path, label_names):
     assert pipe.label_names == label_names
     assert pipe.oos_label == "oos" and 0.0 <= pipe.oos_threshold <= 1.0

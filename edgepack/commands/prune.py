@@ -52,6 +52,9 @@ def register(sub) -> argparse.ArgumentParser:
     g.add_argument("--no-recover", dest="recover", action="store_false", help="skip the recovery distillation")
     g.add_argument("--epochs", type=int, default=3, help="recovery epochs (default: 3)")
     g.add_argument("--learning-rate", type=float, default=2e-4, help="recovery learning rate (default: 2e-4)")
+    g.add_argument("--oos-relabel", type=float, default=0.0, metavar="W",
+                   help="as distill --oos-relabel, for the recovery: augmented rows the teacher's threshold calls "
+                        "out of scope move W of their target to the out-of-scope label (0: off)")
     g.add_argument("--augment", type=int, default=0, metavar="N",
                    help="N teacher-labelled noisy copies of each training text during recovery (default: 0)")
     g.add_argument("--train-embeddings", action="store_true",
@@ -78,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
                           keep_layers=args.keep_layers, heads_per_layer=args.heads_per_layer, ffn_size=args.ffn_size,
                           ffn_fraction=args.ffn_fraction, param_budget=args.param_budget,
                           importance_rows=args.importance_rows, recover=args.recover, recover_epochs=args.epochs,
-                          recover_augment=args.augment, recover_freeze_embeddings=not args.train_embeddings,
+                          recover_augment=args.augment, recover_oos_relabel=args.oos_relabel, recover_freeze_embeddings=not args.train_embeddings,
                           recover_learning_rate=args.learning_rate, alpha=args.alpha,
                           temperature=args.temperature, sparsity=args.sparsity, sparsity_target=args.sparsity_target,
                           max_length=args.max_length, seed=args.seed)
