@@ -125,7 +125,7 @@ def test_teacher_logits_cached_and_reused(tiny_model, data, tmp_path, monkeypatc
         return model
 
     monkeypatch.setattr(teacher_cache, "load_teacher", counting)
-    cfg = DistillConfig(num_layers=1)
+    cfg = DistillConfig(num_layers=1, augment=0)
     first = prepare(cfg, tiny_model, data, cache_dir=tmp_path, progress=False)
     n = len(calls)
     assert n > 0 and len(list(tmp_path.glob("*.npz"))) == 2  # train texts; validation + test texts

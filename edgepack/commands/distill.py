@@ -42,10 +42,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--hidden-weight", type=float, default=None,
                    help="weight of the [CLS] hidden-state MSE against the mapped teacher layers (0: off)")
     t.add_argument("--augment", type=int, default=None,
-                   help="teacher-labelled noisy copies of each training text (0: off)")
+                   help="teacher-labelled noisy copies of each training text (default: 1; 0: off)")
     t.add_argument("--oos-relabel", type=float, default=None, metavar="W",
                    help="on augmented rows the teacher's threshold calls out of scope, move this share of "
-                        "the target to the out-of-scope label, in [0, 1] (0: off)")
+                        "the target to the out-of-scope label, in [0, 1] (default: 0.5; 0: off)")
     t.add_argument("--no-ablation", dest="ablation", action="store_false", default=None,
                    help="skip the labels-only (alpha=1) run of the same student")
     t.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
