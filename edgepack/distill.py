@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import random
 import shutil
 import tempfile
@@ -240,14 +241,15 @@ def relabel_unsure(trainset: TrainSet, oos_id: int, threshold: float, weight: fl
     >>> n, np.exp(new.teacher_logits.astype(np.float64)).round(2).tolist()
     (1, [[0.4, 0.3, 0.3], [0.2, 0.15, 0.65]])
     """
-    logits = np.asarray(trainset.teacher_logits, dtype=np.float32)
-    p = softmax(logits.astype(np.float64))
+    if weight <= 0:
+        return trainset, 0
+    p = softmax(trainset.teacher_logits)  # float64
     unsure = (trainset.has_label == 0) & (p.max(axis=1) < threshold)
-    if weight <= 0 or not unsure.any():
+    if not unsure.any():
         return trainset, 0
     q = p[unsure] * (1.0 - weight)
     q[:, oos_id] += weight
-    new = logits.copy()
+    new = np.array(trainset.teacher_logits, dtype=np.float32)  # a copy
     new[unsure] = np.log(np.maximum(q, 1e-12)).astype(np.float32)
     return dataclasses.replace(trainset, teacher_logits=new), int(unsure.sum())
 
@@ -411,11 +413,17 @@ class Prepared:
     teacher_val: np.ndarray
     teacher_test: np.ndarray
     cache_dir: Path | None
-    teacher_threshold: float | None = None  # the teacher's out-of-scope threshold on validation
+
+    @functools.cached_property
+    def teacher_threshold(self) -> float | None:
+        """The teacher's out-of-scope threshold on validation (None without an out-of-scope label)."""
+        if self.data.oos_id is None:
+            return None
+        return calibrate_threshold(softmax(self.teacher_val), self.data["validation"].labels, self.data.oos_id)
 
     def targets(self, trainset: TrainSet, cfg: DistillConfig) -> tuple[TrainSet, int]:
         """``trainset`` with ``cfg.oos_relabel`` applied (see ``relabel_unsure``)."""
-        if cfg.oos_relabel <= 0 or self.teacher_threshold is None or self.data.oos_id is None:
+        if cfg.oos_relabel <= 0 or self.teacher_threshold is None:
             return trainset, 0
         return relabel_unsure(trainset, self.data.oos_id, self.teacher_threshold, cfg.oos_relabel)
 
@@ -476,12 +484,8 @@ def prepare(cfg: DistillConfig, teacher_dir: Path, data: LabelledData, *, studen
     evalset = teacher_outputs(teacher_dir, data["validation"].texts + data["test"].texts, cache_dir=cache_dir,
                               max_length=cfg.max_length, teacher_hash=teacher_hash, progress=progress)["logits"]
     n_val = len(data["validation"])
-    threshold = None
-    if data.oos_id is not None:
-        threshold = calibrate_threshold(softmax(evalset[:n_val].astype(np.float64)), data["validation"].labels,
-                                        data.oos_id)
     return Prepared(cfg, teacher_dir, teacher_hash, data, tokenizer, model, hidden_map, trainset,
-                    evalset[:n_val], evalset[n_val:], cache_dir, threshold)
+                    evalset[:n_val], evalset[n_val:], cache_dir)
 
 
 def run_once(prep: Prepared, cfg: DistillConfig, *, model=None, callbacks: Iterable[Any] = (),

