@@ -213,6 +213,13 @@ def test_calibrated_threshold_maximises_accuracy():
     assert t1 >= t
     assert (apply_threshold(probs, 5, t1) == labels).mean() >= accs.max() - se - 1e-9
     assert t1 >= grid[np.flatnonzero(accs >= accs.max() - se - 1e-9)[-1]] - 1e-3
+    # grid: the smallest of 0, 0.02, ..., 1 with the best accuracy on that grid (never above "max")
+    tg = calibrate_threshold(probs, labels, oos_id=5, rule="grid")
+    coarse = np.array([(apply_threshold(probs, 5, c) == labels).mean() for c in np.arange(51) * 0.02])
+    assert tg == pytest.approx(0.02 * int(np.argmax(coarse)))
+    assert (apply_threshold(probs, 5, tg) == labels).mean() <= accs.max() + 1e-9
+    with pytest.raises(ValueError, match="one of: one-se, max, grid"):
+        calibrate_threshold(probs, labels, oos_id=5, rule="best")
     t90 = calibrate_threshold(probs, labels, oos_id=5, target_recall=0.9)
     pred = apply_threshold(probs, 5, t90)
     assert (pred[labels == 5] == 5).mean() >= 0.9
