@@ -2,6 +2,8 @@
 
     nice -n 5 python benchmarks/distill_clinc150.py --work /tmp/distill-bench            # 2 and 3 layers
     nice -n 5 python benchmarks/distill_clinc150.py --work /tmp/distill-bench --layers 2 --no-ablation
+    nice -n 5 python benchmarks/distill_clinc150.py --work /tmp/d-s1 --layers 0,2,5 --no-ablation -- --augment 2 --seed 1
+    python benchmarks/threshold_rules.py ../shared/models/clinc150-minilm-l6 /tmp/d-s1/l0-2-5   # every threshold rule
 
 Each run is ``edgepack distill`` with the DistillConfig defaults and only ``--layers`` changed, so the
 table is what a user gets without tuning. Every run writes WORK/l<N>/ (the student and its
