@@ -29,7 +29,9 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "clinc150" / "d
 
 def load(path: Path, threads: int):
     """A backend with ``encode``/``forward``/``label_names`` for a bundle or a classifier directory."""
-    if (path / "manifest.json").is_file():
+    from edgepack.commands.bench import is_bundle
+
+    if is_bundle(path):
         from runtime_shim import OnnxPipeline
 
         return OnnxPipeline(path, overrides={"intra_op_num_threads": threads})
