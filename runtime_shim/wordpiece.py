@@ -1,0 +1,136 @@
+"""An exact fast path for BERT WordPiece on one plain-ASCII query: the same ids as ``tokenizers``.
+
+A single short query spends 15-16 us in ``Tokenizer.encode`` (normalizer, pre-tokenizer, model,
+post-processor and the offsets, types and masks it also builds), against about 2 us here: one regex
+split, one cached lookup per word and the two special ids. On CLINC150's bundle that is about a
+tenth of the end-to-end single-query latency.
+
+It is used only where it provably gives the ``tokenizers`` answer:
+
+- the tokenizer is a BERT one: ``BertNormalizer``, ``BertPreTokenizer``, a ``WordPiece`` model and a
+  ``[CLS] $A [SEP]`` post-processor (``TemplateProcessing`` or ``BertProcessing``), right truncation;
+  :meth:`FastWordPiece.from_tokenizer` returns None for anything else;
+- the text is printable ASCII (``str.isascii() and str.isprintable()``, so no tabs, newlines or control
+  characters) and holds none of the tokenizer's added tokens (``[CLS]``, ``[MASK]``...);
+  :meth:`FastWordPiece.encode` returns None otherwise and the caller uses ``tokenizers``.
+
+On printable ASCII the normalizer does nothing but lowercase (no accents, controls or CJK to touch),
+and the pre-tokenizer splits on spaces and makes every other non-alphanumeric character a word of its
+own (all 32 of them are ASCII punctuation): the regex below. Each word then goes through WordPiece's
+greedy longest match, as ``tokenizers`` does it, and the result is cached per word.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+CACHE_WORDS = 65536  # words remembered; past this, new words are looked up every time
+_SPLIT = {True: re.compile(r"[a-z0-9]+|[^ a-z0-9]").findall,  # after lowercasing
+          False: re.compile(r"[A-Za-z0-9]+|[^ A-Za-z0-9]").findall}
+
+
+def _special_pair(post: dict[str, Any] | None) -> tuple[str, str] | None:
+    """The (first, last) special tokens of a ``[X] $A [Y]`` single-sequence post-processor, else None."""
+    if not post:
+        return None
+    if post.get("type") == "BertProcessing":
+        return post["cls"][0], post["sep"][0]
+    if post.get("type") != "TemplateProcessing":
+        return None
+    single = post.get("single") or []
+    if (len(single) != 3 or "SpecialToken" not in single[0] or "Sequence" not in single[1]
+            or "SpecialToken" not in single[2]):
+        return None
+    return single[0]["SpecialToken"]["id"], single[2]["SpecialToken"]["id"]
+
+
+class FastWordPiece:
+    """``encode(text) -> ids`` for the texts it covers (else None); build with :meth:`from_tokenizer`.
+
+    Example:
+        >>> from tokenizers import Tokenizer  # doctest: +SKIP
+        >>> tok = Tokenizer.from_file("bundle/tokenizer.json")  # doctest: +SKIP
+        >>> fast = FastWordPiece.from_tokenizer(tok, max_length=64)  # doctest: +SKIP
+        >>> fast.encode("what's my balance") == tok.encode("what's my balance").ids  # doctest: +SKIP
+        True
+    """
+
+    def __init__(self, vocab: dict[str, int], *, unk: str, prefix: str, max_chars: int, first: int, last: int,
+                 lowercase: bool, max_length: int | None, added: list[str]):
+        self.vocab = vocab
+        self.unk_id = vocab[unk]
+        self.prefix = prefix
+        self.max_chars = max_chars
+        self.first, self.last = first, last
+        self.lowercase = lowercase
+        self.keep = None if max_length is None else max(0, max_length - 2)  # room for the two specials
+        # Compared lowercased with the lowercased text: a superset of the matches tokenizers makes.
+        self.added = [a.lower() for a in added if a]
+        self.split = _SPLIT[lowercase]
+        self.cache: dict[str, list[int]] = {}
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, max_length: int | None) -> FastWordPiece | None:
+        """The fast path for ``tokenizer`` (a ``tokenizers.Tokenizer``) truncating to ``max_length``
+        tokens, or None when its pipeline is not the BERT one this module reproduces."""
+        cfg = json.loads(tokenizer.to_str())
+        norm, pre, model = cfg.get("normalizer") or {}, cfg.get("pre_tokenizer") or {}, cfg.get("model") or {}
+        trunc = cfg.get("truncation")
+        if norm.get("type") != "BertNormalizer" or pre.get("type") != "BertPreTokenizer":
+            return None
+        if model.get("type") != "WordPiece" or trunc and (trunc.get("direction") != "Right" or trunc.get("stride")):
+            return None
+        pair = _special_pair(cfg.get("post_processor"))
+        # get_vocab(), not the serialized model: to_str() keeps one token per id, so tokens that share
+        # a row (edgepack's clustered vocabulary) would be missing from it.
+        vocab = tokenizer.get_vocab(with_added_tokens=True)
+        if pair is None or pair[0] not in vocab or pair[1] not in vocab or model.get("unk_token") not in vocab:
+            return None
+        limit = (trunc or {}).get("max_length") if max_length is None else max_length
+        return cls(vocab, unk=model["unk_token"], prefix=model.get("continuing_subword_prefix") or "",
+                   max_chars=int(model.get("max_input_chars_per_word") or 100), first=vocab[pair[0]],
+                   last=vocab[pair[1]], lowercase=bool(norm.get("lowercase", True)), max_length=limit,
+                   added=[a.get("content", "") for a in cfg.get("added_tokens") or []])
+
+    def word_ids(self, word: str) -> list[int]:
+        """WordPiece's greedy longest match on one pre-tokenized word (``[UNK]`` alone if any part fails)."""
+        if len(word) > self.max_chars:
+            return [self.unk_id]
+        vocab, ids, start, n = self.vocab, [], 0, len(word)
+        while start < n:
+            end, found = n, None
+            while start < end:
+                piece = word[start:end] if start == 0 else self.prefix + word[start:end]
+                found = vocab.get(piece)
+                if found is not None:
+                    break
+                end -= 1
+            if found is None:
+                return [self.unk_id]
+            ids.append(found)
+            start = end
+        return ids
+
+    def encode(self, text: str) -> list[int] | None:
+        """The ids ``tokenizers`` gives ``text`` (specials included, truncated), or None if not covered."""
+        if not (text.isascii() and text.isprintable()):
+            return None
+        lowered = text.lower()
+        for token in self.added:
+            if token in lowered:
+                return None
+        ids = [self.first]
+        cache = self.cache
+        for word in self.split(lowered if self.lowercase else text):
+            pieces = cache.get(word)
+            if pieces is None:
+                pieces = self.word_ids(word)
+                if len(cache) < CACHE_WORDS:
+                    cache[word] = pieces
+            ids += pieces
+        if self.keep is not None and len(ids) > self.keep + 1:
+            del ids[self.keep + 1:]
+        ids.append(self.last)
+        return ids
