@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .datafiles import DataError
-from .pipeline import softmax, thresholded
+from .pipeline import softmax, thresholded, top_of_row
 
 # The shim's parent directory: a fresh process started for the memory probe must import this same copy.
 _SHIM_PARENT = str(Path(__file__).resolve().parent.parent)
@@ -122,6 +122,11 @@ def _stats(ns: Sequence[int]) -> dict[str, float]:
 
 def _answer(logits: np.ndarray, label_names: Sequence[str], oos_id: int | None,
             threshold: float | None) -> list[str]:
+    if len(logits) == 1:  # one query: what OnnxPipeline's single-text call does
+        k, top = top_of_row(logits[0])
+        if oos_id is not None and threshold is not None and top < threshold:
+            k = oos_id
+        return [label_names[k]]
     probs = softmax(logits)
     ids = thresholded(probs.argmax(axis=-1), probs.max(axis=-1), oos_id, threshold)
     return [label_names[int(i)] for i in ids]

@@ -18,10 +18,10 @@ import pytest
 import runtime_shim
 from runtime_shim import BundleError, OnnxPipeline
 from runtime_shim.__main__ import ExitCode, apply_bundle_env, main
-from runtime_shim.bench import accuracy_metrics, format_table, measure_peak_rss, run_benchmark
+from runtime_shim.bench import _answer, accuracy_metrics, format_table, measure_peak_rss, run_benchmark
 from runtime_shim.datafiles import DataError, read_labelled, read_reference, read_rows
 from runtime_shim.manifest import bundle_files, read_manifest, update_manifest, verify, write_manifest
-from runtime_shim.pipeline import softmax
+from runtime_shim.pipeline import softmax, thresholded, top_of_row
 from runtime_shim.session import effective_settings, session_options
 
 SHIM_DIR = Path(runtime_shim.__file__).resolve().parent
@@ -295,6 +295,20 @@ def test_harness_metrics_are_exact():
     assert r["agreement"] == pytest.approx(0.6)
     assert r["peak_rss_mb"] is None and set(r["throughput_qps"]) == {"1", "4"}
     assert accuracy_metrics(["a"], ["a"], None) == {"accuracy": 1.0, "in_scope_accuracy": None, "oos_recall": None}
+
+
+def test_single_row_answer_matches_the_softmax_path():
+    """The timing loop's one-query answer (top_of_row) is the batch rule's answer, threshold included."""
+    rng = np.random.default_rng(0)
+    names = [f"l{i}" for i in range(151)]
+    for _ in range(200):
+        logits = (rng.standard_normal((1, 151)) * rng.uniform(0.1, 8)).astype(np.float32)
+        for oos_id, thr in ((None, None), (150, 0.05), (150, 0.32), (3, 0.9)):
+            probs = softmax(logits)
+            want = thresholded(probs.argmax(axis=-1), probs.max(axis=-1), oos_id, thr)
+            assert _answer(logits, names, oos_id, thr) == [names[int(want[0])]]
+            k, top = top_of_row(logits[0])
+            assert k == int(probs.argmax()) and top == pytest.approx(float(probs.max()), abs=1e-12)
 
 
 def test_harness_refuses_unknown_gold_labels():
