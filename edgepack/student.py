@@ -27,9 +27,13 @@ def parse_layers(spec: str) -> tuple[int, tuple[int, ...]]:
         if "," in spec:
             idx = tuple(int(s) for s in spec.split(",") if s.strip())
             return len(idx), idx
-        return int(spec), ()
+        count = int(spec)
     except ValueError:
         raise EdgepackError(f"--layers {spec!r}: give a layer count (2) or teacher layer indices (0,2,5)") from None
+    if count < 1:
+        raise EdgepackError(f"--layers {spec!r} reads as a layer count, which must be at least 1; "
+                            f"for teacher layer {count} alone write --layers {count},")
+    return count, ()
 
 
 def pick_layers(n: int, depth: int) -> tuple[int, ...]:

@@ -15,6 +15,7 @@ import pytest
 
 from edgepack.cli import main
 from edgepack.config import DataConfig, DistillConfig
+from edgepack.errors import EdgepackError
 
 FAST = ["--epochs", "1", "--batch-size", "16", "--lr", "1e-3", "--threads", "1"]
 
@@ -55,6 +56,9 @@ def test_student_from_teacher_keeps_chosen_layers(tiny_model, tmp_path):
                        t_sd["bert.encoder.layer.1.output.dense.weight"])
     assert st.pick_layers(2, 6) == (0, 5) and st.pick_layers(3, 6) == (0, 2, 5)
     assert st.parse_layers("0,2,5") == (3, (0, 2, 5)) and st.parse_layers("2") == (2, ())
+    assert st.parse_layers("0,") == (1, (0,))
+    with pytest.raises(EdgepackError, match="write --layers 0,"):
+        st.parse_layers("0")
 
 
 # --------------------------------------------------------------------------------------------- loss
