@@ -148,8 +148,8 @@ def build_graph(model, *, opset: int = 17, embedding: str = "fused") -> onnx.Mod
         ctx = g.node("Attention", [x, g.const(f"l{i}_qkv_w", w), g.const(f"l{i}_qkv_b", b), mask_index],
                      domain=MS, name=f"l{i}_attention", num_heads=heads)
         skip = x
-        if last:  # only [CLS] is read after this point
-            zero = g.const("cls_index", np.array([0], dtype=np.int64))
+        if last:  # only [CLS] is read after this point; a scalar index drops the sequence axis: [batch, hidden]
+            zero = g.const("cls_index", np.array(0, dtype=np.int64))
             ctx = g.node("Gather", [ctx, zero], name=f"l{i}_cls_ctx", axis=1)
             skip = g.node("Gather", [x, zero], name=f"l{i}_cls_skip", axis=1)
         out = layer.attention.output
@@ -162,10 +162,9 @@ def build_graph(model, *, opset: int = 17, embedding: str = "fused") -> onnx.Mod
         x = g.add_norm(f, x1, ffo.dense.bias, ffo.LayerNorm, f"l{i}_ln2", eps)
 
     if not len(layers):
-        x = g.node("Gather", [x, g.const("cls_index", np.array([0], dtype=np.int64))], name="cls", axis=1)
-    cls = g.node("Reshape", [x, g.const("cls_shape", np.array([-1, cfg.hidden_size], dtype=np.int64))], name="cls_2d")
+        x = g.node("Gather", [x, g.const("cls_index", np.array(0, dtype=np.int64))], name="cls", axis=1)
     pooler = model.bert.pooler.dense
-    p = g.matmul(cls, pooler, "pooler")
+    p = g.matmul(x, pooler, "pooler")  # x: the [CLS] rows, [batch, hidden]
     p = g.node("Add", [p, g.weight("pooler_b", pooler.bias)], name="pooler_bias")
     p = g.node("Tanh", [p], name="pooler_tanh")
     head = model.classifier
