@@ -128,7 +128,7 @@ def prune(cfg: PruneConfig, src: Path, out: Path, data: LabelledData, teacher_di
         raise EdgepackError(f"{src}: cannot load as a sequence classifier ({str(e).splitlines()[0][:200]})") from None
     st.spec_for(model)
     check_labels(model.config.id2label, data)
-    cfg = cfg.resolved(st.ffn_sizes(model))
+    cfg = cfg.resolved(st.ffn_sizes(model), st.heads_per_layer(model))
     _check_targets(cfg, model)
     tokenizer = AutoTokenizer.from_pretrained(src)
     input_hash = hash_tree(src)

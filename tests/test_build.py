@@ -158,5 +158,10 @@ def test_recipe_tables_override_the_builds_own_defaults(tmp_path):
     assert cfg.prune == default.prune.replace(recover_epochs=2)
     assert cfg.distill == default.distill.replace(epochs=1) and cfg.distill.ablation is False
     assert PruneConfig(ffn_fraction=1 / 3).resolved([1536, 1536]).ffn_size == 512
+    halves = PruneConfig(heads_fraction=0.5, ffn_fraction=0.5).resolved([1536], [12])
+    assert (halves.heads_per_layer, halves.ffn_size, halves.heads_fraction) == ((6,), 768, None)
+    assert PruneConfig(heads_fraction=0.1).resolved([64], [4]).heads_per_layer == (1,)  # never below one head
+    with pytest.raises(ValueError, match="not both"):
+        PruneConfig(heads_per_layer=(2,), heads_fraction=0.5)
     with pytest.raises(ValueError, match="not both"):
         PruneConfig(ffn_size=10, ffn_fraction=0.5)

@@ -42,6 +42,8 @@ def register(sub) -> argparse.ArgumentParser:
                    help="encoder layers to keep, e.g. 0,5")
     g.add_argument("--heads-per-layer", type=_ints, default=(), metavar="N[,N...]",
                    help="attention heads kept: one count for every layer, or one per layer")
+    g.add_argument("--heads-fraction", type=float, default=None, metavar="F",
+                   help="or keep this fraction of each layer's heads, e.g. 0.5")
     g.add_argument("--ffn-size", type=int, default=None, metavar="N", help="FFN neurons kept in every layer")
     g.add_argument("--ffn-fraction", type=float, default=None, metavar="F",
                    help="or keep this fraction of each layer's FFN neurons, e.g. 0.33")
@@ -78,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = PruneConfig(trim_vocab=args.trim_vocab, keep_top=args.keep_top, keep_chars=args.keep_chars,
                           cluster_rest=args.cluster_rest, max_positions=args.max_positions,
-                          keep_layers=args.keep_layers, heads_per_layer=args.heads_per_layer, ffn_size=args.ffn_size,
+                          keep_layers=args.keep_layers, heads_per_layer=args.heads_per_layer,
+                          heads_fraction=args.heads_fraction, ffn_size=args.ffn_size,
                           ffn_fraction=args.ffn_fraction, param_budget=args.param_budget,
                           importance_rows=args.importance_rows, recover=args.recover, recover_epochs=args.epochs,
                           recover_augment=args.augment, recover_oos_relabel=args.oos_relabel, recover_freeze_embeddings=not args.train_embeddings,
