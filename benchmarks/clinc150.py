@@ -8,6 +8,7 @@
 
     nice python benchmarks/clinc150.py --work /tmp/clinc-bench          # builds what is missing, then measures
     python benchmarks/clinc150.py --work /tmp/clinc-bench --measure-only # re-measure the built models
+    python benchmarks/clinc150.py --work /tmp/clinc-bench --also OTHER_BUNDLE="2-layer build"  # one more row
 
 Every model is built once into WORK (reruns reuse it); the measurement is always fresh. Prints the
 table with ratios against the reference recipe row and writes WORK/results.json and
@@ -116,9 +117,11 @@ def measure(args, data, paths) -> list[dict]:
     fp32 = OnnxPipeline(paths["teacher_int8"], overrides={**over, "model": str(paths["teacher_fp32_onnx"] / "model.onnx")})
     fp32.name = "teacher, ORT fp32"
     backends.append(fp32)
+    extra = [(f"also{i}", name or Path(path).name) for i, (path, name) in enumerate(args.also)]
+    paths = {**paths, **{f"also{i}": Path(path) for i, (path, _) in enumerate(args.also)}}
     for key, name in (("teacher_int8", "teacher, ORT int8 (no distillation)"),
                       ("reference_int8", "reference recipe: half-depth student, ORT int8"),
-                      ("edgepack", "edgepack build")):
+                      *extra, ("edgepack", "edgepack build")):
         pipe = OnnxPipeline(paths[key], overrides=over if key != "edgepack" or args.threads_all else None)
         pipe.name = name
         backends.append(pipe)
@@ -131,7 +134,7 @@ def measure(args, data, paths) -> list[dict]:
         reference = reference or r.get("predictions")
         rows.append(r)
     rows[4]["baseline"] = True
-    rows[5]["final"] = True
+    rows[-1]["final"] = True
     log("\n" + format_table(rows))
     return rows
 
@@ -153,6 +156,13 @@ def ratios_table(rows: list[dict]) -> str:
                  f"p50 {ref['model_ms']['p50']:.3f} ms: {ref['model_ms']['p50'] / final['latency_ms']['p50']:.2f}x "
                  "(issue 6 asks for >= 5x)")
     return "\n".join(lines)
+
+
+def _bundle_and_name(spec: str) -> tuple[str, str]:
+    path, _, name = spec.partition("=")
+    if not Path(path).is_dir():
+        raise argparse.ArgumentTypeError(f"{path}: no such bundle directory")
+    return path, name
 
 
 def main(argv=None) -> int:
@@ -177,6 +187,8 @@ def main(argv=None) -> int:
     p.add_argument("--reference-epochs", type=int, default=5)
     p.add_argument("--reference-lr", type=float, default=1e-4)
     p.add_argument("--measure-only", action="store_true")
+    p.add_argument("--also", type=_bundle_and_name, action="append", default=[], metavar="BUNDLE[=NAME]",
+                   help="measure this bundle too, as a row before edgepack's (repeatable), at the same threads")
     args = p.parse_args(argv)
     if not args.teacher.is_dir() or not args.data.is_file():
         print(f"skipped: {args.teacher} or {args.data} is absent (needs ../shared beside the checkout)")
