@@ -180,8 +180,8 @@ def main(argv=None) -> int:
                    help="measure edgepack's bundle with its tuned runtime.json instead of --threads")
     p.add_argument("--threads-all", dest="threads_all", action="store_true", default=True,
                    help="force --threads on edgepack's bundle too (the default)")
-    p.add_argument("--runs", type=int, default=300)
-    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--runs", type=int, default=1000, help="timed single queries per row (default: 1000)")
+    p.add_argument("--warmup", type=int, default=200, help="untimed queries first (default: 200)")
     p.add_argument("--gap-ms", type=float, default=0.0)
     p.add_argument("--limit", type=int, default=None, help="measure on a stratified slice of the test split")
     p.add_argument("--reference-epochs", type=int, default=5)
