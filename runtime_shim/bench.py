@@ -123,10 +123,7 @@ def _stats(ns: Sequence[int]) -> dict[str, float]:
 def _answer(logits: np.ndarray, label_names: Sequence[str], oos_id: int | None,
             threshold: float | None) -> list[str]:
     if len(logits) == 1:  # one query: what OnnxPipeline's single-text call does
-        k, top = top_of_row(logits[0])
-        if oos_id is not None and threshold is not None and top < threshold:
-            k = oos_id
-        return [label_names[k]]
+        return [label_names[top_of_row(logits[0], oos_id, threshold)[0]]]
     probs = softmax(logits)
     ids = thresholded(probs.argmax(axis=-1), probs.max(axis=-1), oos_id, threshold)
     return [label_names[int(i)] for i in ids]

@@ -49,18 +49,26 @@ def thresholded(label_ids: np.ndarray, top_probs: np.ndarray, oos_id: int | None
     return np.where(np.asarray(top_probs) < threshold, oos_id, label_ids)
 
 
-def top_of_row(logits_row: np.ndarray) -> tuple[int, float]:
-    """``(argmax, top softmax probability)`` of one row of logits, without the whole softmax: the top
-    probability is 1 / sum(exp(z - max z)), summed in float64 like ``softmax``. For one query this
-    takes ~2.5 us where ``softmax`` and ``thresholded`` on a [1, 151] array take ~12 us.
+def top_of_row(logits_row: np.ndarray, oos_id: int | None = None,
+               threshold: float | None = None) -> tuple[int, float]:
+    """``(label id, top softmax probability)`` of one row of logits, without the whole softmax: the top
+    probability is 1 / sum(exp(z - max z)), summed in float64 like ``softmax``; the label is the argmax,
+    replaced by ``oos_id`` when the top probability is below ``threshold`` (``thresholded``'s rule, on
+    scalars). For one query this takes ~2.5 us where ``softmax`` and ``thresholded`` on a [1, 151] array
+    take ~12 us.
 
     Example:
         >>> k, top = top_of_row(np.array([0.0, 2.0, 0.0], dtype=np.float32))
         >>> k, round(top, 4)
         (1, 0.787)
+        >>> top_of_row(np.array([0.0, 2.0, 0.0], dtype=np.float32), oos_id=2, threshold=0.9)[0]
+        2
     """
     k = int(logits_row.argmax())
-    return k, 1.0 / float(np.exp(logits_row.astype(np.float64) - float(logits_row[k])).sum())
+    top = 1.0 / float(np.exp(logits_row.astype(np.float64) - float(logits_row[k])).sum())
+    if oos_id is not None and threshold is not None and top < threshold:
+        k = oos_id
+    return k, top
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -199,23 +207,20 @@ class OnnxPipeline:
         """
         if isinstance(texts, str):
             texts = [texts]
-        # encode() for one text: encode_batch() hands a single item to the thread pool for nothing.
-        # Arrays are built in the model's own integer type (int32 for edgepack's fused graphs).
-        single = len(texts) == 1
-        types = self._input_types
-        ids = self.fast_wordpiece.encode(texts[0]) if single and self.fast_wordpiece is not None else None
-        if ids is not None:
-            return {name: (np.array([ids], dtype=types[name]) if name == "input_ids" else self._constant_row(name, len(ids)))
-                    for name in self.input_names}
-        encs = [self.tokenizer.encode(texts[0])] if single else self.tokenizer.encode_batch(list(texts))
+        types = self._input_types  # the model's own integer types (int32 for edgepack's fused graphs)
+        if len(texts) == 1:  # unpadded: the mask and token types are constant rows
+            ids = self.fast_wordpiece.encode(texts[0]) if self.fast_wordpiece is not None else None
+            if ids is None:  # encode(), not encode_batch(): that hands one item to the thread pool for nothing
+                ids = self.tokenizer.encode(texts[0]).ids
+            return {name: np.array([ids], dtype=types[name]) if name == "input_ids"
+                    else self._constant_row(name, len(ids)) for name in self.input_names}
+        encs = self.tokenizer.encode_batch(list(texts))
         out: dict[str, np.ndarray] = {}
         for name in self.input_names:
             if name == "input_ids":
                 out[name] = np.array([e.ids for e in encs], dtype=types[name])
             elif name == "attention_mask":
-                # One unpadded text: all ones, without building the list.
-                out[name] = (np.ones((1, len(encs[0].ids)), dtype=types[name]) if single
-                             else np.array([e.attention_mask for e in encs], dtype=types[name]))
+                out[name] = np.array([e.attention_mask for e in encs], dtype=types[name])
             else:
                 out[name] = np.zeros((len(encs), len(encs[0].ids)), dtype=types[name])
         return out
@@ -276,11 +281,10 @@ class OnnxPipeline:
 
     def _classify_one(self, text: str, apply_threshold: bool) -> dict[str, Any]:
         """One text, top label only: the general path's answer with fewer array operations (a single
-        query's latency is what the device notices). ``top_of_row`` gives the label and its
-        probability; the threshold rule is ``thresholded``'s, on scalars."""
-        k, top = top_of_row(self.forward(self.encode([text]))[0])
-        if apply_threshold and self.oos_id is not None and self.oos_threshold is not None and top < self.oos_threshold:
-            k = self.oos_id
+        query's latency is what the device notices): ``top_of_row`` gives the label, threshold applied,
+        and its probability."""
+        k, top = top_of_row(self.forward(self.encode([text]))[0], self.oos_id,
+                            self.oos_threshold if apply_threshold else None)
         return {"label": self.label_names[k], "score": top}
 
     def __call__(self, inputs: str | Sequence[str], *, top_k: int | None = None, apply_threshold: bool = True,
