@@ -73,7 +73,15 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 def build(cfg: BuildConfig, *, force: bool = False, log: Log = print) -> dict[str, Any]:
     """Run (or resume) the build; returns a summary. Raises ``BudgetError`` after writing the bundle
-    and its report when the profile's budgets are missed."""
+    and its report when the profile's budgets are missed. Library warnings go to BUILD/build.log."""
+    from .console import quiet
+
+    root = Path(cfg.build_dir) if cfg.build_dir else Path(cfg.out or ".").with_name(Path(cfg.out or ".").name + ".build")
+    with quiet(root / "build.log" if cfg.teacher and cfg.out else None):
+        return _build(cfg, force=force, log=log)
+
+
+def _build(cfg: BuildConfig, *, force: bool, log: Log) -> dict[str, Any]:
     from . import profiles
 
     started = time.time()

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__
 from .errors import EdgepackError, ExitCode
@@ -40,6 +42,8 @@ def make_parser() -> argparse.ArgumentParser:
         module = _load(name)
         if module is not None:
             p = module.register(sub)
+            p.add_argument("-v", "--verbose", action="store_true",
+                           help="also show library warnings and training logs on the console (always in the log file)")
             p.set_defaults(_run=module.run)
     return parser
 
@@ -50,14 +54,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return ExitCode.USAGE
+    from .console import quiet, set_verbose
+
+    set_verbose(args.verbose)
     try:
-        return int(args._run(args) or ExitCode.OK)
+        with quiet(log_path(args.command)):
+            return int(args._run(args) or ExitCode.OK)
     except EdgepackError as e:
         print(f"edgepack {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"edgepack {args.command}: interrupted; finished stages are kept, rerun to resume", file=sys.stderr)
         return ExitCode.INTERRUPTED
+
+
+def log_path(command: str) -> Path:
+    """Where a command's library warnings go (a build also writes BUILD/build.log)."""
+    return Path(os.environ.get("EDGEPACK_LOG_DIR") or Path.home() / ".cache" / "edgepack" / "logs") / f"{command}.log"
 
 
 def console() -> None:

@@ -33,6 +33,7 @@ import numpy as np
 
 from .calibrate import apply_threshold, calibrate_threshold, softmax
 from .config import DistillConfig
+from .console import quiet_trainer
 from .data import LabelledData, Split
 from .errors import EdgepackError
 from .records import hash_tree, write_stage_record
@@ -339,6 +340,7 @@ def train_student(
             callbacks=list(callbacks), alpha=cfg.alpha, temperature=cfg.temperature,
             hidden_weight=cfg.hidden_weight if use_hidden else 0.0, hidden_map=hidden_map,
         )
+        quiet_trainer(trainer)  # the per-epoch metric dicts go to the log file, not between progress bars
         trainer.train()
         trainer.model.eval()
         return trainer

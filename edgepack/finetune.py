@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .config import DataConfig, FinetuneConfig
+from .console import quiet_trainer
 from .data import LabelledData, Split, load_dataset
 from .errors import EdgepackError
 from .records import hash_tree, staging_dir, write_stage_record
@@ -152,6 +153,7 @@ def finetune(cfg: FinetuneConfig, base: str | Path, data_cfg: DataConfig, out: P
         )
         trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val,
                           data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=_accuracy)
+        quiet_trainer(trainer)  # the per-epoch metric dicts go to the log file, not between progress bars
         result = trainer.train()
         history = trainer.state.log_history
         metrics: dict[str, Any] = {

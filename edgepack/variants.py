@@ -162,7 +162,13 @@ def _static_qdq(cfg: QuantizeConfig, src: Path, out: Path, info: ModelInfo, cali
 
 def _matmul_nbits(cfg: QuantizeConfig, src: Path, out: Path) -> Path:
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    except ModuleNotFoundError as e:
+        # onnxruntime >= 1.32 imports onnx_ir here without declaring it; edgepack declares onnx-ir.
+        raise EdgepackError(f"4-bit MatMulNBits needs the {e.name!r} package, which onnxruntime "
+                            f"{_ort_version()} imports but does not install; pip install onnx-ir") from None
 
     logging.getLogger().setLevel(logging.ERROR)
     model = onnx.load(str(src))
@@ -173,6 +179,12 @@ def _matmul_nbits(cfg: QuantizeConfig, src: Path, out: Path) -> Path:
     quant.process()
     quant.model.save_model_to_file(str(out), use_external_data_format=False)
     return out
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
 
 
 def build(variant: Variant, src: Path, out: Path, *, info: ModelInfo,

@@ -42,8 +42,23 @@ compare = false
 """
 
 
+PROFILES = Path(__file__).resolve().parents[1] / "profiles"
+
+
+def loose_profile(where: Path) -> Path:
+    """edge-x86-2core with an accuracy budget no bundle can miss: these tests are about stages,
+    resuming and records, and whether a tiny random model's int8 copy keeps its accuracy on this CPU
+    is luck (the budget gate has tests of its own, with bundles that fail it on purpose)."""
+    text = (PROFILES / "edge-x86-2core.toml").read_text()
+    text = text.replace("max_accuracy_drop = 1.0", "max_accuracy_drop = 100.0")
+    assert "max_accuracy_drop = 100.0" in text
+    path = where / "tiny-box.toml"
+    path.write_text(text)
+    return path
+
+
 def write_recipe(path: Path, **kw) -> Path:
-    values = {"profile": "edge-x86-2core", "recover_epochs": 1, **kw}
+    values = {"profile": loose_profile(path.parent), "recover_epochs": 1, **kw}
     path.write_text(RECIPE.format(**{k: str(v) for k, v in values.items()}))
     return path
 
@@ -76,7 +91,7 @@ def test_build_writes_verified_bundle_and_report(built):
     assert (work / "distill" / "stage.json").is_file() and (work / "prune" / "stage.json").is_file()
     assert {"report.html", "report.md", "model.quant.onnx", "manifest.json"} <= {p.name for p in out.iterdir()}
     manifest = json.loads((out / "manifest.json").read_text())
-    assert "report.html" in manifest["files"] and manifest["verified"]["profile"] == "edge-x86-2core"
+    assert "report.html" in manifest["files"] and manifest["verified"]["profile"] == "tiny-box"
     assert manifest["tuned"]["winner"]
     assert OnnxPipeline(out)("what is my checking balance")[0]["label"]  # checksums verify
     assert "data:image/png;base64," in (out / "report.html").read_text()
@@ -127,7 +142,7 @@ def test_interrupted_build_keeps_finished_stages_and_old_bundle(built, capsys, m
 
 
 def test_missed_budget_finishes_and_names_it(built, tmp_path, capsys, monkeypatch, tiny_model, clinc_json):
-    profile = (Path(__file__).resolve().parents[1] / "profiles" / "edge-x86-2core.toml").read_text()
+    profile = loose_profile(tmp_path).read_text()
     profile = profile.replace("bundle_size_mb = 40.0", "bundle_size_mb = 0.001")
     (tmp_path / "tight-box.toml").write_text(profile)
     monkeypatch.setenv("EDGEPACK_PROFILES_PATH", str(tmp_path))

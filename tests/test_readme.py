@@ -28,9 +28,33 @@ def test_opening_commands_install_and_run_the_demo_and_the_tests():
     first, second = shell_lines()[:2]
     assert first == 'pip install -c constraints-cpu.txt -e ".[demo]" && edgepack demo'
     assert second == 'pip install -c constraints-cpu.txt -e ".[dev]" && python -m pytest -q'
-    # CI runs the README's test command verbatim.
-    assert second in (ROOT / ".ci" / "run").read_text()
-    assert "torch==2.13.0" in (ROOT / "constraints-cpu.txt").read_text()
+    # CI runs the README's two commands verbatim, read from the README itself.
+    import subprocess
+    import sys
+
+    printed = subprocess.run([sys.executable, str(ROOT / ".ci" / "readme_commands.py")], check=True,
+                             capture_output=True, text=True).stdout.splitlines()
+    assert printed == [first, second]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "readme_commands.py" in ci and "python3 -m venv" in ci
+
+
+def test_constraints_pin_every_declared_dependency():
+    """The tested set: every package pyproject declares (extras included) has an exact pin."""
+    import tomllib
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = [*project["dependencies"], *(d for deps in project["optional-dependencies"].values() for d in deps)]
+    pins = {}
+    for line in (ROOT / "constraints-cpu.txt").read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[canonicalize_name(name)] = version.strip()
+    missing = [d for d in declared if canonicalize_name(Requirement(d).name) not in pins]
+    assert not missing, f"constraints-cpu.txt pins none of {missing}: run bash .ci/refresh-constraints"
+    assert pins["torch"] == "2.13.0"
 
 
 def _argv(line: str) -> list[str] | None:
