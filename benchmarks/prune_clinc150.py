@@ -40,14 +40,14 @@ DATA = SHARED / "data" / "clinc150" / "data_oos_plus.json"
 def load_data(teacher: Path, source: Path):
     from edgepack.config import DataConfig
     from edgepack.data import load_dataset
-    from edgepack.student import read_id2label
+    from edgepack.training.student import read_id2label
 
     return load_dataset(DataConfig(source=str(source)), read_id2label(teacher))
 
 
 def run_vocab(args) -> dict:
     from edgepack.config import PruneConfig
-    from edgepack.prune import prune, read_steps
+    from edgepack.stages.prune import prune, read_steps
 
     data = load_data(args.teacher, args.data)
     out = args.work / f"vocab-top{args.keep_top}"
@@ -74,7 +74,7 @@ def export_int8(model_dir: Path, out: Path, max_length: int = 64) -> tuple[Path,
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from tokenizers import Tokenizer
 
-    from edgepack.structured import encode, load_classifier
+    from edgepack.stages.prune.structured import encode, load_classifier
 
     out.mkdir(parents=True, exist_ok=True)
     model = load_classifier(model_dir, attn_implementation="eager").eval()
@@ -95,7 +95,7 @@ def ort_logits(path: Path, tok_path: Path, texts, max_length: int = 64, batch: i
     import onnxruntime as ort
     from tokenizers import Tokenizer
 
-    from edgepack.structured import encode
+    from edgepack.stages.prune.structured import encode
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
@@ -142,7 +142,7 @@ def latency_ms(path: Path, tok_path: Path, texts, n: int = 300, warmup: int = 50
 
 
 def measure_onnx(path: Path, tok_path: Path, data) -> dict:
-    from edgepack.calibrate import apply_threshold, calibrate_threshold, softmax
+    from edgepack.metrics import apply_threshold, calibrate_threshold, softmax
 
     val, test = data["validation"], data["test"]
     pv = softmax(ort_logits(path, tok_path, val.texts).astype(np.float64))
@@ -165,7 +165,7 @@ def measure_onnx(path: Path, tok_path: Path, data) -> dict:
 
 def run_small(args) -> dict:
     from edgepack.config import PruneConfig
-    from edgepack.prune import prune, read_steps
+    from edgepack.stages.prune import prune, read_steps
 
     data = load_data(args.teacher, args.data)
     name = args.name or "small"
@@ -197,8 +197,8 @@ def run_sparse(args) -> dict:
     gzip bytes and single-query latency against the dense model."""
     import shutil
 
-    from edgepack.sparsity import MagnitudePruningCallback, measure_sparsity
-    from edgepack.structured import load_classifier, save_model
+    from edgepack.stages.prune.sparsity import MagnitudePruningCallback, measure_sparsity
+    from edgepack.stages.prune.structured import load_classifier, save_model
 
     data = load_data(args.teacher, args.data)
     src = args.work / (args.name or "small")

@@ -4,7 +4,7 @@
 
 The first path is the teacher; every model (a Hugging Face classifier directory, run in PyTorch, or a
 bundle, run through the shim) gets its threshold chosen on the validation split by each rule of
-``edgepack.calibrate`` (one-se: the project's default; max: the plain maximum; grid: the 0.02-step grid
+``edgepack.metrics`` (one-se: the project's default; max: the plain maximum; grid: the 0.02-step grid
 that reproduces the issues' 90.38% for the shared teacher) and is scored on the test split. Prints a
 markdown table with each figure's difference to the teacher under the same rule, so a claim such as
 "within 0.5 points of the teacher" can be checked under every rule at once. Skips politely without
@@ -52,7 +52,7 @@ def probs_by_name(backend, texts, names: list[str]) -> np.ndarray:
 
 
 def scores(vp, vy, tp, ty, oos: int) -> dict[str, float]:
-    from edgepack.calibrate import RULES, apply_threshold, calibrate_threshold
+    from edgepack.metrics import RULES, apply_threshold, calibrate_threshold
 
     out = {"raw": float((tp.argmax(1) == ty).mean())}
     for rule in RULES:
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
         return 0
     from edgepack.config import DataConfig
     from edgepack.data import load_dataset
-    from edgepack.student import read_id2label
+    from edgepack.training.student import read_id2label
 
     data = load_dataset(DataConfig(source=str(args.data)), read_id2label(args.models[0]))
     names, oos = list(data.label_names), data.oos_id

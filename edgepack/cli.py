@@ -15,8 +15,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__
-from .errors import EdgepackError, ExitCode
+from edgepack import __version__
+from edgepack.errors import EdgepackError, ExitCode
 
 # Order is the order of --help: the pipeline first, then the tools around it.
 COMMANDS = ("build", "demo", "finetune", "distill", "prune", "pack", "quantize", "tune", "bench", "targets", "profiles")
@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return ExitCode.USAGE
-    from .console import quiet, set_verbose
+    from edgepack.console import quiet, set_verbose
 
     set_verbose(args.verbose)
     try:

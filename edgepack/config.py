@@ -145,8 +145,8 @@ class ExportConfig(ConfigBase):
     max_length: int = 64  # tokens per query: CLINC150 queries are short (p99 ~ 25 tokens)
     parity_rows: int = 64  # real rows to compare PyTorch and ONNX logits on
     atol: float = 1e-3  # max |logit difference| allowed between PyTorch and ONNX fp32
-    trim_unreachable: bool = True  # drop embedding rows no input can reach (edgepack.unreachable): exact
-    # fused: write BERT straight to ORT's fused operators (edgepack.bert_onnx); torch: torch.onnx.export;
+    trim_unreachable: bool = True  # drop embedding rows no input can reach (edgepack.stages.export.unreachable): exact
+    # fused: write BERT straight to ORT's fused operators (edgepack.stages.export.bert_onnx); torch: torch.onnx.export;
     # auto: fused where supported, else torch
     writer: str = "auto"
     # fused writer: one EmbedLayerNormalization, or gather (Gather + Add + LayerNorm; needed to store
@@ -181,7 +181,7 @@ class QuantizeConfig(ConfigBase):
     op_types: tuple[str, ...] = ("MatMul", "Attention", "Gather", "EmbedLayerNormalization")
     fuse: bool = False  # run onnxruntime.transformers.optimizer first (measured: not always faster)
     nbits_block_size: int = 32
-    # 4: the word-embedding table in 4-bit blocks (edgepack.quantize.quantize_embedding_4bit): on a
+    # 4: the word-embedding table in 4-bit blocks (edgepack.stages.quantize.formats.quantize_embedding_4bit): on a
     # small student the table is most of the file
     embedding_bits: int = 8
     embedding_block_size: int = 96
@@ -226,7 +226,7 @@ class PackConfig(ConfigBase):
 @dataclasses.dataclass(frozen=True)
 class DistillConfig(ConfigBase):
     """``edgepack distill``: a student from the teacher's layers (or another checkpoint) trained on
-    ``alpha * CE + (1 - alpha) * T^2 * KL`` against cached teacher logits (see ``edgepack.distill``)."""
+    ``alpha * CE + (1 - alpha) * T^2 * KL`` against cached teacher logits (see ``edgepack.training.distillation``)."""
 
     section: ClassVar[str] = "distill"
     num_layers: int = 2  # teacher layers kept when ``layers`` is empty (spread by ``student.pick_layers``)
@@ -282,7 +282,7 @@ class DistillConfig(ConfigBase):
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig(ConfigBase):
     """``edgepack finetune``: a classifier head on a pretrained encoder, trained with the HF ``Trainer``
-    (see ``edgepack.finetune``). The defaults take all-MiniLM-L6-v2 to 97.8% test accuracy on the demo
+    (see ``edgepack.stages.finetune``). The defaults take all-MiniLM-L6-v2 to 97.8% test accuracy on the demo
     data (1,050 training rows) in about a minute and a half on 2 idle cores."""
 
     section: ClassVar[str] = "finetune"
@@ -304,7 +304,7 @@ SPARSITY_METHODS = ("none", "magnitude", "movement")
 @dataclasses.dataclass(frozen=True)
 class PruneConfig(ConfigBase):
     """``edgepack prune``: vocabulary trimming, structured head/FFN/layer pruning, recovery distillation
-    and, optionally, unstructured sparsity during recovery (see ``edgepack.prune``)."""
+    and, optionally, unstructured sparsity during recovery (see ``edgepack.stages.prune``)."""
 
     section: ClassVar[str] = "prune"
     trim_vocab: bool = True  # keep the tokens the training split uses, every character piece and specials

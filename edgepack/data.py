@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import DataConfig
-from .errors import EdgepackError
+from edgepack.config import DataConfig
+from edgepack.errors import EdgepackError
 
 SPLITS = ("train", "validation", "test")
 _SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation", "eval": "validation"}

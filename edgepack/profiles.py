@@ -34,9 +34,9 @@ import tomllib
 
 from runtime_shim.bench import result_value as _get  # one reader of harness results
 
-from .config import ConfigBase, _choice, _in_range
-from .errors import EdgepackError
-from .resources import data_files
+from edgepack.config import ConfigBase, _choice, _in_range
+from edgepack.errors import EdgepackError
+from edgepack.resources import data_files
 
 SEARCH_PATH_ENV = "EDGEPACK_PROFILES_PATH"  # extra directories of profile files, os.pathsep-separated
 SPINNING = ("on", "off", "force-stop")
@@ -131,7 +131,7 @@ def load(name: str) -> Profile:
     except (ValueError, TypeError) as e:
         msg = str(e)
         raise EdgepackError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
-    from . import targets
+    from edgepack import targets
 
     if profile.target not in targets.available():
         raise EdgepackError(f"{path}: target '{profile.target}' is not a known target; "

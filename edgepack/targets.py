@@ -8,9 +8,9 @@ from pathlib import Path
 
 from runtime_shim.tune import cpu_flags  # the device runtime detects the same way
 
-from .config import ConfigBase, QuantizeConfig
-from .errors import EdgepackError
-from .resources import data_files
+from edgepack.config import ConfigBase, QuantizeConfig
+from edgepack.errors import EdgepackError
+from edgepack.resources import data_files
 
 SEARCH_PATH_ENV = "EDGEPACK_TARGETS_PATH"  # extra directories of target files, os.pathsep-separated
 

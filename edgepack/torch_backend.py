@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .calibrate import calibrate_threshold
-from .export import load_classifier, read_model_info
+from edgepack.metrics import calibrate_threshold
+from edgepack.stages.export import load_classifier, read_model_info
 
 
 class TorchBackend:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import EdgepackError
+from edgepack.errors import EdgepackError
 
 SUPPORTED_MODELS = ("WordPiece", "BPE")
 _BYTE_FALLBACK = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")

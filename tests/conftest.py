@@ -78,7 +78,7 @@ def label_names() -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, corpus, label_names) -> Path:
     """A trained 2-layer, 32-wide BertForSequenceClassification with its WordPiece tokenizer."""
-    from edgepack.tiny import make_tiny_classifier
+    from tiny import make_tiny_classifier
 
     texts = [t for t, _ in corpus["train"]]
     labels = [label_names.index(lab) for _, lab in corpus["train"]]
@@ -100,7 +100,7 @@ def all_rows(corpus) -> list[tuple[str, str]]:
 def tiny_bundle(tmp_path_factory, tiny_model, clinc_json) -> Path:
     """``edgepack pack`` of the tiny model on the tiny CLINC-style data (a real bundle)."""
     from edgepack.config import DataConfig, PackConfig
-    from edgepack.pack import pack
+    from edgepack.runner.pack import pack
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     # The tiny model is trained for seconds: its int8 copy may wander; the gate is tested on its own.

@@ -1,4 +1,4 @@
-"""The fused BERT writer (edgepack.bert_onnx): same logits as PyTorch, fewer nodes, pruned shapes."""
+"""The fused BERT writer (edgepack.stages.export.bert_onnx): same logits as PyTorch, fewer nodes, pruned shapes."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from edgepack import structured
-from edgepack.bert_onnx import Unsupported, build_graph, supported, write_bert_onnx
+from edgepack.stages.prune import structured
+from edgepack.stages.export.bert_onnx import Unsupported, build_graph, supported, write_bert_onnx
 from edgepack.config import ExportConfig
-from edgepack.export import export_onnx
+from edgepack.stages.export import export_onnx
 
 TEXTS = ["what is my balance", "book a table for two at seven tonight please", "hi", "transfer money to my savings"]
 

@@ -120,7 +120,7 @@ def test_changed_stage_reruns_it_and_what_follows(built, capsys, tiny_model, cli
 
 
 def test_interrupted_build_keeps_finished_stages_and_old_bundle(built, capsys, monkeypatch, tiny_model, clinc_json):
-    import edgepack.pack as pack_mod
+    import edgepack.runner.pack as pack_mod
 
     root, _ = built
     out = root / "bundle"

@@ -23,7 +23,7 @@ FAST = ["--epochs", "1", "--batch-size", "16", "--lr", "1e-3", "--threads", "1"]
 @pytest.fixture(scope="module")
 def data(clinc_json, tiny_model):
     from edgepack.data import load_dataset
-    from edgepack.student import read_id2label
+    from edgepack.training.student import read_id2label
 
     return load_dataset(DataConfig(source=str(clinc_json)), read_id2label(tiny_model))
 
@@ -39,7 +39,7 @@ def test_student_from_teacher_keeps_chosen_layers(tiny_model, tmp_path):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from edgepack import student as st
+    from edgepack.training import student as st
 
     teacher = st.load_teacher(tiny_model)
     student = st.from_teacher(teacher, [1])
@@ -68,7 +68,7 @@ def test_kd_loss_matches_formula():
     import torch
     import torch.nn.functional as F
 
-    from edgepack.distill import DistillationTrainer
+    from edgepack.training.distillation import DistillationTrainer
 
     torch.manual_seed(0)
     s, t = torch.randn(4, 5), torch.randn(4, 5)
@@ -87,7 +87,7 @@ def test_kd_loss_matches_formula():
 def test_training_steps_reduce_the_loss(tiny_model, data, tmp_path):
     import torch
 
-    from edgepack.distill import Collator, DistillationTrainer, make_rows, prepare, train_student
+    from edgepack.training.distillation import Collator, DistillationTrainer, make_rows, prepare, train_student
 
     cfg = DistillConfig(num_layers=1, epochs=4, learning_rate=3e-3, batch_size=16, alpha=0.5, temperature=2.0)
     prep = prepare(cfg, tiny_model, data, cache_dir=tmp_path / "cache", progress=False)
@@ -116,8 +116,8 @@ def test_training_steps_reduce_the_loss(tiny_model, data, tmp_path):
 
 
 def test_teacher_logits_cached_and_reused(tiny_model, data, tmp_path, monkeypatch):
-    from edgepack import teacher_cache
-    from edgepack.distill import prepare
+    from edgepack.training import teacher_cache
+    from edgepack.training.distillation import prepare
 
     calls = []
     real = teacher_cache.load_teacher
@@ -174,8 +174,8 @@ def test_distill_cli_writes_student_and_record(tiny_model, clinc_json, tmp_path,
 
 
 def test_oos_relabel_moves_unsure_teacher_rows_to_out_of_scope():
-    from edgepack.calibrate import softmax
-    from edgepack.distill import TrainSet, relabel_unsure
+    from edgepack.metrics import softmax
+    from edgepack.training.distillation import TrainSet, relabel_unsure
 
     probs = np.array([[0.9, 0.05, 0.05],   # gold row, confident
                       [0.4, 0.35, 0.25],   # gold row, unsure: a gold label outranks the teacher's doubt
@@ -196,8 +196,8 @@ def test_oos_relabel_moves_unsure_teacher_rows_to_out_of_scope():
 def test_distill_into_a_given_model_with_callbacks(tiny_model, data, tmp_path):
     from transformers import TrainerCallback
 
-    from edgepack import student as st
-    from edgepack.distill import distill
+    from edgepack.training import student as st
+    from edgepack.training.distillation import distill
 
     epochs = []
 
@@ -215,7 +215,7 @@ def test_distill_into_a_given_model_with_callbacks(tiny_model, data, tmp_path):
 
 @pytest.mark.slow
 def test_student_checkpoint_with_its_own_tokenizer(tiny_model, corpus, clinc_json, tmp_path):
-    from edgepack.tiny import make_tiny_classifier
+    from tiny import make_tiny_classifier
 
     texts = [t for t, _ in corpus["train"]]
     other = make_tiny_classifier(tmp_path / "other", texts[::-1], [0, 1] * (len(texts) // 2), ["a", "b"],

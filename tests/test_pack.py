@@ -43,7 +43,7 @@ def test_labels_mark_out_of_scope_with_threshold(tiny_bundle: Path, label_names)
 
 
 def test_int8_quantized_matmuls(tiny_bundle: Path):
-    from edgepack.quantize import count_ops
+    from edgepack.stages.quantize.formats import count_ops
 
     ops = count_ops(tiny_bundle / "model.quant.onnx")
     # The fused writer: per layer one Attention (Q, K, V in one weight) and three weight MatMuls (attention
@@ -59,7 +59,7 @@ def test_int8_quantized_matmuls(tiny_bundle: Path):
 def test_export_parity_and_dynamic_axes(tmp_path, tiny_model, corpus):
     import onnx
 
-    from edgepack.export import export_onnx
+    from edgepack.stages.export import export_onnx
 
     texts = [t for t, _ in corpus["val"]]
     rec = export_onnx(ExportConfig(), tiny_model, tmp_path / "export", texts)
@@ -71,7 +71,7 @@ def test_export_parity_and_dynamic_axes(tmp_path, tiny_model, corpus):
 
 
 def test_accuracy_gate_refuses_and_writes_nothing(tmp_path, tiny_model, clinc_json, monkeypatch, capsys):
-    import edgepack.pack as pack_mod
+    import edgepack.runner.pack as pack_mod
 
     real = pack_mod.evaluate
     calls = {"n": 0}
@@ -100,7 +100,7 @@ def test_existing_output_refused_unless_force(tmp_path, tiny_bundle, tiny_model,
 
 
 def test_pack_cli_writer_torch_bundles_the_exported_graph(tmp_path, tiny_model, clinc_json, capsys):
-    from edgepack.quantize import count_ops
+    from edgepack.stages.quantize.formats import count_ops
     from runtime_shim import OnnxPipeline
 
     out = tmp_path / "torch-writer"
@@ -165,7 +165,7 @@ def test_non_classifier_onnx_refused(tmp_path, tiny_model, clinc_json, capsys):
 
 def test_pack_from_onnx_export_dir(tmp_path, tiny_model, clinc_json, corpus):
     """A user who exported elsewhere enters at pack with model.onnx + tokenizer.json + config.json."""
-    from edgepack.export import export_onnx
+    from edgepack.stages.export import export_onnx
 
     export_onnx(ExportConfig(), tiny_model, tmp_path / "exported", [t for t, _ in corpus["val"]])
     out = tmp_path / "bundle"
@@ -198,7 +198,7 @@ def test_dataset_formats_bind_labels(tmp_path, corpus, label_names):
 
 
 def test_calibrated_threshold_maximises_accuracy():
-    from edgepack.calibrate import apply_threshold, calibrate_threshold, softmax
+    from edgepack.metrics import apply_threshold, calibrate_threshold, softmax
 
     rng = np.random.default_rng(1)
     probs = softmax(rng.normal(size=(300, 6)) * 2)
@@ -230,7 +230,7 @@ def test_unreachable_rows_are_never_produced(tiny_model, corpus):
     placeholder, split-off continuation and accent-folded rows go."""
     from tokenizers import Tokenizer
 
-    from edgepack.unreachable import reachable_ids
+    from edgepack.stages.export.unreachable import reachable_ids
 
     tok_json = json.loads((tiny_model / "tokenizer.json").read_text())
     vocab = tok_json["model"]["vocab"]
@@ -246,7 +246,7 @@ def test_unreachable_rows_are_never_produced(tiny_model, corpus):
 
 
 def test_export_trims_positions_to_max_length(tmp_path, tiny_model, corpus):
-    from edgepack.export import export_onnx
+    from edgepack.stages.export import export_onnx
 
     rec = export_onnx(ExportConfig(max_length=32), tiny_model, tmp_path / "e", [t for t, _ in corpus["val"]])
     trim = rec["metrics"]["unreachable_trimmed"]
@@ -277,8 +277,8 @@ def test_embedding_bits_4_stores_the_table_in_4bit_blocks(tmp_path, tiny_model, 
     from onnx import numpy_helper
 
     from edgepack.config import DataConfig, PackConfig
-    from edgepack.pack import pack
-    from edgepack.quantize import count_ops
+    from edgepack.runner.pack import pack
+    from edgepack.stages.quantize.formats import count_ops
     from runtime_shim import OnnxPipeline
 
     out = tmp_path / "emb4"
@@ -305,7 +305,7 @@ def test_4bit_embedding_decodes_to_its_blocks(tmp_path):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgepack.quantize import quantize_embedding_4bit
+    from edgepack.stages.quantize.formats import quantize_embedding_4bit
 
     rng = np.random.default_rng(0)
     table = rng.normal(size=(50, 64)).astype(np.float32)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgepack import sparsity, structured, vocab
+from edgepack.stages.prune import sparsity, structured, vocab
 from edgepack.cli import main
 
 
@@ -32,7 +32,7 @@ def _logits(model, tok, texts):
 @pytest.fixture(autouse=True)
 def _teacher_cache(tmp_path, monkeypatch):
     # The teacher-logit cache defaults to ~/.cache/edgepack: keep tests inside tmp_path.
-    import edgepack.teacher_cache as tc
+    import edgepack.training.teacher_cache as tc
 
     monkeypatch.setattr(tc, "DEFAULT_CACHE", tmp_path / "cache")
 
@@ -122,7 +122,7 @@ def test_cluster_rest_folds_dropped_tokens_into_shared_rows(tiny_model, corpus, 
     assert AutoTokenizer.from_pretrained(out)(texts[12])["input_ids"] == new_tok.encode(texts[12]).ids
     # Export keeps the folded tokens (tokenizers' own re-serialisation would drop all but one per id).
     from edgepack.config import ExportConfig
-    from edgepack.export import export_onnx
+    from edgepack.stages.export import export_onnx
 
     export_onnx(ExportConfig(), out, tmp_path / "export", texts[10:])  # raises on a parity miss
     exported = json.loads((tmp_path / "export" / "tokenizer.json").read_text())["model"]["vocab"]
@@ -268,7 +268,7 @@ def test_sparsity_callback_reaches_target(method, tiny_model, corpus, label_name
 
 
 def test_prune_cli_end_to_end(tiny_model, clinc_json, tmp_path, capsys):
-    from edgepack.prune import read_steps
+    from edgepack.stages.prune import read_steps
 
     out = tmp_path / "pruned"
     code = main(["prune", str(tiny_model), "--data", str(clinc_json), "--out", str(out), "--heads-per-layer", "3,2",

@@ -13,8 +13,8 @@ import pytest
 from edgepack import targets, variants
 from edgepack.config import ExportConfig, QuantizeConfig
 from edgepack.errors import BudgetError, EdgepackError
-from edgepack.export import export_onnx, read_model_info
-from edgepack.quantize import count_ops
+from edgepack.stages.export import export_onnx, read_model_info
+from edgepack.stages.quantize.formats import count_ops
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_static_qdq_needs_calibration(tmp_path, tiny_model, fp32_onnx):
 
 
 def test_ort_format_loads_in_the_shim(tmp_path, tiny_bundle):
-    from edgepack.ortformat import REQUIRED_OPERATORS, write_ort
+    from edgepack.stages.bundle.ortformat import REQUIRED_OPERATORS, write_ort
     from runtime_shim import OnnxPipeline
 
     bundle = tmp_path / "b"

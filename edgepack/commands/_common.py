@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import DataConfig
+from edgepack.config import DataConfig
 
 
 def add_data_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:

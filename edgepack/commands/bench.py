@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ._common import add_data_args
+from edgepack.commands._common import add_data_args
 
 
 def register(sub) -> argparse.ArgumentParser:
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from runtime_shim import BundleError
     from runtime_shim.datafiles import DataError
 
-    from ..errors import EdgepackError
+    from edgepack.errors import EdgepackError
 
     try:
         return _run(args)
@@ -54,11 +54,11 @@ def _run(args: argparse.Namespace) -> int:
     from runtime_shim.bench import format_table, run_benchmark
     from runtime_shim.datafiles import read_labelled
 
-    from ..config import DataConfig
-    from ..data import load_dataset, stratified_slice
-    from ..errors import BudgetError, EdgepackError
-    from ..records import write_json_atomic
-    from ..torch_backend import TorchBackend
+    from edgepack.config import DataConfig
+    from edgepack.data import load_dataset, stratified_slice
+    from edgepack.errors import BudgetError, EdgepackError
+    from edgepack.records import write_json_atomic
+    from edgepack.torch_backend import TorchBackend
 
     for path in args.paths:
         if not path.is_dir():
@@ -79,7 +79,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         model_labels = first.label_names if first is not None else None
         if model_labels is None:
-            from ..export import read_model_info
+            from edgepack.stages.export import read_model_info
 
             model_labels = list(read_model_info(args.paths[0]).label_names)
         dcfg = DataConfig(source=str(args.data), text_column=args.text_column, label_column=args.label_column,
@@ -124,8 +124,8 @@ def _run(args: argparse.Namespace) -> int:
     print(format_table(results))
     failures: list[str] = []
     if args.profile:
-        from ..profiles import check_budgets
-        from ..profiles import load as load_profile
+        from edgepack.profiles import check_budgets
+        from edgepack.profiles import load as load_profile
 
         profile = load_profile(args.profile)
         for res, path in zip(results, args.paths, strict=True):

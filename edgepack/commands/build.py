@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import add_data_args
+from edgepack.commands._common import add_data_args
 
 
 def register(sub) -> argparse.ArgumentParser:
@@ -33,8 +33,8 @@ def register(sub) -> argparse.ArgumentParser:
 def resolve(args: argparse.Namespace):
     import tomllib
 
-    from ..config import BuildConfig
-    from ..errors import EdgepackError
+    from edgepack.config import BuildConfig
+    from edgepack.errors import EdgepackError
 
     base: dict = {}
     if args.source.suffix == ".toml":
@@ -87,7 +87,7 @@ def resolve(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..build import build
+    from edgepack.runner.build import build
 
     build(resolve(args), force=args.force)
     return 0

@@ -21,12 +21,12 @@ def register(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..build import build
-    from ..config import BuildConfig, DataConfig, DistillConfig, FinetuneConfig
-    from ..data import load_dataset
-    from ..finetune import finetune, input_hash, resolve_base
-    from ..records import is_fresh
-    from ..resources import demo_data
+    from edgepack.runner.build import build
+    from edgepack.config import BuildConfig, DataConfig, DistillConfig, FinetuneConfig
+    from edgepack.data import load_dataset
+    from edgepack.stages.finetune import finetune, input_hash, resolve_base
+    from edgepack.records import is_fresh
+    from edgepack.resources import demo_data
 
     out: Path = args.out
     data_cfg = DataConfig(source=str(demo_data()))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import EdgepackError
-from ._common import add_data_args, data_config, existing_dir
+from edgepack.errors import EdgepackError
+from edgepack.commands._common import add_data_args, data_config, existing_dir
 
 # CLI flag -> DistillConfig field (flags left unset keep the --config file's or the default value).
 _FIELDS = {
@@ -67,8 +67,8 @@ def resolve_config(args: argparse.Namespace):
     """The DistillConfig from --config, then the flags given; bad values become one-line errors."""
     import tomllib
 
-    from ..config import DistillConfig
-    from ..student import parse_layers
+    from edgepack.config import DistillConfig
+    from edgepack.training.student import parse_layers
 
     base: dict = {}
     if args.config is not None:
@@ -108,9 +108,9 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..data import load_dataset
-    from ..distill import distill
-    from ..student import read_id2label
+    from edgepack.data import load_dataset
+    from edgepack.training.distillation import distill
+    from edgepack.training.student import read_id2label
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import add_data_args, data_config
+from edgepack.commands._common import add_data_args, data_config
 
 
 def register(sub) -> argparse.ArgumentParser:
@@ -31,9 +31,9 @@ def register(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import FinetuneConfig
-    from ..errors import EdgepackError
-    from ..finetune import finetune
+    from edgepack.config import FinetuneConfig
+    from edgepack.errors import EdgepackError
+    from edgepack.stages.finetune import finetune
 
     overrides = {k: getattr(args, k) for k in ("epochs", "learning_rate", "batch_size", "max_length", "warmup_ratio",
                                                "weight_decay") if getattr(args, k) is not None}

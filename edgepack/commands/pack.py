@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import add_data_args, data_config
+from edgepack.commands._common import add_data_args, data_config
 
 
 def register(sub) -> argparse.ArgumentParser:
@@ -39,8 +39,8 @@ def register(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import ExportConfig, PackConfig
-    from ..pack import pack
+    from edgepack.config import ExportConfig, PackConfig
+    from edgepack.runner.pack import pack
 
     try:
         cfg = PackConfig(target=args.target, max_accuracy_drop=args.max_accuracy_drop, oos_recall=args.oos_recall,
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
                          variants=args.variants, embedding_bits=args.embedding_bits)
         export_cfg = ExportConfig(max_length=args.max_length, writer=args.writer)
     except ValueError as e:
-        from ..errors import EdgepackError
+        from edgepack.errors import EdgepackError
 
         raise EdgepackError(str(e)) from None
     pack(cfg, args.model_dir, data_config(args), args.out, export_cfg=export_cfg, force=args.force)

@@ -14,7 +14,7 @@ def register(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import profiles
+    from edgepack import profiles
 
     if args.name:
         prof = profiles.load(args.name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import add_data_args, data_config
+from edgepack.commands._common import add_data_args, data_config
 
 
 def _ints(value: str) -> tuple[int, ...]:
@@ -73,9 +73,9 @@ def register(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import PruneConfig
-    from ..data import load_dataset
-    from ..errors import EdgepackError
+    from edgepack.config import PruneConfig
+    from edgepack.data import load_dataset
+    from edgepack.errors import EdgepackError
 
     try:
         cfg = PruneConfig(trim_vocab=args.trim_vocab, keep_top=args.keep_top, keep_chars=args.keep_chars,
@@ -94,8 +94,8 @@ def run(args: argparse.Namespace) -> int:
         raise EdgepackError(f"{args.model_dir}: no such directory; pass a Hugging Face classifier directory")
     if args.out.exists() and not args.force:
         raise EdgepackError(f"{args.out} exists; pass --force to replace it or choose another --out")
-    from ..prune import prune
-    from ..student import read_id2label
+    from edgepack.stages.prune import prune
+    from edgepack.training.student import read_id2label
 
     dcfg = data_config(args)
     data = load_dataset(dcfg, read_id2label(args.model_dir))

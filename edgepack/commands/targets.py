@@ -14,7 +14,7 @@ def register(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import targets
+    from edgepack import targets
 
     arch, flags = targets.cpu_flags()
     if args.detect:

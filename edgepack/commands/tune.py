@@ -25,10 +25,10 @@ def run(args: argparse.Namespace) -> int:
     from runtime_shim import BundleError
     from runtime_shim import tune as shim_tune
 
-    from ..errors import EdgepackError
+    from edgepack.errors import EdgepackError
 
     if args.profile:
-        from .. import profiles, targets
+        from edgepack import profiles, targets
 
         prof = profiles.load(args.profile)
         cores = shim_tune.physical_cores()

@@ -5,9 +5,9 @@ accuracy raw and with the calibrated out-of-scope threshold, agreement with the 
 
 1. ``layers``: keep some encoder layers (``keep_layers``),
 2. ``vocab``: trim the vocabulary to what the training split uses (``edgepack.vocab``),
-3. ``structured``: remove the least important heads and FFN neurons (``edgepack.structured``),
-4. ``recover``: a short distillation from the teacher (``edgepack.distill``), optionally with
-   magnitude or movement sparsity (``edgepack.sparsity``).
+3. ``structured``: remove the least important heads and FFN neurons (``edgepack.stages.prune.structured``),
+4. ``recover``: a short distillation from the teacher (``edgepack.training.distillation``), optionally with
+   magnitude or movement sparsity (``edgepack.stages.prune.sparsity``).
 
 ``prune(cfg, src, out, data, teacher_dir=None)`` reads only ``src`` (and the teacher), writes only
 ``out`` (atomically, ``stage.json`` last) and returns ``out``. Every target is checked against the
@@ -25,16 +25,16 @@ from typing import Any
 
 import numpy as np
 
-from .config import DistillConfig, PruneConfig
-from .data import LabelledData
-from .errors import EdgepackError
-from .records import hash_config, hash_tree, staging_dir, write_stage_record
+from edgepack.config import DistillConfig, PruneConfig
+from edgepack.data import LabelledData
+from edgepack.errors import EdgepackError
+from edgepack.records import hash_config, hash_tree, staging_dir, write_stage_record
 
 STAGE = "prune"
 
 
 def _describe(model) -> dict[str, Any]:
-    from . import structured as st
+    from edgepack.stages.prune import structured as st
 
     emb = model.get_input_embeddings().weight
     return {
@@ -57,7 +57,7 @@ class _Evaluator:
         self.cached_input: np.ndarray | None = None  # validation + test logits of the unmodified input
 
     def __call__(self, model, tokenizer) -> dict[str, Any]:
-        from .distill import predict_logits, score
+        from edgepack.training.distillation import predict_logits, score
 
         val, test = self.data["validation"], self.data["test"]
         if self.input_test is None and self.cached_input is not None:
@@ -74,7 +74,7 @@ class _Evaluator:
 
 def _check_targets(cfg: PruneConfig, model) -> None:
     """Fail fast: run the structural edits on a throw-away copy with dummy importance."""
-    from . import structured as st
+    from edgepack.stages.prune import structured as st
 
     probe = copy.deepcopy(model)
     if cfg.keep_layers:
@@ -98,11 +98,11 @@ def prune(cfg: PruneConfig, src: Path, out: Path, data: LabelledData, teacher_di
     import torch
     from transformers import AutoTokenizer
 
-    from . import structured as st
-    from . import vocab
-    from .distill import check_labels, prepare, run_once
-    from .sparsity import make_callback
-    from .teacher_cache import teacher_outputs
+    from edgepack.stages.prune import structured as st
+    from edgepack import vocab
+    from edgepack.training.distillation import check_labels, prepare, run_once
+    from edgepack.stages.prune.sparsity import make_callback
+    from edgepack.training.teacher_cache import teacher_outputs
 
     started = time.time()
     src, out = Path(src), Path(out)

@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .records import write_json_atomic
+from edgepack.records import write_json_atomic
 
 BUNDLE_FORMAT = "edgepack-bundle/1"
 RUNTIME_PACKAGES = ("onnxruntime", "tokenizers", "numpy")

@@ -19,10 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .config import BUILD_STAGES, BuildConfig
-from .data import LabelledData, load_dataset
-from .errors import BudgetError, EdgepackError
-from .records import hash_config, hash_tree, staging_dir, write_json_atomic
+from edgepack.config import BUILD_STAGES, BuildConfig
+from edgepack.data import LabelledData, load_dataset
+from edgepack.errors import BudgetError, EdgepackError
+from edgepack.records import hash_config, hash_tree, staging_dir, write_json_atomic
 
 Log = Callable[[str], None]
 
@@ -74,7 +74,7 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
 def build(cfg: BuildConfig, *, force: bool = False, log: Log = print) -> dict[str, Any]:
     """Run (or resume) the build; returns a summary. Raises ``BudgetError`` after writing the bundle
     and its report when the profile's budgets are missed. Library warnings go to BUILD/build.log."""
-    from .console import quiet
+    from edgepack.console import quiet
 
     root = Path(cfg.build_dir) if cfg.build_dir else Path(cfg.out or ".").with_name(Path(cfg.out or ".").name + ".build")
     with quiet(root / "build.log" if cfg.teacher and cfg.out else None):
@@ -82,7 +82,7 @@ def build(cfg: BuildConfig, *, force: bool = False, log: Log = print) -> dict[st
 
 
 def _build(cfg: BuildConfig, *, force: bool, log: Log) -> dict[str, Any]:
-    from . import profiles
+    from edgepack import profiles
 
     started = time.time()
     if not cfg.teacher or not cfg.out:
@@ -99,7 +99,7 @@ def _build(cfg: BuildConfig, *, force: bool, log: Log) -> dict[str, Any]:
     write_json_atomic(root / "recipe.json", cfg.to_dict())
     (root / "recipe.toml").write_text(to_toml(cfg.to_dict()))
 
-    from .export import read_model_info
+    from edgepack.stages.export import read_model_info
 
     info = read_model_info(teacher)
     data = load_dataset(cfg.data, dict(enumerate(info.label_names)))
@@ -113,7 +113,7 @@ def _build(cfg: BuildConfig, *, force: bool, log: Log) -> dict[str, Any]:
 
     model_dir, model_hash = teacher, data_hash
     if "distill" in stages:
-        from .distill import distill
+        from edgepack.training.distillation import distill
 
         def run_distill(dest: Path) -> None:
             distill(cfg.distill, teacher, data, dest, cache_dir=cache, force=True, data_config=cfg.data.to_dict())
@@ -122,7 +122,7 @@ def _build(cfg: BuildConfig, *, force: bool, log: Log) -> dict[str, Any]:
                             data_hash, run_distill, total=total)
         model_hash = _record_hash(model_dir)
     if "prune" in stages:
-        from .prune import prune
+        from edgepack.stages.prune import prune
 
         src = model_dir
 
@@ -133,7 +133,7 @@ def _build(cfg: BuildConfig, *, force: bool, log: Log) -> dict[str, Any]:
         model_dir = b.stage("prune", next(idx), {"prune": cfg.prune.to_dict()}, model_hash, run_prune, total=total)
         model_hash = _record_hash(model_dir)
 
-    from .pack import pack
+    from edgepack.runner.pack import pack
 
     pack_cfg = cfg.pack if cfg.pack.target != "auto" else cfg.pack.replace(target=profile.target)
     packed_from = model_dir
@@ -164,7 +164,7 @@ def _build(cfg: BuildConfig, *, force: bool, log: Log) -> dict[str, Any]:
     summary = json.loads((verified / "summary.json").read_text())
     _publish(verified / "bundle", out, root, force=True)
     if cfg.pack.archive:
-        from .bundle import archive
+        from edgepack.stages.bundle.files import archive
 
         log(f"[build] archive written: {archive(out)}")
     for name in ("report.html", "report.md"):
@@ -186,8 +186,8 @@ def tune_bundle(bundle: Path, dest: Path, profile, cfg: BuildConfig, data: Label
     from runtime_shim.manifest import update_manifest
     from runtime_shim.tune import physical_cores, tune, write_winner
 
-    from .targets import cpu_flags
-    from .targets import load as load_target
+    from edgepack.targets import cpu_flags
+    from edgepack.targets import load as load_target
 
     arch, flags = cpu_flags()
     target = load_target(profile.target)
@@ -219,10 +219,10 @@ def verify(cfg: BuildConfig, bundle: Path, dest: Path, profile, data: LabelledDa
     from runtime_shim.bench import format_table, run_benchmark
     from runtime_shim.manifest import update_manifest
 
-    from . import profiles
-    from .data import stratified_slice
-    from .report import attach_eval_data, host_notes, write_report
-    from .torch_backend import TorchBackend
+    from edgepack import profiles
+    from edgepack.data import stratified_slice
+    from edgepack.report import attach_eval_data, host_notes, write_report
+    from edgepack.torch_backend import TorchBackend
 
     v = cfg.verify
     split = data[v.split]

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from transformers import BertForSequenceClassification
 
-from .errors import EdgepackError
+from edgepack.errors import EdgepackError
 
 REMOTE_CODE_FILE = "modeling_edgepack_bert.py"
 

@@ -31,12 +31,12 @@ from typing import Any
 
 import numpy as np
 
-from .calibrate import apply_threshold, calibrate_threshold, softmax
-from .config import DistillConfig
-from .console import quiet_trainer
-from .data import LabelledData, Split
-from .errors import EdgepackError
-from .records import hash_tree, write_stage_record
+from edgepack.metrics import apply_threshold, calibrate_threshold, softmax
+from edgepack.config import DistillConfig
+from edgepack.console import quiet_trainer
+from edgepack.data import LabelledData, Split
+from edgepack.errors import EdgepackError
+from edgepack.records import hash_tree, write_stage_record
 
 STAGE = "distill"
 
@@ -219,7 +219,7 @@ class TrainSet:
 
 def build_trainset(cfg: DistillConfig, teacher_dir: Path, train: Split, *, cache_dir: Path | None,
                    teacher_hash: str, progress: bool = True) -> TrainSet:
-    from .teacher_cache import teacher_outputs
+    from edgepack.training.teacher_cache import teacher_outputs
 
     aug = augment_texts(train.texts, cfg.augment, seed=cfg.seed) if cfg.augment else []
     texts = list(train.texts) + aug
@@ -448,8 +448,8 @@ def prepare(cfg: DistillConfig, teacher_dir: Path, data: LabelledData, *, studen
             student_tokenizer=None, cache_dir: Path | None = None, progress: bool = True) -> Prepared:
     """Check the inputs, build the student and fill the teacher cache (no training, nothing written
     but the cache)."""
-    from . import student as st
-    from .teacher_cache import teacher_outputs
+    from edgepack.training import student as st
+    from edgepack.training.teacher_cache import teacher_outputs
 
     teacher_dir = Path(teacher_dir)
     id2label = st.read_id2label(teacher_dir)
@@ -550,9 +550,9 @@ def distill(
     ``student_model`` (with ``student_tokenizer``; the teacher's tokenizer by default) distils into an
     already-built model, e.g. a structurally pruned one; ``callbacks`` are passed to the Trainer of the
     final run. With ``cfg.search_trials`` an Optuna study picks alpha, T, epochs and lr first
-    (``edgepack.search``); with ``cfg.ablation`` the same student is also trained on labels only.
+    (``edgepack.training.search``); with ``cfg.ablation`` the same student is also trained on labels only.
     """
-    from .records import staging_dir
+    from edgepack.records import staging_dir
 
     started = time.time()
     out = Path(out)
@@ -566,7 +566,7 @@ def distill(
     search_db = None
     final_cfg = cfg
     if cfg.search_trials:
-        from .search import run_search
+        from edgepack.training.search import run_search
 
         result = run_search(prep, out=out, progress=progress)
         final_cfg = result.best_config

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ExportConfig
-from .errors import EdgepackError
-from .records import hash_tree, write_stage_record
+from edgepack.config import ExportConfig
+from edgepack.errors import EdgepackError
+from edgepack.records import hash_tree, write_stage_record
 
 ONNX_NAME = "model.onnx"
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
@@ -74,7 +74,7 @@ def load_classifier(model_dir: Path):
     """The PyTorch model (eager attention: it exports to plain ONNX ops) and its fast tokenizer."""
     from transformers import AutoTokenizer
 
-    from .structured import load_classifier as load_any  # pruned heads too, without remote code
+    from edgepack.stages.prune.structured import load_classifier as load_any  # pruned heads too, without remote code
 
     try:
         model = load_any(model_dir, attn_implementation="eager")
@@ -105,7 +105,7 @@ def export_onnx(cfg: ExportConfig, model_dir: Path, out_dir: Path, parity_texts:
     if cfg.trim_unreachable:
         import copy
 
-        from .unreachable import trim_unreachable
+        from edgepack.stages.export.unreachable import trim_unreachable
 
         model = copy.deepcopy(reference)
         tok_json, trim = trim_unreachable(model, tok_json, cfg.max_length)
@@ -115,7 +115,7 @@ def export_onnx(cfg: ExportConfig, model_dir: Path, out_dir: Path, parity_texts:
     onnx_path = out_dir / ONNX_NAME
     writer = choose_writer(cfg.writer, model)
     if writer == "fused":
-        from .bert_onnx import write_bert_onnx
+        from edgepack.stages.export.bert_onnx import write_bert_onnx
 
         write_bert_onnx(model, onnx_path, opset=cfg.opset, embedding=cfg.embedding)
     else:
@@ -148,7 +148,7 @@ def export_onnx(cfg: ExportConfig, model_dir: Path, out_dir: Path, parity_texts:
 
 def choose_writer(writer: str, model) -> str:
     """``fused`` or ``torch`` for ``ExportConfig.writer`` (``auto``: fused where the model allows)."""
-    from .bert_onnx import supported
+    from edgepack.stages.export.bert_onnx import supported
 
     why = supported(model)
     if writer == "fused" and why:

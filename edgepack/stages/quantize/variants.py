@@ -8,7 +8,7 @@ Each is measured on the validation split (accuracy, agreement with fp32) and for
 latency, all candidates interleaved in rounds so a noisy machine slows them alike. The table goes
 into the pack record and the report; ``search`` returns it with the chosen row marked.
 
-Also here: ``quantize_other`` builds the two non-dynamic formats for ``edgepack.quantize``.
+Also here: ``quantize_other`` builds the two non-dynamic formats for ``edgepack.stages.quantize.formats``.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from .config import QuantizeConfig
-from .errors import BudgetError, EdgepackError
-from .export import ModelInfo
-from .records import write_json_atomic
-from .targets import Target
+from edgepack.config import QuantizeConfig
+from edgepack.errors import BudgetError, EdgepackError
+from edgepack.stages.export import ModelInfo
+from edgepack.records import write_json_atomic
+from edgepack.targets import Target
 
 VARIANTS_JSON = "variants.json"
 Feed = Mapping[str, np.ndarray]
@@ -100,7 +100,7 @@ def quantize_other(cfg: QuantizeConfig, src: Path, out: Path, *, info: ModelInfo
     """
     src, out = Path(src).resolve(), Path(out).resolve()
     if cfg.format not in ("static-qdq", "matmul-nbits"):
-        raise ValueError(f"format={cfg.format!r} is built by edgepack.quantize.quantize_model")
+        raise ValueError(f"format={cfg.format!r} is built by edgepack.stages.quantize.formats.quantize_model")
     if cfg.format == "static-qdq" and calibration is None:
         raise EdgepackError("static-qdq needs calibration rows; use `edgepack pack --variants`, which "
                             "calibrates on training rows, or pick a dynamic target")
@@ -108,7 +108,7 @@ def quantize_other(cfg: QuantizeConfig, src: Path, out: Path, *, info: ModelInfo
     # (sym_shape_infer_temp.onnx, <uuid>.data) into the working directory: give them their own.
     with tempfile.TemporaryDirectory(prefix="edgepack-quant-scratch-") as scratch, contextlib.chdir(scratch):
         if cfg.embedding_bits == 4:  # the same 4-bit word table as the dynamic formats, so sizes compare
-            from .quantize import quantize_embedding_4bit
+            from edgepack.stages.quantize.formats import quantize_embedding_4bit
 
             src = quantize_embedding_4bit(src, Path(scratch) / "embedding4.onnx", cfg.embedding_block_size)
         if cfg.format == "static-qdq":
@@ -126,7 +126,7 @@ def _static_qdq(cfg: QuantizeConfig, src: Path, out: Path, info: ModelInfo, cali
         quantize_static,
     )
 
-    from .quantize import fuse
+    from edgepack.stages.quantize.formats import fuse
 
     class Reader(CalibrationDataReader):
         def __init__(self, feeds: Iterable[Feed]):
@@ -189,8 +189,8 @@ def _ort_version() -> str:
 
 def build(variant: Variant, src: Path, out: Path, *, info: ModelInfo,
           calibration: Callable[[], Iterable[Feed]] | None = None) -> Path:
-    """One candidate model at ``out`` (dynamic through ``edgepack.quantize``)."""
-    from .quantize import quantize_model
+    """One candidate model at ``out`` (dynamic through ``edgepack.stages.quantize.formats``)."""
+    from edgepack.stages.quantize.formats import quantize_model
 
     q = variant.quantize
     if q.format == "dynamic":  # fused or not: quantize_model fuses first when asked
@@ -330,7 +330,7 @@ def search(
             yield ref_pipe.encode([text])
 
     variants = candidates(target, formats=formats)
-    from .quantize import written_fused
+    from edgepack.stages.quantize.formats import written_fused
 
     if written_fused(Path(fp32_onnx)):  # already fused: the "fuse" flip would build the same model twice
         variants = [v for v in variants if v.quantize.fuse == target.quantize.fuse or v.quantize.format != "dynamic"]
@@ -364,7 +364,7 @@ def search(
         rows[name].update(accuracy=acc, accuracy_drop=(ref_acc - acc) * 100,
                           agreement=float((pred == ref_pred).mean()))
         if oos_id is not None:
-            from .calibrate import apply_threshold, calibrate_threshold
+            from edgepack.metrics import apply_threshold, calibrate_threshold
 
             thr = calibrate_threshold(probs, val_labels, oos_id)
             rows[name]["accuracy_calibrated"] = float((apply_threshold(probs, oos_id, thr) == val_labels).mean())

@@ -15,7 +15,7 @@ optimizer would have produced, from the weights:
 and in the last layer only the [CLS] row goes through the attention output and the FFN (the only row
 the classifier reads). Heads may differ per layer (pruned models). The token-type embedding of segment
 0 is folded into the position table: the graph takes ``input_ids`` and ``attention_mask`` (int32,
-right-padded) only. ``edgepack.export`` checks the result against the PyTorch model like any export.
+right-padded) only. ``edgepack.stages.export`` checks the result against the PyTorch model like any export.
 
 Supported: ``model_type`` "bert" with absolute positions and an erf or tanh GELU; anything else
 raises :class:`Unsupported` and the caller falls back to ``torch.onnx.export``.
@@ -102,7 +102,7 @@ def build_graph(model, *, opset: int = 17, embedding: str = "fused") -> onnx.Mod
 
     ``embedding="gather"`` writes the embedding as Gather + Add + LayerNormalization instead of one
     EmbedLayerNormalization, so that the word table can be block-quantized to 4 bits
-    by ``edgepack.quantize.quantize_embedding_4bit``; the attention then reads the 0/1 mask directly."""
+    by ``edgepack.stages.quantize.formats.quantize_embedding_4bit``; the attention then reads the 0/1 mask directly."""
     if embedding not in EMBEDDINGS:
         raise ValueError(f"embedding={embedding!r}; choose one of: {', '.join(EMBEDDINGS)}")
     why = supported(model)

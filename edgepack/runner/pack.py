@@ -18,15 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from . import bundle as bundle_files
-from .calibrate import apply_threshold, calibrate_threshold
-from .config import DataConfig, ExportConfig, PackConfig
-from .data import LabelledData, Split, load_dataset, stratified_slice, write_jsonl
-from .errors import BudgetError, EdgepackError
-from .export import ModelInfo, check_onnx_classifier, export_onnx, read_model_info
-from .quantize import QUANT_NAME, count_ops, quantize_model
-from .records import hash_tree, staging_dir, versions, write_json_atomic
-from .targets import Target, detect, load
+from edgepack.stages.bundle import files as bundle_files
+from edgepack.metrics import apply_threshold, calibrate_threshold
+from edgepack.config import DataConfig, ExportConfig, PackConfig
+from edgepack.data import LabelledData, Split, load_dataset, stratified_slice, write_jsonl
+from edgepack.errors import BudgetError, EdgepackError
+from edgepack.stages.export import ModelInfo, check_onnx_classifier, export_onnx, read_model_info
+from edgepack.stages.quantize.formats import QUANT_NAME, count_ops, quantize_model
+from edgepack.records import hash_tree, staging_dir, versions, write_json_atomic
+from edgepack.targets import Target, detect, load
 
 
 def resolve_target(name: str) -> Target:
@@ -129,7 +129,7 @@ def pack(
         _write_static_files(stage, tokenizer, info, data, export_cfg, target, model_dir, cfg)
         variants_table = None
         if cfg.variants:
-            from . import variants
+            from edgepack.stages.quantize import variants
 
             result = variants.search(
                 target, fp32, work / "variants", info=info, pipeline_dir=stage, val_texts=val.texts,
@@ -185,7 +185,7 @@ def pack(
         }
         del pipe_q, pipe_f
         if cfg.ort_format:
-            from .ortformat import write_ort
+            from edgepack.stages.bundle.ortformat import write_ort
 
             ort_model, _ = write_ort(quant, stage)
             log(f"[pack] ORT format written: {ort_model.name} + required_operators.config")

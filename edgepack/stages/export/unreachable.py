@@ -54,7 +54,7 @@ def _always_split(tok, body: str) -> bool:
 
 def trim_unreachable(model, tok_json: dict[str, Any], max_length: int) -> tuple[dict[str, Any], dict[str, int]]:
     """Trim ``model`` in place; return the remapped tokenizer JSON and a size report."""
-    from .vocab import remap_tokenizer_json, trim_embeddings, trim_positions
+    from edgepack.vocab import remap_tokenizer_json, trim_embeddings, trim_positions
 
     emb = model.get_input_embeddings()
     before_vocab = emb.weight.shape[0]

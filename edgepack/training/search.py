@@ -20,8 +20,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .config import DistillConfig
-from .errors import EdgepackError
+from edgepack.config import DistillConfig
+from edgepack.errors import EdgepackError
 
 HEARTBEAT_S = 30
 GRACE_S = 120
@@ -128,8 +128,8 @@ def run_search(prep, *, out: Path, progress: bool = True) -> SearchResult:
     """Run (or join, or resume) the study for ``prep.cfg``; returns the best config and the table."""
     import optuna
 
-    from . import student as st
-    from .distill import run_once
+    from edgepack.training import student as st
+    from edgepack.training.distillation import run_once
 
     t0 = time.time()
     cfg: DistillConfig = prep.cfg

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .errors import EdgepackError
+from edgepack.errors import EdgepackError
 
 METHODS = ("none", "magnitude", "movement")
 
@@ -48,7 +48,7 @@ def cubic_sparsity(step: int, *, initial: float, final: float, begin_step: int, 
 def prunable_linears(model) -> list[tuple[str, nn.Linear]]:
     """The encoder's Linear layers (attention and FFN); embeddings, pooler and classifier stay dense,
     as in the reference recipe."""
-    from .structured import layers
+    from edgepack.stages.prune.structured import layers
 
     out = []
     for i, layer in enumerate(layers(model)):

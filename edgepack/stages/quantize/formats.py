@@ -8,10 +8,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from .config import QuantizeConfig
-from .errors import EdgepackError
-from .export import ModelInfo
-from .records import hash_tree, write_stage_record
+from edgepack.config import QuantizeConfig
+from edgepack.errors import EdgepackError
+from edgepack.stages.export import ModelInfo
+from edgepack.records import hash_tree, write_stage_record
 
 QUANT_NAME = "model.quant.onnx"
 
@@ -30,7 +30,7 @@ def fuse(src: Path, out: Path, info: ModelInfo) -> Path:
 
 
 def written_fused(path: Path) -> bool:
-    """True for a graph ``edgepack.bert_onnx`` wrote: already fused (the optimizer would only turn its
+    """True for a graph ``edgepack.stages.export.bert_onnx`` wrote: already fused (the optimizer would only turn its
     Add + LayerNormalization pairs back into the slower SkipLayerNormalization)."""
     import onnx
 
@@ -111,7 +111,7 @@ def quantize_embedding_4bit(src: Path, out: Path, block_size: int) -> Path:
 
 def quantize_model(cfg: QuantizeConfig, src: Path, out: Path, *, info: ModelInfo) -> Path:
     """Write the quantized model to ``out`` (never over ``src``). Static QDQ and 4-bit MatMulNBits
-    are built by ``edgepack.variants``, which measures them against the dynamic formats."""
+    are built by ``edgepack.stages.quantize.variants``, which measures them against the dynamic formats."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -119,7 +119,7 @@ def quantize_model(cfg: QuantizeConfig, src: Path, out: Path, *, info: ModelInfo
     if src.resolve() == out.resolve():
         raise ValueError("quantize_model writes a new file; out must differ from src")
     if cfg.format != "dynamic":
-        from . import variants  # optional formats live with their measurements
+        from edgepack.stages.quantize import variants  # optional formats live with their measurements
 
         return variants.quantize_other(cfg, src, out, info=info)
     with tempfile.TemporaryDirectory(prefix="edgepack-quant-") as tmp:
