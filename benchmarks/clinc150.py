@@ -50,11 +50,11 @@ def log(msg: str) -> None:
 
 
 def build_all(args, data) -> dict[str, Path]:
-    from edgepack.runner.build import build
     from edgepack.config import BuildConfig, DataConfig, DistillConfig, ExportConfig, PackConfig
-    from edgepack.training.distillation import distill
-    from edgepack.stages.export import export_onnx
+    from edgepack.runner.build import build
     from edgepack.runner.pack import pack
+    from edgepack.stages.export import export_onnx
+    from edgepack.training.distillation import distill
 
     w = args.work
     w.mkdir(parents=True, exist_ok=True)
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(2)
     from edgepack.config import DataConfig
     from edgepack.data import load_dataset
-    from edgepack.stages.export import read_model_info
+    from edgepack.modeling import read_model_info
     from edgepack.records import write_json_atomic
     from edgepack.report import attach_eval_data, host_notes, write_report
 

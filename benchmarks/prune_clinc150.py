@@ -74,7 +74,8 @@ def export_int8(model_dir: Path, out: Path, max_length: int = 64) -> tuple[Path,
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from tokenizers import Tokenizer
 
-    from edgepack.stages.prune.structured import encode, load_classifier
+    from edgepack.modeling import load_classifier
+from edgepack.stages.prune.structured import encode
 
     out.mkdir(parents=True, exist_ok=True)
     model = load_classifier(model_dir, attn_implementation="eager").eval()
@@ -198,7 +199,7 @@ def run_sparse(args) -> dict:
     import shutil
 
     from edgepack.stages.prune.sparsity import MagnitudePruningCallback, measure_sparsity
-    from edgepack.stages.prune.structured import load_classifier, save_model
+    from edgepack.modeling import load_classifier, save_model
 
     data = load_data(args.teacher, args.data)
     src = args.work / (args.name or "small")

@@ -91,6 +91,18 @@ class ConfigBase:
     def replace(self: T, **changes: Any) -> T:
         return dataclasses.replace(self, **changes)
 
+    def merged(self: T, data: dict[str, Any] | None, *, where: str = "") -> T:
+        """This config with ``data`` laid over it (tables merge key by key): how a recipe file
+        overrides the recipe it starts from."""
+        return type(self).from_dict(_deep_merge(self.to_dict(), dict(data or {})), where=where)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
 
 def _config_type(hint: Any) -> type[ConfigBase] | None:
     if isinstance(hint, type) and issubclass(hint, ConfigBase):
@@ -115,7 +127,6 @@ def _check_training(cfg: Any) -> None:
     _in_range("epochs", cfg.epochs, 1)
     _in_range("learning_rate", cfg.learning_rate, 0.0, lo_open=True)
     _in_range("batch_size", cfg.batch_size, 1)
-    _in_range("max_length", cfg.max_length, 8, 4096)
     _in_range("warmup_ratio", cfg.warmup_ratio, 0.0, 1.0)
     _in_range("weight_decay", cfg.weight_decay, 0.0)
 
@@ -131,9 +142,13 @@ class DataConfig(ConfigBase):
     oos_label: str | None = None  # None: "oos" when the labels have it
     validation_fraction: float = 0.1  # used only when the data has no validation split
     test_fraction: float = 0.1  # used only when the data has no test split
+    # Tokens per text, for every stage (training batches pad to their longest row only; the bundle
+    # truncates queries to it). 64 fits short queries; the CLINC150 recipe says why it is enough there.
+    max_length: int = 64
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _in_range("max_length", self.max_length, 8, 4096)
         _in_range("validation_fraction", self.validation_fraction, 0.0, 0.5, lo_open=True)
         _in_range("test_fraction", self.test_fraction, 0.0, 0.5, lo_open=True)
 
@@ -142,7 +157,6 @@ class DataConfig(ConfigBase):
 class ExportConfig(ConfigBase):
     section: ClassVar[str] = "export"
     opset: int = 17
-    max_length: int = 64  # tokens per query: CLINC150 queries are short (p99 ~ 25 tokens)
     parity_rows: int = 64  # real rows to compare PyTorch and ONNX logits on
     atol: float = 1e-3  # max |logit difference| allowed between PyTorch and ONNX fp32
     trim_unreachable: bool = True  # drop embedding rows no input can reach (edgepack.stages.export.unreachable): exact
@@ -158,7 +172,6 @@ class ExportConfig(ConfigBase):
         _choice("writer", self.writer, ("auto", "fused", "torch"))
         _choice("embedding", self.embedding, ("fused", "gather"))
         _in_range("opset", self.opset, 14, 23)
-        _in_range("max_length", self.max_length, 8, 4096)
         _in_range("parity_rows", self.parity_rows, 1)
         _in_range("atol", self.atol, 0.0, lo_open=True)
 
@@ -169,7 +182,7 @@ QUANT_FORMATS = ("dynamic", "static-qdq", "matmul-nbits")
 
 
 @dataclasses.dataclass(frozen=True)
-class QuantizeConfig(ConfigBase):
+class QuantSettings(ConfigBase):
     """ORT quantization settings; a target's ``[quantize]`` table fills these in (``targets/*.toml``)."""
 
     section: ClassVar[str] = "quantize"
@@ -199,28 +212,60 @@ class QuantizeConfig(ConfigBase):
 
 
 @dataclasses.dataclass(frozen=True)
-class PackConfig(ConfigBase):
-    """``edgepack pack``: export, quantize, check, calibrate the out-of-scope threshold, bundle."""
+class QuantizeConfig(ConfigBase):
+    """The quantize stage: the target's int8 settings (``targets/*.toml``), optionally its measured
+    variants, and the accuracy gate against the fp32 model on validation."""
 
-    section: ClassVar[str] = "pack"
-    target: str = "auto"  # a name in targets/, or "auto" to detect this CPU's
+    section: ClassVar[str] = "quantize"
+    target: str = "auto"  # a name in targets/, or "auto": the build profile's target (pack: this CPU's)
     max_accuracy_drop: float = 1.0  # points of validation accuracy the int8 model may lose vs fp32
+    variants: bool = False  # build and measure the target's quantization variants, keep the fastest in budget
+    variant_formats: tuple[str, ...] = ("dynamic", "static-qdq", "matmul-nbits")
+    embedding_bits: int | None = None  # 4: the word table in 4-bit blocks; None: the target's setting
+
+    def __post_init__(self) -> None:
+        if self.embedding_bits is not None:
+            _choice("embedding_bits", self.embedding_bits, (8, 4))
+        _in_range("max_accuracy_drop", self.max_accuracy_drop, 0.0, 100.0)
+        for f in self.variant_formats:
+            _choice("variant_formats", f, QUANT_FORMATS)
+
+
+@dataclasses.dataclass(frozen=True)
+class BundleConfig(ConfigBase):
+    """The bundle stage: the out-of-scope threshold, the shipped eval slice, the files of the bundle."""
+
+    section: ClassVar[str] = "bundle"
     oos_recall: float | None = None  # calibrate the threshold to reach this recall (default: the one-SE rule)
     eval_rows: int = 1000  # size of the held-out slice shipped as eval.jsonl
     archive: bool = False
     ort_format: bool = False  # also write model.ort + required_operators.config for minimal ORT builds
-    variants: bool = False  # build and measure the target's quantization variants, keep the fastest in budget
-    variant_formats: tuple[str, ...] = ("dynamic", "static-qdq", "matmul-nbits")
-    embedding_bits: int = 8  # 4: the word table in 4-bit blocks (overrides the target's setting)
 
     def __post_init__(self) -> None:
-        _choice("embedding_bits", self.embedding_bits, (8, 4))
-        _in_range("max_accuracy_drop", self.max_accuracy_drop, 0.0, 100.0)
         if self.oos_recall is not None:
             _in_range("oos_recall", self.oos_recall, 0.0, 1.0)
         _in_range("eval_rows", self.eval_rows, 1)
-        for f in self.variant_formats:
-            _choice("variant_formats", f, QUANT_FORMATS)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackConfig(ConfigBase):
+    """``edgepack pack``: the quantize and bundle stages after an export (its options are flat on the
+    command line and in an old recipe's ``[pack]`` table: :meth:`of` routes each to its stage)."""
+
+    section: ClassVar[str] = "pack"
+    quantize: QuantizeConfig = dataclasses.field(default_factory=QuantizeConfig)
+    bundle: BundleConfig = dataclasses.field(default_factory=BundleConfig)
+
+    @classmethod
+    def of(cls, **flat: Any) -> PackConfig:
+        """``PackConfig.of(target="x86-64-avx2", eval_rows=20)``: each key to the stage config that owns it."""
+        q_keys = {f.name for f in dataclasses.fields(QuantizeConfig)}
+        b_keys = {f.name for f in dataclasses.fields(BundleConfig)}
+        unknown = sorted(set(flat) - q_keys - b_keys)
+        if unknown:
+            raise ValueError(f"unknown key [pack] {', '.join(unknown)}; valid keys: {', '.join(sorted(q_keys | b_keys))}")
+        return cls(QuantizeConfig(**{k: v for k, v in flat.items() if k in q_keys}),
+                   BundleConfig(**{k: v for k, v in flat.items() if k in b_keys}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,7 +288,6 @@ class DistillConfig(ConfigBase):
     epochs: int = 5
     learning_rate: float = 5e-4
     batch_size: int = 64  # per-row cost on 2 shared cores: 12.6 ms at 32, 10.8 ms at 64
-    max_length: int = 64  # CLINC150 queries are short; batches are padded to their longest row only
     warmup_ratio: float = 0.06
     weight_decay: float = 0.01
     hidden_weight: float = 0.0  # weight of the [CLS] hidden-state MSE against the mapped teacher layers
@@ -289,7 +333,6 @@ class FinetuneConfig(ConfigBase):
     epochs: int = 4  # on the demo data validation accuracy levels off at epoch 3 (97.8%)
     learning_rate: float = 2e-4
     batch_size: int = 32
-    max_length: int = 64  # intent queries are short; batches are padded to their longest row only
     warmup_ratio: float = 0.06
     weight_decay: float = 0.01
     seed: int = 0
@@ -299,6 +342,8 @@ class FinetuneConfig(ConfigBase):
 
 
 SPARSITY_METHODS = ("none", "magnitude", "movement")
+RECOVERY = DistillConfig(epochs=3, learning_rate=2e-4, alpha=0.5, temperature=2.0, augment=0, oos_relabel=0.0,
+                         ablation=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,16 +367,11 @@ class PruneConfig(ConfigBase):
     param_budget: int | None = None  # total parameters after pruning; heads spread by importance
     importance_rows: int = 2048  # training rows the head/FFN importance is measured on
     recover: bool = True  # distil the pruned model from the teacher afterwards
-    recover_epochs: int = 3
-    recover_learning_rate: float = 2e-4
-    recover_augment: int = 0  # teacher-labelled noisy copies of each training text during recovery
-    recover_oos_relabel: float = 0.0  # the distill stage's oos_relabel, for the recovery distillation
-    recover_freeze_embeddings: bool = True  # a trimmed table is small: training it is affordable
-    alpha: float = 0.5
-    temperature: float = 2.0
+    # The recovery distillation (no labels-only ablation; the prune stage's seed). Its defaults:
+    # 3 epochs at lr 2e-4, alpha 0.5, T 2, no noisy copies, no out-of-scope relabelling.
+    recovery: DistillConfig = dataclasses.field(default_factory=lambda: RECOVERY)
     sparsity: str = "none"  # unstructured pruning during recovery: none, magnitude, movement
     sparsity_target: float = 0.0  # final fraction of zero weights in the encoder's Linear layers
-    max_length: int = 64
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -339,7 +379,7 @@ class PruneConfig(ConfigBase):
         _in_range("cluster_rest", self.cluster_rest, 0)
         _choice("keep_chars", self.keep_chars, ("all", "latin"))
         if self.max_positions is not None:
-            _in_range("max_positions", self.max_positions, self.max_length, 1 << 16)
+            _in_range("max_positions", self.max_positions, 8, 1 << 16)  # and >= [data] max_length: checked at run
         if self.param_budget is not None:
             _in_range("param_budget", self.param_budget, 1)
         if self.ffn_size is not None:
@@ -357,17 +397,10 @@ class PruneConfig(ConfigBase):
         for n in self.keep_layers:
             _in_range("keep_layers", n, 0)
         _in_range("importance_rows", self.importance_rows, 1)
-        _in_range("recover_epochs", self.recover_epochs, 1)
-        _in_range("recover_augment", self.recover_augment, 0, 20)
-        _in_range("recover_oos_relabel", self.recover_oos_relabel, 0.0, 1.0)
-        _in_range("recover_learning_rate", self.recover_learning_rate, 0.0, lo_open=True)
-        _in_range("alpha", self.alpha, 0.0, 1.0)
-        _in_range("temperature", self.temperature, 0.0, lo_open=True)
         _choice("sparsity", self.sparsity, SPARSITY_METHODS)
         _in_range("sparsity_target", self.sparsity_target, 0.0, 0.99)
         if self.sparsity != "none" and not self.recover:
             raise ValueError("sparsity needs recover=True: it is applied during the recovery distillation")
-        _in_range("max_length", self.max_length, 8, 4096)
 
     @property
     def structured(self) -> bool:
@@ -386,7 +419,22 @@ class PruneConfig(ConfigBase):
         return out
 
 
-BUILD_STAGES = ("distill", "prune", "pack", "tune", "verify")
+BUILD_STAGES = ("distill", "prune", "export", "quantize", "bundle", "tune", "verify")
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneConfig(ConfigBase):
+    """The tune stage: thread settings measured on this CPU when it is the profile's target."""
+
+    section: ClassVar[str] = "tune"
+    runs: int = 200  # timed queries per thread-setting candidate
+    gap_ms: float = 20.0  # pause between queries in the gapped (interactive traffic) mode
+    texts: int = 200  # validation texts the candidates are timed on
+
+    def __post_init__(self) -> None:
+        _in_range("runs", self.runs, 1)
+        _in_range("gap_ms", self.gap_ms, 0.0)
+        _in_range("texts", self.texts, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -399,61 +447,62 @@ class VerifyConfig(ConfigBase):
     warmup: int = 50
     limit: int | None = None  # rows of the split (stratified); None: all
     compare: bool = True  # also measure the teacher, the student and the pruned model in PyTorch
-    tune_runs: int = 200  # timed queries per thread-setting candidate in the tune stage
-    tune_gap_ms: float = 20.0  # pause between queries in tune's gapped mode
 
     def __post_init__(self) -> None:
         _in_range("runs", self.runs, 1)
         _in_range("warmup", self.warmup, 0)
-        _in_range("tune_runs", self.tune_runs, 1)
-        _in_range("tune_gap_ms", self.tune_gap_ms, 0.0)
         if self.limit is not None:
             _in_range("limit", self.limit, 1)
 
 
+DEFAULT_RECIPE = "default"
+
+
 @dataclasses.dataclass(frozen=True)
 class BuildConfig(ConfigBase):
-    """``edgepack build``: the whole chain, as command-line options or a recipe TOML file with the
-    same names (top-level keys here, one table per stage: [data], [distill], [prune], [export],
-    [pack], [verify])."""
+    """``edgepack build``: the whole chain, one table per stage ([data], [distill], [prune], [export],
+    [quantize], [bundle], [tune], [verify]). The defaults here are plain; a build starts from a recipe
+    (``recipes/<name>.toml``, :func:`edgepack.recipes.load`), which sets what was measured, with its
+    reasons."""
 
     teacher: str = ""
     out: str = ""
+    recipe: str = ""  # the recipe this config was resolved from (recorded, not read)
     profile: str = "edge-x86-2core"
     build_dir: str = ""  # default: OUT.build beside the bundle
     domains: str | None = None  # JSON domain -> intents map for the report (CLINC150's domains.json)
     skip: tuple[str, ...] = ()  # stages to leave out: distill, prune, tune
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    # The labels-only ablation is an experiment (edgepack distill records it); a build skips it. One
-    # teacher-labelled noisy copy of each training text, here and in the prune recovery: on CLINC150
-    # the default build's bundle went from 89.47% to 90.31% calibrated (87.04% raw, from 86.76%).
-    # oos_relabel 0.5, here and in the recovery: the copies the teacher's own threshold calls out of
-    # scope teach the student that answer (2-layer student on CLINC150: raw 85.91% -> 89.15%,
-    # calibrated 90.18% -> 90.73%, plain-maximum threshold 87.82% -> 89.85%).
-    # One layer (the teacher's last), sized for single-query latency: on CLINC150 the 1-layer student
-    # reached 89.65% calibrated (87.71% raw) after distillation, the 2-layer one 90.73% (89.15%).
-    distill: DistillConfig = dataclasses.field(default_factory=lambda: DistillConfig(
-        num_layers=1, ablation=False, augment=1, oos_relabel=0.5))
-    # Sized for a MiniLM-L6-class teacher (384 wide, 12 heads, FFN 1536), a <= 4 MB model and a
-    # single-query latency a fifth of the reference recipe's: the vocabulary the training split uses
-    # with Latin character pieces plus 256 folded rows (5,795 rows on CLINC150, so an 8-bit table fits),
-    # a third of the heads (12 -> 4), half the FFN (1536 -> 768), and a recovery distillation like the
-    # distill stage's. On CLINC150, 1 layer, bundle test accuracy (calibrated, one-SE) / end-to-end p50
-    # in one run (reference recipe's model p50: 307 us): 4 heads x FFN 768 89.91% / 52.9 us; 6 heads x
-    # FFN 768 90.33% / 58.1 us; 6 heads x FFN 384 recovered to only 89.11% before packing; 8 heads x
-    # FFN 512 90.07%, ~2 us slower than 6 heads. The 2-layer build (distill.num_layers = 2,
-    # prune.heads_fraction = 1.0, ffn_fraction = 1/3, pack.embedding_bits = 4) is ~0.8 points better
-    # calibrated and ~2.5x slower. Override in the recipe.
-    prune: PruneConfig = dataclasses.field(default_factory=lambda: PruneConfig(
-        keep_chars="latin", cluster_rest=256, heads_fraction=1 / 3, ffn_fraction=0.5, alpha=0.0, temperature=1.0,
-        recover_epochs=6, recover_learning_rate=5e-4, recover_augment=1, recover_oos_relabel=0.5))
-    # The word table as a plain Gather, stored in 8 bits (Gather + DequantizeLinear): on the 1-layer
-    # student 1.6-1.8 us faster end to end than the fused QEmbedLayerNormalization and ~6 us faster
-    # than 4 bits (whose unpacking nodes cost more than the smaller table saves).
-    export: ExportConfig = dataclasses.field(default_factory=lambda: ExportConfig(embedding="gather"))
-    pack: PackConfig = dataclasses.field(default_factory=lambda: PackConfig(variants=True, embedding_bits=8))
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+    prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
+    export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+    quantize: QuantizeConfig = dataclasses.field(default_factory=QuantizeConfig)
+    bundle: BundleConfig = dataclasses.field(default_factory=BundleConfig)
+    tune: TuneConfig = dataclasses.field(default_factory=TuneConfig)
     verify: VerifyConfig = dataclasses.field(default_factory=VerifyConfig)
 
     def __post_init__(self) -> None:
         for s in self.skip:
             _choice("skip", s, ("distill", "prune", "tune"))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, *, where: str = "") -> BuildConfig:
+        return super().from_dict(_legacy_pack(dict(data or {}), where), where=where)
+
+    def merged(self, data: dict[str, Any] | None, *, where: str = "") -> BuildConfig:
+        return super().merged(_legacy_pack(dict(data or {}), where), where=where)
+
+
+def _legacy_pack(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """A recipe's ``[pack]`` table (before the quantize and bundle stages had their own) split between them."""
+    if "pack" not in data:
+        return data
+    flat = data.pop("pack") or {}
+    try:
+        split = PackConfig.of(**flat)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where + ': ' if where else ''}{e}") from None
+    for name, sub in (("quantize", split.quantize), ("bundle", split.bundle)):
+        keys = {k: v for k, v in flat.items() if k in {f.name for f in dataclasses.fields(sub)}}
+        data[name] = {**data.get(name, {}), **keys}
+    return data

@@ -1,4 +1,8 @@
-"""Out-of-scope threshold: answer the out-of-scope label when the top softmax probability is below a
+"""Metrics of the build side: accuracy, in-scope accuracy, out-of-scope recall and agreement (the
+device runtime's own functions, :mod:`runtime_shim.metrics`, so build records and device reports
+compute them the same way), and the out-of-scope threshold.
+
+Out-of-scope threshold: answer the out-of-scope label when the top softmax probability is below a
 threshold chosen on validation.
 
 Intent classifiers trained with a few hundred out-of-scope examples (CLINC150 has 250 against
@@ -11,9 +15,38 @@ from __future__ import annotations
 
 import numpy as np
 
+from runtime_shim.metrics import agreement, label_metrics
 from runtime_shim.pipeline import softmax, thresholded
 
-__all__ = ["apply_threshold", "calibrate_threshold", "softmax"]  # softmax: the runtime's, re-exported
+# softmax, label_metrics and agreement: the runtime's, re-exported
+__all__ = ["accuracy_report", "agreement", "evaluate", "apply_threshold", "calibrate_threshold", "label_metrics", "softmax"]
+
+
+def evaluate(pipe, split) -> np.ndarray:
+    """Softmax probabilities of a pipeline (``runtime_shim.OnnxPipeline`` or any benchmark backend) on
+    ``split``, in the split's order, batched exactly as the benchmark harness batches them (so the
+    stages' and bench's accuracies agree)."""
+    from runtime_shim.bench import predict_probs
+
+    return predict_probs(pipe, split.texts)
+
+
+def accuracy_report(probs: np.ndarray, labels: np.ndarray, oos_id: int | None, threshold: float | None) -> dict[str, float | None]:
+    """``accuracy_raw`` (argmax), and with an out-of-scope class ``accuracy``, ``in_scope_accuracy`` and
+    ``oos_recall`` under ``threshold`` plus ``oos_recall_raw``; without one ``accuracy`` is the raw one.
+
+    >>> accuracy_report(np.array([[0.9, 0.1], [0.55, 0.45]]), np.array([0, 1]), 1, 0.6)["oos_recall"]
+    1.0
+    """
+    raw = probs.argmax(axis=1)
+    out: dict[str, float | None] = {"accuracy_raw": label_metrics(raw, labels, None)["accuracy"]}
+    if oos_id is None:
+        out["accuracy"] = out["accuracy_raw"]
+        return out
+    m = label_metrics(apply_threshold(probs, oos_id, threshold), labels, oos_id)
+    out.update({"accuracy": m["accuracy"], "in_scope_accuracy": m["in_scope_accuracy"], "oos_recall": m["oos_recall"],
+                "oos_recall_raw": label_metrics(raw, labels, oos_id)["oos_recall"]})
+    return out
 
 
 def apply_threshold(probs: np.ndarray, oos_id: int, threshold: float | None) -> np.ndarray:

@@ -32,11 +32,10 @@ from typing import Any, ClassVar
 
 import tomllib
 
-from runtime_shim.bench import result_value as _get  # one reader of harness results
-
 from edgepack.config import ConfigBase, _choice, _in_range
 from edgepack.errors import EdgepackError
 from edgepack.resources import data_files
+from runtime_shim.bench import result_value as _get  # one reader of harness results
 
 SEARCH_PATH_ENV = "EDGEPACK_PROFILES_PATH"  # extra directories of profile files, os.pathsep-separated
 SPINNING = ("on", "off", "force-stop")

@@ -1,4 +1,4 @@
-"""Where the data directories of the design card (``targets/``, ``profiles/``) are found."""
+"""Where the data directories (``targets/``, ``profiles/``, ``recipes/``) are found."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def data_dir(kind: str) -> Path:
-    """``targets`` or ``profiles``: the source tree's top-level directory in a checkout, else the copy
+    """``targets``, ``profiles`` or ``recipes``: the source tree's top-level directory in a checkout, else the copy
     the wheel carries as ``edgepack.<kind minus s>_files``."""
     here = Path(__file__).resolve().parents[1] / kind
     if here.is_dir():

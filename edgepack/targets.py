@@ -6,11 +6,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from runtime_shim.tune import cpu_flags  # the device runtime detects the same way
-
-from edgepack.config import ConfigBase, QuantizeConfig
+from edgepack.config import ConfigBase, QuantSettings
 from edgepack.errors import EdgepackError
 from edgepack.resources import data_files
+from runtime_shim.tune import cpu_flags  # the device runtime detects the same way
 
 SEARCH_PATH_ENV = "EDGEPACK_TARGETS_PATH"  # extra directories of target files, os.pathsep-separated
 
@@ -23,7 +22,7 @@ class Target(ConfigBase):
     requires_flags: tuple[str, ...] = ()  # every one of these must be present
     any_flags: tuple[str, ...] = ()  # at least one of these (when given)
     priority: int = 0  # among matching targets, detection picks the highest
-    quantize: QuantizeConfig = dataclasses.field(default_factory=QuantizeConfig)
+    quantize: QuantSettings = dataclasses.field(default_factory=QuantSettings)
 
     def __post_init__(self) -> None:
         if self.arch not in ("x86_64", "arm64"):

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from edgepack.metrics import calibrate_threshold
-from edgepack.stages.export import load_classifier, read_model_info
+from edgepack.modeling import load_with_tokenizer as load_classifier
+from edgepack.modeling import read_model_info
 
 
 class TorchBackend:

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .datafiles import DataError
+from .metrics import agreement, label_metrics
 from .pipeline import softmax, thresholded, top_of_row
 
 # The shim's parent directory: a fresh process started for the memory probe must import this same copy.
@@ -88,26 +89,14 @@ def predict_probs(backend: Backend, texts: Sequence[str], *, batch_size: int = 3
 
 
 def accuracy_metrics(pred: Sequence[str], gold: Sequence[str], oos_label: str | None) -> dict[str, float | None]:
-    """``accuracy``, ``in_scope_accuracy`` and ``oos_recall`` of label names against gold label names.
-
-    ``in_scope_accuracy`` and ``oos_recall`` are ``None`` without an out-of-scope label (or rows).
+    """``accuracy``, ``in_scope_accuracy`` and ``oos_recall`` of label names against gold label names
+    (:func:`runtime_shim.metrics.label_metrics`).
 
     Example:
         >>> accuracy_metrics(["a", "oos", "b"], ["a", "oos", "oos"], "oos")
         {'accuracy': 0.6666666666666666, 'in_scope_accuracy': 1.0, 'oos_recall': 0.5}
     """
-    p = np.asarray(pred, dtype=object)
-    g = np.asarray(gold, dtype=object)
-    hit = p == g
-    out: dict[str, float | None] = {"accuracy": float(hit.mean()) if len(g) else None,
-                                    "in_scope_accuracy": None, "oos_recall": None}
-    if oos_label is not None:
-        is_oos = g == oos_label
-        if (~is_oos).any():
-            out["in_scope_accuracy"] = float(hit[~is_oos].mean())
-        if is_oos.any():
-            out["oos_recall"] = float(hit[is_oos].mean())
-    return out
+    return label_metrics(pred, gold, oos_label)
 
 
 # -------------------------------------------------------------------------------------------- timing
@@ -354,8 +343,7 @@ def run_benchmark(
         "oos_threshold": threshold,
     }
     if reference is not None:
-        result["agreement"] = float(np.mean(np.asarray(pred, dtype=object) == np.asarray(
-            [str(r) for r in reference], dtype=object)))
+        result["agreement"] = agreement(pred, [str(r) for r in reference])
 
     result.update(time_single_queries(backend, texts, warmup=warmup, runs=runs, gap_ms=gap_ms))
     result["throughput_qps"] = {

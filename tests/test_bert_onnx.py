@@ -9,10 +9,11 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from edgepack.stages.prune import structured
-from edgepack.stages.export.bert_onnx import Unsupported, build_graph, supported, write_bert_onnx
+from edgepack import modeling
 from edgepack.config import ExportConfig
 from edgepack.stages.export import export_onnx
+from edgepack.stages.export.bert_onnx import Unsupported, build_graph, supported, write_bert_onnx
+from edgepack.stages.prune import structured
 
 TEXTS = ["what is my balance", "book a table for two at seven tonight please", "hi", "transfer money to my savings"]
 
@@ -39,7 +40,7 @@ def _ort_logits(path, ids, mask):
 
 
 def test_fused_graph_matches_pytorch_on_padded_batches(tiny_model, tmp_path):
-    model = structured.load_classifier(tiny_model, attn_implementation="eager").eval()
+    model = modeling.load_classifier(tiny_model, attn_implementation="eager").eval()
     ids, mask = _padded(tiny_model, TEXTS)
     path = write_bert_onnx(model, tmp_path / "m.onnx")
     np.testing.assert_allclose(_ort_logits(path, ids, mask), _torch_logits(model, ids, mask), atol=1e-4)
@@ -49,7 +50,7 @@ def test_fused_graph_matches_pytorch_on_padded_batches(tiny_model, tmp_path):
 
 
 def test_uneven_pruned_heads_write_and_agree(tiny_model, corpus, label_names, tmp_path):
-    model = structured.load_classifier(tiny_model, attn_implementation="eager").eval()
+    model = modeling.load_classifier(tiny_model, attn_implementation="eager").eval()
     tok = Tokenizer.from_file(str(tiny_model / "tokenizer.json"))
     texts = [t for t, _ in corpus["train"]]
     labels = np.array([label_names.index(lab) for _, lab in corpus["train"]])
@@ -67,7 +68,7 @@ def test_uneven_pruned_heads_write_and_agree(tiny_model, corpus, label_names, tm
 
 
 def test_unsupported_models_fall_back_to_torch_export(tiny_model, corpus, tmp_path):
-    model = structured.load_classifier(tiny_model).eval()
+    model = modeling.load_classifier(tiny_model).eval()
     model.config.hidden_act = "relu"
     assert "hidden_act" in supported(model)
     with pytest.raises(Unsupported):
@@ -88,7 +89,7 @@ def test_unsupported_models_fall_back_to_torch_export(tiny_model, corpus, tmp_pa
 def test_session_keeps_add_layernorm_unfused(tiny_model, tmp_path, monkeypatch):
     import runtime_shim.session as session_mod
 
-    model = structured.load_classifier(tiny_model, attn_implementation="eager").eval()
+    model = modeling.load_classifier(tiny_model, attn_implementation="eager").eval()
     path = write_bert_onnx(model, tmp_path / "m.onnx")
     opt = tmp_path / "optimized.onnx"
     real = session_mod.session_options

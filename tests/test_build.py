@@ -26,18 +26,23 @@ num_layers = 1
 epochs = 1
 ablation = false
 
-[prune]
-recover_epochs = {recover_epochs}
+[prune.recovery]
+epochs = {recover_epochs}
 
-[pack]
+[quantize]
 max_accuracy_drop = 100.0
 variant_formats = ["dynamic"]
+{quantize_extra}
+
+[bundle]
 eval_rows = 20
+
+[tune]
+runs = 5
 
 [verify]
 runs = 10
 warmup = 2
-tune_runs = 5
 compare = false
 """
 
@@ -58,7 +63,7 @@ def loose_profile(where: Path) -> Path:
 
 
 def write_recipe(path: Path, **kw) -> Path:
-    values = {"profile": loose_profile(path.parent), "recover_epochs": 1, **kw}
+    values = {"profile": loose_profile(path.parent), "recover_epochs": 1, "quantize_extra": "", **kw}
     path.write_text(RECIPE.format(**{k: str(v) for k, v in values.items()}))
     return path
 
@@ -86,7 +91,7 @@ def test_build_writes_verified_bundle_and_report(built):
 
     root, _ = built
     out, work = root / "bundle", root / "bundle.build"
-    for stage in ("distill", "prune", "pack", "tune", "verify"):
+    for stage in ("distill", "prune", "export", "quantize", "bundle", "tune", "verify"):
         assert (work / "ledger" / f"{stage}.json").is_file()
     assert (work / "distill" / "stage.json").is_file() and (work / "prune" / "stage.json").is_file()
     assert {"report.html", "report.md", "model.quant.onnx", "manifest.json"} <= {p.name for p in out.iterdir()}
@@ -98,7 +103,10 @@ def test_build_writes_verified_bundle_and_report(built):
     from edgepack.config import BuildConfig
 
     resolved = BuildConfig.from_toml(work / "recipe.toml")
-    assert resolved.distill.num_layers == 1 and resolved.pack.variant_formats == ("dynamic",)
+    assert resolved.distill.num_layers == 1 and resolved.quantize.variant_formats == ("dynamic",)
+    assert resolved.recipe == "default" and resolved.prune.recovery.epochs == 1
+    for stage in ("distill", "prune", "export", "quantize", "tune", "verify"):
+        assert (work / stage / "stage.json").is_file(), stage  # every stage leaves its record
 
 
 def test_rerun_skips_every_stage(built, capsys):
@@ -116,11 +124,22 @@ def test_changed_stage_reruns_it_and_what_follows(built, capsys, tiny_model, cli
     assert main(["build", str(recipe)]) == 0
     states = stage_lines(capsys.readouterr().out)
     assert states["distill"] == "skipped"
-    assert all(states[s] != "skipped" for s in ("prune", "pack", "tune", "verify"))
+    assert all(states[s] != "skipped" for s in ("prune", "export", "quantize", "bundle", "tune", "verify"))
+
+
+def test_changed_quantize_setting_reruns_quantize_not_export(built, capsys, tiny_model, clinc_json):
+    root, _ = built
+    recipe = write_recipe(root / "recipe-q.toml", teacher=tiny_model, out=root / "bundle", data=clinc_json,
+                          recover_epochs=2, quantize_extra="max_accuracy_drop = 99.0")
+    capsys.readouterr()
+    assert main(["build", str(recipe)]) == 0
+    states = stage_lines(capsys.readouterr().out)
+    assert states["distill"] == "skipped" and states["prune"] == "skipped" and states["export"] == "skipped"
+    assert all(states[s] != "skipped" for s in ("quantize", "bundle", "tune", "verify"))
 
 
 def test_interrupted_build_keeps_finished_stages_and_old_bundle(built, capsys, monkeypatch, tiny_model, clinc_json):
-    import edgepack.runner.pack as pack_mod
+    import edgepack.stages.quantize as quantize_mod
 
     root, _ = built
     out = root / "bundle"
@@ -130,7 +149,7 @@ def test_interrupted_build_keeps_finished_stages_and_old_bundle(built, capsys, m
     def killed(*a, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pack_mod, "pack", killed)
+    monkeypatch.setattr(quantize_mod, "run", killed)
     assert main(["build", str(recipe)]) == ExitCode.INTERRUPTED
     assert (out / "manifest.json").read_bytes() == before
     assert not [p for p in root.rglob("*partial*")]
@@ -138,7 +157,8 @@ def test_interrupted_build_keeps_finished_stages_and_old_bundle(built, capsys, m
     capsys.readouterr()
     assert main(["build", str(recipe)]) == 0
     states = stage_lines(capsys.readouterr().out)
-    assert states["distill"] == "skipped" and states["prune"] == "skipped" and states["pack"] != "skipped"
+    assert states["distill"] == "skipped" and states["prune"] == "skipped" and states["export"] == "skipped"
+    assert states["quantize"] != "skipped"
 
 
 def test_missed_budget_finishes_and_names_it(built, tmp_path, capsys, monkeypatch, tiny_model, clinc_json):
@@ -156,21 +176,24 @@ def test_missed_budget_finishes_and_names_it(built, tmp_path, capsys, monkeypatc
 
 def test_recipe_with_unknown_key_names_it(tmp_path, capsys, tiny_model, clinc_json):
     recipe = write_recipe(tmp_path / "r.toml", teacher=tiny_model, out=tmp_path / "o", data=clinc_json)
-    recipe.write_text(recipe.read_text().replace("[prune]", "[prune]\nffn_sise = 16"))
+    recipe.write_text(recipe.read_text().replace("[prune.recovery]", "[prune]\nffn_sise = 16\n[prune.recovery]"))
     assert main(["build", str(recipe)]) == ExitCode.USAGE
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "ffn_sise" in err and "ffn_size" in err and not (tmp_path / "o").exists()
 
 
 def test_recipe_tables_override_the_builds_own_defaults(tmp_path):
-    from edgepack.config import BuildConfig, PruneConfig
+    import tomllib
+
+    from edgepack import recipes
+    from edgepack.config import PruneConfig
 
     recipe = tmp_path / "r.toml"
-    recipe.write_text('teacher = "t"\n[prune]\nrecover_epochs = 2\n[distill]\nepochs = 1\n')
-    cfg = BuildConfig.from_toml(recipe)
-    default = BuildConfig()
-    # Only the named keys change; the rest are the build's defaults, not the section class's.
-    assert cfg.prune == default.prune.replace(recover_epochs=2)
+    recipe.write_text('teacher = "t"\n[prune.recovery]\nepochs = 2\n[distill]\nepochs = 1\n')
+    cfg = recipes.resolve(tomllib.loads(recipe.read_text()))
+    default = recipes.load("default")
+    # Only the named keys change; the rest are the default recipe's, not the section class's.
+    assert cfg.prune == default.prune.replace(recovery=default.prune.recovery.replace(epochs=2))
     assert cfg.distill == default.distill.replace(epochs=1) and cfg.distill.ablation is False
     assert PruneConfig(ffn_fraction=1 / 3).resolved([1536, 1536]).ffn_size == 512
     halves = PruneConfig(heads_fraction=0.5, ffn_fraction=0.5).resolved([1536], [12])

@@ -87,12 +87,18 @@ def test_kd_loss_matches_formula():
 def test_training_steps_reduce_the_loss(tiny_model, data, tmp_path):
     import torch
 
-    from edgepack.training.distillation import Collator, DistillationTrainer, make_rows, prepare, train_student
+    from edgepack.training.distillation import (
+        Collator,
+        DistillationTrainer,
+        make_rows,
+        prepare,
+        train_student,
+    )
 
     cfg = DistillConfig(num_layers=1, epochs=4, learning_rate=3e-3, batch_size=16, alpha=0.5, temperature=2.0)
     prep = prepare(cfg, tiny_model, data, cache_dir=tmp_path / "cache", progress=False)
     ts = prep.trainset
-    rows = make_rows(prep.tokenizer, ts.texts, ts.labels, cfg.max_length, teacher_logits=ts.teacher_logits)
+    rows = make_rows(prep.tokenizer, ts.texts, ts.labels, prep.max_length, teacher_logits=ts.teacher_logits)
     batch = Collator(prep.tokenizer)([rows[i] for i in range(len(rows))])
     teacher_logits, labels = batch.pop("teacher_logits"), batch.pop("labels")
     hooks = SimpleNamespace(alpha=cfg.alpha, temperature=cfg.temperature)
@@ -197,7 +203,8 @@ def test_distill_into_a_given_model_with_callbacks(tiny_model, data, tmp_path):
     from transformers import TrainerCallback
 
     from edgepack.training import student as st
-    from edgepack.training.distillation import distill
+    from edgepack import stages
+    from edgepack.stages import distill
 
     epochs = []
 
@@ -207,8 +214,8 @@ def test_distill_into_a_given_model_with_callbacks(tiny_model, data, tmp_path):
 
     model = st.from_teacher(st.load_teacher(tiny_model), [0])
     cfg = DistillConfig(epochs=2, learning_rate=1e-3, batch_size=16, ablation=False)
-    rec = distill(cfg, tiny_model, data, tmp_path / "out", student_model=model, callbacks=[Count()],
-                  cache_dir=tmp_path / "cache", progress=False)
+    rec = distill.run(cfg, tiny_model, tmp_path / "out", stages.Context(data=data, cache=tmp_path / "cache"),
+                      student_model=model, callbacks=[Count()], progress=False)
     assert len(epochs) == 2 and rec["student"]["source"] == "model"
     assert "ablation" not in rec and (tmp_path / "out" / "stage.json").is_file()
 

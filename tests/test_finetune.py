@@ -49,11 +49,14 @@ def test_demo_data_is_valid_json_in_the_clinc_layout():
 
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory, tiny_model, clinc_json):
-    from edgepack.stages.finetune import finetune
+    from edgepack import stages
+    from edgepack.data import load_dataset
+    from edgepack.stages import finetune
 
     out = tmp_path_factory.mktemp("finetune") / "teacher"
-    cfg = FinetuneConfig(epochs=3, learning_rate=3e-3, batch_size=16, max_length=32, warmup_ratio=0.0)
-    record = finetune(cfg, tiny_model, DataConfig(source=str(clinc_json)), out)
+    cfg = FinetuneConfig(epochs=3, learning_rate=3e-3, batch_size=16, warmup_ratio=0.0)
+    dcfg = DataConfig(source=str(clinc_json), max_length=32)
+    record = finetune.run(cfg, tiny_model, out, stages.Context(data=load_dataset(dcfg), data_config=dcfg))
     return out, record
 
 
@@ -74,7 +77,8 @@ def test_finetune_reduces_loss_and_records_the_stage(finetuned, label_names):
 
 @pytest.mark.slow
 def test_finetune_writes_a_loadable_classifier(finetuned, label_names):
-    from edgepack.stages.export import load_classifier, read_model_info
+    from edgepack.modeling import load_with_tokenizer as load_classifier
+    from edgepack.modeling import read_model_info
 
     out, _ = finetuned
     assert (out / "tokenizer.json").is_file() and not (out / "_checkpoints").exists()

@@ -71,7 +71,7 @@ def test_export_parity_and_dynamic_axes(tmp_path, tiny_model, corpus):
 
 
 def test_accuracy_gate_refuses_and_writes_nothing(tmp_path, tiny_model, clinc_json, monkeypatch, capsys):
-    import edgepack.runner.pack as pack_mod
+    import edgepack.stages.quantize as pack_mod
 
     real = pack_mod.evaluate
     calls = {"n": 0}
@@ -248,7 +248,7 @@ def test_unreachable_rows_are_never_produced(tiny_model, corpus):
 def test_export_trims_positions_to_max_length(tmp_path, tiny_model, corpus):
     from edgepack.stages.export import export_onnx
 
-    rec = export_onnx(ExportConfig(max_length=32), tiny_model, tmp_path / "e", [t for t, _ in corpus["val"]])
+    rec = export_onnx(ExportConfig(), tiny_model, tmp_path / "e", [t for t, _ in corpus["val"]], max_length=32)
     trim = rec["metrics"]["unreachable_trimmed"]
     assert trim["positions_before"] == 128 and trim["positions_after"] == 32
     assert json.loads((tmp_path / "e" / "config.json").read_text())["max_position_embeddings"] == 32
@@ -282,7 +282,7 @@ def test_embedding_bits_4_stores_the_table_in_4bit_blocks(tmp_path, tiny_model, 
     from runtime_shim import OnnxPipeline
 
     out = tmp_path / "emb4"
-    pack(PackConfig(max_accuracy_drop=100.0, eval_rows=20, embedding_bits=4), tiny_model,
+    pack(PackConfig.of(max_accuracy_drop=100.0, eval_rows=20, embedding_bits=4), tiny_model,
          DataConfig(source=str(clinc_json)), out, log=lambda *a: None)
     ops = count_ops(out / "model.quant.onnx")
     assert ops.get("DequantizeLinear") == 1 and ops.get("BitShift") == 1 and "EmbedLayerNormalization" not in ops

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from edgepack.stages.prune import sparsity, structured, vocab
+from edgepack import modeling
 from edgepack.cli import main
+from edgepack.stages.prune import sparsity, structured, vocab
 
 
 def _texts(corpus, split="train"):
@@ -181,8 +182,8 @@ def test_structured_pruning_shrinks_linears_and_onnx_matmuls(tiny_model, corpus,
     assert np.isfinite(ref).all()
 
     out = tmp_path / "pruned"
-    structured.save_model(model, out)
-    np.testing.assert_allclose(_logits(structured.load_classifier(out).eval(), tok, texts[:8]), ref, atol=1e-5)
+    modeling.save_model(model, out)
+    np.testing.assert_allclose(_logits(modeling.load_classifier(out).eval(), tok, texts[:8]), ref, atol=1e-5)
     remote = AutoModelForSequenceClassification.from_pretrained(out, trust_remote_code=True).eval()
     np.testing.assert_allclose(_logits(remote, tok, texts[:8]), ref, atol=1e-5)
 
@@ -293,10 +294,10 @@ def test_prune_cli_end_to_end(tiny_model, clinc_json, tmp_path, capsys):
     assert steps[-1]["train_rows"] == 2 * 60  # the 60 training rows and one teacher-labelled copy of each
     assert steps[-1]["parameters"] < steps[0]["parameters"]
     assert record["metrics"]["sparsity"]["sparsity_reached"] == pytest.approx(0.5, abs=0.01)
-    model = structured.load_classifier(out)
+    model = modeling.load_classifier(out)
     assert structured.heads_per_layer(model) == [3, 2]
     assert sparsity.measure_sparsity(model) == pytest.approx(0.5, abs=0.01)
-    assert {"config.json", "model.safetensors", "stage.json", "tokenizer.json", structured.REMOTE_CODE_FILE} <= {
+    assert {"config.json", "model.safetensors", "stage.json", "tokenizer.json", modeling.REMOTE_CODE_FILE} <= {
         p.name for p in out.iterdir()}
 
 

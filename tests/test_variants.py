@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgepack import targets, variants
-from edgepack.config import ExportConfig, QuantizeConfig
+from edgepack import targets
+from edgepack.stages.quantize import variants
+from edgepack.config import ExportConfig, QuantSettings
 from edgepack.errors import BudgetError, EdgepackError
-from edgepack.stages.export import export_onnx, read_model_info
+from edgepack.modeling import read_model_info
+from edgepack.stages.export import export_onnx
 from edgepack.stages.quantize.formats import count_ops
 
 
@@ -102,7 +104,7 @@ def test_no_variant_within_budget_is_refused(tmp_path, tiny_model, pipeline_dir,
 
 def test_static_qdq_needs_calibration(tmp_path, tiny_model, fp32_onnx):
     with pytest.raises(EdgepackError, match="static-qdq needs calibration rows"):
-        variants.quantize_other(QuantizeConfig(format="static-qdq"), fp32_onnx, tmp_path / "q.onnx",
+        variants.quantize_other(QuantSettings(format="static-qdq"), fp32_onnx, tmp_path / "q.onnx",
                                 info=read_model_info(tiny_model))
 
 
@@ -126,7 +128,7 @@ def test_ort_format_loads_in_the_shim(tmp_path, tiny_bundle):
 @pytest.mark.parametrize("fmt", ["static-qdq", "matmul-nbits"])
 def test_quantizers_leave_the_working_directory_alone(fmt, tmp_path, monkeypatch, tiny_model, fp32_onnx, pipeline_dir):
     """ORT's shape inference drops scratch files into the current directory; they must not land in a checkout."""
-    from edgepack.config import QuantizeConfig
+    from edgepack.config import QuantSettings
     from runtime_shim import OnnxPipeline
 
     cwd = tmp_path / "cwd"
@@ -135,7 +137,7 @@ def test_quantizers_leave_the_working_directory_alone(fmt, tmp_path, monkeypatch
     pipe = OnnxPipeline(pipeline_dir, verify=False, overrides={"model": str(fp32_onnx)})
     feeds = [pipe.encode(["what is my balance"]), pipe.encode(["set an alarm for 7"])]
     out = tmp_path / "q.onnx"
-    variants.quantize_other(QuantizeConfig(format=fmt, per_channel=True), fp32_onnx, out,
+    variants.quantize_other(QuantSettings(format=fmt, per_channel=True), fp32_onnx, out,
                             info=read_model_info(tiny_model), calibration=feeds)
     assert out.stat().st_size > 0
     assert list(cwd.iterdir()) == []

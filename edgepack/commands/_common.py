@@ -19,8 +19,9 @@ def add_data_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
 
 
 def data_config(args: argparse.Namespace) -> DataConfig:
+    extra = {"max_length": args.max_length} if getattr(args, "max_length", None) is not None else {}
     return DataConfig(source=str(args.data), text_column=args.text_column, label_column=args.label_column,
-                      oos_label=args.oos_label, seed=args.seed)
+                      oos_label=args.oos_label, seed=args.seed, **extra)
 
 
 def existing_dir(value: str) -> Path:

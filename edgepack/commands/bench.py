@@ -38,10 +38,9 @@ def is_bundle(path: Path) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    from edgepack.errors import EdgepackError
     from runtime_shim import BundleError
     from runtime_shim.datafiles import DataError
-
-    from edgepack.errors import EdgepackError
 
     try:
         return _run(args)
@@ -50,15 +49,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from runtime_shim import OnnxPipeline
-    from runtime_shim.bench import format_table, run_benchmark
-    from runtime_shim.datafiles import read_labelled
-
     from edgepack.config import DataConfig
     from edgepack.data import load_dataset, stratified_slice
     from edgepack.errors import BudgetError, EdgepackError
     from edgepack.records import write_json_atomic
     from edgepack.torch_backend import TorchBackend
+    from runtime_shim import OnnxPipeline
+    from runtime_shim.bench import format_table, run_benchmark
+    from runtime_shim.datafiles import read_labelled
 
     for path in args.paths:
         if not path.is_dir():
@@ -79,7 +77,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         model_labels = first.label_names if first is not None else None
         if model_labels is None:
-            from edgepack.stages.export import read_model_info
+            from edgepack.modeling import read_model_info
 
             model_labels = list(read_model_info(args.paths[0]).label_names)
         dcfg = DataConfig(source=str(args.data), text_column=args.text_column, label_column=args.label_column,

@@ -9,12 +9,17 @@ from edgepack.commands._common import add_data_args
 
 
 def register(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("build", help="teacher -> distill -> prune -> pack -> tune -> verified bundle (resumable)",
+    p = sub.add_parser("build", help="teacher -> distill -> prune -> export -> quantize -> bundle -> tune -> verify "
+                       "(resumable)",
                        description="Run the whole chain from a fine-tuned teacher to a verified bundle. Rerunning "
-                       "resumes: only stages whose config or input changed run again. A recipe TOML file holds the "
-                       "same options (top-level teacher/out/profile, tables [data] [distill] [prune] [export] [pack] "
-                       "[verify]); command-line options override it.")
+                       "resumes: only stages whose config or input changed run again. A build starts from a recipe "
+                       "(recipes/*.toml; default: 'default', measured on CLINC150; `edgepack recipes` lists them). "
+                       "A recipe TOML file of your own holds the same options (top-level teacher/out/profile/recipe, "
+                       "tables [data] [distill] [prune] [export] [quantize] [bundle] [tune] [verify]) and starts "
+                       "from the recipe it names; command-line options override both.")
     p.add_argument("source", type=Path, metavar="TEACHER_DIR|RECIPE.toml")
+    p.add_argument("--recipe", default=None, metavar="NAME",
+                   help="the recipe to start from (default: 'default', or the one the recipe file names)")
     add_data_args(p, required=False)
     p.add_argument("--out", type=Path, default=None, metavar="BUNDLE", help="the bundle directory to write")
     p.add_argument("--profile", default=None, help="a device profile in profiles/ (default: edge-x86-2core)")
@@ -33,7 +38,7 @@ def register(sub) -> argparse.ArgumentParser:
 def resolve(args: argparse.Namespace):
     import tomllib
 
-    from edgepack.config import BuildConfig
+    from edgepack import recipes
     from edgepack.errors import EdgepackError
 
     base: dict = {}
@@ -74,11 +79,10 @@ def resolve(args: argparse.Namespace):
     if args.limit is not None:
         base.setdefault("verify", {})["limit"] = args.limit
     if args.archive:
-        base.setdefault("pack", {})["archive"] = True
-    try:
-        cfg = BuildConfig.from_dict(base, where=str(args.source) if args.source.suffix == ".toml" else "")
-    except (ValueError, TypeError) as e:
-        raise EdgepackError(str(e)) from None
+        base.setdefault("bundle", {})["archive"] = True
+    if args.recipe is not None:
+        base["recipe"] = args.recipe
+    cfg = recipes.resolve(base, where=str(args.source) if args.source.suffix == ".toml" else "")
     if not cfg.data.source:
         raise EdgepackError("no dataset: pass --data DATA or set [data] source in the recipe")
     if not cfg.out:

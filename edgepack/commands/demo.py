@@ -21,31 +21,33 @@ def register(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgepack.runner.build import build
-    from edgepack.config import BuildConfig, DataConfig, DistillConfig, FinetuneConfig
+    from edgepack import recipes, stages
+    from edgepack.config import DataConfig, FinetuneConfig
     from edgepack.data import load_dataset
-    from edgepack.stages.finetune import finetune, input_hash, resolve_base
-    from edgepack.records import is_fresh
     from edgepack.resources import demo_data
+    from edgepack.runner.build import build
+    from edgepack.runner.ledger import Ledger
+    from edgepack.stages import finetune
 
     out: Path = args.out
     data_cfg = DataConfig(source=str(demo_data()))
-    teacher = out / "teacher"
     ft = FinetuneConfig()
-    base = resolve_base("minilm")
-    ft_config = {"finetune": ft.to_dict(), "data": data_cfg.to_dict(), "base": str(base)}
-    if not args.force and is_fresh(teacher, ft_config, input_hash(base, load_dataset(data_cfg))):
-        print(f"[demo] teacher {teacher}: up to date, skipped")
-    else:
-        print(f"[demo] fine-tuning a teacher from all-MiniLM-L6-v2 on {demo_data().name} -> {teacher}")
-        rec = finetune(ft, "minilm", data_cfg, teacher, force=True)
-        print(f"[demo] teacher test accuracy {rec['metrics'].get('test_accuracy', float('nan')):.2%}")
-    cfg = BuildConfig(
-        teacher=str(teacher), out=str(out / "bundle"), profile=args.profile, data=data_cfg,
-        # A 2-layer student from teacher layers; the demo data is small, so more epochs are cheap.
-        distill=DistillConfig(num_layers=2, epochs=10, learning_rate=3e-4, ablation=False),
-        prune=BuildConfig().prune.replace(recover_epochs=3),
-    )
+    base = finetune.resolve_base("minilm")
+    data = load_dataset(data_cfg)
+    ledger = Ledger(out, print, prefix="demo")
+    if args.force:
+        (ledger.dir / "teacher.json").unlink(missing_ok=True)
+
+    def run_finetune(dest: Path) -> None:
+        print(f"[demo] fine-tuning a teacher from all-MiniLM-L6-v2 on {demo_data().name} -> {dest}")
+        rec = finetune.run(ft, base, dest, stages.Context(data=data, data_config=data_cfg))
+        print(f"[demo] teacher test accuracy {rec.metrics.get('test_accuracy', float('nan')):.2%}")
+
+    teacher = ledger.stage("teacher", {"finetune": ft.to_dict(), "data": data_cfg.to_dict(), "base": str(base)},
+                           finetune.input_hash(base, data), run_finetune)
+    # recipes/demo.toml: the default build sized for the small demo data (its reasons are in the file).
+    cfg = recipes.resolve({"recipe": "demo", "teacher": str(teacher), "out": str(out / "bundle"),
+                           "profile": args.profile, "data": data_cfg.to_dict()})
     summary = None
     try:
         summary = build(cfg, force=args.force)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from edgepack.errors import EdgepackError
 from edgepack.commands._common import add_data_args, data_config, existing_dir
+from edgepack.errors import EdgepackError
 
 # CLI flag -> DistillConfig field (flags left unset keep the --config file's or the default value).
 _FIELDS = {
     "alpha": "alpha", "temperature": "temperature", "epochs": "epochs", "learning_rate": "learning_rate",
-    "batch_size": "batch_size", "max_length": "max_length", "hidden_weight": "hidden_weight",
+    "batch_size": "batch_size", "hidden_weight": "hidden_weight",
     "augment": "augment", "oos_relabel": "oos_relabel", "search": "search_trials", "storage": "storage", "study_name": "study_name",
 }
 
@@ -108,8 +108,9 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from edgepack import stages
     from edgepack.data import load_dataset
-    from edgepack.training.distillation import distill
+    from edgepack.stages import distill
     from edgepack.training.student import read_id2label
 
     if args.threads:
@@ -117,9 +118,8 @@ def run(args: argparse.Namespace) -> int:
     id2label = read_id2label(args.teacher)
     dcfg = data_config(args)
     data = load_dataset(dcfg, id2label)
-    record = distill(cfg, args.teacher, data, args.out, cache_dir=args.cache_dir, force=args.force,
-                     data_config=dcfg.to_dict())
-    print(summary(record))
+    record = distill.run(cfg, args.teacher, args.out, stages.Context(data=data, data_config=dcfg, cache=args.cache_dir))
+    print(summary(record.record))
     print(f"wrote {args.out}")
     return 0
 

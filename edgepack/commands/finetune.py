@@ -31,18 +31,23 @@ def register(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from edgepack import stages
     from edgepack.config import FinetuneConfig
+    from edgepack.data import load_dataset
     from edgepack.errors import EdgepackError
-    from edgepack.stages.finetune import finetune
+    from edgepack.stages import finetune
 
-    overrides = {k: getattr(args, k) for k in ("epochs", "learning_rate", "batch_size", "max_length", "warmup_ratio",
+    overrides = {k: getattr(args, k) for k in ("epochs", "learning_rate", "batch_size", "warmup_ratio",
                                                "weight_decay") if getattr(args, k) is not None}
     try:
         cfg = FinetuneConfig(seed=args.seed, **overrides)
         data_cfg = data_config(args)
     except ValueError as e:
         raise EdgepackError(str(e)) from None
-    record = finetune(cfg, args.base, data_cfg, args.out, force=args.force)
+    if args.out.exists() and not args.force:
+        raise EdgepackError(f"{args.out}: already exists; choose another --out or pass --force to replace it")
+    base = finetune.resolve_base(args.base)
+    record = finetune.run(cfg, base, args.out, stages.Context(data=load_dataset(data_cfg), data_config=data_cfg))
     m = record["metrics"]
     print(f"finetune: {args.out} ({len(record['labels'])} labels, best epoch {m['best_epoch']} of {m['epochs']}, "
           f"{record['wall_time_s']:.0f} s): validation accuracy {m['validation_accuracy']:.2%}, "

@@ -23,8 +23,9 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--oos-recall", type=float, default=None, metavar="R",
                    help="calibrate the out-of-scope threshold to reach this validation recall (default: the largest "
                         "threshold within one standard error of the best validation accuracy)")
-    p.add_argument("--embedding-bits", type=int, choices=(8, 4), default=8,
-                   help="store the word-embedding table in 8-bit or 4-bit blocks (default: 8)")
+    p.add_argument("--embedding-bits", type=int, choices=(8, 4), default=None,
+                   help="store the word-embedding table in 8-bit or 4-bit blocks (default: the target's setting, 8 in "
+                        "every shipped target)")
     p.add_argument("--writer", choices=("auto", "fused", "torch"), default="auto",
                    help="ONNX export: ORT's fused operators written directly (BERT), torch.onnx.export, or "
                         "auto (fused where supported; default)")
@@ -43,14 +44,15 @@ def run(args: argparse.Namespace) -> int:
     from edgepack.runner.pack import pack
 
     try:
-        cfg = PackConfig(target=args.target, max_accuracy_drop=args.max_accuracy_drop, oos_recall=args.oos_recall,
-                         eval_rows=args.eval_rows, archive=args.archive, ort_format=args.ort_format,
-                         variants=args.variants, embedding_bits=args.embedding_bits)
-        export_cfg = ExportConfig(max_length=args.max_length, writer=args.writer)
+        cfg = PackConfig.of(target=args.target, max_accuracy_drop=args.max_accuracy_drop, oos_recall=args.oos_recall,
+                            eval_rows=args.eval_rows, archive=args.archive, ort_format=args.ort_format,
+                            variants=args.variants, embedding_bits=args.embedding_bits)
+        export_cfg = ExportConfig(writer=args.writer)
+        data_cfg = data_config(args)
     except ValueError as e:
         from edgepack.errors import EdgepackError
 
         raise EdgepackError(str(e)) from None
-    pack(cfg, args.model_dir, data_config(args), args.out, export_cfg=export_cfg, force=args.force)
+    pack(cfg, args.model_dir, data_cfg, args.out, export_cfg=export_cfg, force=args.force)
     print(f"try it:  python -m runtime_shim predict {args.out} \"your text here\"")
     return 0

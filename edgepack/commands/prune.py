@@ -73,7 +73,7 @@ def register(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgepack.config import PruneConfig
+    from edgepack.config import RECOVERY, PruneConfig
     from edgepack.data import load_dataset
     from edgepack.errors import EdgepackError
 
@@ -83,21 +83,24 @@ def run(args: argparse.Namespace) -> int:
                           keep_layers=args.keep_layers, heads_per_layer=args.heads_per_layer,
                           heads_fraction=args.heads_fraction, ffn_size=args.ffn_size,
                           ffn_fraction=args.ffn_fraction, param_budget=args.param_budget,
-                          importance_rows=args.importance_rows, recover=args.recover, recover_epochs=args.epochs,
-                          recover_augment=args.augment, recover_oos_relabel=args.oos_relabel, recover_freeze_embeddings=not args.train_embeddings,
-                          recover_learning_rate=args.learning_rate, alpha=args.alpha,
-                          temperature=args.temperature, sparsity=args.sparsity, sparsity_target=args.sparsity_target,
-                          max_length=args.max_length, seed=args.seed)
+                          importance_rows=args.importance_rows, recover=args.recover,
+                          recovery=RECOVERY.replace(epochs=args.epochs, augment=args.augment,
+                                                    oos_relabel=args.oos_relabel,
+                                                    freeze_embeddings=not args.train_embeddings,
+                                                    learning_rate=args.learning_rate, alpha=args.alpha,
+                                                    temperature=args.temperature),
+                          sparsity=args.sparsity, sparsity_target=args.sparsity_target, seed=args.seed)
     except ValueError as e:
         raise EdgepackError(str(e)) from None
     if not args.model_dir.is_dir():
         raise EdgepackError(f"{args.model_dir}: no such directory; pass a Hugging Face classifier directory")
     if args.out.exists() and not args.force:
         raise EdgepackError(f"{args.out} exists; pass --force to replace it or choose another --out")
-    from edgepack.stages.prune import prune
+    from edgepack import stages
+    from edgepack.stages import prune
     from edgepack.training.student import read_id2label
 
     dcfg = data_config(args)
     data = load_dataset(dcfg, read_id2label(args.model_dir))
-    prune(cfg, args.model_dir, args.out, data, teacher_dir=args.teacher, force=args.force, data_config=dcfg.to_dict())
+    prune.run(cfg, args.model_dir, args.out, stages.Context(data=data, data_config=dcfg, teacher=args.teacher))
     return 0

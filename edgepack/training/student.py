@@ -51,7 +51,7 @@ def pick_layers(n: int, depth: int) -> tuple[int, ...]:
 
 def read_id2label(model_dir: Path) -> dict[int, str]:
     """The teacher's ``id2label`` from ``config.json``; refuses the placeholder ``LABEL_0..``."""
-    from edgepack.stages.export import read_model_info
+    from edgepack.modeling import read_model_info
 
     return dict(enumerate(read_model_info(model_dir).label_names))
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgepack.training import student as _student
 from edgepack.records import hash_tree
+from edgepack.training import student as _student
 
 DEFAULT_CACHE = Path(os.environ.get("EDGEPACK_CACHE", Path.home() / ".cache" / "edgepack")) / "teacher"
 

@@ -1,5 +1,11 @@
-"""Export a Hugging Face sequence classifier to ONNX (fp32, dynamic batch and sequence axes) and check
-its logits against PyTorch on real rows."""
+"""The export stage: a Hugging Face sequence classifier (or an ONNX export of one made elsewhere) ->
+fp32 ONNX with dynamic batch and sequence axes, its logits checked against PyTorch on real rows.
+
+``run(cfg, src, out, ctx)`` writes ``out/model.onnx``, ``tokenizer.json``, ``config.json``, and a
+``labels.json`` + ``runtime.json`` so the directory runs as an fp32 pipeline (the quantize stage's
+reference), then ``stage.json``. Helpers: the fused BERT writer (``bert_onnx``) and the exact trim of
+unreachable embedding rows (``unreachable``).
+"""
 
 from __future__ import annotations
 
@@ -14,79 +20,13 @@ import numpy as np
 
 from edgepack.config import ExportConfig
 from edgepack.errors import EdgepackError
+from edgepack.modeling import INPUT_NAMES, ModelInfo, load_with_tokenizer, read_model_info
 from edgepack.records import hash_tree, write_stage_record
+from edgepack.stages import StageRecord
 
 ONNX_NAME = "model.onnx"
-INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelInfo:
-    """What later stages need to know about a classifier (from its config.json)."""
-
-    model_type: str
-    num_labels: int
-    label_names: tuple[str, ...]
-    hidden_size: int
-    num_heads: int
-    num_layers: int
-    input_names: tuple[str, ...]
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def read_model_info(model_dir: Path) -> ModelInfo:
-    """Check ``model_dir`` is a sequence classifier with real labels; one-line errors otherwise."""
-    model_dir = Path(model_dir)
-    cfg_path = model_dir / "config.json"
-    if not cfg_path.is_file():
-        raise EdgepackError(f"{model_dir}: no config.json; pass a Hugging Face classifier directory (save_pretrained output)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise EdgepackError(f"{cfg_path}: not valid JSON ({e.msg}); re-save the model") from None
-    archs = cfg.get("architectures") or []
-    if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
-        raise EdgepackError(
-            f"{cfg_path}: architecture {', '.join(archs)} has no sequence-classification head; "
-            "fine-tune a classifier first (edgepack finetune BASE_DIR --data DATA --out DIR)")
-    id2label = cfg.get("id2label") or {}
-    names = [str(id2label[k]) for k in sorted(id2label, key=int)] if id2label else []
-    if not names or all(n == f"LABEL_{i}" for i, n in enumerate(names)):
-        raise EdgepackError(
-            f"{cfg_path}: no id2label (or only LABEL_0, LABEL_1, ...); set config.id2label/label2id to the class names and re-save")
-    inputs = ["input_ids", "attention_mask"]
-    if cfg.get("type_vocab_size", 0) and cfg.get("model_type") not in ("distilbert", "roberta", "xlm-roberta"):
-        inputs.append("token_type_ids")
-    return ModelInfo(
-        model_type=cfg.get("model_type", "bert"),
-        num_labels=len(names),
-        label_names=tuple(names),
-        hidden_size=int(cfg.get("hidden_size") or cfg.get("dim") or 0),
-        num_heads=int(cfg.get("num_attention_heads") or cfg.get("n_heads") or 0),
-        num_layers=int(cfg.get("num_hidden_layers") or cfg.get("n_layers") or 0),
-        input_names=tuple(inputs),
-    )
-
-
-def load_classifier(model_dir: Path):
-    """The PyTorch model (eager attention: it exports to plain ONNX ops) and its fast tokenizer."""
-    from transformers import AutoTokenizer
-
-    from edgepack.stages.prune.structured import load_classifier as load_any  # pruned heads too, without remote code
-
-    try:
-        model = load_any(model_dir, attn_implementation="eager")
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, use_fast=True)
-    except (OSError, ValueError) as e:
-        raise EdgepackError(f"{model_dir}: could not load the classifier or its tokenizer ({str(e).splitlines()[0][:200]})") from None
-    if not getattr(tokenizer, "is_fast", False):
-        raise EdgepackError(f"{model_dir}: no fast tokenizer (tokenizer.json); the bundle needs a `tokenizers` file")
-    return model.eval(), tokenizer
-
-
-def export_onnx(cfg: ExportConfig, model_dir: Path, out_dir: Path, parity_texts: Sequence[str]) -> dict:
+def export_onnx(cfg: ExportConfig, model_dir: Path, out_dir: Path, parity_texts: Sequence[str], *,
+                max_length: int = 64) -> dict:
     """Write ``model.onnx``, ``tokenizer.json`` and ``config.json`` into ``out_dir`` (created) and its
     ``stage.json``; returns the record. Raises when the ONNX logits differ from PyTorch's by more
     than ``cfg.atol`` on ``parity_texts``."""
@@ -94,7 +34,7 @@ def export_onnx(cfg: ExportConfig, model_dir: Path, out_dir: Path, parity_texts:
 
     started = time.time()
     info = read_model_info(model_dir)
-    reference, tokenizer = load_classifier(model_dir)
+    reference, tokenizer = load_with_tokenizer(model_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # The file itself, not tokenizers' re-serialisation: that keeps one token per id and would drop
@@ -108,10 +48,10 @@ def export_onnx(cfg: ExportConfig, model_dir: Path, out_dir: Path, parity_texts:
         from edgepack.stages.export.unreachable import trim_unreachable
 
         model = copy.deepcopy(reference)
-        tok_json, trim = trim_unreachable(model, tok_json, cfg.max_length)
+        tok_json, trim = trim_unreachable(model, tok_json, max_length)
     tok_path = out_dir / "tokenizer.json"
     tok_path.write_text(json.dumps(tok_json, ensure_ascii=False))
-    runtime_tok = _runtime_tokenizer(tok_path, cfg.max_length)
+    runtime_tok = _runtime_tokenizer(tok_path, max_length)
     onnx_path = out_dir / ONNX_NAME
     writer = choose_writer(cfg.writer, model)
     if writer == "fused":
@@ -134,7 +74,7 @@ def export_onnx(cfg: ExportConfig, model_dir: Path, out_dir: Path, parity_texts:
     # Parity is against the untouched model and its own tokenizer: it covers the export and the
     # trimming together.
     max_diff = parity(reference, tokenizer, onnx_path, runtime_tok, info, parity_texts[: cfg.parity_rows],
-                      cfg.max_length)
+                      max_length)
     if max_diff > cfg.atol:
         raise EdgepackError(f"{onnx_path}: ONNX logits differ from PyTorch by {max_diff:.2e} > {cfg.atol:g} "
                             "on real rows; raise --atol only if this is expected for the architecture")
@@ -142,8 +82,9 @@ def export_onnx(cfg: ExportConfig, model_dir: Path, out_dir: Path, parity_texts:
                "parity_max_abs_diff": max_diff, "parity_rows": min(len(parity_texts), cfg.parity_rows),
                "onnx_bytes": onnx_path.stat().st_size, "source_weight_bytes": _weight_bytes(model_dir),
                "info": info.to_dict(), **({"unreachable_trimmed": trim} if trim else {})}
-    return write_stage_record(out_dir, stage="export", config=cfg.to_dict(), input_hash=hash_tree(model_dir),
-                              metrics=metrics, started=started)
+    return write_stage_record(out_dir, stage="export", config={**cfg.to_dict(), "max_length": max_length},
+                              input_hash=hash_tree(model_dir), metrics=metrics, started=started,
+                              extra={"source_dir": str(model_dir)})
 
 
 def choose_writer(writer: str, model) -> str:
@@ -237,3 +178,54 @@ def check_onnx_classifier(onnx_path: Path, num_labels: int) -> tuple[str, ...]:
     if unknown:
         raise EdgepackError(f"{onnx_path}: unexpected inputs {', '.join(unknown)}; edgepack feeds {', '.join(INPUT_NAMES)}")
     return inputs
+
+
+def source_kind(model_dir: Path) -> str:
+    """``torch`` (weights to export) or ``onnx`` (an exported model.onnx to take as it is)."""
+    model_dir = Path(model_dir)
+    if any((model_dir / n).is_file() for n in ("model.safetensors", "pytorch_model.bin")):
+        return "torch"
+    if (model_dir / ONNX_NAME).is_file():
+        return "onnx"
+    raise EdgepackError(f"{model_dir}: no model.safetensors, pytorch_model.bin or model.onnx; pass a classifier directory")
+
+
+def run(cfg: ExportConfig, src: Path, out: Path, ctx) -> StageRecord:
+    """The stage: ``src`` (a classifier directory, or one holding ``model.onnx`` + ``tokenizer.json`` +
+    ``config.json``) -> ``out``, atomically. Parity against PyTorch is checked on validation rows."""
+    import shutil
+
+    from edgepack import bundle_files
+    from edgepack.records import staging_dir
+
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise EdgepackError(f"{src}: no such directory; pass a Hugging Face classifier directory")
+    info = read_model_info(src)
+    kind = source_kind(src)
+    with staging_dir(out, force=True) as tmp:
+        if kind == "torch":
+            rec = export_onnx(cfg, src, tmp, ctx.data["validation"].texts, max_length=ctx.max_length)
+            info = dataclasses.replace(info, input_names=tuple(rec["metrics"]["input_names"]))
+        else:
+            started = time.time()
+            if not (src / "tokenizer.json").is_file():
+                raise EdgepackError(f"{src}: no tokenizer.json beside model.onnx; save the fast tokenizer there")
+            inputs = check_onnx_classifier(src / ONNX_NAME, info.num_labels)
+            info = dataclasses.replace(info, input_names=inputs)
+            for name in (ONNX_NAME, "tokenizer.json", "config.json"):
+                shutil.copy2(src / name, tmp / name)
+            metrics = {"writer": "given", "input_names": list(inputs), "parity_max_abs_diff": None,
+                       "onnx_bytes": (src / ONNX_NAME).stat().st_size,
+                       "source_weight_bytes": (src / ONNX_NAME).stat().st_size, "info": info.to_dict()}
+            write_stage_record(tmp, stage="export", config={**cfg.to_dict(), "max_length": ctx.max_length},
+                               input_hash=hash_tree(src), metrics=metrics, started=started,
+                               extra={"source_dir": str(src)})
+        bundle_files.write_skeleton(tmp, model_name=ONNX_NAME, info=info, max_length=ctx.max_length,
+                                    oos_label=ctx.data.oos_label)
+        record = json.loads((tmp / "stage.json").read_text())
+        record["metrics"]["info"] = info.to_dict()
+        from edgepack.records import write_json_atomic
+
+        write_json_atomic(tmp / "stage.json", record)  # the record stays the last file written
+    return StageRecord.read(out)

@@ -9,8 +9,8 @@ accuracy raw and with the calibrated out-of-scope threshold, agreement with the 
 4. ``recover``: a short distillation from the teacher (``edgepack.training.distillation``), optionally with
    magnitude or movement sparsity (``edgepack.stages.prune.sparsity``).
 
-``prune(cfg, src, out, data, teacher_dir=None)`` reads only ``src`` (and the teacher), writes only
-``out`` (atomically, ``stage.json`` last) and returns ``out``. Every target is checked against the
+``run(cfg, src, out, ctx)`` reads only ``src`` (and the teacher, ``ctx.teacher``; ``src`` itself when
+there is none), writes only ``out`` (atomically, ``stage.json`` last) and returns its record. Every target is checked against the
 model before any slow step runs, so bad input fails in a second with nothing written.
 """
 
@@ -25,10 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from edgepack.config import DistillConfig, PruneConfig
+from edgepack.config import PruneConfig
 from edgepack.data import LabelledData
 from edgepack.errors import EdgepackError
+from edgepack.modeling import load_classifier, save_model
 from edgepack.records import hash_config, hash_tree, staging_dir, write_stage_record
+from edgepack.stages import StageRecord
 
 STAGE = "prune"
 
@@ -91,26 +93,26 @@ def _check_targets(cfg: PruneConfig, model) -> None:
     del probe
 
 
-def prune(cfg: PruneConfig, src: Path, out: Path, data: LabelledData, teacher_dir: Path | None = None, *,
-          force: bool = False, cache_dir: Path | None = None, data_config: Mapping[str, Any] | None = None,
-          log: Callable[[str], None] = print, progress: bool = False) -> Path:
-    """Prune the classifier in ``src`` into ``out``; ``teacher_dir`` (default: ``src``) guides recovery."""
+def run(cfg: PruneConfig, src: Path, out: Path, ctx, *, progress: bool = False) -> StageRecord:
+    """Prune the classifier in ``src`` into ``out``; the teacher (default: ``src``) guides recovery."""
     import torch
     from transformers import AutoTokenizer
 
-    from edgepack.stages.prune import structured as st
     from edgepack import vocab
-    from edgepack.training.distillation import check_labels, prepare, run_once
+    from edgepack.stages.prune import structured as st
     from edgepack.stages.prune.sparsity import make_callback
+    from edgepack.training.distillation import check_labels, prepare, run_once
     from edgepack.training.teacher_cache import teacher_outputs
 
     started = time.time()
     src, out = Path(src), Path(out)
-    teacher_dir = Path(teacher_dir) if teacher_dir else src
+    data, cache_dir, log, max_length = ctx.data, ctx.cache, ctx.log, ctx.max_length
+    teacher_dir = Path(ctx.teacher) if ctx.teacher else src
     if not src.is_dir():
         raise EdgepackError(f"{src}: no such directory; pass a Hugging Face classifier directory")
-    if out.exists() and not force:
-        raise EdgepackError(f"{out} exists; pass --force to replace it or choose another --out")
+    if cfg.max_positions is not None and cfg.max_positions < max_length:
+        raise EdgepackError(f"--max-positions {cfg.max_positions} is below the {max_length} tokens a query may "
+                            "have ([data] max_length / --max-length); keep at least that many")
     train = data.splits.get("train")
     if train is None or not len(train) or not any(t.strip() for t in train.texts):
         raise EdgepackError(f"{data.source}: the training corpus is empty; pruning needs training texts")
@@ -123,7 +125,7 @@ def prune(cfg: PruneConfig, src: Path, out: Path, data: LabelledData, teacher_di
                             "--sparsity or leave vocabulary trimming on")
     torch.manual_seed(cfg.seed)
     try:
-        model = st.load_classifier(src).eval()
+        model = load_classifier(src).eval()
     except (OSError, ValueError) as e:
         raise EdgepackError(f"{src}: cannot load as a sequence classifier ({str(e).splitlines()[0][:200]})") from None
     st.spec_for(model)
@@ -135,8 +137,8 @@ def prune(cfg: PruneConfig, src: Path, out: Path, data: LabelledData, teacher_di
     teacher_hash = hash_tree(teacher_dir)
     # The same texts and order as distillation's evaluation set, so both share one teacher cache entry.
     teacher_eval = teacher_outputs(teacher_dir, data["validation"].texts + data["test"].texts, cache_dir=cache_dir,
-                                   max_length=cfg.max_length, teacher_hash=teacher_hash, progress=progress)["logits"]
-    evaluate = _Evaluator(data, cfg.max_length, teacher_eval[len(data["validation"]):])
+                                   max_length=max_length, teacher_hash=teacher_hash, progress=progress)["logits"]
+    evaluate = _Evaluator(data, max_length, teacher_eval[len(data["validation"]):])
     if teacher_dir.resolve() == src.resolve():
         evaluate.cached_input = teacher_eval  # the input is the teacher: no need to run it again
     steps: list[dict[str, Any]] = []
@@ -149,7 +151,7 @@ def prune(cfg: PruneConfig, src: Path, out: Path, data: LabelledData, teacher_di
         log(_line(step))
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    with staging_dir(out, force=force) as tmp:
+    with staging_dir(out, force=True) as tmp:
         t0 = time.time()
         record("input", t0)
         if cfg.keep_layers:
@@ -175,7 +177,7 @@ def prune(cfg: PruneConfig, src: Path, out: Path, data: LabelledData, teacher_di
             idx = np.sort(rng.choice(len(train), size=min(cfg.importance_rows, len(train)), replace=False))
             rows = train.take(idx)
             fast = Tokenizer.from_file(str(tmp / "tokenizer.json"))
-            head_imp, ffn_imp = st.importance(model, fast, rows.texts, rows.labels, max_length=cfg.max_length)
+            head_imp, ffn_imp = st.importance(model, fast, rows.texts, rows.labels, max_length=max_length)
             plan = st.make_plan(model, head_imp, ffn_imp, heads=cfg.heads_per_layer, ffn_size=cfg.ffn_size,
                                 param_budget=cfg.param_budget)
             st.apply_plan(model, plan)
@@ -184,13 +186,10 @@ def prune(cfg: PruneConfig, src: Path, out: Path, data: LabelledData, teacher_di
         sparsity_report = None
         if cfg.recover:
             t0 = time.time()
-            dcfg = DistillConfig(epochs=cfg.recover_epochs, learning_rate=cfg.recover_learning_rate, alpha=cfg.alpha,
-                                 temperature=cfg.temperature, max_length=cfg.max_length, ablation=False, seed=cfg.seed,
-                                 augment=cfg.recover_augment, oos_relabel=cfg.recover_oos_relabel,
-                                 freeze_embeddings=cfg.recover_freeze_embeddings)
+            dcfg = cfg.recovery.replace(ablation=False, seed=cfg.seed)
             callback = make_callback(cfg.sparsity, cfg.sparsity_target)
             prep = prepare(dcfg, teacher_dir, data, student_model=model, student_tokenizer=tokenizer,
-                           cache_dir=cache_dir, progress=progress)
+                           cache_dir=cache_dir, max_length=max_length, progress=progress)
             model, m = run_once(prep, dcfg, model=model, callbacks=[callback] if callback else (), progress=progress)
             model.eval()
             extra: dict[str, Any] = {"distill": dcfg.to_dict(), "best_epoch": m.get("best_epoch"),
@@ -199,7 +198,7 @@ def prune(cfg: PruneConfig, src: Path, out: Path, data: LabelledData, teacher_di
                 sparsity_report = callback.report(model)
                 extra["sparsity"] = sparsity_report
             record("recover", t0, extra)
-        st.save_model(model, tmp)
+        save_model(model, tmp)
         weights = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
         first, last = steps[0], steps[-1]
         metrics = {
@@ -212,13 +211,13 @@ def prune(cfg: PruneConfig, src: Path, out: Path, data: LabelledData, teacher_di
             "weights_bytes": weights,
             **({"sparsity": sparsity_report} if sparsity_report else {}),
         }
-        config = {"prune": cfg.to_dict(), **({"data": dict(data_config)} if data_config else {})}
+        config = {"prune": cfg.to_dict(), "data": ctx.data_config.to_dict()}
         write_stage_record(tmp, stage=STAGE, config=config, input_hash=_input_hash(input_hash, teacher_hash, data),
                            metrics=metrics, started=started,
                            extra={"source": str(src), "teacher": str(teacher_dir), "config_key": hash_config(config)})
     log(f"[prune] wrote {out} ({weights / 1e6:.1f} MB of weights, {last['parameters']:,} parameters, "
         f"{time.time() - started:.0f} s)")
-    return out
+    return StageRecord.read(out)
 
 
 def _input_hash(model_hash: str, teacher_hash: str, data: LabelledData) -> str:

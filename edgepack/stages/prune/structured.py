@@ -20,38 +20,14 @@ stays a plain ``BertForSequenceClassification``.
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from transformers import BertForSequenceClassification
 
 from edgepack.errors import EdgepackError
-
-REMOTE_CODE_FILE = "modeling_edgepack_bert.py"
-
-
-class PrunedBertForSequenceClassification(BertForSequenceClassification):
-    """A BERT classifier whose layers keep ``config.edgepack_heads[i]`` attention heads each."""
-
-    def __init__(self, config):
-        super().__init__(config)
-        heads = getattr(config, "edgepack_heads", None) or []
-        size = config.hidden_size // config.num_attention_heads
-        for layer, n in zip(self.bert.encoder.layer, heads, strict=False):
-            if n == config.num_attention_heads:
-                continue
-            att, width = layer.attention, n * size
-            for name in ("query", "key", "value"):
-                setattr(att.self, name, nn.Linear(config.hidden_size, width))
-            att.self.num_attention_heads = n
-            att.self.all_head_size = width
-            att.output.dense = nn.Linear(width, config.hidden_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,37 +291,3 @@ def _sync_heads(model) -> None:
             del cfg.edgepack_heads
         return
     cfg.edgepack_heads = heads
-
-
-# ------------------------------------------------------------------------------------------ save/load
-
-
-def save_model(model, out: Path) -> None:
-    """``save_pretrained`` plus, when heads were pruned, the remote code that rebuilds the shapes."""
-    out = Path(out)
-    cfg = model.config
-    if getattr(cfg, "edgepack_heads", None):
-        cfg.architectures = ["PrunedBertForSequenceClassification"]
-        cfg.auto_map = {"AutoModelForSequenceClassification":
-                        f"{REMOTE_CODE_FILE[:-3]}.PrunedBertForSequenceClassification"}
-    model.save_pretrained(out)
-    if getattr(cfg, "edgepack_heads", None):
-        src = inspect.getsource(PrunedBertForSequenceClassification)
-        (out / REMOTE_CODE_FILE).write_text(
-            '"""Written by edgepack: BERT with fewer attention heads per layer (config.edgepack_heads)."""\n\n'
-            "from torch import nn\nfrom transformers import BertForSequenceClassification\n\n\n" + src)
-
-
-def load_classifier(path: Path, **kwargs):
-    """Load a classifier saved by any edgepack stage, pruned heads or not, without remote code.
-    ``kwargs`` go to ``from_pretrained`` (e.g. ``attn_implementation="eager"`` for export)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # a bar per load of a small model is noise around one-line errors
-    path = Path(path)
-    cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-    if cfg.get("edgepack_heads"):
-        config = AutoConfig.from_pretrained(path)
-        return PrunedBertForSequenceClassification.from_pretrained(path, config=config, **kwargs)
-    return AutoModelForSequenceClassification.from_pretrained(path, **kwargs)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import shutil
 import tempfile
-import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from edgepack.config import QuantizeConfig
+import numpy as np
+
+from edgepack.config import QuantSettings
 from edgepack.errors import EdgepackError
-from edgepack.stages.export import ModelInfo
-from edgepack.records import hash_tree, write_stage_record
+from edgepack.modeling import ModelInfo
+
+Feed = Mapping[str, np.ndarray]
 
 QUANT_NAME = "model.quant.onnx"
 
@@ -109,7 +112,7 @@ def quantize_embedding_4bit(src: Path, out: Path, block_size: int) -> Path:
     return Path(out)
 
 
-def quantize_model(cfg: QuantizeConfig, src: Path, out: Path, *, info: ModelInfo) -> Path:
+def quantize_model(cfg: QuantSettings, src: Path, out: Path, *, info: ModelInfo) -> Path:
     """Write the quantized model to ``out`` (never over ``src``). Static QDQ and 4-bit MatMulNBits
     are built by ``edgepack.stages.quantize.variants``, which measures them against the dynamic formats."""
     import onnx
@@ -119,9 +122,7 @@ def quantize_model(cfg: QuantizeConfig, src: Path, out: Path, *, info: ModelInfo
     if src.resolve() == out.resolve():
         raise ValueError("quantize_model writes a new file; out must differ from src")
     if cfg.format != "dynamic":
-        from edgepack.stages.quantize import variants  # optional formats live with their measurements
-
-        return variants.quantize_other(cfg, src, out, info=info)
+        return quantize_other(cfg, src, out, info=info)
     with tempfile.TemporaryDirectory(prefix="edgepack-quant-") as tmp:
         model_in = fuse(src, Path(tmp) / "fused.onnx", info) if cfg.fuse and not written_fused(src) else src
         op_types = list(cfg.op_types)
@@ -154,20 +155,95 @@ def count_ops(path: Path) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def quantize(cfg: QuantizeConfig, src: Path, out: Path, *, info: ModelInfo) -> dict:
-    """The stage: ``src/model.onnx`` (+ tokenizer, config) -> ``out/model.quant.onnx`` + stage.json."""
-    started = time.time()
-    src, out = Path(src), Path(out)
-    onnx_in = src / "model.onnx" if src.is_dir() else src
-    if not onnx_in.is_file():
-        raise EdgepackError(f"{src}: no model.onnx; run the export stage first (edgepack pack does both)")
-    out.mkdir(parents=True, exist_ok=True)
-    quant = quantize_model(cfg, onnx_in, out / QUANT_NAME, info=info)
-    if src.is_dir():
-        for name in ("tokenizer.json", "config.json"):
-            if (src / name).is_file():
-                shutil.copy2(src / name, out / name)
-    metrics = {"fp32_bytes": onnx_in.stat().st_size, "quant_bytes": quant.stat().st_size,
-               "size_ratio": round(quant.stat().st_size / onnx_in.stat().st_size, 4), "ops": count_ops(quant)}
-    return write_stage_record(out, stage="quantize", config=cfg.to_dict(), input_hash=hash_tree(onnx_in),
-                              metrics=metrics, started=started)
+def quantize_other(cfg: QuantSettings, src: Path, out: Path, *, info: ModelInfo,
+                   calibration: Iterable[Feed] | None = None) -> Path:
+    """Build a ``static-qdq`` or ``matmul-nbits`` model from the fp32 ``src`` into ``out``.
+
+    ``calibration``: model feeds (``{"input_ids": [[...]], ...}``) of real training rows; static
+    QDQ needs them (its activation scales are fixed at build time), 4-bit ignores them.
+    """
+    src, out = Path(src).resolve(), Path(out).resolve()
+    if cfg.format not in ("static-qdq", "matmul-nbits"):
+        raise ValueError(f"format={cfg.format!r} is built by edgepack.stages.quantize.formats.quantize_model")
+    if cfg.format == "static-qdq" and calibration is None:
+        raise EdgepackError("static-qdq needs calibration rows; use `edgepack pack --variants`, which "
+                            "calibrates on training rows, or pick a dynamic target")
+    # ORT's symbolic shape inference and the external-data writer drop scratch files
+    # (sym_shape_infer_temp.onnx, <uuid>.data) into the working directory: give them their own.
+    with tempfile.TemporaryDirectory(prefix="edgepack-quant-scratch-") as scratch, contextlib.chdir(scratch):
+        if cfg.embedding_bits == 4:  # the same 4-bit word table as the dynamic formats, so sizes compare
+
+            src = quantize_embedding_4bit(src, Path(scratch) / "embedding4.onnx", cfg.embedding_block_size)
+        if cfg.format == "static-qdq":
+            return _static_qdq(cfg, src, out, info, calibration)
+        return _matmul_nbits(cfg, src, out)
+
+
+def _static_qdq(cfg: QuantSettings, src: Path, out: Path, info: ModelInfo, calibration: Iterable[Feed]) -> Path:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
+
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, feeds: Iterable[Feed]):
+            self._it = iter(feeds)
+
+        def get_next(self):
+            return next(self._it, None)
+
+    with tempfile.TemporaryDirectory(prefix="edgepack-qdq-") as tmp:
+        model_in = fuse(src, Path(tmp) / "fused.onnx", info) if cfg.fuse else src
+        pre = Path(tmp) / "pre.onnx"
+        logging.getLogger().setLevel(logging.ERROR)
+        try:
+            # Shape inference lets the quantizer see every MatMul's operand shapes.
+            quant_pre_process(str(model_in), str(pre), skip_symbolic_shape=False)
+        except Exception:  # symbolic inference fails on some exports; plain ONNX inference still works
+            pre = model_in
+        quantize_static(
+            str(pre), str(out), Reader(calibration),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(cfg.op_types),
+            per_channel=cfg.per_channel,
+            reduce_range=cfg.reduce_range,
+            activation_type=QuantType.QUInt8 if cfg.activation_type == "quint8" else QuantType.QInt8,
+            weight_type=QuantType.QInt8 if cfg.weight_type == "qint8" else QuantType.QUInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            # Weight MatMuls only: Q.K^T and attention.V multiply two activations, whose int8 rounding
+            # costs accuracy for little time at short sequence lengths.
+            extra_options={"MatMulConstBOnly": True, "WeightSymmetric": True, "ActivationSymmetric": False},
+        )
+    return out
+
+
+def _matmul_nbits(cfg: QuantSettings, src: Path, out: Path) -> Path:
+    import onnx
+
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    except ModuleNotFoundError as e:
+        # onnxruntime >= 1.32 imports onnx_ir here without declaring it; edgepack declares onnx-ir.
+        raise EdgepackError(f"4-bit MatMulNBits needs the {e.name!r} package, which onnxruntime "
+                            f"{_ort_version()} imports but does not install; pip install onnx-ir") from None
+
+    logging.getLogger().setLevel(logging.ERROR)
+    model = onnx.load(str(src))
+    # accuracy_level=4: activations are quantized to int8 per block and the dot products run on the
+    # int8 kernels (VNNI / dot-product); level 0/1 would dequantize the weights to fp32 first.
+    quant = MatMulNBitsQuantizer(model, bits=4, block_size=cfg.nbits_block_size, is_symmetric=True,
+                                 accuracy_level=4, op_types_to_quantize=("MatMul",))
+    quant.process()
+    quant.model.save_model_to_file(str(out), use_external_data_format=False)
+    return out
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__

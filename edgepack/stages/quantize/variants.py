@@ -8,16 +8,14 @@ Each is measured on the validation split (accuracy, agreement with fp32) and for
 latency, all candidates interleaved in rounds so a noisy machine slows them alike. The table goes
 into the pack record and the report; ``search`` returns it with the chosen row marked.
 
-Also here: ``quantize_other`` builds the two non-dynamic formats for ``edgepack.stages.quantize.formats``.
+The formats themselves are built by ``edgepack.stages.quantize.formats``; this module only lists,
+builds through it and measures the candidates.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -25,14 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from edgepack.config import QuantizeConfig
-from edgepack.errors import BudgetError, EdgepackError
-from edgepack.stages.export import ModelInfo
+from edgepack.config import QuantSettings
+from edgepack.errors import BudgetError
+from edgepack.modeling import ModelInfo
 from edgepack.records import write_json_atomic
+from edgepack.stages.quantize.formats import Feed, quantize_model, quantize_other, written_fused
 from edgepack.targets import Target
 
 VARIANTS_JSON = "variants.json"
-Feed = Mapping[str, np.ndarray]
 
 
 # --------------------------------------------------------------------------------------- candidates
@@ -41,11 +39,11 @@ Feed = Mapping[str, np.ndarray]
 @dataclasses.dataclass(frozen=True)
 class Variant:
     name: str
-    quantize: QuantizeConfig
+    quantize: QuantSettings
     why: str  # what the candidate tests, for the table
 
 
-def variant_name(q: QuantizeConfig) -> str:
+def variant_name(q: QuantSettings) -> str:
     """A short, stable label: ``dyn-u8s8-pc``, ``dyn-u8s8-pt-rr-fused``, ``qdq-u8s8-pc``, ``nbits4-b32``."""
     if q.format == "matmul-nbits":
         return f"nbits4-b{q.nbits_block_size}"
@@ -63,7 +61,7 @@ def variant_name(q: QuantizeConfig) -> str:
 def candidates(target: Target, *, formats: Sequence[str] = ("dynamic", "static-qdq", "matmul-nbits")) -> list[Variant]:
     """The target's own settings first, then one change at a time (deduplicated)."""
     base = target.quantize.replace(format="dynamic", activation_type="quint8")
-    flips: list[tuple[QuantizeConfig, str]] = [(base, f"{target.name}'s settings")]
+    flips: list[tuple[QuantSettings, str]] = [(base, f"{target.name}'s settings")]
     flips.append((base.replace(weight_type="quint8" if base.weight_type == "qint8" else "qint8"),
                   "U8U8 vs U8S8: exact everywhere (16-bit widening), slower where U8S8 has a fast path"))
     flips.append((base.replace(reduce_range=not base.reduce_range),
@@ -91,106 +89,9 @@ def candidates(target: Target, *, formats: Sequence[str] = ("dynamic", "static-q
 # -------------------------------------------------------------------------------- the other formats
 
 
-def quantize_other(cfg: QuantizeConfig, src: Path, out: Path, *, info: ModelInfo,
-                   calibration: Iterable[Feed] | None = None) -> Path:
-    """Build a ``static-qdq`` or ``matmul-nbits`` model from the fp32 ``src`` into ``out``.
-
-    ``calibration``: model feeds (``{"input_ids": [[...]], ...}``) of real training rows; static
-    QDQ needs them (its activation scales are fixed at build time), 4-bit ignores them.
-    """
-    src, out = Path(src).resolve(), Path(out).resolve()
-    if cfg.format not in ("static-qdq", "matmul-nbits"):
-        raise ValueError(f"format={cfg.format!r} is built by edgepack.stages.quantize.formats.quantize_model")
-    if cfg.format == "static-qdq" and calibration is None:
-        raise EdgepackError("static-qdq needs calibration rows; use `edgepack pack --variants`, which "
-                            "calibrates on training rows, or pick a dynamic target")
-    # ORT's symbolic shape inference and the external-data writer drop scratch files
-    # (sym_shape_infer_temp.onnx, <uuid>.data) into the working directory: give them their own.
-    with tempfile.TemporaryDirectory(prefix="edgepack-quant-scratch-") as scratch, contextlib.chdir(scratch):
-        if cfg.embedding_bits == 4:  # the same 4-bit word table as the dynamic formats, so sizes compare
-            from edgepack.stages.quantize.formats import quantize_embedding_4bit
-
-            src = quantize_embedding_4bit(src, Path(scratch) / "embedding4.onnx", cfg.embedding_block_size)
-        if cfg.format == "static-qdq":
-            return _static_qdq(cfg, src, out, info, calibration)
-        return _matmul_nbits(cfg, src, out)
-
-
-def _static_qdq(cfg: QuantizeConfig, src: Path, out: Path, info: ModelInfo, calibration: Iterable[Feed]) -> Path:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quant_pre_process,
-        quantize_static,
-    )
-
-    from edgepack.stages.quantize.formats import fuse
-
-    class Reader(CalibrationDataReader):
-        def __init__(self, feeds: Iterable[Feed]):
-            self._it = iter(feeds)
-
-        def get_next(self):
-            return next(self._it, None)
-
-    with tempfile.TemporaryDirectory(prefix="edgepack-qdq-") as tmp:
-        model_in = fuse(src, Path(tmp) / "fused.onnx", info) if cfg.fuse else src
-        pre = Path(tmp) / "pre.onnx"
-        logging.getLogger().setLevel(logging.ERROR)
-        try:
-            # Shape inference lets the quantizer see every MatMul's operand shapes.
-            quant_pre_process(str(model_in), str(pre), skip_symbolic_shape=False)
-        except Exception:  # symbolic inference fails on some exports; plain ONNX inference still works
-            pre = model_in
-        quantize_static(
-            str(pre), str(out), Reader(calibration),
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(cfg.op_types),
-            per_channel=cfg.per_channel,
-            reduce_range=cfg.reduce_range,
-            activation_type=QuantType.QUInt8 if cfg.activation_type == "quint8" else QuantType.QInt8,
-            weight_type=QuantType.QInt8 if cfg.weight_type == "qint8" else QuantType.QUInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-            # Weight MatMuls only: Q.K^T and attention.V multiply two activations, whose int8 rounding
-            # costs accuracy for little time at short sequence lengths.
-            extra_options={"MatMulConstBOnly": True, "WeightSymmetric": True, "ActivationSymmetric": False},
-        )
-    return out
-
-
-def _matmul_nbits(cfg: QuantizeConfig, src: Path, out: Path) -> Path:
-    import onnx
-
-    try:
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-    except ModuleNotFoundError as e:
-        # onnxruntime >= 1.32 imports onnx_ir here without declaring it; edgepack declares onnx-ir.
-        raise EdgepackError(f"4-bit MatMulNBits needs the {e.name!r} package, which onnxruntime "
-                            f"{_ort_version()} imports but does not install; pip install onnx-ir") from None
-
-    logging.getLogger().setLevel(logging.ERROR)
-    model = onnx.load(str(src))
-    # accuracy_level=4: activations are quantized to int8 per block and the dot products run on the
-    # int8 kernels (VNNI / dot-product); level 0/1 would dequantize the weights to fp32 first.
-    quant = MatMulNBitsQuantizer(model, bits=4, block_size=cfg.nbits_block_size, is_symmetric=True,
-                                 accuracy_level=4, op_types_to_quantize=("MatMul",))
-    quant.process()
-    quant.model.save_model_to_file(str(out), use_external_data_format=False)
-    return out
-
-
-def _ort_version() -> str:
-    import onnxruntime
-
-    return onnxruntime.__version__
-
-
 def build(variant: Variant, src: Path, out: Path, *, info: ModelInfo,
           calibration: Callable[[], Iterable[Feed]] | None = None) -> Path:
     """One candidate model at ``out`` (dynamic through ``edgepack.stages.quantize.formats``)."""
-    from edgepack.stages.quantize.formats import quantize_model
 
     q = variant.quantize
     if q.format == "dynamic":  # fused or not: quantize_model fuses first when asked
@@ -330,7 +231,6 @@ def search(
             yield ref_pipe.encode([text])
 
     variants = candidates(target, formats=formats)
-    from edgepack.stages.quantize.formats import written_fused
 
     if written_fused(Path(fp32_onnx)):  # already fused: the "fuse" flip would build the same model twice
         variants = [v for v in variants if v.quantize.fuse == target.quantize.fuse or v.quantize.format != "dynamic"]

@@ -84,3 +84,26 @@ def archive(bundle: Path) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+def pad_id(tokenizer_json: Path) -> int:
+    """The padding token's id in a ``tokenizers`` file (0 when it names none)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    for name in ("[PAD]", "<pad>"):
+        tid = tok.token_to_id(name)
+        if tid is not None:
+            return tid
+    return 0
+
+
+def write_skeleton(dest: Path, *, model_name: str, info: Any, max_length: int, oos_label: str | None,
+                   session_config: Mapping[str, str] | None = None) -> None:
+    """``labels.json`` and ``runtime.json`` beside ``dest/tokenizer.json``: enough for
+    ``runtime_shim.OnnxPipeline(dest, verify=False)`` to run ``dest/model_name`` (how the export and
+    quantize stages measure their models before there is a bundle)."""
+    write_labels(dest, list(info.label_names), oos_label, None)
+    write_json_atomic(dest / "runtime.json", default_runtime(
+        model_name, max_length=max_length, inputs=tuple(info.input_names), pad_id=pad_id(dest / "tokenizer.json"),
+        session_config=session_config))

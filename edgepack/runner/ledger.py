@@ -1,0 +1,74 @@
+"""The ledger of a build directory: which stages finished, with which config and input.
+
+``BUILD/ledger/<stage>.json`` holds the config hash and the input hash a finished stage ran with; a
+rerun skips a stage only when both match and its directory is there, so editing one stage's config
+redoes that stage and those after it, and killing the build at any moment loses no finished stage.
+It is the one way edgepack decides a stage is fresh (the build and the demo's teacher alike).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from edgepack.records import hash_config, hash_tree, write_json_atomic
+
+Log = Callable[[str], None]
+
+
+def output_hash(stage_dir: Path) -> str:
+    """A stage's output identity: the hash of its record (``stage.json``, or a bundle's
+    ``manifest.json``), which names its config, input and metrics; the whole tree if it has neither."""
+    for name in ("stage.json", "manifest.json"):
+        p = Path(stage_dir) / name
+        if p.is_file():
+            return hashlib.sha256(p.read_bytes()).hexdigest()
+    return hash_tree(stage_dir)
+
+
+class Ledger:
+    """Runs stages into ``root/<name>`` unless the ledger vouches for them."""
+
+    def __init__(self, root: Path, log: Log = print, *, total: int | None = None, prefix: str = "build"):
+        self.root, self.log = Path(root), log
+        self.dir = self.root / "ledger"
+        self.total, self.prefix, self.index = total, prefix, 0
+        self.ran: list[str] = []
+        self.skipped: list[str] = []
+
+    def fresh(self, name: str, config: Mapping[str, Any], input_hash: str) -> bool:
+        entry = self.dir / f"{name}.json"
+        if not ((self.root / name).is_dir() and entry.is_file()):
+            return False
+        key = _key(name, config, input_hash)
+        recorded = json.loads(entry.read_text())
+        return all(recorded.get(k) == v for k, v in key.items())
+
+    def stage(self, name: str, config: Mapping[str, Any], input_hash: str, run: Callable[[Path], Any]) -> Path:
+        """``root/<name>``: skipped when fresh, else ``run(out)`` and a new ledger entry."""
+        self.index += 1
+        out = self.root / name
+        label = f"[{self.prefix} {self.index}/{self.total}] {name}" if self.total else f"[{self.prefix}] {name}"
+        if self.fresh(name, config, input_hash):
+            self.log(f"{label}: up to date (config and input unchanged), skipped")
+            self.skipped.append(name)
+            return out
+        entry = self.dir / f"{name}.json"
+        entry.unlink(missing_ok=True)  # the ledger never vouches for a stage that is being redone
+        self.log(f"{label}: running")
+        t0 = time.time()
+        run(out)
+        write_json_atomic(entry, {**_key(name, config, input_hash), "config": dict(config),
+                                  "seconds": round(time.time() - t0, 1),
+                                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        self.log(f"{label}: done in {time.time() - t0:.0f} s")
+        self.ran.append(name)
+        return out
+
+
+def _key(name: str, config: Mapping[str, Any], input_hash: str) -> dict[str, str]:
+    return {"stage": name, "config_hash": hash_config(config), "input_hash": input_hash}

@@ -1,0 +1,85 @@
+"""The pipeline's stages, one module (or package) each, every one with the same entry point::
+
+    run(cfg, src: Path, out: Path, ctx: Context) -> StageRecord
+
+``cfg`` is the stage's own frozen config (``edgepack.config``), ``src`` the directory it reads (the
+previous stage's output, or the user's model), ``out`` the directory it writes, atomically, with its
+``stage.json`` last; ``ctx`` is what the whole build shares (the data, the teacher, the profile).
+
+    finetune  a classifier head on a pretrained encoder           stages/finetune.py
+    distill   a smaller student from the teacher                  stages/distill.py
+    prune     vocabulary, heads, FFN, sparsity, then recovery     stages/prune/
+    export    fp32 ONNX, parity-checked against PyTorch           stages/export/
+    quantize  int8 for the target (variants, accuracy gate)       stages/quantize/
+    bundle    threshold, eval slice, shim, manifest               stages/bundle/
+    tune      thread settings measured on this CPU                stages/tune.py
+    verify    benchmark beside the teacher, budgets, report       stages/verify.py
+
+Stages do not import each other (a test holds the rule); what two stages share sits below them
+(``edgepack.training``, ``edgepack.metrics``, ``edgepack.records``...). This module imports none of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from edgepack.config import DataConfig
+from edgepack.records import STAGE_RECORD
+
+STAGES = ("finetune", "distill", "prune", "export", "quantize", "bundle", "tune", "verify")
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What every stage of one build may read besides its ``src``."""
+
+    data: Any = None  # edgepack.data.LabelledData: the splits, bound to the teacher's labels
+    data_config: DataConfig = dataclasses.field(default_factory=DataConfig)
+    teacher: Path | None = None  # the fine-tuned teacher (distillation targets, recovery)
+    profile: Any = None  # edgepack.profiles.Profile of the device the bundle is for
+    cache: Path | None = None  # the teacher-output cache shared by distill and prune
+    log: Callable[[str], None] = print
+    # verify: earlier models to measure beside the bundle, as (name, directory)
+    compare: tuple[tuple[str, Path], ...] = ()
+
+    @property
+    def max_length(self) -> int:
+        return self.data_config.max_length
+
+
+@dataclasses.dataclass(frozen=True)
+class StageRecord:
+    """A finished stage: its output directory and the ``stage.json`` it wrote there."""
+
+    out: Path
+    record: Mapping[str, Any]
+
+    @property
+    def stage(self) -> str:
+        return str(self.record.get("stage", ""))
+
+    @property
+    def metrics(self) -> Mapping[str, Any]:
+        return self.record.get("metrics", {})
+
+    def __getitem__(self, key: str) -> Any:
+        return self.record[key]
+
+    def keys(self):
+        return self.record.keys()
+
+    def __iter__(self):
+        return iter(self.record)
+
+    @classmethod
+    def read(cls, out: Path) -> StageRecord:
+        """The record a stage left in ``out`` (a bundle's record is its ``manifest.json``)."""
+        path = Path(out) / STAGE_RECORD
+        if not path.is_file() and (Path(out) / "manifest.json").is_file():
+            manifest = json.loads((Path(out) / "manifest.json").read_text())
+            return cls(Path(out), {"stage": "bundle", "metrics": manifest.get("metrics", {}), "manifest": manifest})
+        return cls(Path(out), json.loads(path.read_text()))

@@ -1,0 +1,96 @@
+"""The distill stage: a smaller student from the teacher, trained on its soft targets.
+
+``run(cfg, src, out, ctx)``: ``src`` is the teacher; the student is built from its layers (or from
+``cfg.student``), trained with ``alpha * CE + (1 - alpha) * T^2 * KL`` against the teacher's cached
+logits (``edgepack.training``: the trainer, the teacher cache, the student builder, the Optuna search),
+and written to ``out`` with its ``stage.json``; with ``cfg.ablation`` the same student is also
+trained on labels only and recorded beside it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import shutil
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from edgepack.config import DistillConfig
+from edgepack.records import hash_tree, staging_dir, write_stage_record
+from edgepack.stages import StageRecord
+from edgepack.training.distillation import prepare, run_once, score
+from edgepack.training.search import run_search
+
+
+def run(cfg: DistillConfig, src: Path, out: Path, ctx, *, student_model=None, student_tokenizer=None,
+        callbacks: Iterable[Any] = (), progress: bool = True) -> StageRecord:
+    """The stage: train a student of the teacher ``src`` on ``ctx.data`` and write it to ``out``
+    (a Hugging Face classifier directory with the teacher's ``id2label``, its tokenizer and
+    ``stage.json``), replacing ``out`` atomically.
+
+    ``student_model`` (with ``student_tokenizer``; the teacher's tokenizer by default) distils into an
+    already-built model; ``callbacks`` are passed to the Trainer of the final run. With
+    ``cfg.search_trials`` an Optuna study picks alpha, T, epochs and lr first
+    (``edgepack.training.search``); with ``cfg.ablation`` the same student is also trained on labels only.
+    """
+    started = time.time()
+    teacher_dir, out, data, cache_dir = Path(src), Path(out), ctx.data, ctx.cache
+    max_length = ctx.max_length
+    prep = prepare(cfg, teacher_dir, data, student_model=student_model, student_tokenizer=student_tokenizer,
+                   cache_dir=cache_dir, max_length=max_length, progress=progress)
+    teacher_metrics = score(prep.teacher_val, data["validation"].labels, prep.teacher_test, data["test"].labels,
+                            data.oos_id)
+    extra: dict[str, Any] = {"teacher": {"dir": str(teacher_dir), "hash": prep.teacher_hash, **teacher_metrics}}
+    search_db = None
+    final_cfg = cfg
+    if cfg.search_trials:
+        result = run_search(prep, out=out, progress=progress)
+        final_cfg = result.best_config
+        search_db = result.db_path
+        extra["search"] = result.record()
+        if student_model is None and not cfg.student and (final_cfg.num_layers, final_cfg.layers) != (cfg.num_layers, cfg.layers):
+            prep = prepare(final_cfg, teacher_dir, data, cache_dir=cache_dir, max_length=max_length, progress=progress)
+    ablation_init = copy.deepcopy(student_model) if (cfg.ablation and student_model is not None) else None
+    model, metrics = run_once(prep, final_cfg, model=student_model, callbacks=callbacks, progress=progress)
+    metrics["train_wall_time_s"] = metrics.pop("wall_time_s")
+    if cfg.ablation:
+        _, abl = run_once(prep, final_cfg.replace(alpha=1.0, augment=0, hidden_weight=0.0), model=ablation_init,
+                          progress=progress)
+        extra["ablation"] = {"alpha": 1.0, **abl}
+        if "test_accuracy_calibrated" in metrics:
+            metrics["gain_over_ablation_calibrated"] = round(
+                metrics["test_accuracy_calibrated"] - abl["test_accuracy_calibrated"], 6)
+        metrics["gain_over_ablation"] = round(metrics["test_accuracy"] - abl["test_accuracy"], 6)
+    layers = getattr(model.config, "edgepack_teacher_layers", None)
+    extra["student"] = {
+        "source": "model" if student_model is not None else (cfg.student or "teacher layers"),
+        "teacher_layers": layers,
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "final_config": final_cfg.to_dict(),
+    }
+    input_hash = _input_hash(prep.teacher_hash, data.fingerprint(), cfg.student)
+    config = {"distill": cfg.to_dict(), "data": ctx.data_config.to_dict()}
+    with staging_dir(out, force=True) as tmp:
+        model.save_pretrained(tmp)
+        prep.tokenizer.save_pretrained(tmp)
+        # Keep the source's tokenizer.json as it is: re-serialising drops tokens that share an id
+        # (a vocabulary folded by prune --cluster-rest).
+        src_tok = Path(str(getattr(prep.tokenizer, "name_or_path", "") or "")) / "tokenizer.json"
+        if src_tok.is_file():
+            shutil.copy2(src_tok, tmp / "tokenizer.json")
+        if search_db is not None and Path(search_db).is_file():
+            shutil.copy2(search_db, tmp / "search.db")
+        write_stage_record(tmp, stage="distill", config=config, input_hash=input_hash, metrics=metrics,
+                           started=started, extra=extra)
+    if search_db is not None and Path(search_db).is_file() and Path(search_db).parent == out.parent:
+        Path(search_db).unlink(missing_ok=True)  # the study now lives in OUT/search.db
+    return StageRecord.read(out)
+
+
+def _input_hash(teacher_hash: str, data_fp: str, student_dir: str | None) -> str:
+    h = hashlib.sha256(f"{teacher_hash}\0{data_fp}".encode())
+    if student_dir:
+        h.update(hash_tree(Path(student_dir)).encode())
+    return h.hexdigest()

@@ -1,0 +1,84 @@
+"""The verify stage: a bundle -> its measurements, its budgets and its report.
+
+Benchmarks the bundle on the held-out split beside the teacher and the build's earlier models
+(``ctx.compare``, in PyTorch), checks the profile's budgets and writes the report into a copy of the
+bundle (``out/bundle``), with ``results.json`` and ``summary.json`` (the budget failures) beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from edgepack.config import VerifyConfig
+from edgepack.records import staging_dir, write_json_atomic, write_stage_record
+from edgepack.stages import StageRecord
+
+
+def run(cfg: VerifyConfig, src: Path, out: Path, ctx, *, domains: dict | None = None, title: str = "") -> StageRecord:
+    """The stage: ``src`` (a tuned bundle) -> ``out`` (``bundle/`` with its report, the results)."""
+    import time
+
+    from edgepack import profiles
+    from edgepack.data import stratified_slice
+    from edgepack.records import hash_tree
+    from edgepack.report import attach_eval_data, host_notes, write_report
+    from edgepack.torch_backend import TorchBackend
+    from runtime_shim import OnnxPipeline
+    from runtime_shim.bench import format_table, run_benchmark
+    from runtime_shim.manifest import update_manifest
+
+    started = time.time()
+    data, profile, log = ctx.data, ctx.profile, ctx.log
+    split = data[cfg.split]
+    if cfg.limit:
+        split = stratified_slice(split, cfg.limit, seed=ctx.data_config.seed)
+    texts, gold = split.texts, [data.label_names[i] for i in split.labels]
+    val = data["validation"]
+    rows: list[dict[str, Any]] = []
+    reference = None
+    candidates: list[tuple[str, Any]] = []
+    if cfg.compare:
+        for name, path in ctx.compare:
+            if path.is_dir() and (path / "config.json").is_file():
+                tb = TorchBackend(path, threads=1, oos_label=data.oos_label, name=name, max_length=ctx.max_length)
+                tb.calibrate(val.texts, val.labels)
+                candidates.append((name, tb))
+    with staging_dir(out, force=True) as tmp:
+        shutil.copytree(src, tmp / "bundle", ignore=shutil.ignore_patterns("__pycache__"))
+        pipe = OnnxPipeline(tmp / "bundle")
+        pipe.name = "bundle (ORT int8)"
+        candidates.append((pipe.name, pipe))
+        for i, (name, backend) in enumerate(candidates):
+            log(f"[verify] {name}: {len(texts)} rows, {cfg.warmup} warm-up + {cfg.runs} timed queries")
+            res = run_benchmark(backend, texts, gold, reference=reference, warmup=cfg.warmup, runs=cfg.runs,
+                                rss_argv=getattr(backend, "rss_argv", None))
+            res["name"] = name
+            if i == 0 and cfg.compare:
+                reference = res.get("predictions")
+                res["baseline"] = True
+            rows.append(res)
+        rows[-1]["final"] = True
+        rows[-1]["path"] = str(src)
+        rows[-1]["build_metrics"] = json.loads((src / "manifest.json").read_text()).get("metrics")
+        log("\n" + format_table(rows))
+        checks = profiles.budget_report(profile, rows[-1])
+        failures = [c.line() for c in checks if not c.ok]
+        for c in checks:
+            log(f"[verify] budget {c.line()}: {'pass' if c.ok else 'FAIL'}")
+        attach_eval_data(rows, texts, gold)
+        write_report(tmp / "bundle", rows, title=title or f"edgepack build for {profile.name}",
+                     budgets=checks, domains=domains, notes=host_notes(rows))
+        update_manifest(tmp / "bundle", verified={
+            "split": cfg.split, "rows": len(texts), "profile": profile.name,
+            "budgets": [{"budget": c.budget, "limit": c.limit, "value": c.value, "ok": c.ok} for c in checks],
+            "accuracy": rows[-1].get("accuracy"), "accuracy_raw": rows[-1].get("accuracy_raw"),
+            "latency_ms": rows[-1].get("latency_ms")})
+        slim = [{k: v for k, v in r.items() if k not in ("predictions", "gold", "texts")} for r in rows]
+        write_json_atomic(tmp / "results.json", slim)
+        write_json_atomic(tmp / "summary.json", {"profile": profile.name, "rows": slim, "budget_failures": failures})
+        write_stage_record(tmp, stage="verify", config=cfg.to_dict(), input_hash=hash_tree(src),
+                           metrics={"budget_failures": failures, "rows": len(texts)}, started=started)
+    return StageRecord.read(out)
