@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from edgepack.cli import main
 from edgepack.errors import EdgepackError, ExitCode
 from edgepack.report import (
     DASH,
@@ -20,7 +21,6 @@ from edgepack.report import (
     domain_accuracy,
     host_notes,
     load_rows,
-    main,
     write_report,
 )
 
@@ -226,13 +226,13 @@ def test_cli_writes_the_report(tmp_path, rows, capsys):
         paths.append(str(p))
     (tmp_path / "domains.json").write_text(json.dumps(DOMAINS))
     out = tmp_path / "out"
-    code = main([str(out), *paths, "--domains", str(tmp_path / "domains.json"), "--title", "CLI report",
-                 "--baseline", "teacher", "--note", "machine: test"])
+    code = main(["report", str(out), *paths, "--domains", str(tmp_path / "domains.json"),
+                 "--title", "CLI report", "--baseline", "teacher", "--note", "machine: test"])
     assert code == ExitCode.OK
     assert capsys.readouterr().out.split() == [str(out / "report.html"), str(out / "report.md")]
     md = (out / "report.md").read_text()
     assert md.startswith("# CLI report") and "teacher (baseline)" in md and "machine: test" in md
-    assert main([str(out), *paths, "--baseline", "nope"]) == ExitCode.USAGE
+    assert main(["report", str(out), *paths, "--baseline", "nope"]) == ExitCode.USAGE
     assert "--baseline nope: no such row" in capsys.readouterr().err
 
 
@@ -244,8 +244,8 @@ def test_cli_data_gives_gold_for_domains_and_changed_queries(tmp_path, capsys):
                {"name": "bundle", "accuracy": 39 / 40, "predictions": wrong}]
     (tmp_path / "results.json").write_text(json.dumps(results))
     (tmp_path / "domains.json").write_text(json.dumps(DOMAINS))
-    code = main([str(tmp_path / "out"), str(tmp_path / "results.json"), "--data", str(tmp_path / "eval.jsonl"),
-                 "--domains", str(tmp_path / "domains.json")])
+    code = main(["report", str(tmp_path / "out"), str(tmp_path / "results.json"),
+                 "--data", str(tmp_path / "eval.jsonl"), "--domains", str(tmp_path / "domains.json")])
     assert code == ExitCode.OK, capsys.readouterr().err
     md = (tmp_path / "out" / "report.md").read_text()
     assert _md_table(md, "Query")[2] == ["query 0 for balance", "balance", "balance", "oos"]
