@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -252,6 +253,14 @@ def test_cli_data_gives_gold_for_domains_and_changed_queries(tmp_path, capsys):
     domains = {r[0]: r[1:] for r in _md_table(md, "Domain")[2:]}
     assert domains["banking"] == ["16", "100.0", "93.8"] and domains["oos"] == ["8", "100.0", "100.0"]
 
+
+
+def test_python_m_edgepack_report_still_runs_the_command(tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps([{"name": "teacher", "accuracy": 0.9}, {"name": "bundle"}]))
+    proc = subprocess.run([sys.executable, "-m", "edgepack.report", str(tmp_path / "out"), str(tmp_path / "r.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == ExitCode.OK, proc.stderr
+    assert proc.stdout.split() == [str(tmp_path / "out" / "report.html"), str(tmp_path / "out" / "report.md")]
 
 @pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)")
