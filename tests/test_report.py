@@ -7,10 +7,12 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from edgepack.cli import main
 from edgepack.errors import EdgepackError, ExitCode
 from edgepack.report import (
     DASH,
@@ -20,7 +22,6 @@ from edgepack.report import (
     domain_accuracy,
     host_notes,
     load_rows,
-    main,
     write_report,
 )
 
@@ -226,13 +227,13 @@ def test_cli_writes_the_report(tmp_path, rows, capsys):
         paths.append(str(p))
     (tmp_path / "domains.json").write_text(json.dumps(DOMAINS))
     out = tmp_path / "out"
-    code = main([str(out), *paths, "--domains", str(tmp_path / "domains.json"), "--title", "CLI report",
-                 "--baseline", "teacher", "--note", "machine: test"])
+    code = main(["report", str(out), *paths, "--domains", str(tmp_path / "domains.json"),
+                 "--title", "CLI report", "--baseline", "teacher", "--note", "machine: test"])
     assert code == ExitCode.OK
     assert capsys.readouterr().out.split() == [str(out / "report.html"), str(out / "report.md")]
     md = (out / "report.md").read_text()
     assert md.startswith("# CLI report") and "teacher (baseline)" in md and "machine: test" in md
-    assert main([str(out), *paths, "--baseline", "nope"]) == ExitCode.USAGE
+    assert main(["report", str(out), *paths, "--baseline", "nope"]) == ExitCode.USAGE
     assert "--baseline nope: no such row" in capsys.readouterr().err
 
 
@@ -244,14 +245,22 @@ def test_cli_data_gives_gold_for_domains_and_changed_queries(tmp_path, capsys):
                {"name": "bundle", "accuracy": 39 / 40, "predictions": wrong}]
     (tmp_path / "results.json").write_text(json.dumps(results))
     (tmp_path / "domains.json").write_text(json.dumps(DOMAINS))
-    code = main([str(tmp_path / "out"), str(tmp_path / "results.json"), "--data", str(tmp_path / "eval.jsonl"),
-                 "--domains", str(tmp_path / "domains.json")])
+    code = main(["report", str(tmp_path / "out"), str(tmp_path / "results.json"),
+                 "--data", str(tmp_path / "eval.jsonl"), "--domains", str(tmp_path / "domains.json")])
     assert code == ExitCode.OK, capsys.readouterr().err
     md = (tmp_path / "out" / "report.md").read_text()
     assert _md_table(md, "Query")[2] == ["query 0 for balance", "balance", "balance", "oos"]
     domains = {r[0]: r[1:] for r in _md_table(md, "Domain")[2:]}
     assert domains["banking"] == ["16", "100.0", "93.8"] and domains["oos"] == ["8", "100.0", "100.0"]
 
+
+
+def test_python_m_edgepack_report_still_runs_the_command(tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps([{"name": "teacher", "accuracy": 0.9}, {"name": "bundle"}]))
+    proc = subprocess.run([sys.executable, "-m", "edgepack.report", str(tmp_path / "out"), str(tmp_path / "r.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == ExitCode.OK, proc.stderr
+    assert proc.stdout.split() == [str(tmp_path / "out" / "report.html"), str(tmp_path / "out" / "report.md")]
 
 @pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)")

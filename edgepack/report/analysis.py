@@ -1,0 +1,159 @@
+"""What the report says about the rows: baseline and final row, accuracy per domain, the changed queries,
+the headline cards, and ``_Parts``, everything both renderers need computed once."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from runtime_shim.bench import result_value as _get  # one reader of harness results
+
+from .tables import Column, _fmt_ms, _mb, _num, _pct, _plural, _speedup
+
+MAX_CHANGED = 50
+OOS_LABELS = ("oos", "out_of_scope", "out-of-scope")
+
+
+def _baseline(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    return next((r for r in rows if r.get("baseline")), None)
+
+
+def _final(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    return next((r for r in rows if r.get("final")), rows[-1] if rows else None)
+
+
+def _shared_list(rows: Sequence[Mapping[str, Any]], row: Mapping[str, Any], key: str, n: int) -> list | None:
+    """``row[key]``, else the same list from another row of the same length (gold and texts are shared)."""
+    own = row.get(key)
+    if isinstance(own, list) and len(own) == n:
+        return own
+    return next((r[key] for r in rows if isinstance(r.get(key), list) and len(r[key]) == n), None)
+
+
+def domain_accuracy(rows: Sequence[Mapping[str, Any]], domains: Mapping[str, Sequence[str]]
+                    ) -> tuple[list[str], dict[str, dict[str, tuple[float, int]]]]:
+    """Per-row accuracy on the queries of each domain, by gold label: ``(domain names, {row: {domain:
+    (accuracy %, count)}})``. Gold labels in no domain form the "oos" group (CLINC150's out-of-scope
+    class) or "other". Rows without predictions are left out."""
+    to_domain = {intent: d for d, intents in domains.items() for intent in intents}
+    names: list[str] = list(domains)
+    out: dict[str, dict[str, tuple[float, int]]] = {}
+    for row in rows:
+        preds = row.get("predictions")
+        if not isinstance(preds, list) or not preds:
+            continue
+        gold = _shared_list(rows, row, "gold", len(preds))
+        if gold is None:
+            continue
+        hits: dict[str, list[int]] = {}
+        for p, g in zip(preds, gold, strict=True):
+            d = to_domain.get(g) or ("oos" if str(g).lower() in OOS_LABELS else "other")
+            h = hits.setdefault(d, [0, 0])
+            h[0] += p == g
+            h[1] += 1
+        for extra in ("oos", "other"):
+            if extra in hits and extra not in names:
+                names.append(extra)
+        out[str(row.get("name", "?"))] = {d: (100.0 * c / n, n) for d, (c, n) in hits.items()}
+    return names, out
+
+
+def changed_queries(reference: Mapping[str, Any], model: Mapping[str, Any],
+                    rows: Sequence[Mapping[str, Any]] = ()) -> list[dict[str, Any]] | None:
+    """Queries whose prediction differs between two rows with ``predictions`` (None when either lacks
+    them or their lengths differ). Texts and gold come from either row or another row of the same length."""
+    ref, new = reference.get("predictions"), model.get("predictions")
+    if not isinstance(ref, list) or not isinstance(new, list) or len(ref) != len(new):
+        return None
+    pool = [model, reference, *rows]
+    texts = _shared_list(pool, model, "texts", len(new)) or [None] * len(new)
+    gold = _shared_list(pool, model, "gold", len(new)) or [None] * len(new)
+    return [{"text": t, "gold": g, "teacher": a, "model": b}
+            for t, g, a, b in zip(texts, gold, ref, new, strict=True) if a != b]
+
+
+@dataclass
+class _Parts:
+    """Everything both renderers need, computed once."""
+
+    title: str
+    rows: list[Mapping[str, Any]]
+    columns: list[Column]
+    baseline: Mapping[str, Any] | None
+    final: Mapping[str, Any] | None
+    budgets: list[Mapping[str, Any]]
+    domain_names: list[str]
+    domain_acc: dict[str, dict[str, tuple[float, int]]]
+    changed: list[Mapping[str, Any]] | None
+    changed_from: str
+    changed_to: str
+    notes: list[str]
+    plots: dict[str, bytes]
+    skipped: list[str]
+    generated: str
+
+
+def _summary(p: _Parts) -> list[tuple[str, str, str, str]]:
+    """Headline cards: (key, value, comparison, tone)."""
+    f, b = p.final, p.baseline
+    if f is None:
+        return []
+    bname = str(b.get("name")) if b is not None and b is not f else None
+    cards = []
+    acc = _pct(f.get("accuracy"))
+    if acc is not None:
+        sub, tone = "", ""
+        if bname:
+            bacc = _pct(b.get("accuracy"))
+            if bacc is not None:
+                d = acc - bacc
+                sub, tone = f"{d:+.2f} pt vs {bname}".replace("-", "−"), "good" if d >= 0 else "bad"
+        raw = _pct(f.get("accuracy_raw"))
+        if not sub and raw is not None:
+            sub = f"{raw:.2f}% without threshold"
+        cards.append(("accuracy", f"{acc:.2f}%", sub, tone))
+    size = _mb(f.get("model_bytes"))
+    if size is not None:
+        sub = ""
+        if bname and _mb(b.get("model_bytes")):
+            sub = f"{_speedup(_mb(b.get('model_bytes')), size)} smaller than {bname}"
+        cards.append(("model size", f"{size:.2f} MB", sub, ""))
+    p50 = _num(_get(f, "latency_ms.p50"))
+    if p50 is not None:
+        sub = ""
+        if bname and _num(_get(b, "latency_ms.p50")):
+            sub = f"{_speedup(_num(_get(b, 'latency_ms.p50')), p50)} faster than {bname}"
+        cards.append(("p50 latency", f"{_fmt_ms(p50)} ms", sub, ""))
+    if p.budgets:
+        failed = [str(x.get("name")) for x in p.budgets if x.get("passed") is False]
+        passed = sum(1 for x in p.budgets if x.get("passed") is True)
+        if failed:
+            cards.append(("budgets", f"{len(failed)} failed", ", ".join(failed), "bad"))
+        else:
+            cards.append(("budgets", f"{passed}/{len(p.budgets)} passed", "", "good" if passed else ""))
+    return cards
+
+
+def _latency_caption(rows: Sequence[Mapping[str, Any]]) -> str:
+    ns = {_get(r, "latency_ms.n") for r in rows} - {None}
+    over = f" over {next(iter(ns))} calls" if len(ns) == 1 else " over the calls each JSON states" if ns else ""
+    return f"Latency: one query end to end (tokenize + run + softmax), percentiles{over} after warm-up."
+
+
+def _changed_key(c: Mapping[str, Any]) -> int:
+    """Regressions first (the reference was right, the model is not), then both wrong, then fixes."""
+    gold = c.get("gold")
+    if gold is None:
+        return 1
+    return 0 if c.get("teacher") == gold else 2 if c.get("model") == gold else 1
+
+
+def _changed_summary(p: _Parts) -> str:
+    n = len(p.changed or [])
+    text = f"{_plural(n, 'query')} predicted differently by {p.changed_to}".replace("querys", "queries")
+    keys = [_changed_key(c) for c in p.changed or []]
+    if any(c.get("gold") is not None for c in p.changed or []):
+        text += (f": {keys.count(0)} newly wrong, {keys.count(2)} newly right, {keys.count(1)} wrong either way"
+                 " (listed in that order)")
+    return text + (f"; the first {MAX_CHANGED} are shown." if n > MAX_CHANGED else ".")
