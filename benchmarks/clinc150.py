@@ -50,11 +50,12 @@ def log(msg: str) -> None:
 
 
 def build_all(args, data) -> dict[str, Path]:
-    from edgepack.config import BuildConfig, DataConfig, DistillConfig, ExportConfig, PackConfig
+    from edgepack import recipes, stages
+    from edgepack.config import DataConfig, DistillConfig, ExportConfig, PackConfig
     from edgepack.runner.build import build
     from edgepack.runner.pack import pack
+    from edgepack.stages import distill
     from edgepack.stages.export import export_onnx
-    from edgepack.training.distillation import distill
 
     w = args.work
     w.mkdir(parents=True, exist_ok=True)
@@ -68,7 +69,7 @@ def build_all(args, data) -> dict[str, Path]:
     book_target.write_text(BOOK_TARGET)
     if not paths["teacher_int8"].is_dir():
         log("[bench] teacher -> ORT int8 (the recipe's last step without distillation)")
-        pack(PackConfig(target=str(book_target)), args.teacher, dcfg, paths["teacher_int8"], export_cfg=plain,
+        pack(PackConfig.of(target=str(book_target)), args.teacher, dcfg, paths["teacher_int8"], export_cfg=plain,
              data=data)
     if not (paths["teacher_fp32_onnx"] / "model.onnx").is_file():
         log("[bench] teacher -> ONNX fp32")
@@ -76,18 +77,19 @@ def build_all(args, data) -> dict[str, Path]:
     if not paths["reference_student"].is_dir():
         log("[bench] reference recipe: half-depth student, every other layer, alpha 0.12, T 7")
         depth = json.loads((args.teacher / "config.json").read_text())["num_hidden_layers"]
-        distill(DistillConfig(layers=tuple(range(0, depth, 2)), alpha=0.12, temperature=7.0,
-                              epochs=args.reference_epochs, learning_rate=args.reference_lr, ablation=False),
-                args.teacher, data, paths["reference_student"], cache_dir=w / "cache")
+        distill.run(DistillConfig(layers=tuple(range(0, depth, 2)), alpha=0.12, temperature=7.0,
+                                  epochs=args.reference_epochs, learning_rate=args.reference_lr, ablation=False),
+                    args.teacher, paths["reference_student"], stages.Context(data=data, data_config=dcfg,
+                                                                             cache=w / "cache"))
     if not paths["reference_int8"].is_dir():
         log("[bench] reference recipe: student -> ORT int8 (plain quantize_dynamic)")
-        pack(PackConfig(target=str(book_target)), paths["reference_student"], dcfg, paths["reference_int8"],
+        pack(PackConfig.of(target=str(book_target)), paths["reference_student"], dcfg, paths["reference_int8"],
              export_cfg=plain, data=data)
     log("[bench] edgepack build (resumes when already built)")
     t0 = time.time()
     try:
-        build(BuildConfig(teacher=str(args.teacher), out=str(paths["edgepack"]), profile=args.profile, data=dcfg,
-                          domains=str(DOMAINS)), force=True)
+        build(recipes.resolve({"recipe": args.recipe, "teacher": str(args.teacher), "out": str(paths["edgepack"]),
+                               "profile": args.profile, "data": dcfg.to_dict(), "domains": str(DOMAINS)}), force=True)
     except Exception as e:  # a missed budget still leaves the bundle to measure
         log(f"[bench] build: {e}")
     log(f"[bench] build wall time this run {time.time() - t0:.0f} s; stages "
@@ -171,6 +173,7 @@ def main(argv=None) -> int:
     p.add_argument("--teacher", type=Path, default=TEACHER)
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--profile", default="edge-x86-2core")
+    p.add_argument("--recipe", default="default", help="the build recipe for the edgepack row (default: default)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads for every model (default: 1, the book's)")
     # Every row at the same threads by default (the like-for-like comparison). The tuned runtime.json
     # may pick ORT's defaults (a pinned thread per core, spinning): on this 2-core VM that measured

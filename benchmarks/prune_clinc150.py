@@ -46,14 +46,16 @@ def load_data(teacher: Path, source: Path):
 
 
 def run_vocab(args) -> dict:
+    from edgepack import stages
     from edgepack.config import PruneConfig
-    from edgepack.stages.prune import prune, read_steps
+    from edgepack.stages import prune
+    from edgepack.stages.prune import read_steps
 
     data = load_data(args.teacher, args.data)
     out = args.work / f"vocab-top{args.keep_top}"
     t0 = time.time()
-    prune(PruneConfig(trim_vocab=True, keep_top=args.keep_top, recover=False), args.teacher, out, data,
-          force=True, cache_dir=args.work / "cache")
+    prune.run(PruneConfig(trim_vocab=True, keep_top=args.keep_top, recover=False), args.teacher, out,
+              stages.Context(data=data, cache=args.work / "cache"))
     steps = read_steps(out)
     before, after = steps[0], steps[-1]
     return {
@@ -75,7 +77,7 @@ def export_int8(model_dir: Path, out: Path, max_length: int = 64) -> tuple[Path,
     from tokenizers import Tokenizer
 
     from edgepack.modeling import load_classifier
-from edgepack.stages.prune.structured import encode
+    from edgepack.stages.prune.structured import encode
 
     out.mkdir(parents=True, exist_ok=True)
     model = load_classifier(model_dir, attn_implementation="eager").eval()
@@ -165,20 +167,23 @@ def measure_onnx(path: Path, tok_path: Path, data) -> dict:
 
 
 def run_small(args) -> dict:
-    from edgepack.config import PruneConfig
-    from edgepack.stages.prune import prune, read_steps
+    from edgepack import stages
+    from edgepack.config import RECOVERY, PruneConfig
+    from edgepack.stages import prune
+    from edgepack.stages.prune import read_steps
 
     data = load_data(args.teacher, args.data)
     name = args.name or "small"
     out = args.work / name
     cfg = PruneConfig(keep_layers=tuple(args.layers), max_positions=64, keep_chars=args.keep_chars, param_budget=args.param_budget,
                       heads_per_layer=tuple(args.heads_per_layer), ffn_size=args.ffn_size,
-                      recover_epochs=args.epochs, recover_learning_rate=args.learning_rate, alpha=args.alpha,
-                      temperature=args.temperature, sparsity=args.sparsity, sparsity_target=args.sparsity_target,
+                      recovery=RECOVERY.replace(epochs=args.epochs, learning_rate=args.learning_rate, alpha=args.alpha,
+                                                temperature=args.temperature),
+                      sparsity=args.sparsity, sparsity_target=args.sparsity_target,
                       importance_rows=args.importance_rows)
     t0 = time.time()
     if not (out / "stage.json").is_file() or args.force:
-        prune(cfg, args.teacher, out, data, force=True, cache_dir=args.work / "cache", progress=args.progress)
+        prune.run(cfg, args.teacher, out, stages.Context(data=data, cache=args.work / "cache"), progress=args.progress)
     prune_s = time.time() - t0
     t1 = time.time()
     fp32, quant = export_int8(out, args.work / f"{name}-onnx")
@@ -198,8 +203,8 @@ def run_sparse(args) -> dict:
     gzip bytes and single-query latency against the dense model."""
     import shutil
 
-    from edgepack.stages.prune.sparsity import MagnitudePruningCallback, measure_sparsity
     from edgepack.modeling import load_classifier, save_model
+    from edgepack.stages.prune.sparsity import MagnitudePruningCallback, measure_sparsity
 
     data = load_data(args.teacher, args.data)
     src = args.work / (args.name or "small")

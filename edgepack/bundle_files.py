@@ -8,16 +8,14 @@ Layout (``../shared/docs/DESIGN.md``): ``model.quant.onnx``, ``tokenizer.json``,
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tarfile
-import tempfile
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from edgepack.records import write_json_atomic
+from edgepack.records import atomic_file, write_json_atomic
 
 BUNDLE_FORMAT = "edgepack-bundle/1"
 RUNTIME_PACKAGES = ("onnxruntime", "tokenizers", "numpy")
@@ -74,15 +72,8 @@ def archive(bundle: Path) -> Path:
     """``BUNDLE.tar.gz`` beside the bundle, written to a temporary name and renamed when complete."""
     bundle = Path(bundle)
     out = bundle.with_name(bundle.name + ".tar.gz")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    os.close(fd)
-    try:
-        with tarfile.open(tmp, "w:gz") as tar:
-            tar.add(bundle, arcname=bundle.name, filter=lambda t: None if "__pycache__" in t.name else t)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(out, "wb") as f, tarfile.open(fileobj=f, mode="w:gz") as tar:
+        tar.add(bundle, arcname=bundle.name, filter=lambda t: None if "__pycache__" in t.name else t)
     return out
 
 

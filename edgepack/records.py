@@ -2,7 +2,7 @@
 
 A stage record says what the stage was asked to do (its resolved config), what it read (the hash of
 its input), what it measured, the versions it ran with and how long it took. Resume trusts a stage
-only when the record exists and both hashes match (see ``is_fresh``).
+only when both hashes match (the ledger, ``edgepack.runner.ledger``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,10 @@ from pathlib import Path
 from typing import Any
 
 # One implementation of hashing and atomic JSON, shared with the device runtime.
-from runtime_shim.manifest import sha256_file, write_json_atomic
+from runtime_shim.manifest import atomic_file, sha256_file, write_bytes_atomic, write_json_atomic
+
+__all__ = ["atomic_file", "write_bytes_atomic", "write_json_atomic", "sha256_file", "STAGE_RECORD", "hash_tree",
+           "hash_config", "versions", "staging_dir", "write_stage_record", "read_stage_record"]
 
 STAGE_RECORD = "stage.json"
 
@@ -123,9 +126,3 @@ def read_stage_record(stage_dir: Path) -> dict[str, Any] | None:
         return json.loads(p.read_text())
     except json.JSONDecodeError:
         return None
-
-
-def is_fresh(stage_dir: Path, config: Mapping[str, Any], input_hash: str) -> bool:
-    """True when ``stage_dir`` holds a finished record for this exact config and input."""
-    rec = read_stage_record(stage_dir)
-    return bool(rec) and rec.get("config_hash") == hash_config(config) and rec.get("input_hash") == input_hash

@@ -86,27 +86,51 @@ def hash_files(bundle_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
             for rel in bundle_files(root)}
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON to a temporary file beside ``path``, then rename it into place.
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w", *, suffix: str = ""):
+    """Open a temporary file beside ``path`` (mode 0644); on success it is renamed onto ``path``.
 
-    An interrupted write never leaves a half file that parses.
+    The one atomic writer of the device side (edgepack's build side imports it too): an interrupted
+    write never leaves a half file that looks whole, and the file stays readable to a service user
+    (``mkstemp`` alone would leave it 0600).
 
     Example:
-        >>> write_json_atomic("results/bench.json", {"accuracy": 0.9})  # doctest: +SKIP
+        >>> with atomic_file("results/bench.txt") as f:  # doctest: +SKIP
+        ...     f.write("p50 0.1 ms\n")
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would make bundle files unreadable to other users
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.write("\n")
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, mode) as f:
+            yield f
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` through :func:`atomic_file`.
+
+    Example:
+        >>> write_bytes_atomic("report/plot.png", png)  # doctest: +SKIP
+    """
+    with atomic_file(path, "wb") as f:
+        f.write(data)
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON (indented, one trailing newline) through :func:`atomic_file`.
+
+    Example:
+        >>> write_json_atomic("results/bench.json", {"accuracy": 0.9})  # doctest: +SKIP
+    """
+    with atomic_file(path, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+        f.write("\n")
 
 
 def write_manifest(bundle_dir: str | os.PathLike, **fields: Any) -> dict[str, Any]:

@@ -39,13 +39,12 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .manifest import BundleError
+from .manifest import BundleError, write_json_atomic
 
 TUNED_KEYS = ("session.intra_op.allow_spinning", "session.force_spinning_stop", "session.x64quantprecision")
 SPINNING = {
@@ -445,19 +444,6 @@ def tune(pipe, texts: Sequence[str], *, max_threads: int, runs: int = 200, warmu
 # --------------------------------------------------------------------------------------- writing
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_winner(bundle_dir: str | os.PathLike, result: TuneResult) -> dict[str, Any]:
     """Put the winner's settings into ``runtime.json`` (other keys and other session-config entries
     kept), set ``env`` for numpy's BLAS, and re-hash ``manifest.json`` with the table under ``tuned``.
@@ -473,7 +459,7 @@ def write_winner(bundle_dir: str | os.PathLike, result: TuneResult) -> dict[str,
     new = _settings(runtime, Candidate(result.winner, result.settings))
     # OMP_* reach numpy's BLAS in the shim process only (applied before numpy loads); ORT ignores them.
     new["env"] = {**(runtime.get("env") or {}), **BLAS_ENV}
-    _write_json_atomic(root / "runtime.json", new)
+    write_json_atomic(root / "runtime.json", new)
     arch, _ = cpu_flags()
     update_manifest(root, tuned={"winner": result.winner, "settings": result.settings, "ratios_vs_ort_defaults": result.ratios,
                                  "tolerance_pct": result.tolerance_pct,
@@ -538,7 +524,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(out, result.to_dict())
+        write_json_atomic(out, result.to_dict())
     if args.dry_run:
         print("dry run: runtime.json unchanged")
         return 0

@@ -105,8 +105,10 @@ def test_build_writes_verified_bundle_and_report(built):
     resolved = BuildConfig.from_toml(work / "recipe.toml")
     assert resolved.distill.num_layers == 1 and resolved.quantize.variant_formats == ("dynamic",)
     assert resolved.recipe == "default" and resolved.prune.recovery.epochs == 1
-    for stage in ("distill", "prune", "export", "quantize", "tune", "verify"):
+    for stage in ("distill", "prune", "export", "quantize", "verify"):
         assert (work / stage / "stage.json").is_file(), stage  # every stage leaves its record
+    for stage in ("bundle", "tune"):  # a bundle's record is its manifest (a stage.json would be an unlisted file)
+        assert (work / stage / "manifest.json").is_file() and not (work / stage / "stage.json").exists()
 
 
 def test_rerun_skips_every_stage(built, capsys):
@@ -130,12 +132,12 @@ def test_changed_stage_reruns_it_and_what_follows(built, capsys, tiny_model, cli
 def test_changed_quantize_setting_reruns_quantize_not_export(built, capsys, tiny_model, clinc_json):
     root, _ = built
     recipe = write_recipe(root / "recipe-q.toml", teacher=tiny_model, out=root / "bundle", data=clinc_json,
-                          recover_epochs=2, quantize_extra="max_accuracy_drop = 99.0")
+                          recover_epochs=2, quantize_extra="embedding_bits = 4")
     capsys.readouterr()
     assert main(["build", str(recipe)]) == 0
     states = stage_lines(capsys.readouterr().out)
     assert states["distill"] == "skipped" and states["prune"] == "skipped" and states["export"] == "skipped"
-    assert all(states[s] != "skipped" for s in ("quantize", "bundle", "tune", "verify"))
+    assert all(states[s] != "skipped" for s in ("quantize", "bundle", "tune", "verify")), states
 
 
 def test_interrupted_build_keeps_finished_stages_and_old_bundle(built, capsys, monkeypatch, tiny_model, clinc_json):

@@ -202,9 +202,9 @@ def test_oos_relabel_moves_unsure_teacher_rows_to_out_of_scope():
 def test_distill_into_a_given_model_with_callbacks(tiny_model, data, tmp_path):
     from transformers import TrainerCallback
 
-    from edgepack.training import student as st
     from edgepack import stages
     from edgepack.stages import distill
+    from edgepack.training import student as st
 
     epochs = []
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from edgepack import modeling
+from edgepack import modeling, vocab
 from edgepack.cli import main
-from edgepack.stages.prune import sparsity, structured, vocab
+from edgepack.stages.prune import sparsity, structured
 
 
 def _texts(corpus, split="train"):

@@ -76,6 +76,9 @@ def test_tune_writes_winner_and_keeps_manifest_valid(bundle, capsys):
     assert runtime["env"] == {"OMP_NUM_THREADS": "1"}
     for key in ("model", "max_length", "inputs", "pad_id"):
         assert runtime[key] == before[key]
+    # readable by a service user on the device, like every other bundle file (mkstemp alone gives 0600)
+    assert (bundle / "runtime.json").stat().st_mode & 0o777 == 0o644
+    assert (bundle / "manifest.json").stat().st_mode & 0o777 == 0o644
     names = {r["name"] for r in tuned["table"]}
     assert {"ort-defaults", "t1"} <= names
     if tune.physical_cores() >= 2:

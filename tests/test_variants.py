@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from edgepack import targets
-from edgepack.stages.quantize import variants
 from edgepack.config import ExportConfig, QuantSettings
 from edgepack.errors import BudgetError, EdgepackError
 from edgepack.modeling import read_model_info
 from edgepack.stages.export import export_onnx
+from edgepack.stages.quantize import variants
 from edgepack.stages.quantize.formats import count_ops
 
 

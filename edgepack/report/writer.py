@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import os
-import tempfile
 from pathlib import Path
+
+from edgepack.records import write_bytes_atomic
 
 from .analysis import _baseline, _changed_key, _final, _Parts, changed_queries, domain_accuracy
 from .html import _render_html
@@ -14,19 +14,6 @@ from .load import _budget
 from .markdown import _render_md
 from .plots import PLOTS, _colors, plot_accuracy_latency, plot_domains, plot_latency
 from .tables import _columns
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be read and served
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def write_report(
@@ -89,12 +76,12 @@ def write_report(
     )
     # PNGs first, documents last: a reader never finds a report pointing at a plot not yet written.
     for key, png in plots.items():
-        _write_atomic(out_dir / PLOTS[key], png)
+        write_bytes_atomic(out_dir / PLOTS[key], png)
     for key, name in PLOTS.items():
         if key not in plots:  # a stale plot from an earlier run would contradict this report
             with contextlib.suppress(FileNotFoundError):
                 (out_dir / name).unlink()
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"
-    _write_atomic(md_path, _render_md(parts).encode("utf-8"))
-    _write_atomic(html_path, _render_html(parts).encode("utf-8"))
+    write_bytes_atomic(md_path, _render_md(parts).encode("utf-8"))
+    write_bytes_atomic(html_path, _render_html(parts).encode("utf-8"))
     return html_path, md_path

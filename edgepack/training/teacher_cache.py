@@ -8,17 +8,15 @@ with other hyperparameters, or every trial of a search, reads the same file.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from edgepack.records import hash_tree
+from edgepack.records import atomic_file, hash_tree
 from edgepack.training import student as _student
 
 DEFAULT_CACHE = Path(os.environ.get("EDGEPACK_CACHE", Path.home() / ".cache" / "edgepack")) / "teacher"
@@ -66,15 +64,8 @@ def teacher_outputs(
     out = _run_teacher(teacher_dir, texts, max_length=max_length, hidden=hidden, batch_size=batch_size,
                        progress=progress)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=cache_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **out)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, "wb", suffix=".npz") as f:
+        np.savez(f, **out)
     return out
 
 

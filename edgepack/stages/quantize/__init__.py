@@ -19,8 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from edgepack import bundle_files
 from edgepack.config import QuantizeConfig
 from edgepack.data import stratified_slice

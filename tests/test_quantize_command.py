@@ -1,0 +1,49 @@
+"""edgepack quantize: an ONNX model exported elsewhere enters the chain."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgepack.cli import main
+from edgepack.config import ExportConfig
+from edgepack.errors import ExitCode
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_model, corpus):
+    from edgepack.stages.export import export_onnx
+
+    out = tmp_path_factory.mktemp("exported")
+    export_onnx(ExportConfig(), tiny_model, out, [t for t, _ in corpus["val"]])
+    return out
+
+
+def test_quantize_an_onnx_file(exported, tmp_path, capsys):
+    from edgepack.stages.quantize.formats import count_ops
+
+    out = tmp_path / "q"
+    assert main(["quantize", str(exported / "model.onnx"), "--out", str(out), "--target", "x86-64-avx2"]) == 0
+    assert "no accuracy check" in capsys.readouterr().out
+    ops = count_ops(out / "model.quant.onnx")
+    assert any(op in ops for op in ("QAttention", "MatMulInteger", "DynamicQuantizeMatMul"))
+    rec = json.loads((out / "stage.json").read_text())
+    assert rec["stage"] == "quantize" and rec["target"]["name"] == "x86-64-avx2"
+
+
+def test_quantize_with_data_runs_the_gate_and_the_output_runs(exported, tmp_path, clinc_json, capsys):
+    from runtime_shim import OnnxPipeline
+
+    out = tmp_path / "q"
+    code = main(["quantize", str(exported), "--out", str(out), "--data", str(clinc_json), "--max-accuracy-drop", "100"])
+    assert code == 0, capsys.readouterr().err
+    rec = json.loads((out / "stage.json").read_text())
+    assert 0.0 <= rec["metrics"]["validation"]["agreement_fp32_int8"] <= 1.0
+    assert OnnxPipeline(out, verify=False)("what is my checking balance")[0]["label"]
+
+
+def test_quantize_refuses_a_missing_model_in_one_line(tmp_path, capsys):
+    assert main(["quantize", str(tmp_path / "nope.onnx"), "--out", str(tmp_path / "q")]) == ExitCode.USAGE
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nope.onnx" in err
