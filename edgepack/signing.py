@@ -230,12 +230,19 @@ def write_signature(bundle_dir: str | os.PathLike, key: ed25519.Ed25519PrivateKe
     return path
 
 
+def _manifest_profile(manifest: dict[str, Any]) -> str | None:
+    """The profile a manifest names: its own ``profile``, else the one ``build``'s verify stage recorded."""
+    verified = manifest.get("verified")
+    return manifest.get("profile") or (verified.get("profile") if isinstance(verified, dict) else None)
+
+
 def sign_bundle(bundle_dir: Path, key_path: Path, *, name: str | None = None, version: int | None = None,
                 profile: str | None = None) -> Path:
     """Check, name, version and sign a bundle in place; return the ``manifest.sig`` written.
 
     ``name`` defaults to the manifest's, else the directory's name (so sign the published bundle, or
-    pass the name); ``version`` to ``default_version``; ``profile`` to the manifest's (``None`` if none).
+    pass the name); ``version`` to ``default_version``; ``profile`` to the manifest's ``profile``, else
+    the ``verified.profile`` that ``edgepack build`` records (``None`` if neither).
 
     Example:
         >>> sign_bundle(Path("bundle"), Path("keys/signing.key"), profile="pi5")  # doctest: +SKIP
@@ -256,7 +263,7 @@ def sign_bundle(bundle_dir: Path, key_path: Path, *, name: str | None = None, ve
         raise EdgepackError(f"--version {version!r}: use a non-negative integer (default: the UTC time, YYYYMMDDHHMMSS)")
     fields = {"name": name or default_name(root, manifest),
               "version": default_version(manifest.get("version")) if version is None else version,
-              "profile": profile if profile is not None else manifest.get("profile")}
+              "profile": profile if profile is not None else _manifest_profile(manifest)}
     # A crash from here on leaves an unsigned bundle whose checksums hold, never a stale signature.
     (root / SIGNATURE).unlink(missing_ok=True)
     req = root / "requirements.txt"

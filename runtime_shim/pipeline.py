@@ -89,7 +89,7 @@ class OnnxPipeline:
 
     Loading verifies every file against ``manifest.json`` (``verify=False`` skips it) and builds the
     ONNX Runtime session from ``runtime.json``. With trusted keys (``trusted_keys=DIR`` or
-    ``EDGEPACK_TRUSTED_KEYS``) it also requires a signature by one of them, no unlisted file and a
+    ``EDGEPACK_TRUSTED_KEYS``; ``trusted_keys=False`` ignores that variable) it also requires a signature by one of them, no unlisted file and a
     version not older than the last one accepted (``allow_downgrade=True`` to go back on purpose):
     ``runtime_shim.trust.verify_bundle``, whose result is kept as ``trust``; ``overrides`` replaces settings of ``runtime.json``
     (``{"intra_op_num_threads": 2}``) without editing the bundle.
@@ -110,7 +110,7 @@ class OnnxPipeline:
     """
 
     def __init__(self, bundle_dir: str | os.PathLike, *, verify: bool = True,
-                 overrides: Mapping[str, Any] | None = None, trusted_keys: str | os.PathLike | None = None,
+                 overrides: Mapping[str, Any] | None = None, trusted_keys: str | os.PathLike | bool | None = None,
                  allow_downgrade: bool = False):
         root = Path(bundle_dir)
         if not root.is_dir():

@@ -126,14 +126,19 @@ def load_public_key(path: str | os.PathLike):
     return key
 
 
-def trusted_keys_dir(explicit: str | os.PathLike | None = None) -> Path | None:
+def trusted_keys_dir(explicit: str | os.PathLike | bool | None = None) -> Path | None:
     """The trusted keys directory: ``explicit``, else ``$EDGEPACK_TRUSTED_KEYS``, else ``None``
-    (signatures are not checked).
+    (signatures are not checked). ``False`` means none whatever the environment says (the build
+    machine's own checks of the unsigned bundles it is making).
 
     Example:
         >>> trusted_keys_dir("/etc/edgepack/keys")
         PosixPath('/etc/edgepack/keys')
+        >>> trusted_keys_dir(False) is None
+        True
     """
+    if explicit is False:
+        return None
     value = explicit if explicit not in (None, "") else os.environ.get(KEYS_ENV, "")
     return Path(value) if str(value) else None
 
@@ -568,7 +573,7 @@ def signed_fields(root: Path, manifest: Mapping[str, Any]) -> tuple[str, int]:
     return name, version
 
 
-def verify_bundle(bundle_dir: str | os.PathLike, *, keys: str | os.PathLike | None = None,
+def verify_bundle(bundle_dir: str | os.PathLike, *, keys: str | os.PathLike | bool | None = None,
                   allow_downgrade: bool = False, state: str | os.PathLike | None = None,
                   record: bool = True) -> Verified:
     """Verify a bundle as this device is configured to.

@@ -228,6 +228,13 @@ def test_unsigned_bundle_loads_without_keys(unsigned, capsys):
     assert not T.state_path().exists()  # nothing recorded without keys
 
 
+def test_keys_false_ignores_the_environment(unsigned, keypair, monkeypatch, capsys):
+    """The build machine checks the unsigned bundles it is making, whatever EDGEPACK_TRUSTED_KEYS says."""
+    monkeypatch.setenv(T.KEYS_ENV, str(keypair[1]))
+    refused(["verify", str(unsigned)], capsys, "unsigned")
+    assert OnnxPipeline(unsigned, trusted_keys=False).trust.signed is False
+
+
 # ----------------------------------------------------------------------------------- attack matrix
 
 
@@ -572,3 +579,64 @@ def test_trust_doc_commands_parse():
     assert seen >= 5
     table = next(ln for ln in text.splitlines() if ln.startswith("| Threat"))
     assert all(h in table for h in ("Checksums stop it", "Signatures", "Neither stops it"))
+
+
+# ------------------------------------------------------------------------- the device (slow)
+
+DEVICE_PACKAGES = ("onnxruntime", "tokenizers", "numpy", "cryptography")
+
+
+@pytest.fixture(scope="module")
+def device_python(tmp_path_factory) -> Path:
+    """A fresh venv with only the runtime and cryptography, at the versions installed here."""
+    from importlib import metadata
+
+    venv = tmp_path_factory.mktemp("device") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    python = venv / "bin" / "python"
+    pins = [f"{name}=={metadata.version(name)}" for name in DEVICE_PACKAGES]
+    env = {**_env(), "PIP_DISABLE_PIP_VERSION_CHECK": "1", "VIRTUAL_ENV": str(venv)}
+    env.pop("PYTHONPATH")
+    proc = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *pins], capture_output=True, text=True,
+                          env=env, timeout=900)
+    if proc.returncode != 0:
+        if any(m in proc.stderr for m in ("No matching distribution", "NewConnectionError", "Network is unreachable")):
+            pytest.skip(f"cannot install {', '.join(pins)} into a fresh venv (no package index reachable)")
+        raise AssertionError(f"pip install failed:\n{proc.stderr[-2000:]}")
+    return python
+
+
+@pytest.mark.slow
+def test_signed_bundle_verifies_in_a_runtime_only_venv(device_python, signed, keypair, tmp_path):
+    from edgepack.bundle import archive
+
+    shim = tmp_path / "opt" / "shim"  # "installed from a trusted place": outside the bundle, run from elsewhere
+    shutil.copytree(SHIM_PARENT / "runtime_shim", shim / "runtime_shim", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {k: v for k, v in _env(PYTHONPATH=str(shim)).items() if k != "VIRTUAL_ENV"}
+    env["EDGEPACK_STATE"] = str(tmp_path / "device-state.json")
+
+    def run(*args: str, cwd: Path = tmp_path, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(device_python), *args], capture_output=True, text=True, cwd=cwd,
+                              env={**env, **extra}, timeout=300)
+
+    code = ("import importlib.util as u, json; print(json.dumps([m for m in ('torch', 'transformers', 'onnx', "
+            "'edgepack') if u.find_spec(m)]))")
+    assert json.loads(run("-c", code).stdout) == []
+
+    ok = run("-m", "runtime_shim", "verify", str(signed), "--keys", str(keypair[1]))
+    assert ok.returncode == 0 and "signed by key" in ok.stdout and "tiny version 100" in ok.stdout, ok.stderr
+    pred = run("-m", "runtime_shim", "predict", str(signed), QUERY, "--json", EDGEPACK_TRUSTED_KEYS=str(keypair[1]))
+    assert pred.returncode == 0, pred.stderr
+    assert json.loads(pred.stdout)[0]["label"] == OnnxPipeline(signed, verify=False)(QUERY)[0]["label"]
+
+    dest = tmp_path / "bundles" / "tiny"
+    unpacked = run("-m", "runtime_shim", "unpack", str(archive(signed)), str(dest), "--keys", str(keypair[1]))
+    assert unpacked.returncode == 0 and dest.is_dir(), unpacked.stderr
+    own = run("-m", "runtime_shim", "verify", ".", "--keys", str(keypair[1]), cwd=dest, PYTHONPATH="")
+    assert own.returncode == 0 and "bundle's own shim" in own.stdout, own.stderr
+
+    _bump_a_bias(signed)
+    assert run("-m", "runtime_shim", "verify", str(signed), "--update").returncode == 0
+    bad = run("-m", "runtime_shim", "verify", str(signed), "--keys", str(keypair[1]))
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert "does not match its signature" in bad.stderr
