@@ -2,7 +2,8 @@
 
     python -m runtime_shim predict BUNDLE "what is my balance" [--top-k 3] [--json]
     python -m runtime_shim bench BUNDLE [--data FILE] [--split test] [--json OUT] [--threads N]
-    python -m runtime_shim verify BUNDLE [--update]
+    python -m runtime_shim verify BUNDLE [--update] [--keys DIR] [--allow-downgrade]
+    python -m runtime_shim unpack BUNDLE.tar.gz DEST [--keys DIR]   (extract safely, verify, move into place)
     python -m runtime_shim rss BUNDLE          (peak memory of a fresh process, one JSON line)
 
 Each command is a ``register(subparsers) -> parser`` and a ``run(args) -> int`` in ``COMMANDS``. Optional
@@ -11,6 +12,8 @@ picked up when present; see ``OPTIONAL_COMMANDS``.
 
 numpy (and so the pipeline) is imported inside the commands, after the bundle's ``runtime.json``
 ``env`` table (BLAS thread variables) has been applied: BLAS reads them once, when numpy loads.
+With trusted keys (``--keys DIR`` or ``EDGEPACK_TRUSTED_KEYS``) the bundle is verified before that
+``env`` table is read (``runtime_shim/trust.py``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .manifest import MANIFEST, BundleError, update_manifest, verify, write_json_atomic
+from .manifest import MANIFEST, SIGNATURE, BundleError, update_manifest, write_json_atomic
 
 PROG = "python -m runtime_shim"
 
@@ -77,6 +80,14 @@ def _threads_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="intra-op threads for this run, instead of runtime.json's (0: one per physical core)")
     p.add_argument("--no-verify", action="store_true", help="skip the checksum check of the bundle's files")
+    _trust_args(p)
+
+
+def _trust_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keys", default=None, metavar="DIR",
+                   help="require a signature by a public key in DIR (default: $EDGEPACK_TRUSTED_KEYS; unset: checksums only)")
+    p.add_argument("--allow-downgrade", action="store_true",
+                   help="accept a signed version older than the last one accepted for this bundle name")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -94,10 +105,21 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load(args: argparse.Namespace):
+    from .trust import trusted_keys_dir, verify_bundle
+
+    checked = None
+    keys = trusted_keys_dir(getattr(args, "keys", None))
+    if keys is not None and not getattr(args, "no_verify", False):
+        # Before runtime.json's env reaches os.environ (and the subprocesses bench starts).
+        checked = verify_bundle(args.bundle, keys=keys, allow_downgrade=getattr(args, "allow_downgrade", False))
     apply_bundle_env(args.bundle)
     from .pipeline import OnnxPipeline
 
-    return OnnxPipeline(args.bundle, verify=not getattr(args, "no_verify", False), overrides=_overrides(args))
+    if checked is None:
+        return OnnxPipeline(args.bundle, verify=not getattr(args, "no_verify", False), overrides=_overrides(args))
+    pipe = OnnxPipeline(args.bundle, verify=False, overrides=_overrides(args))  # checked above, not hashed twice
+    pipe.trust, pipe.manifest = checked, checked.manifest
+    return pipe
 
 
 # ---------------------------------------------------------------------------------------- predict
@@ -214,21 +236,38 @@ def _build_accuracy(manifest: dict[str, Any]) -> str | None:
 
 
 def _register_verify(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("verify", help="check every file against manifest.json",
-                       description="Check the sha256 and size of every file the manifest lists.")
+    p = sub.add_parser("verify", help="check every file against manifest.json (and its signature, given keys)",
+                       description="Check the sha256 and size of every file the manifest lists. With trusted keys "
+                       "(--keys DIR or EDGEPACK_TRUSTED_KEYS) also check manifest.sig, that no file is unlisted, "
+                       "and that the version is not older than the last one accepted here.")
     _bundle_arg(p)
     p.add_argument("--update", action="store_true",
                    help="after changing a file on purpose (e.g. runtime.json): re-hash and rewrite manifest.json")
+    _trust_args(p)
     return p
 
 
 def _run_verify(args: argparse.Namespace) -> int:
+    from .trust import trusted_keys_dir, verify_bundle
+
+    root = Path(args.bundle)
     if args.update:
-        manifest = update_manifest(args.bundle)
-        print(f"updated {Path(args.bundle) / MANIFEST}: {len(manifest['files'])} files")
+        manifest = update_manifest(root)
+        print(f"updated {root / MANIFEST}: {len(manifest['files'])} files")
+        if (root / SIGNATURE).exists():
+            print(f"note: {root / SIGNATURE} no longer matches the manifest; devices with trusted keys will refuse the "
+                  "bundle until it is re-signed with `edgepack sign`")
         return ExitCode.OK
-    manifest = verify(args.bundle)
-    print(f"ok: {len(manifest['files'])} files match {Path(args.bundle) / MANIFEST}")
+    keys = trusted_keys_dir(args.keys)
+    result = verify_bundle(root, keys=keys, allow_downgrade=args.allow_downgrade)
+    count = f"ok: {len(result.manifest['files'])} files match {root / MANIFEST}"
+    if not result.signed:
+        print(f"{count}; signature not checked (no trusted keys: pass --keys DIR or set EDGEPACK_TRUSTED_KEYS)")
+        return ExitCode.OK
+    own = ("; checked by the bundle's own shim, which ran before any check: run an installed shim (docs/TRUST.md)"
+           if result.own_shim else "")
+    print(f"{count}, signed by key {result.key_id} ({result.key_file}); {result.name} version {result.version}; "
+          f"no unlisted files{own}")
     return ExitCode.OK
 
 
@@ -270,7 +309,7 @@ COMMANDS: dict[str, Command] = {
 }
 # Commands in modules of their own, added when the module exists (``runtime_shim/tune.py`` with
 # ``register(subparsers) -> parser`` and ``run(args) -> int``); imported only when the CLI starts.
-OPTIONAL_COMMANDS = ("tune",)
+OPTIONAL_COMMANDS = ("tune", "unpack")
 
 
 def _optional(name: str):

@@ -1,8 +1,8 @@
 """The bundle's manifest: sha256 and size of every file, so a device can tell a whole bundle from a
 damaged or edited one before it answers a single query.
 
-``manifest.json`` lists every file of the bundle except itself and ``__pycache__`` (Python writes
-those on the device). Files the manifest does not list (a benchmark's JSON saved beside the model)
+``manifest.json`` lists every file of the bundle except itself, its signature ``manifest.sig`` (see
+``trust.py``) and ``__pycache__`` (Python writes those on the device). Files the manifest does not list (a benchmark's JSON saved beside the model)
 are ignored by :func:`verify`; a listed file that is missing or differs is refused.
 
 This module is the one implementation: ``edgepack``'s packer imports it to write manifests, the
@@ -21,6 +21,7 @@ from typing import Any
 
 FORMAT = "edgepack-bundle/1"
 MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
 _SKIP_DIRS = ("__pycache__",)
 _CHUNK = 1 << 20
 
@@ -65,7 +66,7 @@ def bundle_files(bundle_dir: str | os.PathLike) -> list[str]:
     out = []
     for p in root.rglob("*"):
         rel = p.relative_to(root)
-        if any(part in _SKIP_DIRS for part in rel.parts) or rel.as_posix() == MANIFEST:
+        if any(part in _SKIP_DIRS for part in rel.parts) or rel.as_posix() in (MANIFEST, SIGNATURE):
             continue
         # A temporary manifest left by an interrupted write is not part of the bundle.
         if rel.name.startswith(f".{MANIFEST}.") or not p.is_file():
@@ -154,6 +155,45 @@ def write_manifest(bundle_dir: str | os.PathLike, **fields: Any) -> dict[str, An
     return manifest
 
 
+def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json`` ``object_pairs_hook`` refusing a repeated key: parsers disagree on which copy wins, so a
+    manifest with two ``files`` tables could read one way where it was signed and another here.
+
+    Example:
+        >>> json.loads('{"a": 1, "a": 2}', object_pairs_hook=no_duplicates)
+        Traceback (most recent call last):
+        ...
+        ValueError: duplicated key 'a'
+    """
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicated key {key!r}")
+        out[key] = value
+    return out
+
+
+def parse_manifest(data: bytes, path: str | os.PathLike = MANIFEST) -> dict[str, Any]:
+    """Parse and check the bytes of a ``manifest.json`` (``path`` only names it in errors).
+
+    Example:
+        >>> parse_manifest(b'{"format": "edgepack-bundle/1", "files": {}}')["files"]
+        {}
+    """
+    path = Path(path)
+    try:
+        data = json.loads(data, object_pairs_hook=no_duplicates)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path}: not valid JSON ({e}); re-run `edgepack pack` or restore the file") from None
+    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+        raise BundleError(f"{path}: has no 'files' table; re-run `edgepack pack` or restore the file")
+    fmt = data.get("format")
+    if fmt != FORMAT:
+        raise BundleError(f"{path}: format {fmt!r} is not {FORMAT!r}; repack the bundle with this edgepack "
+                          "or use the runtime_shim copied inside it")
+    return data
+
+
 def read_manifest(bundle_dir: str | os.PathLike) -> dict[str, Any]:
     """The parsed ``manifest.json`` of a bundle, without checking any file.
 
@@ -168,17 +208,7 @@ def read_manifest(bundle_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise BundleError(f"{path}: missing, so this is not a packed bundle; re-run `edgepack pack` "
                           f"(or `python -m runtime_shim verify {root} --update` to trust the files as they are)")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path}: not valid JSON ({e}); re-run `edgepack pack` or restore the file") from None
-    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
-        raise BundleError(f"{path}: has no 'files' table; re-run `edgepack pack` or restore the file")
-    fmt = data.get("format")
-    if fmt != FORMAT:
-        raise BundleError(f"{path}: format {fmt!r} is not {FORMAT!r}; repack the bundle with this edgepack "
-                          "or use the runtime_shim copied inside it")
-    return data
+    return parse_manifest(path.read_bytes(), path)
 
 
 def verify(bundle_dir: str | os.PathLike) -> dict[str, Any]:
@@ -196,9 +226,24 @@ def verify(bundle_dir: str | os.PathLike) -> dict[str, Any]:
     """
     root = Path(bundle_dir)
     manifest = read_manifest(root)
-    fix = ("restore it from the packed bundle (or its .tar.gz), or if you changed it on purpose run "
-           f"`python -m runtime_shim verify {root} --update`")
+    check_files(root, manifest)
+    return manifest
+
+
+def check_files(root: str | os.PathLike, manifest: dict[str, Any], *, fix: str | None = None) -> None:
+    """Check every file ``manifest`` lists under ``root`` (present, same size, same sha256).
+
+    ``fix`` replaces the advice given with a refusal.
+
+    Example:
+        >>> check_files("bundle", read_manifest("bundle"))  # doctest: +SKIP
+    """
+    root = Path(root)
+    fix = fix or ("restore it from the packed bundle (or its .tar.gz), or if you changed it on purpose run "
+                  f"`python -m runtime_shim verify {root} --update`")
     for rel, entry in sorted(manifest["files"].items()):
+        if not isinstance(entry, dict):
+            raise BundleError(f"{root / MANIFEST}: the entry of '{rel}' is not a table; re-run `edgepack pack`")
         rel_path = Path(rel)
         if rel_path.is_absolute() or ".." in rel_path.parts:
             raise BundleError(f"{root / MANIFEST}: lists '{rel}', which is outside the bundle; re-run `edgepack pack`")
@@ -211,7 +256,6 @@ def verify(bundle_dir: str | os.PathLike) -> dict[str, Any]:
                               f"packing); {fix}")
         if sha256_file(path) != entry.get("sha256"):
             raise BundleError(f"{path}: sha256 differs from manifest.json (file changed after packing); {fix}")
-    return manifest
 
 
 def update_manifest(bundle_dir: str | os.PathLike, **fields: Any) -> dict[str, Any]:
@@ -236,7 +280,7 @@ def update_manifest(bundle_dir: str | os.PathLike, **fields: Any) -> dict[str, A
 
 
 def bundle_bytes(bundle_dir: str | os.PathLike) -> int:
-    """Bytes on disk of the whole bundle: every covered file plus ``manifest.json``.
+    """Bytes on disk of the whole bundle: every covered file plus ``manifest.json`` (and ``manifest.sig``).
 
     Example:
         >>> bundle_bytes("bundle")  # doctest: +SKIP
@@ -244,6 +288,7 @@ def bundle_bytes(bundle_dir: str | os.PathLike) -> int:
     """
     root = Path(bundle_dir)
     total = sum((root / rel).stat().st_size for rel in bundle_files(root))
-    if (root / MANIFEST).is_file():
-        total += (root / MANIFEST).stat().st_size
+    for name in (MANIFEST, SIGNATURE):
+        if (root / name).is_file():
+            total += (root / name).stat().st_size
     return total

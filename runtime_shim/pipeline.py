@@ -15,6 +15,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from . import manifest as _manifest
+from . import trust as _trust
 from .manifest import BundleError
 from .session import effective_settings, make_session
 from .wordpiece import FastWordPiece
@@ -87,7 +88,10 @@ class OnnxPipeline:
     """A bundle loaded for inference: ``pipe("text") -> [{"label", "score"}]``.
 
     Loading verifies every file against ``manifest.json`` (``verify=False`` skips it) and builds the
-    ONNX Runtime session from ``runtime.json``; ``overrides`` replaces settings of ``runtime.json``
+    ONNX Runtime session from ``runtime.json``. With trusted keys (``trusted_keys=DIR`` or
+    ``EDGEPACK_TRUSTED_KEYS``; ``trusted_keys=False`` ignores that variable) it also requires a signature by one of them, no unlisted file and a
+    version not older than the last one accepted (``allow_downgrade=True`` to go back on purpose):
+    ``runtime_shim.trust.verify_bundle``, whose result is kept as ``trust``; ``overrides`` replaces settings of ``runtime.json``
     (``{"intra_op_num_threads": 2}``) without editing the bundle.
 
     The out-of-scope threshold (``labels.json``) is applied by default: when the top softmax
@@ -106,13 +110,16 @@ class OnnxPipeline:
     """
 
     def __init__(self, bundle_dir: str | os.PathLike, *, verify: bool = True,
-                 overrides: Mapping[str, Any] | None = None):
+                 overrides: Mapping[str, Any] | None = None, trusted_keys: str | os.PathLike | bool | None = None,
+                 allow_downgrade: bool = False):
         root = Path(bundle_dir)
         if not root.is_dir():
             raise BundleError(f"{root}: no such bundle directory; pass the directory `edgepack pack` wrote")
         self.bundle_dir = root
+        self.trust: _trust.Verified | None = None
         if verify:
-            self.manifest = _manifest.verify(root)
+            self.trust = _trust.verify_bundle(root, keys=trusted_keys, allow_downgrade=allow_downgrade)
+            self.manifest = self.trust.manifest
         else:
             self.manifest = _manifest.read_manifest(root) if (root / _manifest.MANIFEST).is_file() else {}
         runtime = _read_json(root / "runtime.json")
