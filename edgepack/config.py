@@ -8,6 +8,7 @@ unknown keys, naming them and the valid ones, so a typo in a recipe never passes
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -455,6 +456,43 @@ class VerifyConfig(ConfigBase):
             _in_range("limit", self.limit, 1)
 
 
+_PUBLIC_SUFFIX, _PRIVATE_SUFFIX = ".pub", ".key"  # edgepack keys new writes NAME.key and NAME.pub
+_BUNDLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")  # runtime_shim.trust.NAME_RE
+
+
+@dataclasses.dataclass(frozen=True)
+class SignConfig(ConfigBase):
+    """``[sign]`` in a recipe: sign the built bundle with ``key`` (a private key file from
+    ``edgepack keys new``; empty: leave the bundle unsigned). ``name`` is the bundle's name on the
+    devices (empty: the output directory's name).
+
+    Example:
+        >>> SignConfig(key="keys/signing.key").enabled
+        True
+        >>> SignConfig(key="keys/signing.pub")
+        Traceback (most recent call last):
+        ...
+        ValueError: key='keys/signing.pub' is a public key; pass the private key file (.key) `edgepack keys new` wrote
+    """
+
+    section: ClassVar[str] = "sign"
+    key: str = ""
+    name: str = ""
+
+    def __post_init__(self):
+        if not isinstance(self.key, str):
+            raise ValueError(f"key={self.key!r} must be a path to a private key file, or empty for no signature")
+        if self.key.endswith(_PUBLIC_SUFFIX):
+            raise ValueError(f"key={self.key!r} is a public key; pass the private key file ({_PRIVATE_SUFFIX}) "
+                             "`edgepack keys new` wrote")
+        if not isinstance(self.name, str) or (self.name and not _BUNDLE_NAME.fullmatch(self.name)):
+            raise ValueError(f"name={self.name!r} is not a bundle name; use letters, digits and . _ + - (up to 128)")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.key)
+
+
 DEFAULT_RECIPE = "default"
 
 
@@ -480,6 +518,7 @@ class BuildConfig(ConfigBase):
     bundle: BundleConfig = dataclasses.field(default_factory=BundleConfig)
     tune: TuneConfig = dataclasses.field(default_factory=TuneConfig)
     verify: VerifyConfig = dataclasses.field(default_factory=VerifyConfig)
+    sign: SignConfig = dataclasses.field(default_factory=SignConfig)
 
     def __post_init__(self) -> None:
         for s in self.skip:

@@ -21,16 +21,13 @@ trusted keys directory holds.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 import os
 import re
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -39,45 +36,12 @@ from runtime_shim import manifest as _manifest
 from runtime_shim import trust
 from runtime_shim.manifest import MANIFEST, SIGNATURE, BundleError
 
-from .config import ConfigBase
+from .config import SignConfig  # noqa: F401  (the [sign] table; re-exported)
 from .errors import EdgepackError
 
 PASSPHRASE_ENV = "EDGEPACK_KEY_PASSPHRASE"
 PRIVATE_SUFFIX = ".key"
 REQUIREMENT = "cryptography"
-
-
-@dataclasses.dataclass(frozen=True)
-class SignConfig(ConfigBase):
-    """``[sign]`` in a recipe: sign the built bundle with ``key`` (a private key file from
-    ``edgepack keys new``; empty: leave the bundle unsigned). ``name`` is the bundle's name on the
-    devices (empty: the output directory's name).
-
-    Example:
-        >>> SignConfig(key="keys/signing.key").enabled
-        True
-        >>> SignConfig(key="keys/signing.pub")
-        Traceback (most recent call last):
-        ...
-        ValueError: key='keys/signing.pub' is a public key; pass the private key file (.key) `edgepack keys new` wrote
-    """
-
-    section: ClassVar[str] = "sign"
-    key: str = ""
-    name: str = ""
-
-    def __post_init__(self):
-        if not isinstance(self.key, str):
-            raise ValueError(f"key={self.key!r} must be a path to a private key file, or empty for no signature")
-        if self.key.endswith(trust.PUBLIC_SUFFIX):
-            raise ValueError(f"key={self.key!r} is a public key; pass the private key file ({PRIVATE_SUFFIX}) "
-                             "`edgepack keys new` wrote")
-        if not isinstance(self.name, str) or (self.name and not trust.NAME_RE.fullmatch(self.name)):
-            raise ValueError(f"name={self.name!r} is not a bundle name; use letters, digits and . _ + - (up to 128)")
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.key)
 
 
 # ------------------------------------------------------------------------------------------- keys
@@ -90,16 +54,8 @@ def _passphrase() -> bytes | None:
 
 def _write_bytes(path: Path, data: bytes, mode: int) -> None:
     """Write atomically with ``mode`` from the start: a private key is never briefly readable by others."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mkstemp creates it 0600
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with _manifest.atomic_file(path, "wb", perms=mode) as f:
+        f.write(data)
 
 
 def new_keypair(out_dir: str | os.PathLike, *, name: str = "signing", force: bool = False) -> tuple[Path, Path, str]:

@@ -88,8 +88,9 @@ def hash_files(bundle_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, mode: str = "w", *, suffix: str = ""):
-    """Open a temporary file beside ``path`` (mode 0644); on success it is renamed onto ``path``.
+def atomic_file(path: str | os.PathLike, mode: str = "w", *, suffix: str = "", perms: int = 0o644):
+    """Open a temporary file beside ``path`` (permissions ``perms``, set before anything is written);
+    on success it is renamed onto ``path``.
 
     The one atomic writer of the device side (edgepack's build side imports it too): an interrupted
     write never leaves a half file that looks whole, and the file stays readable to a service user
@@ -103,7 +104,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", *, suffix: str = ""):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     try:
-        os.fchmod(fd, 0o644)
+        os.fchmod(fd, perms)
         with os.fdopen(fd, mode) as f:
             yield f
         os.replace(tmp, path)

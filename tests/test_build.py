@@ -205,3 +205,28 @@ def test_recipe_tables_override_the_builds_own_defaults(tmp_path):
         PruneConfig(heads_per_layer=(2,), heads_fraction=0.5)
     with pytest.raises(ValueError, match="not both"):
         PruneConfig(ffn_size=10, ffn_fraction=0.5)
+
+
+def test_build_with_a_sign_key_writes_a_bundle_the_device_verifies(tmp_path, capsys, tiny_model, clinc_json,
+                                                                   monkeypatch):
+    from runtime_shim.__main__ import main as shim
+
+    monkeypatch.setenv("EDGEPACK_STATE", str(tmp_path / "device-state.json"))
+    assert main(["keys", "new", "--out", str(tmp_path / "keys")]) == 0
+    recipe = write_recipe(tmp_path / "signed.toml", teacher=tiny_model, out=tmp_path / "signed", data=clinc_json)
+    recipe.write_text(recipe.read_text() + f'\n[sign]\nkey = "{tmp_path / "keys" / "signing.key"}"\n')
+    assert main(["build", str(recipe)]) == 0
+    out = tmp_path / "signed"
+    assert (out / "manifest.sig").is_file() and "cryptography" in (out / "requirements.txt").read_text()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["name"] == "signed" and manifest["version"] > 0
+    trusted = tmp_path / "trusted"
+    trusted.mkdir()
+    (trusted / "signing.pub").write_bytes((tmp_path / "keys" / "signing.pub").read_bytes())
+    capsys.readouterr()
+    assert shim(["verify", str(out), "--keys", str(trusted)]) == 0
+    # The same bundle with a changed model and a rewritten manifest is refused.
+    model = out / "model.quant.onnx"
+    model.write_bytes(model.read_bytes() + b"\0")
+    assert shim(["verify", str(out), "--update"]) == 0
+    assert shim(["verify", str(out), "--keys", str(trusted)]) != 0

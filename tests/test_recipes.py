@@ -3,9 +3,8 @@ from the one it names, an old [pack] table still loads, and bad names get one li
 
 from __future__ import annotations
 
-import tomllib
-
 import pytest
+import tomllib
 
 from edgepack import recipes
 from edgepack.cli import main, make_parser

@@ -110,7 +110,9 @@ def _build(cfg: BuildConfig, *, force: bool, log: Log) -> dict[str, Any]:
 
     verified = root / "verify"
     summary = json.loads((verified / "summary.json").read_text())
-    _publish(verified / "bundle", out, root, force=True)
+    if cfg.sign.enabled and not Path(cfg.sign.key).is_file():
+        raise EdgepackError(f"{cfg.sign.key}: no such key file ([sign] key); make one with edgepack keys new --out DIR")
+    _publish(verified / "bundle", out, root, force=True, sign=cfg.sign if cfg.sign.enabled else None, log=log)
     if cfg.bundle.archive:
         from edgepack.bundle_files import archive
 
@@ -127,16 +129,25 @@ def _build(cfg: BuildConfig, *, force: bool, log: Log) -> dict[str, Any]:
     return summary
 
 
-def _publish(src: Path, out: Path, root: Path, *, force: bool) -> None:
-    """Copy the verified bundle to ``out`` atomically, tagged with the build directory that made it."""
+def _publish(src: Path, out: Path, root: Path, *, force: bool, sign=None, log: Log = print) -> None:
+    """Copy the verified bundle to ``out`` atomically, tagged with the build directory that made it,
+    and signed there (``[sign] key``) before it is renamed into place: a device never sees the new
+    bundle unsigned."""
     with staging_dir(out, force=force) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
-        (tmp / ".edgepack-build").write_text(str(root.resolve()) + "\n")
+        if sign is not None:
+            from edgepack.signing import sign_bundle
+
+            sig = sign_bundle(tmp, Path(sign.key), name=sign.name or out.name)
+            log(f"[build] signed: {out / sig.name} ({sign.key})")
+    # Which bundle this build directory made (kept outside the bundle: a file the manifest does not
+    # list is refused by a device that checks signatures).
+    (root / "published").write_text(str(out.resolve()) + "\n")
 
 
 def _built_here(out: Path, root: Path) -> bool:
-    tag = out / ".edgepack-build"
-    return tag.is_file() and tag.read_text().strip() == str(root.resolve())
+    tag = root / "published"
+    return tag.is_file() and tag.read_text().strip() == str(out.resolve())
 
 
 def _check_disk(where: Path, teacher: Path) -> None:
