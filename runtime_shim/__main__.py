@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .env import apply_bundle_env
 from .manifest import MANIFEST, SIGNATURE, BundleError, update_manifest, write_json_atomic
 
 PROG = "python -m runtime_shim"
@@ -46,30 +47,6 @@ class ExitCode(enum.IntEnum):
     ERROR = 1  # an unexpected failure (a bug): a traceback is printed
     USAGE = 2  # bad input (a damaged bundle, unreadable data): the message says what to change
     INTERRUPTED = 130
-
-
-def apply_bundle_env(bundle: str | os.PathLike) -> dict[str, str]:
-    """Set the ``env`` entries of the bundle's ``runtime.json`` that are not already set; return them.
-
-    Only before numpy is first imported (BLAS reads its thread variables once, at load): called later,
-    it changes nothing. Values the user exported win over the bundle's.
-
-    Example:
-        >>> apply_bundle_env("bundle")  # doctest: +SKIP
-        {'OMP_NUM_THREADS': '1'}
-    """
-    if "numpy" in sys.modules:
-        return {}
-    try:
-        env = json.loads((Path(bundle) / "runtime.json").read_text()).get("env") or {}
-    except (OSError, ValueError, AttributeError):
-        return {}  # loading the pipeline reports a missing or broken runtime.json properly
-    applied = {}
-    if isinstance(env, dict):
-        for key, value in env.items():
-            if str(key) not in os.environ:
-                os.environ[str(key)] = applied[str(key)] = str(value)
-    return applied
 
 
 def _bundle_arg(p: argparse.ArgumentParser) -> None:

@@ -504,7 +504,7 @@ def run(args: argparse.Namespace) -> int:
     if max_threads < 1 or max_threads > cores:
         raise BundleError(f"--max-threads {max_threads} is not valid on this CPU: it has {cores} physical cores "
                           "(hyperthreads excluded); pass 1.." + str(cores))
-    from .__main__ import apply_bundle_env
+    from .env import apply_bundle_env
 
     apply_bundle_env(args.bundle)
     from .datafiles import read_labelled

@@ -112,7 +112,9 @@ def run(cfg: FinetuneConfig, src: Path, out: Path, ctx) -> StageRecord:
     records validation and test accuracy (and in-scope accuracy and out-of-scope recall when the data
     has an out-of-scope label). ``out`` appears only when everything succeeded.
     """
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+    from transformers import DataCollatorWithPadding, Trainer
+
+    from edgepack.training.arguments import training_arguments
 
     started = time.time()
     out, base_dir = Path(out), resolve_base(src)
@@ -123,30 +125,10 @@ def run(cfg: FinetuneConfig, src: Path, out: Path, ctx) -> StageRecord:
     steps = math.ceil(len(train) / cfg.batch_size) * cfg.epochs
 
     with staging_dir(out, force=True) as tmp:
-        args = TrainingArguments(
-            output_dir=str(tmp / _CHECKPOINTS),
-            num_train_epochs=cfg.epochs,
-            learning_rate=cfg.learning_rate,
-            per_device_train_batch_size=cfg.batch_size,
-            per_device_eval_batch_size=max(64, cfg.batch_size),
-            # an int: transformers 4.x reads a float warmup_steps as a step count, 5.x as a ratio
-            warmup_steps=math.ceil(steps * cfg.warmup_ratio),
-            weight_decay=cfg.weight_decay,
-            lr_scheduler_type="linear",
-            eval_strategy="epoch",
-            save_strategy="epoch",
-            logging_strategy="epoch",
-            load_best_model_at_end=True,
-            metric_for_best_model="accuracy",
-            save_total_limit=1,  # with load_best_model_at_end the best checkpoint is kept as well
-            save_only_model=True,  # no optimizer state: the run is never resumed from a checkpoint
-            seed=cfg.seed,
-            data_seed=cfg.seed,
-            use_cpu=True,
-            report_to=[],
-            disable_tqdm=False,
-            dataloader_num_workers=0,
-        )
+        args = training_arguments(
+            tmp / _CHECKPOINTS, epochs=cfg.epochs, learning_rate=cfg.learning_rate, batch_size=cfg.batch_size,
+            eval_batch_size=max(64, cfg.batch_size), warmup_steps=math.ceil(steps * cfg.warmup_ratio),
+            weight_decay=cfg.weight_decay, metric="accuracy", seed=cfg.seed)
         trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val,
                           data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=_accuracy)
         quiet_trainer(trainer)  # the per-epoch metric dicts go to the log file, not between progress bars

@@ -37,6 +37,7 @@ from edgepack.data import LabelledData, Split
 from edgepack.errors import EdgepackError
 from edgepack.metrics import agreement, apply_threshold, calibrate_threshold, label_metrics, softmax
 from edgepack.records import hash_tree
+from edgepack.training.arguments import training_arguments
 
 STAGE = "distill"
 
@@ -289,7 +290,6 @@ def train_student(
     ``transformers.TrainerCallback``s (pruning schedules, Optuna's pruning hook).
     """
     import transformers
-    from transformers import TrainingArguments
 
     transformers.logging.set_verbosity_error()
     tmp = None
@@ -310,31 +310,11 @@ def train_student(
             # The word-embedding table holds most of a 2-layer student's weights (11.7M of 15.5M for
             # MiniLM): fixing it skips its gradient and AdamW update on every step.
             model.get_input_embeddings().weight.requires_grad_(False)
-        args = TrainingArguments(
-            output_dir=str(work_dir),
-            num_train_epochs=cfg.epochs,
-            learning_rate=cfg.learning_rate,
-            per_device_train_batch_size=cfg.batch_size,
-            per_device_eval_batch_size=128,
-            warmup_steps=int(cfg.warmup_ratio * cfg.epochs * -(-len(train_rows) // cfg.batch_size)),
-            weight_decay=cfg.weight_decay,
-            lr_scheduler_type="linear",
-            eval_strategy="epoch",
-            save_strategy="epoch",
-            save_only_model=True,
-            save_total_limit=1,
-            load_best_model_at_end=True,
-            metric_for_best_model=best_metric,
-            greater_is_better=True,
-            logging_strategy="epoch",
-            seed=cfg.seed,
-            data_seed=cfg.seed,
-            use_cpu=True,
-            report_to=[],
-            disable_tqdm=not progress,
-            remove_unused_columns=False,
-            dataloader_num_workers=0,
-        )
+        args = training_arguments(
+            work_dir, epochs=cfg.epochs, learning_rate=cfg.learning_rate, batch_size=cfg.batch_size,
+            eval_batch_size=128, warmup_steps=int(cfg.warmup_ratio * cfg.epochs * -(-len(train_rows) // cfg.batch_size)),
+            weight_decay=cfg.weight_decay, metric=best_metric, seed=cfg.seed, progress=progress,
+            remove_unused_columns=False)
         trainer = DistillationTrainer(
             model=model, args=args, train_dataset=train_rows, eval_dataset=val_rows,
             data_collator=Collator(tokenizer), compute_metrics=_metrics_fn(oos_id),
