@@ -32,12 +32,11 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from edgepack.config import SignConfig  # noqa: F401  (the [sign] table; re-exported)
+from edgepack.errors import EdgepackError
 from runtime_shim import manifest as _manifest
 from runtime_shim import trust
 from runtime_shim.manifest import MANIFEST, SIGNATURE, BundleError
-
-from .config import SignConfig  # noqa: F401  (the [sign] table; re-exported)
-from .errors import EdgepackError
 
 PASSPHRASE_ENV = "EDGEPACK_KEY_PASSPHRASE"
 PRIVATE_SUFFIX = ".key"

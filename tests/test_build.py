@@ -31,6 +31,7 @@ epochs = {recover_epochs}
 
 [quantize]
 max_accuracy_drop = 100.0
+min_agreement = 0.0
 variant_formats = ["dynamic"]
 {quantize_extra}
 

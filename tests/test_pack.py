@@ -90,6 +90,29 @@ def test_accuracy_gate_refuses_and_writes_nothing(tmp_path, tiny_model, clinc_js
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_agreement_gate_sees_flips_the_accuracy_gate_does_not(tmp_path, tiny_model, clinc_json, monkeypatch, capsys):
+    import edgepack.stages.quantize as quantize_mod
+
+    real = quantize_mod.evaluate
+    calls = {"n": 0}
+
+    def flipped_int8(pipe, split, **kw):  # int8 answers one row differently: accuracy moves little
+        calls["n"] += 1
+        probs = real(pipe, split, **kw)
+        if calls["n"] == 2:
+            probs = probs.copy()
+            probs[0] = np.roll(probs[0], 1)
+        return probs
+
+    monkeypatch.setattr(quantize_mod, "evaluate", flipped_int8)
+    out = tmp_path / "bundle"
+    code = main(["pack", str(tiny_model), "--data", str(clinc_json), "--out", str(out), "--max-accuracy-drop", "100",
+                 "--min-agreement", "1.0"])
+    err = capsys.readouterr().err
+    assert code == ExitCode.BUDGET and "--min-agreement" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 def test_existing_output_refused_unless_force(tmp_path, tiny_bundle, tiny_model, clinc_json, capsys):
     out = tmp_path / "b"
     shutil.copytree(tiny_bundle, out)
@@ -105,7 +128,7 @@ def test_pack_cli_writer_torch_bundles_the_exported_graph(tmp_path, tiny_model, 
 
     out = tmp_path / "torch-writer"
     code = main(["pack", str(tiny_model), "--data", str(clinc_json), "--out", str(out), "--writer", "torch",
-                 "--max-accuracy-drop", "100"])
+                 "--max-accuracy-drop", "100", "--min-agreement", "0"])
     assert code == 0, capsys.readouterr().err
     assert "torch writer" in capsys.readouterr().out
     assert "QAttention" not in count_ops(out / "model.quant.onnx")  # the exported graph as it is, unfused
@@ -170,7 +193,7 @@ def test_pack_from_onnx_export_dir(tmp_path, tiny_model, clinc_json, corpus):
     export_onnx(ExportConfig(), tiny_model, tmp_path / "exported", [t for t, _ in corpus["val"]])
     out = tmp_path / "bundle"
     code = main(["pack", str(tmp_path / "exported"), "--data", str(clinc_json), "--out", str(out),
-                 "--max-accuracy-drop", "100", "--archive"])
+                 "--max-accuracy-drop", "100", "--min-agreement", "0", "--archive"])
     assert code == 0
     assert (out / "model.quant.onnx").is_file()
     assert (tmp_path / "bundle.tar.gz").stat().st_size > 1000
@@ -263,7 +286,7 @@ def test_pack_a_model_with_uneven_pruned_heads(tmp_path, tiny_model, clinc_json)
     assert main(["prune", str(tiny_model), "--data", str(clinc_json), "--out", str(pruned), "--heads-per-layer",
                  "3,1", "--ffn-size", "16", "--no-recover", "--importance-rows", "16"]) == 0
     out = tmp_path / "bundle"
-    assert main(["pack", str(pruned), "--data", str(clinc_json), "--out", str(out), "--max-accuracy-drop", "100"]) == 0
+    assert main(["pack", str(pruned), "--data", str(clinc_json), "--out", str(out), "--max-accuracy-drop", "100", "--min-agreement", "0"]) == 0
     from runtime_shim import OnnxPipeline
 
     assert OnnxPipeline(out)("what is my checking balance")[0]["label"]
@@ -282,7 +305,7 @@ def test_embedding_bits_4_stores_the_table_in_4bit_blocks(tmp_path, tiny_model, 
     from runtime_shim import OnnxPipeline
 
     out = tmp_path / "emb4"
-    pack(PackConfig.of(max_accuracy_drop=100.0, eval_rows=20, embedding_bits=4), tiny_model,
+    pack(PackConfig.of(max_accuracy_drop=100.0, min_agreement=0.0, eval_rows=20, embedding_bits=4), tiny_model,
          DataConfig(source=str(clinc_json)), out, log=lambda *a: None)
     ops = count_ops(out / "model.quant.onnx")
     assert ops.get("DequantizeLinear") == 1 and ops.get("BitShift") == 1 and "EmbedLayerNormalization" not in ops

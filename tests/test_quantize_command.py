@@ -36,7 +36,8 @@ def test_quantize_with_data_runs_the_gate_and_the_output_runs(exported, tmp_path
     from runtime_shim import OnnxPipeline
 
     out = tmp_path / "q"
-    code = main(["quantize", str(exported), "--out", str(out), "--data", str(clinc_json), "--max-accuracy-drop", "100"])
+    code = main(["quantize", str(exported), "--out", str(out), "--data", str(clinc_json), "--max-accuracy-drop", "100",
+                 "--min-agreement", "0"])
     assert code == 0, capsys.readouterr().err
     rec = json.loads((out / "stage.json").read_text())
     assert 0.0 <= rec["metrics"]["validation"]["agreement_fp32_int8"] <= 1.0

@@ -33,6 +33,7 @@ from edgepack.signing import (
     write_signature,
 )
 from runtime_shim import BundleError, OnnxPipeline
+from runtime_shim import onnxcheck
 from runtime_shim import trust as T
 from runtime_shim.__main__ import ExitCode
 from runtime_shim.__main__ import main as shim_main
@@ -413,7 +414,7 @@ def test_onnx_walk_matches_the_onnx_schema_and_finds_external_data(tiny_bundle, 
             continue
         holders = {f.number: by_type[f.message_type.full_name] for f in cls.DESCRIPTOR.fields
                    if f.message_type is not None and f.message_type.full_name in by_type}
-        assert holders == T._ONNX_FIELDS[kind], kind
+        assert holders == onnxcheck._ONNX_FIELDS[kind], kind
     fields = {f.name: f.number for f in onnx.TensorProto.DESCRIPTOR.fields}
     assert (fields["name"], fields["external_data"], fields["data_location"]) == (8, 13, 14)
 
@@ -455,7 +456,7 @@ def _entry(name: str, kind=tarfile.REGTYPE, linkname: str = "") -> tarfile.TarIn
 
 
 def test_unpack_verifies_then_moves_into_place(signed, keypair, tmp_path, capsys):
-    from edgepack.bundle import archive
+    from edgepack.bundle_files import archive
 
     arc = archive(signed)
     dest = tmp_path / "device" / "tiny"
@@ -608,7 +609,7 @@ def device_python(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_signed_bundle_verifies_in_a_runtime_only_venv(device_python, signed, keypair, tmp_path):
-    from edgepack.bundle import archive
+    from edgepack.bundle_files import archive
 
     shim = tmp_path / "opt" / "shim"  # "installed from a trusted place": outside the bundle, run from elsewhere
     shutil.copytree(SHIM_PARENT / "runtime_shim", shim / "runtime_shim", ignore=shutil.ignore_patterns("__pycache__"))

@@ -22,7 +22,7 @@ def register(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..signing import PASSPHRASE_ENV, key_id_of, new_keypair
+    from edgepack.signing import PASSPHRASE_ENV, key_id_of, new_keypair
 
     if args.keys_command == "id":
         print(key_id_of(args.file))

@@ -20,6 +20,9 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--target", default="auto", help="a target in targets/ (default: detect this CPU's)")
     p.add_argument("--max-accuracy-drop", type=float, default=1.0, metavar="POINTS",
                    help="refuse an int8 model that loses more validation accuracy than this vs fp32 (default: 1.0)")
+    p.add_argument("--min-agreement", type=float, default=0.99, metavar="SHARE",
+                   help="refuse an int8 model that gives another label than fp32 on more validation rows than this "
+                        "allows (with --variants: rank it below the others; default: 0.99)")
     p.add_argument("--oos-recall", type=float, default=None, metavar="R",
                    help="calibrate the out-of-scope threshold to reach this validation recall (default: the largest "
                         "threshold within one standard error of the best validation accuracy)")
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from edgepack.runner.pack import pack
 
     try:
-        cfg = PackConfig.of(target=args.target, max_accuracy_drop=args.max_accuracy_drop, oos_recall=args.oos_recall,
+        cfg = PackConfig.of(target=args.target, max_accuracy_drop=args.max_accuracy_drop, min_agreement=args.min_agreement, oos_recall=args.oos_recall,
                             eval_rows=args.eval_rows, archive=args.archive, ort_format=args.ort_format,
                             variants=args.variants, embedding_bits=args.embedding_bits)
         export_cfg = ExportConfig(writer=args.writer)

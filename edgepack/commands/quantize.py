@@ -20,6 +20,9 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--target", default="auto", help="a target in targets/ (default: detect this CPU's)")
     p.add_argument("--max-accuracy-drop", type=float, default=1.0, metavar="POINTS",
                    help="with --data: refuse an int8 model that loses more validation accuracy than this (default: 1.0)")
+    p.add_argument("--min-agreement", type=float, default=0.99, metavar="SHARE",
+                   help="refuse an int8 model that gives another label than fp32 on more validation rows than this "
+                        "allows (with --variants: rank it below the others; default: 0.99)")
     p.add_argument("--variants", action="store_true", help="with --data: measure the target's variants, keep the fastest")
     p.add_argument("--force", action="store_true", help="replace DIR if it exists")
     add_data_args(p, required=False)
@@ -45,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.force:
         raise EdgepackError(f"{args.out}: already exists; pass --force to replace it")
     try:
-        cfg = QuantizeConfig(target=args.target, max_accuracy_drop=args.max_accuracy_drop, variants=args.variants)
+        cfg = QuantizeConfig(target=args.target, max_accuracy_drop=args.max_accuracy_drop, min_agreement=args.min_agreement, variants=args.variants)
     except ValueError as e:
         raise EdgepackError(str(e)) from None
     target = quantize.target_for(cfg)

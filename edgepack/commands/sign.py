@@ -23,7 +23,7 @@ def register(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..signing import describe, sign_bundle
+    from edgepack.signing import describe, sign_bundle
 
     sig = sign_bundle(args.bundle, args.key, name=args.name, version=args.version, profile=args.profile)
     d = describe(args.bundle)

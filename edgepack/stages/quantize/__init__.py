@@ -80,7 +80,8 @@ def run(cfg: QuantizeConfig, src: Path, out: Path, ctx) -> StageRecord:
                 target, fp32, work / "variants", info=info, pipeline_dir=tmp, val_texts=val.texts,
                 val_labels=val.labels,
                 calibration_texts=stratified_slice(ctx.data["train"], target.quantize.calibration_rows).texts,
-                max_accuracy_drop=cfg.max_accuracy_drop, formats=cfg.variant_formats, log=log)
+                max_accuracy_drop=cfg.max_accuracy_drop, min_agreement=cfg.min_agreement, formats=cfg.variant_formats,
+                log=log)
             log(result.table())
             quant = variants.chosen_model(result, tmp / QUANT_NAME)
             chosen = result.row(result.chosen)
@@ -108,6 +109,11 @@ def run(cfg: QuantizeConfig, src: Path, out: Path, ctx) -> StageRecord:
                 f"int8 model loses {drop:.2f} points of validation accuracy ({acc_f:.2%} -> {acc_q:.2%}), over "
                 f"--max-accuracy-drop {cfg.max_accuracy_drop:g}; try a target with reduce_range or per-channel "
                 "weights (edgepack targets), or raise the limit")
+        if agree < cfg.min_agreement and not cfg.variants:
+            raise BudgetError(
+                f"int8 model gives another label than fp32 on {1 - agree:.2%} of validation rows (agreement "
+                f"{agree:.2%}, under --min-agreement {cfg.min_agreement:g}); try --variants (measures the target's "
+                "other settings), a target with per-channel weights, or lower the limit")
         metrics = {
             "fp32_bytes": fp32.stat().st_size,
             "model_bytes": quant.stat().st_size,
