@@ -184,6 +184,7 @@ def pack(
             **({"variants": variants_table} if variants_table else {}),
         }
         del pipe_q, pipe_f
+        metrics["eval"] = eval_slice_reference(stage)
         if cfg.ort_format:
             from .ortformat import write_ort
 
@@ -208,6 +209,21 @@ def pack(
     if cfg.archive:
         log(f"[pack] archive written: {bundle_files.archive(out)}")
     return manifest
+
+
+def eval_slice_reference(stage: Path) -> dict[str, Any]:
+    """The bundle's answers on its own ``eval.jsonl``, computed by the shim's harness exactly as
+    ``python -m runtime_shim bench`` computes them on a device: the build-time figure and predictions
+    the fleet report compares every device with (accuracy within a tolerance, label agreement)."""
+    import runtime_shim
+    from runtime_shim.bench import run_benchmark
+    from runtime_shim.datafiles import read_labelled
+
+    texts, gold = read_labelled(stage / "eval.jsonl")
+    r = run_benchmark(runtime_shim.OnnxPipeline(stage, verify=False), texts, gold, warmup=0, runs=1,
+                      batch_sizes=(1,), rss_argv=[], throughput_batches=1)
+    return {"rows": len(texts), **{k: r[k] for k in ("accuracy", "accuracy_raw", "in_scope_accuracy", "oos_recall")},
+            "predictions": r["predictions"]}
 
 
 def _write_static_files(stage: Path, tokenizer: Path, info: ModelInfo, data: LabelledData, export_cfg: ExportConfig,

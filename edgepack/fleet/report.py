@@ -1,0 +1,403 @@
+"""The fleet report: ``fleet.html`` (one self-contained file), ``fleet.md``, ``fleet.json`` and
+``fleet.png`` from a ``fleet bench`` result set; ``compare`` of two result sets; the ``fleet tune``
+summary. The look follows the build report (``edgepack/report.py``): same palette and cards."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import html
+import io
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from runtime_shim.bench import result_value as _get
+
+DASH = "—"
+FILES = {"html": "fleet.html", "md": "fleet.md", "json": "fleet.json", "png": "fleet.png"}
+STATUS = {"ok": ("pass", "PASS"), "regressed": ("fail", "REGRESSED"), "budget": ("fail", "BUDGET"),
+          "failed": ("unknown", "FAILED")}
+
+CSS = """
+:root { --fg:#111827; --muted:#6b7280; --line:#e5e7eb; --soft:#f9fafb; --good:#047857; --bad:#b91c1c; }
+* { box-sizing: border-box; }
+body { margin:0; background:#f3f4f6; color:var(--fg);
+       font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif; }
+main { max-width:1180px; margin:0 auto; padding:28px 24px 48px; }
+header h1 { margin:0 0 2px; font-size:24px; letter-spacing:-0.01em; }
+header p { margin:0; color:var(--muted); }
+section { background:#fff; border:1px solid var(--line); border-radius:10px; padding:18px 20px; margin-top:18px; }
+h2 { margin:0 0 12px; font-size:16px; }
+.cards { display:grid; grid-template-columns:repeat(auto-fit,minmax(200px,1fr)); gap:12px; margin-top:18px; }
+.card { background:#fff; border:1px solid var(--line); border-radius:10px; padding:14px 16px; }
+.card .k { color:var(--muted); font-size:12px; text-transform:uppercase; letter-spacing:.04em; }
+.card .v { font-size:26px; font-weight:650; margin-top:2px; font-variant-numeric:tabular-nums; }
+.card .s { color:var(--muted); font-size:12.5px; margin-top:2px; }
+.scroll { overflow-x:auto; }
+table { border-collapse:collapse; width:100%; font-size:13px; }
+th, td { padding:6px 8px; border-bottom:1px solid var(--line); vertical-align:top; }
+th { text-align:left; font-weight:600; color:#374151; background:var(--soft); white-space:nowrap;
+     border-bottom:2px solid var(--line); }
+th.n, td.n { text-align:right; font-variant-numeric:tabular-nums; white-space:nowrap; }
+td.name { font-weight:600; white-space:nowrap; }
+.good { color:var(--good); } .bad { color:var(--bad); } .na { color:#9ca3af; }
+.badge { display:inline-block; min-width:44px; text-align:center; font-size:11.5px; font-weight:700;
+         padding:2px 8px; border-radius:10px; letter-spacing:.03em; }
+.badge.pass { background:#d1fae5; color:#065f46; } .badge.fail { background:#fee2e2; color:#991b1b; }
+.badge.unknown { background:#e5e7eb; color:#374151; }
+figure { margin:0; } figure img { display:block; max-width:100%; height:auto; margin:0 auto; }
+figcaption, .note { color:var(--muted); font-size:12.5px; margin-top:8px; }
+ul.notes { margin:0; padding-left:18px; } ul.notes li { margin:2px 0; font-family:ui-monospace,monospace;
+  font-size:12.5px; }
+"""
+
+
+def _pct(v: Any) -> str:
+    return DASH if not isinstance(v, (int, float)) else f"{100 * v:.2f}"
+
+
+def _ms(v: Any) -> str:
+    if not isinstance(v, (int, float)):
+        return DASH
+    return f"{v:.3f}" if v < 10 else f"{v:.2f}" if v < 100 else f"{v:.1f}"
+
+
+def _num(v: Any, digits: int = 1) -> str:
+    return DASH if not isinstance(v, (int, float)) else f"{v:,.{digits}f}"
+
+
+def _drop(r: Mapping[str, Any]) -> str:
+    d = _get(r, "regression.drop_points")
+    return DASH if d is None else f"{-d:+.2f}".replace("-", "−")
+
+
+def _target(r: Mapping[str, Any]) -> str:
+    det, prof = r.get("detected_target"), r.get("profile_target")
+    if det is None and prof is None:
+        return DASH
+    return f"{det or '?'}" + ("" if r.get("target_match") else f" (profile: {prof or '?'})")
+
+
+def _budgets(r: Mapping[str, Any]) -> str:
+    bs = r.get("budgets") or []
+    if not bs:
+        return DASH
+    failed = [b["budget"] for b in bs if b["ok"] is False]
+    checked = [b for b in bs if b["ok"] is not None]
+    return f"missed: {', '.join(failed)}" if failed else f"{len(checked)}/{len(checked)} met"
+
+
+def columns(doc: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    sizes = sorted({int(k) for r in doc["devices"] for k in (r.get("throughput_qps") or {})})
+    cols: list[tuple[str, Any]] = [
+        ("Device", lambda r: r["device"]),
+        ("Profile", lambda r: r.get("profile")),
+        ("Status", lambda r: STATUS.get(r.get("status"), ("unknown", "?"))[1]),
+        ("Accuracy %", lambda r: _pct(r.get("accuracy"))),
+        ("vs build (pt)", _drop),
+        ("Agreement %", lambda r: _pct(r.get("agreement"))),
+        ("p50 ms", lambda r: _ms(_get(r, "latency_ms.p50"))),
+        ("p95 ms", lambda r: _ms(_get(r, "latency_ms.p95"))),
+        ("p99 ms", lambda r: _ms(_get(r, "latency_ms.p99"))),
+    ]
+    cols += [(f"qps@{b}", lambda r, b=b: _num(_get(r, f"throughput_qps.{b}"))) for b in sizes]
+    cols += [("Peak MB", lambda r: _num(r.get("peak_rss_mb"))), ("Budgets", _budgets), ("Target", _target)]
+    return cols
+
+
+# ------------------------------------------------------------------------------------------- plot
+
+
+def plot(doc: Mapping[str, Any]) -> bytes | None:
+    """Accuracy per device (with the build-time figure and the tolerance) beside latency per device."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = [r for r in doc["devices"] if isinstance(r.get("accuracy"), (int, float))]
+    if not rows:
+        return None
+    fig = Figure(figsize=(10.5, 0.5 * len(rows) + 1.9), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_acc, ax_lat = fig.subplots(1, 2, sharey=True)
+    names = [r["device"] for r in rows]
+    ys = range(len(rows))
+    for ax in (ax_acc, ax_lat):
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.grid(True, axis="x", color="#e5e7eb", linewidth=0.8)
+        ax.set_axisbelow(True)
+    colors = ["#b91c1c" if r.get("status") == "regressed" else "#0072B2" for r in rows]
+    accs = [100 * r["accuracy"] for r in rows]
+    ax_acc.barh(list(ys), accs, color=colors, height=0.6, zorder=2)
+    for y, a in zip(ys, accs, strict=True):
+        ax_acc.annotate(f"{a:.2f}", (a, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+    build, tol = _get(doc, "bundle.build.accuracy"), doc.get("tolerance_points") or 0
+    lo = min(accs)
+    if isinstance(build, (int, float)):
+        ax_acc.axvline(100 * build, color="#111827", linestyle="--", linewidth=1, label="build time")
+        ax_acc.axvspan(100 * build - tol, 100 * build, color="#fde68a", alpha=0.5, label=f"tolerance {tol:g} pt")
+        lo = min(lo, 100 * build - tol)
+        ax_acc.legend(loc="lower left", frameon=False, fontsize=8)
+    ax_acc.set_xlim(max(0, lo - 5), 101)
+    ax_acc.set_yticks(list(ys), names, fontsize=9)
+    ax_acc.invert_yaxis()
+    ax_acc.set_xlabel("accuracy on the bundle's eval slice (%)")
+    shades = {"p50": "#1d4ed8", "p95": "#60a5fa", "p99": "#bfdbfe"}
+    h = 0.26
+    top = 0.0
+    for i, r in enumerate(rows):
+        if r.get("emulated") or not r.get("latency_ms"):
+            ax_lat.annotate("emulated: accuracy only" if r.get("emulated") else "no latency", (0, i),
+                            xytext=(4, 0), textcoords="offset points", va="center", fontsize=8, color="#6b7280")
+            continue
+        for j, q in enumerate(shades):
+            v = _get(r, f"latency_ms.{q}")
+            if isinstance(v, (int, float)):
+                ax_lat.barh(i + (j - 1) * h, v, height=h * 0.92, color=shades[q], label=q if i == 0 or top == 0 else None,
+                            zorder=2)
+                top = max(top, v)
+    ax_lat.set_xlim(0, (top or 1) * 1.15)
+    ax_lat.set_xlabel("latency, one query end to end (ms)")
+    handles, labels = ax_lat.get_legend_handles_labels()
+    if handles:
+        uniq = dict(zip(labels, handles, strict=True))
+        ax_lat.legend(uniq.values(), uniq.keys(), loc="lower right", frameon=False, fontsize=8, ncols=3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None}, facecolor="white")
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------------- render
+
+
+def _e(v: Any) -> str:
+    return html.escape(DASH if v is None or v == "" else str(v))
+
+
+def _cards(doc: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
+    s = doc["summary"]
+    n, failed = s["devices"], len(s["failed"])
+    cards = [("devices measured", f"{n - failed}/{n}", ("unreachable or failed: " + ", ".join(s["failed"]))
+              if failed else "every device answered", "bad" if failed else "good")]
+    gate = s["regressed"] + s["budget_missed"]
+    cards.append(("gate", f"{len(s['ok'])}/{n} passed", ("flagged: " + ", ".join(gate)) if gate else
+                  f"within {doc.get('tolerance_points', 0):g} pt of build time, budgets met", "bad" if gate else "good"))
+    build = _get(doc, "bundle.build.accuracy")
+    if isinstance(build, (int, float)):
+        cards.append(("build-time accuracy", f"{100 * build:.2f}%", str(_get(doc, "bundle.build.basis") or ""), ""))
+    p50s = [(r["device"], _get(r, "latency_ms.p50")) for r in doc["devices"] if _get(r, "latency_ms.p50")]
+    if p50s:
+        fast = min(p50s, key=lambda x: x[1])
+        slow = max(p50s, key=lambda x: x[1])
+        cards.append(("p50 latency", f"{_ms(fast[1])}–{_ms(slow[1])} ms", f"fastest {fast[0]}, slowest {slow[0]}", ""))
+    return cards
+
+
+def render_html(doc: Mapping[str, Any], png: bytes | None) -> str:
+    b = doc["bundle"]
+    out = [f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
+           f'content="width=device-width, initial-scale=1"><title>fleet: {_e(b["name"])}</title>'
+           f"<style>{CSS}</style></head><body><main>"]
+    w = out.append
+    w(f"<header><h1>Fleet report: {_e(b['name'])}</h1><p>manifest sha256 <code>{_e(b['manifest_digest'][:16])}</code>"
+      f" · target {_e(b.get('target'))} · {doc['summary']['devices']} devices · generated {_e(doc['created'])}"
+      "</p></header>")
+    w('<div class="cards">')
+    for k, v, s, tone in _cards(doc):
+        w(f'<div class="card"><div class="k">{_e(k)}</div><div class="v {tone if tone == "bad" else ""}">{_e(v)}'
+          f'</div><div class="s {tone}">{_e(s) if s else ""}</div></div>')
+    w("</div>")
+    if png:
+        w('<section><h2>Accuracy and latency per device</h2><figure><img alt="accuracy and latency per device" '
+          f'src="data:image/png;base64,{base64.b64encode(png).decode()}"><figcaption>Accuracy on the bundle\'s '
+          "eval slice (dashed: the build-time figure; shaded: the tolerance). Latency: one query end to end "
+          "(tokenize + run + softmax), percentiles after warm-up. Emulated devices report accuracy only."
+          "</figcaption></figure></section>")
+    cols = columns(doc)
+    w('<section><h2>Devices</h2><div class="scroll"><table><thead><tr>')
+    for head, _ in cols:
+        w(f'<th class="{"" if head in ("Device", "Profile", "Status", "Budgets", "Target") else "n"}">{_e(head)}</th>')
+    w("</tr></thead><tbody>")
+    for r in doc["devices"]:
+        w("<tr>")
+        for head, fn in cols:
+            v = fn(r)
+            if head == "Status":
+                cls = STATUS.get(r.get("status"), ("unknown", "?"))[0]
+                w(f'<td><span class="badge {cls}">{_e(v)}</span></td>')
+            elif head == "Device":
+                w(f'<td class="name">{_e(v)}</td>')
+            elif head in ("Profile", "Target", "Budgets"):
+                tone = "bad" if (head == "Budgets" and str(v).startswith("missed")) or (
+                    head == "Target" and r.get("target_match") is False) else ""
+                w(f'<td class="{tone}">{_e(v)}</td>')
+            else:
+                tone = "bad" if head == "vs build (pt)" and r.get("status") == "regressed" else ""
+                w(f'<td class="n {tone}">{_e(v)}</td>')
+        w("</tr>")
+    w("</tbody></table></div>")
+    w(f'<p class="note">Accuracy with the calibrated out-of-scope threshold. vs build: points against '
+      f'{_e(_get(doc, "bundle.build.basis"))}; a device more than {doc.get("tolerance_points", 0):g} points below '
+      "is flagged. Agreement: the share of eval rows labelled as at build time. MB = 10⁶ bytes.</p></section>")
+    notes = [ln for ln in _notes(doc)]
+    if notes:
+        w('<section><h2>Checks, warnings and failures</h2><ul class="notes">')
+        for ln in notes:
+            w(f"<li>{_e(ln)}</li>")
+        w("</ul></section>")
+    w('<section><h2>Machines and versions</h2><ul class="notes">')
+    for ln in _machines(doc):
+        w(f"<li>{_e(ln)}</li>")
+    w("</ul></section></main></body></html>\n")
+    return "".join(out)
+
+
+def _notes(doc: Mapping[str, Any]) -> list[str]:
+    out = []
+    for r in doc["devices"]:
+        if r.get("status") == "failed":
+            out.append(f"FAILED {r.get('error')}")
+            continue
+        if r.get("target_warning"):
+            out.append(f"{r['device']}: {r['target_warning']}")
+        for bud in r.get("budgets") or []:
+            state = "skipped (emulated)" if bud["ok"] is None else "ok" if bud["ok"] else "MISSED"
+            out.append(f"{r['device']}: {bud['line']} [{state}]")
+    return out
+
+
+def _machines(doc: Mapping[str, Any]) -> list[str]:
+    out = [f"bundle {doc['bundle']['path']}: manifest sha256 {doc['bundle']['manifest_digest']}"]
+    for r in doc["devices"]:
+        cpu = r.get("cpu") or {}
+        pk = ", ".join(f"{k} {v or 'missing'}" for k, v in (r.get("packages") or {}).items())
+        out.append(f"{r['device']} ({r.get('address')}, {r.get('transport')}{', emulated' if r.get('emulated') else ''})"
+                   f": {cpu.get('machine') or DASH}, {cpu.get('physical_cores') or DASH} physical cores, Python "
+                   f"{r.get('python') or DASH}; {pk or DASH}; {r.get('seconds')} s")
+    return out
+
+
+def render_md(doc: Mapping[str, Any]) -> str:
+    b = doc["bundle"]
+    cols = columns(doc)
+    out = [f"# Fleet report: {b['name']}", "",
+           f"Manifest sha256 `{b['manifest_digest'][:16]}`, target {b.get('target') or DASH}, "
+           f"{doc['summary']['devices']} devices, generated {doc['created']}.", ""]
+    for k, v, s, _ in _cards(doc):
+        out.append(f"- **{k}**: {v}" + (f" ({s})" if s else ""))
+    out += ["", f"![accuracy and latency per device]({FILES['png']})", "",
+            "| " + " | ".join(h for h, _ in cols) + " |",
+            "|" + "|".join("---" if h in ("Device", "Profile", "Status", "Budgets", "Target") else "---:"
+                           for h, _ in cols) + "|"]
+    for r in doc["devices"]:
+        out.append("| " + " | ".join(str(fn(r)).replace("|", "\\|") for _, fn in cols) + " |")
+    out += ["", f"vs build: accuracy points against {_get(doc, 'bundle.build.basis')}; tolerance "
+            f"{doc.get('tolerance_points', 0):g} points.", ""]
+    notes = _notes(doc)
+    if notes:
+        out += ["## Checks, warnings and failures", ""] + [f"- `{n}`" for n in notes] + [""]
+    out += ["## Machines and versions", ""] + [f"- {m}" for m in _machines(doc)] + [""]
+    return "\n".join(out)
+
+
+def _write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_report(out_dir: Path, doc: Mapping[str, Any]) -> dict[str, Path]:
+    """Write fleet.json, fleet.md, fleet.png and fleet.html into ``out_dir``; return their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = plot(doc)
+    paths = {k: out_dir / v for k, v in FILES.items()}
+    _write(paths["json"], (json.dumps(doc, indent=2, default=str) + "\n").encode())
+    if png:
+        _write(paths["png"], png)
+    else:
+        paths.pop("png")
+    _write(paths["md"], render_md(doc).encode())
+    _write(paths["html"], render_html(doc, png).encode())
+    return paths
+
+
+# ---------------------------------------------------------------------------------------- compare
+
+
+def load_doc(path: str | Path) -> dict[str, Any]:
+    from ..errors import EdgepackError
+
+    p = Path(path)
+    p = p / FILES["json"] if p.is_dir() else p
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise EdgepackError(f"{p}: not a readable fleet result ({e}); pass the fleet.json (or its directory) "
+                            "that `edgepack fleet bench` wrote") from None
+    if not isinstance(doc, dict) or doc.get("format") != "edgepack-fleet/1" or doc.get("kind") != "bench":
+        raise EdgepackError(f"{p}: not a `fleet bench` result (format edgepack-fleet/1, kind bench)")
+    return doc
+
+
+def compare(a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
+    """Two result sets device by device: accuracy in points, latency and throughput as ratios B/A."""
+    da = {r["device"]: r for r in a["devices"]}
+    db = {r["device"]: r for r in b["devices"]}
+    ida, idb = a["bundle"]["manifest_digest"][:16], b["bundle"]["manifest_digest"][:16]
+    lines = [f"A: {a['bundle']['name']} {ida} ({a['created']})", f"B: {b['bundle']['name']} {idb} ({b['created']})"]
+    if ida == idb:
+        lines.append("(the same manifest: a re-run of one bundle, not two bundles)")
+    rows = [("device", "acc A %", "acc B %", "Δ pt", "p50 A", "p50 B", "B/A", "p95 A", "p95 B", "B/A", "qps@1 B/A",
+             "peak MB A", "peak MB B")]
+
+    def ratio(x: Any, y: Any) -> str:
+        return f"x{y / x:.2f}" if isinstance(x, (int, float)) and isinstance(y, (int, float)) and x else DASH
+
+    for name in [n for n in da if n in db] + [n for n in db if n not in da] + [n for n in da if n not in db]:
+        ra, rb = da.get(name, {}), db.get(name, {})
+        acc_a, acc_b = ra.get("accuracy"), rb.get("accuracy")
+        delta = (f"{100 * (acc_b - acc_a):+.2f}" if isinstance(acc_a, (int, float)) and isinstance(acc_b, (int, float))
+                 else DASH)
+        pa, pb = _get(ra, "latency_ms.p50"), _get(rb, "latency_ms.p50")
+        qa, qb = _get(ra, "latency_ms.p95"), _get(rb, "latency_ms.p95")
+        rows.append((name, _pct(acc_a), _pct(acc_b), delta, _ms(pa), _ms(pb), ratio(pa, pb), _ms(qa), _ms(qb),
+                     ratio(qa, qb), ratio(_get(ra, "throughput_qps.1"), _get(rb, "throughput_qps.1")),
+                     _num(ra.get("peak_rss_mb")), _num(rb.get("peak_rss_mb"))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+              .rstrip() for r in rows]
+    lines.append("(accuracy on each bundle's eval slice; Δ pt = B − A; B/A below 1 is faster; — not measured "
+                 "or the device is absent from one set)")
+    return "\n".join(lines)
+
+
+def tune_markdown(doc: Mapping[str, Any]) -> str:
+    out = [f"# Fleet tune: {doc['bundle']['name']} `{doc['bundle']['manifest_digest'][:16]}`", "",
+           "| Device | Status | Winner | Threads | Spinning | Graph | p50 b2b | p95 b2b | p50 gap | p95 gap |",
+           "|---|---|---|---:|---|---|---:|---:|---:|---:|"]
+    for r in doc["devices"]:
+        t = r.get("tune") or {}
+        st = r.get("status")
+        if st == "failed" or t.get("skipped"):
+            out.append(f"| {r['device']} | {st if st == 'failed' else 'skipped'} | {r.get('error') or t.get('skipped')}"
+                       " | | | | | | | |")
+            continue
+        desc = next((c.get("describe", {}) for c in t.get("confirm", []) if c.get("name") == t.get("winner")), {})
+        ratios = t.get("ratios") or {}
+        out.append(f"| {r['device']} | ok | {t.get('winner')} | {desc.get('threads', DASH)} | "
+                   f"{desc.get('spinning', DASH)} | {desc.get('graph', DASH)} | "
+                   + " | ".join(f"x{ratios[k]:.2f}" if k in ratios else DASH
+                                for k in ("b2b_p50", "b2b_p95", "gap_p50", "gap_p95")) + " |")
+    out += ["", "Ratios: the winner's latency over ONNX Runtime's defaults in the confirmation round (below 1 is "
+            "faster). The winner is written into the device's runtime.json.", ""]
+    return "\n".join(out)
