@@ -43,19 +43,24 @@ class Session:
 
     async def probe(self) -> dict[str, Any]:
         """Read Python, packages, CPU and the release layout's home on the device (again after --setup)."""
-        argv = [*self.device.command_prefix, self.device.python, "-c", PROBE, self.device.remote_dir]
-        done = await self.transport.run(argv, timeout=300)
-        if done.returncode != 0:
-            raise DeviceError(f"{self.device.name}: {self.device.python} did not run on the device "
-                              f"({done.last_error()}); set python = \"...\" in the inventory to the device's Python")
-        try:
-            self.info = json.loads(done.stdout.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            raise DeviceError(f"{self.device.name}: the probe printed no JSON ({done.last_error()})") from None
+        self.info = await self._probe(self.device.python)
+        if self.info.get("setup_python"):  # the venv `deploy --setup` made: its packages are what counts
+            self.info = {**await self._probe(self.info["setup_python"]), "base_python": self.device.python}
         if self.device.cpu_flags:  # an emulated CPU: /proc/cpuinfo under the emulator is the host's
             self.info["flags_read"] = self.info["flags"]
             self.info["flags"] = sorted(self.device.cpu_flags)
         return self.info
+
+    async def _probe(self, python: str) -> dict[str, Any]:
+        argv = [*self.device.command_prefix, python, "-c", PROBE, self.device.remote_dir]
+        done = await self.transport.run(argv, timeout=300)
+        if done.returncode != 0:
+            raise DeviceError(f"{self.device.name}: {python} did not run on the device "
+                              f"({done.last_error()}); set python = \"...\" in the inventory to the device's Python")
+        try:
+            return json.loads(done.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise DeviceError(f"{self.device.name}: the probe printed no JSON ({done.last_error()})") from None
 
     # ------------------------------------------------------------------------------- what is there
 
