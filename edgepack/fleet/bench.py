@@ -24,7 +24,7 @@ from typing import Any
 from runtime_shim.tune import target_warning
 
 from . import DeviceError, FleetExit
-from .deploy import LocalBundle, deploy_one
+from .deploy import LocalBundle, deploy_one, setup_venv
 from .session import Outcome, Session, target_check
 
 FORMAT = "edgepack-fleet/1"
@@ -76,9 +76,11 @@ async def ensure_deployed(session: Session, bundle: LocalBundle, *, setup: bool,
         log(f"{session.device.name}: {bundle.name} {bundle.release} is not current there: deploying it first")
         await deploy_one(session, bundle, setup=setup, log=log)
     elif session.missing_packages():
-        raise DeviceError(f"{session.device.name}: {session.python[-1]} has no "
-                          f"{', '.join(session.missing_packages())}; run `edgepack deploy BUNDLE --to "
-                          f"{session.device.name} --setup`")
+        if not setup:
+            raise DeviceError(f"{session.device.name}: {session.python[-1]} has no "
+                              f"{', '.join(session.missing_packages())}, so the bundle cannot run there; re-run "
+                              "with --setup (a venv from the bundle's requirements.txt) or install them")
+        await setup_venv(session, posixpath.join(root, "current", "requirements.txt"), log)
     return posixpath.join(root, "current")
 
 

@@ -32,6 +32,7 @@ header h1 { margin:0 0 2px; font-size:24px; letter-spacing:-0.01em; }
 header p { margin:0; color:var(--muted); }
 section { background:#fff; border:1px solid var(--line); border-radius:10px; padding:18px 20px; margin-top:18px; }
 h2 { margin:0 0 12px; font-size:16px; }
+h3 { margin:14px 0 6px; font-size:13px; color:var(--muted); font-weight:600; } h2 + h3 { margin-top:0; }
 .cards { display:grid; grid-template-columns:repeat(auto-fit,minmax(200px,1fr)); gap:12px; margin-top:18px; }
 .card { background:#fff; border:1px solid var(--line); border-radius:10px; padding:14px 16px; }
 .card .k { color:var(--muted); font-size:12px; text-transform:uppercase; letter-spacing:.04em; }
@@ -72,7 +73,7 @@ def _num(v: Any, digits: int = 1) -> str:
 
 def _drop(r: Mapping[str, Any]) -> str:
     d = _get(r, "regression.drop_points")
-    return DASH if d is None else f"{-d:+.2f}".replace("-", "−")
+    return DASH if d is None else f"{0.0 - d:+.2f}".replace("-", "−")  # 0.0 - d: no "-0.00"
 
 
 def _target(r: Mapping[str, Any]) -> str:
@@ -105,8 +106,20 @@ def columns(doc: Mapping[str, Any]) -> list[tuple[str, Any]]:
         ("p99 ms", lambda r: _ms(_get(r, "latency_ms.p99"))),
     ]
     cols += [(f"qps@{b}", lambda r, b=b: _num(_get(r, f"throughput_qps.{b}"))) for b in sizes]
-    cols += [("Peak MB", lambda r: _num(r.get("peak_rss_mb"))), ("Budgets", _budgets), ("Target", _target)]
+    cols += [("Peak MB", lambda r: _num(r.get("peak_rss_mb"))),
+             ("Threads", lambda r: DASH if r.get("threads") is None else str(r["threads"])),
+             ("Budgets", _budgets), ("Target", _target)]
     return cols
+
+
+SPEED = ("p50 ms", "p95 ms", "p99 ms", "Peak MB", "Threads")
+TEXT = ("Device", "Profile", "Status", "Budgets", "Target")
+
+
+def _split(cols: list[tuple[str, Any]]) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
+    """Two tables of the same devices (one wide table does not fit a laptop screen; markdown keeps one)."""
+    speed = [c for c in cols if c[0] in SPEED or c[0].startswith("qps@")]
+    return [c for c in cols if c not in speed], [cols[0], *speed]
 
 
 # ------------------------------------------------------------------------------------------- plot
@@ -140,7 +153,7 @@ def plot(doc: Mapping[str, Any]) -> bytes | None:
         ax_acc.axvline(100 * build, color="#111827", linestyle="--", linewidth=1, label="build time")
         ax_acc.axvspan(100 * build - tol, 100 * build, color="#fde68a", alpha=0.5, label=f"tolerance {tol:g} pt")
         lo = min(lo, 100 * build - tol)
-        ax_acc.legend(loc="lower left", frameon=False, fontsize=8)
+        ax_acc.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncols=2, frameon=False, fontsize=8)
     ax_acc.set_xlim(max(0, lo - 5), 101)
     ax_acc.set_yticks(list(ys), names, fontsize=9)
     ax_acc.invert_yaxis()
@@ -164,7 +177,8 @@ def plot(doc: Mapping[str, Any]) -> bytes | None:
     handles, labels = ax_lat.get_legend_handles_labels()
     if handles:
         uniq = dict(zip(labels, handles, strict=True))
-        ax_lat.legend(uniq.values(), uniq.keys(), loc="lower right", frameon=False, fontsize=8, ncols=3)
+        ax_lat.legend(uniq.values(), uniq.keys(), loc="lower right", bbox_to_anchor=(1.0, 1.0), frameon=False,
+                      fontsize=8, ncols=3)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None}, facecolor="white")
     return buf.getvalue()
@@ -216,33 +230,22 @@ def render_html(doc: Mapping[str, Any], png: bytes | None) -> str:
           "eval slice (dashed: the build-time figure; shaded: the tolerance). Latency: one query end to end "
           "(tokenize + run + softmax), percentiles after warm-up. Emulated devices report accuracy only."
           "</figcaption></figure></section>")
-    cols = columns(doc)
-    w('<section><h2>Devices</h2><div class="scroll"><table><thead><tr>')
-    for head, _ in cols:
-        w(f'<th class="{"" if head in ("Device", "Profile", "Status", "Budgets", "Target") else "n"}">{_e(head)}</th>')
-    w("</tr></thead><tbody>")
-    for r in doc["devices"]:
-        w("<tr>")
-        for head, fn in cols:
-            v = fn(r)
-            if head == "Status":
-                cls = STATUS.get(r.get("status"), ("unknown", "?"))[0]
-                w(f'<td><span class="badge {cls}">{_e(v)}</span></td>')
-            elif head == "Device":
-                w(f'<td class="name">{_e(v)}</td>')
-            elif head in ("Profile", "Target", "Budgets"):
-                tone = "bad" if (head == "Budgets" and str(v).startswith("missed")) or (
-                    head == "Target" and r.get("target_match") is False) else ""
-                w(f'<td class="{tone}">{_e(v)}</td>')
-            else:
-                tone = "bad" if head == "vs build (pt)" and r.get("status") == "regressed" else ""
-                w(f'<td class="n {tone}">{_e(v)}</td>')
-        w("</tr>")
-    w("</tbody></table></div>")
+    w("<section><h2>Devices</h2>")
+    for caption, cols in zip(("Accuracy and checks", "Speed and memory"), _split(columns(doc)), strict=True):
+        w(f'<h3>{caption}</h3><div class="scroll"><table><thead><tr>')
+        for head, _ in cols:
+            w(f'<th class="{"" if head in TEXT else "n"}">{_e(head)}</th>')
+        w("</tr></thead><tbody>")
+        for r in doc["devices"]:
+            w("<tr>")
+            for head, fn in cols:
+                w(_td(head, fn(r), r))
+            w("</tr>")
+        w("</tbody></table></div>")
     w(f'<p class="note">Accuracy with the calibrated out-of-scope threshold. vs build: points against '
       f'{_e(_get(doc, "bundle.build.basis"))}; a device more than {doc.get("tolerance_points", 0):g} points below '
       "is flagged. Agreement: the share of eval rows labelled as at build time. MB = 10⁶ bytes.</p></section>")
-    notes = [ln for ln in _notes(doc)]
+    notes = _notes(doc)
     if notes:
         w('<section><h2>Checks, warnings and failures</h2><ul class="notes">')
         for ln in notes:
@@ -253,6 +256,19 @@ def render_html(doc: Mapping[str, Any], png: bytes | None) -> str:
         w(f"<li>{_e(ln)}</li>")
     w("</ul></section></main></body></html>\n")
     return "".join(out)
+
+
+def _td(head: str, v: Any, r: Mapping[str, Any]) -> str:
+    if head == "Status":
+        return f'<td><span class="badge {STATUS.get(r.get("status"), ("unknown", "?"))[0]}">{_e(v)}</span></td>'
+    if head == "Device":
+        return f'<td class="name">{_e(v)}</td>'
+    if head in TEXT:
+        bad = (head == "Budgets" and str(v).startswith("missed")) or (head == "Target" and r.get("target_match") is False)
+        wrap = "" if head == "Target" else ' style="white-space:nowrap"'
+        return f'<td class="{"bad" if bad else ""}"{wrap}>{_e(v)}</td>'
+    bad = head == "vs build (pt)" and r.get("status") == "regressed"
+    return f'<td class="n {"bad" if bad else ""}">{_e(v)}</td>'
 
 
 def _notes(doc: Mapping[str, Any]) -> list[str]:

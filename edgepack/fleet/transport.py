@@ -190,7 +190,7 @@ class SSHTransport(Transport):
             return await asyncssh.connect(host, known_hosts=str(known_hosts) if known_hosts.is_file() else b"",
                                           **opts)
 
-        where = f"{device.name}: {what} {host}"
+        where = f"{device.name}: {what} {host}" + (f":{opts['port']}" if opts.get("port") else "")
         try:
             try:
                 return await attempt()
@@ -232,7 +232,9 @@ class SSHTransport(Transport):
         except asyncssh.HostKeyNotVerifiable as e:
             raise DeviceError(f"{where}: host key not verified ({e.reason}); check {known_hosts}") from None
         except (asyncssh.Error, OSError, asyncio.TimeoutError) as e:
-            reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e) or type(e).__name__
+            errno = getattr(e, "errno", None)
+            reason = (os.strerror(errno).lower() if isinstance(errno, int) else getattr(e, "reason", None) or str(e)
+                      or ("no answer in time" if isinstance(e, asyncio.TimeoutError) else type(e).__name__))
             raise DeviceError(f"{where}: unreachable ({reason})") from None
 
     async def run(self, argv: Sequence[str], *, cwd: str | None = None, timeout: float | None = None) -> Completed:
