@@ -339,6 +339,7 @@ def test_deploy_bench_report_rollback(lab, tmp_path, capsys, tiny_bundle):
                                                                   "bundle_size_mb", "max_accuracy_drop"}
         pulled = json.loads((out_dir / "devices" / r["device"] / "bench.json").read_text())
         assert pulled["predictions"] == build["predictions"]
+        assert pulled["fleet"]["device"] == r["device"] and pulled["fleet"]["manifest_digest"] == digest
     assert doc["devices"][1]["target_match"] is False
     html = (out_dir / "fleet.html").read_text()
     assert all(f'<td class="name">{n}</td>' in html for n in ("a", "b", "local")) and "data:image/png;base64," in html
@@ -452,6 +453,14 @@ def test_device_without_onnxruntime_then_setup(lab, tmp_path, capsys, tiny_bundl
     code, out = cli(capsys, "devices", "--check", "--to", "a", "--inventory", inv, "--json", tmp_path / "c.json")
     found = json.loads((tmp_path / "c.json").read_text())[0]
     assert code == 0 and found["setup_python"] == str(venv_python) and all(found["packages"].values())
+
+
+def test_signed_only_device_refuses_an_unsigned_bundle(lab, tmp_path, capsys, tiny_bundle):
+    inv = write_inventory(lab, tmp_path, ("a", "local"), local={"signed_only": True})
+    code, out = cli(capsys, "deploy", tiny_bundle, "--inventory", inv)
+    assert code == 4 and "a: deployed tiny" in out, out
+    assert f"FAILED local: accepts signed bundles only (signed_only = true) and {tiny_bundle} has no manifest.sig" in out
+    assert not (tmp_path / "dev-local" / "tiny").exists()
 
 
 def test_cpu_without_the_targets_flags_is_warned_and_checked(lab, tmp_path, capsys, tiny_bundle):

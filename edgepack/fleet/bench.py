@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from runtime_shim.manifest import write_json_atomic
 from runtime_shim.tune import target_warning
 
 from . import DeviceError, FleetExit
@@ -103,7 +104,12 @@ async def bench_one(session: Session, bundle: LocalBundle, out_dir: Path, *, run
         raise DeviceError(f"{session.device.name}: bench failed on the device: {done.last_error()}")
     local = out_dir / "devices" / session.device.name / "bench.json"
     await session.transport.get(remote, local)
-    return json.loads(local.read_text())
+    result = json.loads(local.read_text())
+    # The shim's result, stamped with what it measured: which bundle (manifest digest), on which device.
+    result["fleet"] = {"device": session.device.name, "manifest_digest": bundle.digest, "release": bundle.release,
+                       "remote_result": remote, "emulated": session.device.emulated}
+    write_json_atomic(local, result)
+    return result
 
 
 async def tune_one(session: Session, bundle: LocalBundle, out_dir: Path, *, extra: list[str],
@@ -119,7 +125,10 @@ async def tune_one(session: Session, bundle: LocalBundle, out_dir: Path, *, extr
     local = out_dir / "devices" / session.device.name / "tune.json"
     await session.transport.get(remote, local)
     result = json.loads(local.read_text())
+    result["fleet"] = {"device": session.device.name, "manifest_digest": bundle.digest, "release": bundle.release,
+                       "dry_run": "--dry-run" in extra}
     result["stdout"] = done.stdout.strip().splitlines()[-3:]
+    write_json_atomic(local, result)
     return result
 
 
