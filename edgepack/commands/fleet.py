@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from ..fleet import FleetExit
 
     if args.fleet_command == "compare":
-        from ..fleet.report import compare, load_doc
+        from ..fleet.compare import compare, load_doc
 
         print(compare(load_doc(args.a), load_doc(args.b)))
         return FleetExit.OK
@@ -118,7 +118,7 @@ def _tune(args: argparse.Namespace) -> int:
     from runtime_shim.manifest import write_json_atomic
 
     from ..fleet.bench import _base, fleet_document, summary_lines, tune_one
-    from ..fleet.report import tune_markdown
+    from ..fleet.compare import tune_markdown
     from ..fleet.session import run_devices
 
     log, devices, bundle, out = _setup(args)
