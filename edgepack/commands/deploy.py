@@ -1,0 +1,105 @@
+"""``edgepack deploy BUNDLE --to NAME[,NAME]|all [--setup]`` and ``edgepack deploy --rollback NAME``.
+
+Copies the bundle to each device in parallel, atomically: upload beside the releases, verify every
+checksum on the device with the bundle's own shim, load it once, then switch ``current`` with a
+rename; the release it replaces stays as ``previous`` for ``--rollback``. See ``edgepack.fleet.deploy``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .devices import add_inventory_args
+
+
+def register(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("deploy", help="copy a bundle to devices (atomic, verified there, previous kept)",
+                       description="Deploy BUNDLE to the devices of devices.toml in parallel: upload beside the "
+                                   "current release, verify every checksum on the device, switch atomically, keep "
+                                   "the previous release. --rollback NAME restores the previous release.")
+    p.add_argument("bundle", nargs="?", metavar="BUNDLE", help="the bundle directory (holding manifest.json)")
+    p.add_argument("--rollback", default=None, metavar="NAME[,NAME]|all",
+                   help="point these devices back at their previous release (no BUNDLE needed)")
+    p.add_argument("--name", default=None,
+                   help="the bundle's name on the device (default: the manifest's name, else the directory's)")
+    p.add_argument("--setup", action="store_true",
+                   help="when the device's Python lacks onnxruntime/tokenizers/numpy: create <remote_dir>/venv "
+                        "from the bundle's requirements.txt (python -m venv + pip install)")
+    add_inventory_args(p)
+    return p
+
+
+def progress_bars(devices, total: int):
+    """One byte counter per device (shown on a terminal only)."""
+    from tqdm import tqdm
+
+    return {d.name: tqdm(total=total, desc=d.name, unit="B", unit_scale=True, position=i, leave=True,
+                         disable=None, dynamic_ncols=True) for i, d in enumerate(devices)}
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ..errors import EdgepackError
+    from ..fleet.deploy import deploy_one, load_bundle, rollback_one
+    from ..fleet.inventory import load_inventory
+    from ..fleet.session import run_devices
+
+    log = tqdm.write
+    inv = load_inventory(args.inventory)
+    if args.rollback:
+        if args.bundle:
+            raise EdgepackError("--rollback takes device names, not a BUNDLE; drop BUNDLE")
+        devices = inv.select(args.rollback)
+
+        async def job(session):
+            return await rollback_one(session, args.name)
+
+        outcomes = run_devices(devices, job, jobs=args.jobs, trust_new_host=args.trust_new_host, log=log)
+        for o in outcomes:
+            if o.ok:
+                v = o.value
+                print(f"{o.device.name}: rolled back {v['bundle']}: current {v['current']}, previous {v['previous']}")
+            else:
+                print(f"FAILED {o.error}")
+        return _verdict("rollback", outcomes)
+
+    if not args.bundle:
+        raise EdgepackError("deploy needs BUNDLE (a bundle directory) or --rollback NAME")
+    bundle = load_bundle(args.bundle, args.name)
+    devices = inv.select(args.to)
+    bars = progress_bars(devices, bundle.total_bytes)
+
+    async def job(session):
+        bar = bars[session.device.name]
+        try:
+            return await deploy_one(session, bundle, setup=args.setup, progress=bar.update, log=log)
+        finally:
+            bar.close()
+
+    try:
+        outcomes = run_devices(devices, job, jobs=args.jobs, trust_new_host=args.trust_new_host, log=log)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    for o in outcomes:
+        if o.ok:
+            v = o.value
+            sent = f"{v['bytes_sent'] / 1e6:.2f} MB sent" if v["bytes_sent"] else "nothing sent"
+            print(f"{o.device.name}: {v['action']} {bundle.name} {v['release']} ({sent}, verified on the device, "
+                  f"{v['seconds']:.1f} s); previous {v['previous'] or 'none'}")
+        else:
+            print(f"FAILED {o.error}")
+    return _verdict("deploy", outcomes)
+
+
+def _verdict(what: str, outcomes) -> int:
+    from ..fleet import FleetExit
+
+    failed = [o.device.name for o in outcomes if not o.ok]
+    if failed:
+        print(f"{what}: {len(outcomes) - len(failed)}/{len(outcomes)} devices done; failed: {', '.join(failed)} "
+              f"(partial, exit {int(FleetExit.PARTIAL)})")
+        return FleetExit.PARTIAL
+    print(f"{what}: {len(outcomes)}/{len(outcomes)} devices done")
+    return FleetExit.OK

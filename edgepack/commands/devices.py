@@ -1,0 +1,96 @@
+"""``edgepack devices [--check]``: list the inventory (``devices.toml``); with ``--check``, connect to
+each device in parallel and report what is there: reachable, Python, the runtime packages, the CPU
+as read on the device, the target edgepack detects from it and whether the profile says the same."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_inventory_args(p: argparse.ArgumentParser, *, to: bool = True) -> None:
+    """Options every fleet command shares."""
+    p.add_argument("--inventory", default=None, metavar="FILE",
+                   help="the device inventory (default: $EDGEPACK_DEVICES, else ./devices.toml)")
+    if to:
+        p.add_argument("--to", default="all", metavar="NAME[,NAME]|all", help="which devices (default: all)")
+    p.add_argument("--trust-new-host", action="store_true",
+                   help="record the host key of a device not yet in known_hosts (its fingerprint is printed); "
+                        "a changed key is refused regardless")
+    p.add_argument("--jobs", type=int, default=8, metavar="N", help="devices worked on at once (default: 8)")
+
+
+def register(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("devices", help="list the devices of devices.toml; --check connects to each",
+                       description="List the inventory. With --check, connect to every device (in parallel) and "
+                                   "report Python, onnxruntime/tokenizers/numpy, the CPU read on the device, the "
+                                   "detected target and whether it matches the device's profile.")
+    p.add_argument("--check", action="store_true", help="connect to each device and report what is there")
+    p.add_argument("--json", default=None, metavar="OUT", help="with --check: also write the findings as JSON")
+    add_inventory_args(p)
+    return p
+
+
+def _identifying_flags() -> set[str]:
+    from .. import targets
+
+    return {f for t in targets.all_targets() for f in (*t.requires_flags, *t.any_flags)}
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..fleet import FleetExit
+    from ..fleet.inventory import format_devices, load_inventory
+
+    inv = load_inventory(args.inventory)
+    devices = inv.select(args.to)
+    if not args.check:
+        print(format_devices(devices))
+        return FleetExit.OK
+
+    from ..fleet.session import run_devices
+
+    async def check(session):
+        return {**session.target_check(), "missing": session.missing_packages(), "python_used": session.python[-1]}
+
+    outcomes = run_devices(devices, check, jobs=args.jobs, trust_new_host=args.trust_new_host)
+    known = _identifying_flags()
+    rows = [("device", "reachable", "python", "onnxruntime", "tokenizers", "numpy", "arch", "cores", "isa flags",
+             "detected", "profile target", "match")]
+    notes, found = [], []
+    for o in outcomes:
+        d = o.device
+        if not o.ok:
+            rows.append((d.name, "no", *["-"] * 10))
+            notes.append(f"UNREACHABLE {o.error}")
+            found.append({"device": d.name, "reachable": False, "error": o.error})
+            continue
+        info, v = o.info, o.value
+        pk = info.get("packages") or {}
+        flags = sorted(set(info.get("flags") or ()) & known)
+        rows.append((d.name, "yes", str(info.get("python")), pk.get("onnxruntime") or "MISSING",
+                     pk.get("tokenizers") or "MISSING", pk.get("numpy") or "MISSING", str(info.get("arch")),
+                     str(info.get("physical_cores")), " ".join(flags) or "-", v.get("detected_target") or "-",
+                     v.get("profile_target") or "-", "yes" if v.get("target_match") else "NO"))
+        if v["missing"]:
+            notes.append(f"{d.name}: {v['python_used']} has no {', '.join(v['missing'])}: the bundle cannot run there; "
+                         f"`edgepack deploy BUNDLE --to {d.name} --setup` creates a venv from its requirements.txt")
+        if not v.get("target_match"):
+            notes.append(f"{d.name}: the CPU reads as target '{v.get('detected_target')}' but profile "
+                         f"'{d.profile}' is for '{v.get('profile_target')}'; bundles built for the profile may lack "
+                         "kernels here (or the profile is wrong)")
+        if d.emulated:
+            notes.append(f"{d.name}: emulated ({' '.join(d.command_prefix)}): flags "
+                         f"{'from the inventory' if d.cpu_flags else 'as /proc/cpuinfo shows them (the host CPU)'}")
+        found.append({"device": d.name, "reachable": True, **info, **v})
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    for n in notes:
+        print(n)
+    down = [o.device.name for o in outcomes if not o.ok]
+    print(f"devices: {len(outcomes) - len(down)}/{len(outcomes)} reachable"
+          + (f"; unreachable: {', '.join(down)}" if down else ""))
+    if args.json:
+        from runtime_shim.manifest import write_json_atomic
+
+        write_json_atomic(args.json, found)
+    return FleetExit.PARTIAL if down else FleetExit.OK

@@ -1,0 +1,40 @@
+"""The fleet: bundles deployed to devices over SSH (or to a local runtime-only Python), tuned and
+benchmarked there, and one report across the devices.
+
+- ``inventory``: ``devices.toml``, one typed, frozen ``Device`` per table.
+- ``transport``: how commands run and files travel: ``SSHTransport`` (asyncssh, host keys checked
+  against ``known_hosts``) and ``LocalTransport`` (a directory and a Python on this machine).
+- ``session``: a connected device (what the probe read there) and the runner that works on many
+  devices at once.
+- ``remote``: the small standard-library programs run with the device's Python (probe the CPU and
+  packages, switch releases atomically).
+- ``deploy``: upload beside the destination, verify on the device, switch ``current`` atomically,
+  keep ``previous``; rollback; ``--setup`` of a virtual environment from ``requirements.txt``.
+- ``bench``: ``python -m runtime_shim bench|tune`` on each device, results pulled back and checked
+  against the build-time figures of the manifest.
+- ``report``: ``fleet.html``, ``fleet.md``, ``fleet.json`` and ``fleet.png`` across devices;
+  ``compare``: two result sets side by side, and the ``fleet tune`` table.
+
+Every device runs in its own task: one that is down or refuses its host key fails alone, and the
+command's exit code says the fleet was partial (``FleetExit``).
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class FleetExit(enum.IntEnum):
+    """Exit codes of the fleet commands (``edgepack devices|deploy|fleet``)."""
+
+    OK = 0
+    USAGE = 2  # bad input (inventory, bundle): the message says what to change
+    GATE = 3  # every device ran, and one regressed beyond the tolerance or missed a profile budget
+    PARTIAL = 4  # some devices could not be reached or failed; the others completed
+
+
+class DeviceError(Exception):
+    """One device failed (unreachable, host key refused, verify failed). ``str(err)`` is one line."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))

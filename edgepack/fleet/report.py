@@ -1,0 +1,347 @@
+"""The fleet report: ``fleet.html`` (one self-contained file), ``fleet.md``, ``fleet.json`` and
+``fleet.png`` from a ``fleet bench`` result set. The look follows the build report
+(``edgepack/report.py``): the same palette, cards and tables."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import html
+import io
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from runtime_shim.bench import result_value as _get
+
+DASH = "—"
+FILES = {"html": "fleet.html", "md": "fleet.md", "json": "fleet.json", "png": "fleet.png"}
+STATUS = {"ok": ("pass", "PASS"), "regressed": ("fail", "REGRESSED"), "budget": ("fail", "BUDGET"),
+          "failed": ("unknown", "FAILED")}
+
+CSS = """
+:root { --fg:#111827; --muted:#6b7280; --line:#e5e7eb; --soft:#f9fafb; --good:#047857; --bad:#b91c1c; }
+* { box-sizing: border-box; }
+body { margin:0; background:#f3f4f6; color:var(--fg);
+       font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif; }
+main { max-width:1180px; margin:0 auto; padding:28px 24px 48px; }
+header h1 { margin:0 0 2px; font-size:24px; letter-spacing:-0.01em; }
+header p { margin:0; color:var(--muted); }
+section { background:#fff; border:1px solid var(--line); border-radius:10px; padding:18px 20px; margin-top:18px; }
+h2 { margin:0 0 12px; font-size:16px; }
+h3 { margin:14px 0 6px; font-size:13px; color:var(--muted); font-weight:600; } h2 + h3 { margin-top:0; }
+.cards { display:grid; grid-template-columns:repeat(auto-fit,minmax(200px,1fr)); gap:12px; margin-top:18px; }
+.card { background:#fff; border:1px solid var(--line); border-radius:10px; padding:14px 16px; }
+.card .k { color:var(--muted); font-size:12px; text-transform:uppercase; letter-spacing:.04em; }
+.card .v { font-size:26px; font-weight:650; margin-top:2px; font-variant-numeric:tabular-nums; }
+.card .s { color:var(--muted); font-size:12.5px; margin-top:2px; }
+.scroll { overflow-x:auto; }
+table { border-collapse:collapse; width:100%; font-size:13px; }
+th, td { padding:6px 8px; border-bottom:1px solid var(--line); vertical-align:top; }
+th { text-align:left; font-weight:600; color:#374151; background:var(--soft); white-space:nowrap;
+     border-bottom:2px solid var(--line); }
+th.n, td.n { text-align:right; font-variant-numeric:tabular-nums; white-space:nowrap; }
+td.name { font-weight:600; white-space:nowrap; }
+.good { color:var(--good); } .bad { color:var(--bad); } .na { color:#9ca3af; }
+.badge { display:inline-block; min-width:44px; text-align:center; font-size:11.5px; font-weight:700;
+         padding:2px 8px; border-radius:10px; letter-spacing:.03em; }
+.badge.pass { background:#d1fae5; color:#065f46; } .badge.fail { background:#fee2e2; color:#991b1b; }
+.badge.unknown { background:#e5e7eb; color:#374151; }
+figure { margin:0; } figure img { display:block; max-width:100%; height:auto; margin:0 auto; }
+figcaption, .note { color:var(--muted); font-size:12.5px; margin-top:8px; }
+ul.notes { margin:0; padding-left:18px; } ul.notes li { margin:2px 0; font-family:ui-monospace,monospace;
+  font-size:12.5px; }
+"""
+
+
+def _pct(v: Any) -> str:
+    return DASH if not isinstance(v, (int, float)) else f"{100 * v:.2f}"
+
+
+def _ms(v: Any) -> str:
+    if not isinstance(v, (int, float)):
+        return DASH
+    return f"{v:.3f}" if v < 10 else f"{v:.2f}" if v < 100 else f"{v:.1f}"
+
+
+def _num(v: Any, digits: int = 1) -> str:
+    return DASH if not isinstance(v, (int, float)) else f"{v:,.{digits}f}"
+
+
+def _drop(r: Mapping[str, Any]) -> str:
+    d = _get(r, "regression.drop_points")
+    return DASH if d is None else f"{0.0 - d:+.2f}".replace("-", "−")  # 0.0 - d: no "-0.00"
+
+
+def _target(r: Mapping[str, Any]) -> str:
+    det, prof = r.get("detected_target"), r.get("profile_target")
+    if det is None and prof is None:
+        return DASH
+    return f"{det or '?'}" + ("" if r.get("target_match") else f" (profile: {prof or '?'})")
+
+
+def _budgets(r: Mapping[str, Any]) -> str:
+    bs = r.get("budgets") or []
+    if not bs:
+        return DASH
+    failed = [b["budget"] for b in bs if b["ok"] is False]
+    checked = [b for b in bs if b["ok"] is not None]
+    return f"missed: {', '.join(failed)}" if failed else f"{len(checked)}/{len(checked)} met"
+
+
+def columns(doc: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    sizes = sorted({int(k) for r in doc["devices"] for k in (r.get("throughput_qps") or {})})
+    cols: list[tuple[str, Any]] = [
+        ("Device", lambda r: r["device"]),
+        ("Profile", lambda r: r.get("profile")),
+        ("Status", lambda r: STATUS.get(r.get("status"), ("unknown", "?"))[1]),
+        ("Accuracy %", lambda r: _pct(r.get("accuracy"))),
+        ("vs build (pt)", _drop),
+        ("Agreement %", lambda r: _pct(r.get("agreement"))),
+        ("p50 ms", lambda r: _ms(_get(r, "latency_ms.p50"))),
+        ("p95 ms", lambda r: _ms(_get(r, "latency_ms.p95"))),
+        ("p99 ms", lambda r: _ms(_get(r, "latency_ms.p99"))),
+    ]
+    cols += [(f"qps@{b}", lambda r, b=b: _num(_get(r, f"throughput_qps.{b}"))) for b in sizes]
+    cols += [("Peak MB", lambda r: _num(r.get("peak_rss_mb"))),
+             ("Threads", lambda r: DASH if r.get("threads") is None else str(r["threads"])),
+             ("Budgets", _budgets), ("Target", _target)]
+    return cols
+
+
+SPEED = ("p50 ms", "p95 ms", "p99 ms", "Peak MB", "Threads")
+TEXT = ("Device", "Profile", "Status", "Budgets", "Target")
+
+
+def _split(cols: list[tuple[str, Any]]) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
+    """Two tables of the same devices (one wide table does not fit a laptop screen; markdown keeps one)."""
+    speed = [c for c in cols if c[0] in SPEED or c[0].startswith("qps@")]
+    return [c for c in cols if c not in speed], [cols[0], *speed]
+
+
+# ------------------------------------------------------------------------------------------- plot
+
+
+def plot(doc: Mapping[str, Any]) -> bytes | None:
+    """Accuracy per device (with the build-time figure and the tolerance) beside latency per device."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = [r for r in doc["devices"] if isinstance(r.get("accuracy"), (int, float))]
+    if not rows:
+        return None
+    fig = Figure(figsize=(10.5, 0.5 * len(rows) + 1.9), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_acc, ax_lat = fig.subplots(1, 2, sharey=True)
+    names = [r["device"] for r in rows]
+    ys = range(len(rows))
+    for ax in (ax_acc, ax_lat):
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.grid(True, axis="x", color="#e5e7eb", linewidth=0.8)
+        ax.set_axisbelow(True)
+    colors = ["#b91c1c" if r.get("status") == "regressed" else "#0072B2" for r in rows]
+    accs = [100 * r["accuracy"] for r in rows]
+    ax_acc.barh(list(ys), accs, color=colors, height=0.6, zorder=2)
+    for y, a in zip(ys, accs, strict=True):
+        ax_acc.annotate(f"{a:.2f}", (a, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+    build, tol = _get(doc, "bundle.build.accuracy"), doc.get("tolerance_points") or 0
+    lo = min(accs)
+    if isinstance(build, (int, float)):
+        ax_acc.axvline(100 * build, color="#111827", linestyle="--", linewidth=1, label="build time")
+        ax_acc.axvspan(100 * build - tol, 100 * build, color="#fde68a", alpha=0.5, label=f"tolerance {tol:g} pt")
+        lo = min(lo, 100 * build - tol)
+        ax_acc.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncols=2, frameon=False, fontsize=8)
+    ax_acc.set_xlim(max(0, lo - 5), 101)
+    ax_acc.set_yticks(list(ys), names, fontsize=9)
+    ax_acc.invert_yaxis()
+    ax_acc.set_xlabel("accuracy on the bundle's eval slice (%)")
+    shades = {"p50": "#1d4ed8", "p95": "#60a5fa", "p99": "#bfdbfe"}
+    h = 0.26
+    top = 0.0
+    for i, r in enumerate(rows):
+        if r.get("emulated") or not r.get("latency_ms"):
+            ax_lat.annotate("emulated: accuracy only" if r.get("emulated") else "no latency", (0, i),
+                            xytext=(4, 0), textcoords="offset points", va="center", fontsize=8, color="#6b7280")
+            continue
+        for j, q in enumerate(shades):
+            v = _get(r, f"latency_ms.{q}")
+            if isinstance(v, (int, float)):
+                ax_lat.barh(i + (j - 1) * h, v, height=h * 0.92, color=shades[q], label=q if i == 0 or top == 0 else None,
+                            zorder=2)
+                top = max(top, v)
+    ax_lat.set_xlim(0, (top or 1) * 1.15)
+    ax_lat.set_xlabel("latency, one query end to end (ms)")
+    handles, labels = ax_lat.get_legend_handles_labels()
+    if handles:
+        uniq = dict(zip(labels, handles, strict=True))
+        ax_lat.legend(uniq.values(), uniq.keys(), loc="lower right", bbox_to_anchor=(1.0, 1.0), frameon=False,
+                      fontsize=8, ncols=3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None}, facecolor="white")
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------------- render
+
+
+def _e(v: Any) -> str:
+    return html.escape(DASH if v is None or v == "" else str(v))
+
+
+def _cards(doc: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
+    s = doc["summary"]
+    n, failed = s["devices"], len(s["failed"])
+    cards = [("devices measured", f"{n - failed}/{n}", ("unreachable or failed: " + ", ".join(s["failed"]))
+              if failed else "every device answered", "bad" if failed else "good")]
+    gate = s["regressed"] + s["budget_missed"]
+    cards.append(("gate", f"{len(s['ok'])}/{n} passed", ("flagged: " + ", ".join(gate)) if gate else
+                  f"within {doc.get('tolerance_points', 0):g} pt of build time, budgets met", "bad" if gate else "good"))
+    build = _get(doc, "bundle.build.accuracy")
+    if isinstance(build, (int, float)):
+        cards.append(("build-time accuracy", f"{100 * build:.2f}%", str(_get(doc, "bundle.build.basis") or ""), ""))
+    p50s = [(r["device"], _get(r, "latency_ms.p50")) for r in doc["devices"] if _get(r, "latency_ms.p50")]
+    if p50s:
+        fast = min(p50s, key=lambda x: x[1])
+        slow = max(p50s, key=lambda x: x[1])
+        cards.append(("p50 latency", f"{_ms(fast[1])}–{_ms(slow[1])} ms", f"fastest {fast[0]}, slowest {slow[0]}", ""))
+    return cards
+
+
+def render_html(doc: Mapping[str, Any], png: bytes | None) -> str:
+    b = doc["bundle"]
+    out = [f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
+           f'content="width=device-width, initial-scale=1"><title>fleet: {_e(b["name"])}</title>'
+           f"<style>{CSS}</style></head><body><main>"]
+    w = out.append
+    w(f"<header><h1>Fleet report: {_e(b['name'])}</h1><p>manifest sha256 <code>{_e(b['manifest_digest'][:16])}</code>"
+      f" · target {_e(b.get('target'))} · {doc['summary']['devices']} devices · generated {_e(doc['created'])}"
+      "</p></header>")
+    w('<div class="cards">')
+    for k, v, s, tone in _cards(doc):
+        w(f'<div class="card"><div class="k">{_e(k)}</div><div class="v {tone if tone == "bad" else ""}">{_e(v)}'
+          f'</div><div class="s {tone}">{_e(s) if s else ""}</div></div>')
+    w("</div>")
+    if png:
+        w('<section><h2>Accuracy and latency per device</h2><figure><img alt="accuracy and latency per device" '
+          f'src="data:image/png;base64,{base64.b64encode(png).decode()}"><figcaption>Accuracy on the bundle\'s '
+          "eval slice (dashed: the build-time figure; shaded: the tolerance). Latency: one query end to end "
+          "(tokenize + run + softmax), percentiles after warm-up. Emulated devices report accuracy only."
+          "</figcaption></figure></section>")
+    w("<section><h2>Devices</h2>")
+    for caption, cols in zip(("Accuracy and checks", "Speed and memory"), _split(columns(doc)), strict=True):
+        w(f'<h3>{caption}</h3><div class="scroll"><table><thead><tr>')
+        for head, _ in cols:
+            w(f'<th class="{"" if head in TEXT else "n"}">{_e(head)}</th>')
+        w("</tr></thead><tbody>")
+        for r in doc["devices"]:
+            w("<tr>")
+            for head, fn in cols:
+                w(_td(head, fn(r), r))
+            w("</tr>")
+        w("</tbody></table></div>")
+    w(f'<p class="note">Accuracy with the calibrated out-of-scope threshold. vs build: points against '
+      f'{_e(_get(doc, "bundle.build.basis"))}; a device more than {doc.get("tolerance_points", 0):g} points below '
+      "is flagged. Agreement: the share of eval rows labelled as at build time. MB = 10⁶ bytes.</p></section>")
+    notes = _notes(doc)
+    if notes:
+        w('<section><h2>Checks, warnings and failures</h2><ul class="notes">')
+        for ln in notes:
+            w(f"<li>{_e(ln)}</li>")
+        w("</ul></section>")
+    w('<section><h2>Machines and versions</h2><ul class="notes">')
+    for ln in _machines(doc):
+        w(f"<li>{_e(ln)}</li>")
+    w("</ul></section></main></body></html>\n")
+    return "".join(out)
+
+
+def _td(head: str, v: Any, r: Mapping[str, Any]) -> str:
+    if head == "Status":
+        return f'<td><span class="badge {STATUS.get(r.get("status"), ("unknown", "?"))[0]}">{_e(v)}</span></td>'
+    if head == "Device":
+        return f'<td class="name">{_e(v)}</td>'
+    if head in TEXT:
+        bad = (head == "Budgets" and str(v).startswith("missed")) or (head == "Target" and r.get("target_match") is False)
+        wrap = "" if head == "Target" else ' style="white-space:nowrap"'
+        return f'<td class="{"bad" if bad else ""}"{wrap}>{_e(v)}</td>'
+    bad = head == "vs build (pt)" and r.get("status") == "regressed"
+    return f'<td class="n {"bad" if bad else ""}">{_e(v)}</td>'
+
+
+def _notes(doc: Mapping[str, Any]) -> list[str]:
+    out = []
+    for r in doc["devices"]:
+        if r.get("status") == "failed":
+            out.append(f"FAILED {r.get('error')}")
+            continue
+        if r.get("target_warning"):
+            out.append(f"{r['device']}: {r['target_warning']}")
+        for bud in r.get("budgets") or []:
+            state = "skipped (emulated)" if bud["ok"] is None else "ok" if bud["ok"] else "MISSED"
+            out.append(f"{r['device']}: {bud['line']} [{state}]")
+    return out
+
+
+def _machines(doc: Mapping[str, Any]) -> list[str]:
+    out = [f"bundle {doc['bundle']['path']}: manifest sha256 {doc['bundle']['manifest_digest']}"]
+    for r in doc["devices"]:
+        cpu = r.get("cpu") or {}
+        pk = ", ".join(f"{k} {v or 'missing'}" for k, v in (r.get("packages") or {}).items())
+        out.append(f"{r['device']} ({r.get('address')}, {r.get('transport')}{', emulated' if r.get('emulated') else ''})"
+                   f": {cpu.get('machine') or DASH}, {cpu.get('physical_cores') or DASH} physical cores, Python "
+                   f"{r.get('python') or DASH}; {pk or DASH}; {r.get('seconds')} s")
+    return out
+
+
+def render_md(doc: Mapping[str, Any]) -> str:
+    b = doc["bundle"]
+    cols = columns(doc)
+    out = [f"# Fleet report: {b['name']}", "",
+           f"Manifest sha256 `{b['manifest_digest'][:16]}`, target {b.get('target') or DASH}, "
+           f"{doc['summary']['devices']} devices, generated {doc['created']}.", ""]
+    for k, v, s, _ in _cards(doc):
+        out.append(f"- **{k}**: {v}" + (f" ({s})" if s else ""))
+    out += ["", f"![accuracy and latency per device]({FILES['png']})", "",
+            "| " + " | ".join(h for h, _ in cols) + " |",
+            "|" + "|".join("---" if h in ("Device", "Profile", "Status", "Budgets", "Target") else "---:"
+                           for h, _ in cols) + "|"]
+    for r in doc["devices"]:
+        out.append("| " + " | ".join(str(fn(r)).replace("|", "\\|") for _, fn in cols) + " |")
+    out += ["", f"vs build: accuracy points against {_get(doc, 'bundle.build.basis')}; tolerance "
+            f"{doc.get('tolerance_points', 0):g} points.", ""]
+    notes = _notes(doc)
+    if notes:
+        out += ["## Checks, warnings and failures", ""] + [f"- `{n}`" for n in notes] + [""]
+    out += ["## Machines and versions", ""] + [f"- {m}" for m in _machines(doc)] + [""]
+    return "\n".join(out)
+
+
+def _write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_report(out_dir: Path, doc: Mapping[str, Any]) -> dict[str, Path]:
+    """Write fleet.json, fleet.md, fleet.png and fleet.html into ``out_dir``; return their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = plot(doc)
+    paths = {k: out_dir / v for k, v in FILES.items()}
+    _write(paths["json"], (json.dumps(doc, indent=2, default=str) + "\n").encode())
+    if png:
+        _write(paths["png"], png)
+    else:
+        paths.pop("png")
+    _write(paths["md"], render_md(doc).encode())
+    _write(paths["html"], render_html(doc, png).encode())
+    return paths

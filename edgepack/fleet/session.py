@@ -1,0 +1,174 @@
+"""A connected device (``Session``: transport, what the probe read there, the Python to use) and the
+runner that works on many devices at once, each failing alone.
+
+    outcomes = run_devices(devices, job, trust_new_host=False)
+    [o.error for o in outcomes if not o.ok]   # one line per device that failed
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import posixpath
+import shlex
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import DeviceError
+from .inventory import Device
+from .remote import LAYOUT, PROBE, RUNTIME_PACKAGES
+from .transport import Completed, Transport, open_transport
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Session:
+    device: Device
+    transport: Transport
+    info: dict[str, Any]  # what PROBE printed on the device
+
+    @classmethod
+    async def open(cls, device: Device, *, trust_new_host: bool = False, log: Log = print) -> Session:
+        transport = await open_transport(device, trust_new_host=trust_new_host, log=log)
+        try:
+            session = cls(device, transport, {})
+            await session.probe()
+            return session
+        except BaseException:
+            await transport.close()
+            raise
+
+    async def probe(self) -> dict[str, Any]:
+        """Read Python, packages, CPU and the release layout's home on the device (again after --setup)."""
+        self.info = await self._probe(self.device.python)
+        if self.info.get("setup_python"):  # the venv `deploy --setup` made: its packages are what counts
+            self.info = {**await self._probe(self.info["setup_python"]), "base_python": self.device.python}
+        if self.device.cpu_flags:  # an emulated CPU: /proc/cpuinfo under the emulator is the host's
+            self.info["flags_read"] = self.info["flags"]
+            self.info["flags"] = sorted(self.device.cpu_flags)
+        return self.info
+
+    async def _probe(self, python: str) -> dict[str, Any]:
+        argv = [*self.device.command_prefix, python, "-c", PROBE, self.device.remote_dir]
+        done = await self.transport.run(argv, timeout=300)
+        if done.returncode != 0:
+            raise DeviceError(f"{self.device.name}: {python} did not run on the device "
+                              f"({done.last_error()}); set python = \"...\" in the inventory to the device's Python")
+        try:
+            return json.loads(done.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise DeviceError(f"{self.device.name}: the probe printed no JSON ({done.last_error()})") from None
+
+    # ------------------------------------------------------------------------------- what is there
+
+    @property
+    def python(self) -> list[str]:
+        """The argv that starts the device's Python: the --setup venv once it exists."""
+        return [*self.device.command_prefix, self.info.get("setup_python") or self.device.python]
+
+    @property
+    def remote_dir(self) -> str:
+        return str(self.info["remote_dir"])
+
+    def root(self, bundle_name: str) -> str:
+        return posixpath.join(self.remote_dir, bundle_name)
+
+    def missing_packages(self) -> list[str]:
+        packages = self.info.get("packages") or {}
+        return [n for n in RUNTIME_PACKAGES if not packages.get(n)]
+
+    def cpu(self) -> tuple[str, set[str]]:
+        return str(self.info.get("arch")), set(self.info.get("flags") or ())
+
+    def target_check(self) -> dict[str, Any]:
+        return target_check(self.device, self.info)
+
+    # ------------------------------------------------------------------------------------ commands
+
+    async def py(self, *args: str, cwd: str | None = None, timeout: float | None = 600) -> Completed:
+        return await self.transport.run([*self.python, *args], cwd=cwd, timeout=timeout)
+
+    async def layout(self, command: str, root: str, *args: str) -> dict[str, Any]:
+        # The layout program needs only the standard library: the inventory's Python runs it even
+        # where the runtime packages are missing.
+        argv = [*self.device.command_prefix, self.device.python, "-c", LAYOUT, command, root, *args]
+        done = await self.transport.run(argv, timeout=300)
+        try:
+            out = json.loads(done.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            out = None
+        if done.returncode != 0 or out is None or (isinstance(out, dict) and "error" in out):
+            reason = out["error"] if isinstance(out, dict) and "error" in out else done.last_error()
+            raise DeviceError(f"{self.device.name}: {command} {root}: {reason}")
+        return out
+
+    def describe(self) -> str:
+        return f"{self.device.name} ({self.device.address}, {shlex.join(self.python)})"
+
+    async def close(self) -> None:
+        await self.transport.close()
+
+
+def target_check(device: Device, info: dict[str, Any]) -> dict[str, Any]:
+    """The target edgepack detects from a device's CPU (as probed), and whether its profile says the same."""
+    from .. import profiles, targets
+    from ..errors import EdgepackError
+
+    arch, flags = str(info.get("arch")), set(info.get("flags") or ())
+    out: dict[str, Any] = {"profile": device.profile}
+    try:
+        out["detected_target"] = targets.detect(arch, flags).name
+    except EdgepackError as e:
+        out["detected_target"], out["detect_error"] = None, str(e)
+    try:
+        out["profile_target"] = profiles.load(device.profile).target
+    except EdgepackError as e:
+        out["profile_target"], out["profile_error"] = None, str(e)
+    out["target_match"] = out["detected_target"] is not None and out["detected_target"] == out["profile_target"]
+    return out
+
+
+@dataclass
+class Outcome:
+    device: Device
+    ok: bool
+    value: Any = None
+    error: str | None = None
+    seconds: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+Job = Callable[[Session], Awaitable[Any]]
+
+
+async def _one(device: Device, job: Job, sem: asyncio.Semaphore, trust_new_host: bool, log: Log) -> Outcome:
+    started = time.monotonic()
+    async with sem:
+        session = None
+        try:
+            session = await Session.open(device, trust_new_host=trust_new_host, log=log)
+            value = await job(session)
+            return Outcome(device, True, value, seconds=time.monotonic() - started, info=session.info)
+        except DeviceError as e:
+            return Outcome(device, False, error=str(e), seconds=time.monotonic() - started,
+                           info=session.info if session else {})
+        except Exception as e:  # one device's surprise must not take the others down
+            return Outcome(device, False, error=f"{device.name}: {type(e).__name__}: {e}",
+                           seconds=time.monotonic() - started, info=session.info if session else {})
+        finally:
+            if session is not None:
+                await session.close()
+
+
+def run_devices(devices: Sequence[Device], job: Job, *, jobs: int = 8, trust_new_host: bool = False,
+                log: Log = print) -> list[Outcome]:
+    """Run ``job`` on every device in parallel (``jobs`` at a time); one ``Outcome`` per device, in order."""
+
+    async def main() -> list[Outcome]:
+        sem = asyncio.Semaphore(max(1, jobs))
+        return list(await asyncio.gather(*(_one(d, job, sem, trust_new_host, log) for d in devices)))
+
+    return asyncio.run(main())

@@ -1,0 +1,539 @@
+"""The fleet against real devices: two OpenSSH ``sshd`` servers on 127.0.0.1 (host keys and a user key
+generated into a temporary directory) and one ``local`` device, each with its own runtime-only virtual
+environment. ``edgepack devices --check``, ``deploy`` and ``fleet bench`` run against them, and the
+fault cases: a device that is down, a changed host key, an upload cut off half-way, a device without
+onnxruntime (``--setup``), a CPU that lacks the bundle target's flags, an accuracy regression, and an
+emulated CPU (QEMU, when installed).
+
+Needs ``/usr/sbin/sshd`` (Debian ``openssh-server``); skipped without it. The venvs are pip-installed
+once per session (from the pip cache or the package index), so the module is marked ``slow``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from edgepack.cli import main
+
+pytestmark = pytest.mark.slow
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+QEMU = shutil.which("qemu-x86_64-static")
+RUNTIME = ("onnxruntime", "tokenizers", "numpy")
+HASWELL_FLAGS = ("sse4_2", "avx", "avx2", "fma", "bmi2", "f16c", "popcnt")
+_NETWORK_ERRORS = ("Could not find a version", "NewConnectionError", "Failed to establish", "Network is unreachable",
+                   "Temporary failure in name resolution", "No matching distribution")
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _venv(path: Path, packages: list[str]) -> Path:
+    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, timeout=300, env=_env())
+    python = path / "bin" / "python"
+    if packages:
+        proc = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *packages], capture_output=True,
+                              text=True, env=_env(), timeout=900)
+        if proc.returncode != 0:
+            if any(m in proc.stderr for m in _NETWORK_ERRORS):
+                pytest.skip(f"cannot pip install {packages} into a fresh venv (no package index reachable)")
+            raise AssertionError(f"pip install {packages} failed:\n{proc.stderr[-2000:]}")
+    return python
+
+
+@pytest.fixture(scope="session")
+def runtime_venv(tmp_path_factory) -> Path:
+    """A venv with only the runtime (the versions installed here); copied per device, which is quick."""
+    return _venv(tmp_path_factory.mktemp("runtime-venv") / "venv",
+                 [f"{n}=={metadata.version(n)}" for n in RUNTIME]).parent.parent
+
+
+def _copy_venv(src: Path, dest: Path) -> Path:
+    # A venv finds its site-packages from pyvenv.cfg beside bin/, so a copy (symlinks kept) is a venv.
+    shutil.copytree(src, dest, symlinks=True)
+    return dest / "bin" / "python"
+
+
+@dataclass
+class Sshd:
+    port: int
+    host_key: Path
+    proc: subprocess.Popen
+
+    def fingerprint(self) -> str:
+        import asyncssh
+
+        return asyncssh.read_private_key(str(self.host_key)).get_fingerprint("sha256")
+
+    def known_hosts_line(self) -> str:
+        import asyncssh
+
+        pub = asyncssh.read_private_key(str(self.host_key)).export_public_key("openssh").decode().split()
+        return f"[127.0.0.1]:{self.port} {pub[0]} {pub[1]}\n"
+
+
+def _start_sshd(root: Path, authorized_keys: Path) -> Sshd:
+    import asyncssh
+
+    root.mkdir(parents=True)
+    host_key = root / "ssh_host_ed25519_key"
+    asyncssh.generate_private_key("ssh-ed25519").write_private_key(str(host_key))
+    host_key.chmod(0o600)
+    port = _free_port()
+    config = root / "sshd_config"
+    config.write_text(f"""Port {port}
+ListenAddress 127.0.0.1
+HostKey {host_key}
+PidFile {root / 'sshd.pid'}
+AuthorizedKeysFile {authorized_keys}
+UsePAM no
+StrictModes no
+PermitRootLogin prohibit-password
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+AllowTcpForwarding yes
+Subsystem sftp internal-sftp
+LogLevel ERROR
+""")
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
+    log = open(root / "sshd.log", "w")  # noqa: SIM115 (closed with the process)
+    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT)
+    for _ in range(100):
+        if proc.poll() is not None:
+            raise AssertionError(f"sshd exited {proc.returncode}: {(root / 'sshd.log').read_text()[-1000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return Sshd(port, host_key, proc)
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("sshd did not start listening")
+
+
+@dataclass
+class Lab:
+    root: Path
+    key: Path
+    a: Sshd
+    b: Sshd
+    python_a: Path
+    python_b: Path
+    python_local: Path
+    known_hosts: Path
+    profiles: Path
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory, runtime_venv) -> Lab:
+    if not Path(SSHD).is_file():
+        pytest.skip("OpenSSH's sshd is not installed (apt-get install openssh-server)")
+    import asyncssh
+
+    from edgepack import targets
+
+    root = tmp_path_factory.mktemp("fleet-lab")
+    key = root / "id_ed25519"
+    user_key = asyncssh.generate_private_key("ssh-ed25519")
+    user_key.write_private_key(str(key))
+    key.chmod(0o600)
+    authorized = root / "authorized_keys"
+    authorized.write_bytes(user_key.export_public_key("openssh"))
+    a, b = _start_sshd(root / "sshd-a", authorized), _start_sshd(root / "sshd-b", authorized)
+    known_hosts = root / "known_hosts"
+    known_hosts.write_text(a.known_hosts_line() + b.known_hosts_line())
+    # Two profiles: one for the target this CPU is detected as, one for another (a mismatch to report).
+    profiles = root / "profiles"
+    profiles.mkdir()
+    here = targets.detect().name
+    other = "x86-64-amx" if here != "x86-64-amx" else "x86-64-avx2"
+    for name, target in (("fleet-a", here), ("fleet-b", other)):
+        (profiles / f"{name}.toml").write_text(
+            f'target = "{target}"\nphysical_cores = 1\nmemory_mb = 1024\n\n[budgets]\np95_latency_ms = 1000.0\n'
+            "peak_memory_mb = 4000.0\nbundle_size_mb = 100.0\nmax_accuracy_drop = 100.0\n")
+    lab = Lab(root, key, a, b, _copy_venv(runtime_venv, root / "venv-a"), _copy_venv(runtime_venv, root / "venv-b"),
+              _copy_venv(runtime_venv, root / "venv-local"), known_hosts, profiles)
+    yield lab
+    for s in (a, b):
+        s.proc.terminate()
+        try:
+            s.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            s.proc.kill()
+
+
+@pytest.fixture(autouse=True)
+def _profiles(lab, monkeypatch):
+    monkeypatch.setenv("EDGEPACK_PROFILES_PATH", str(lab.profiles))
+
+
+def _toml(table: dict) -> str:
+    return "\n".join(f"{k} = {json.dumps(v)}" for k, v in table.items() if v is not None) + "\n"
+
+
+def write_inventory(lab: Lab, tmp_path: Path, names=("a", "b", "local"), *, known_hosts: Path | None = None,
+                    **overrides: dict) -> Path:
+    """devices.toml for the lab's devices; each device's remote directory is fresh under ``tmp_path``."""
+    ssh = {"host": "127.0.0.1", "user": "root", "key_file": str(lab.key),
+           "known_hosts": str(known_hosts or lab.known_hosts), "connect_timeout": 10}
+    tables = {
+        "a": {**ssh, "port": lab.a.port, "python": str(lab.python_a), "remote_dir": str(tmp_path / "dev-a"),
+              "profile": "fleet-a"},
+        "b": {**ssh, "port": lab.b.port, "python": str(lab.python_b), "remote_dir": str(tmp_path / "dev-b"),
+              "profile": "fleet-b"},
+        "local": {"transport": "local", "python": str(lab.python_local), "remote_dir": str(tmp_path / "dev-local"),
+                  "profile": "fleet-a"},
+        "down": {**ssh, "port": _free_port(), "python": "python3", "remote_dir": "/tmp/unused", "profile": "fleet-a",
+                 "connect_timeout": 5},
+    }
+    text = ""
+    for name in names:
+        table = {**tables.get(name, {}), **overrides.get(name, {})}
+        text += f"[devices.{name}]\n" + _toml(table) + "\n"
+    path = tmp_path / "devices.toml"
+    path.write_text(text)
+    return path
+
+
+def cli(capsys, *argv) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def _bundle_copy(src: Path, dest: Path, **manifest_fields) -> Path:
+    from runtime_shim.manifest import read_manifest, update_manifest
+
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    if manifest_fields:
+        fields = {k: (v(read_manifest(dest)) if callable(v) else v) for k, v in manifest_fields.items()}
+        update_manifest(dest, **fields)
+    return dest
+
+
+def _loads_on_device(python: Path, bundle_dir: Path) -> str:
+    proc = subprocess.run([str(python), "-m", "runtime_shim", "predict", ".", "set an alarm for 7 am"], cwd=bundle_dir,
+                          capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+# ------------------------------------------------------------------------------------------- tests
+
+
+def test_inventory_errors_name_the_file_and_the_fix(tmp_path):
+    from edgepack.errors import EdgepackError
+    from edgepack.fleet.inventory import load_inventory
+
+    cases = {
+        'transport = "telnet"\nhost = "x"\nprofile = "fleet-a"': "transport='telnet' is not valid; choose one of: ssh, local",
+        'host = "x"': "missing profile",
+        'host = "x"\nprofile = "fleet-a"\npassword = "hunter2"': "passwords do not belong in the inventory",
+        'host = "x"\nprofile = "fleet-a"\nprot = 22': "unknown key prot",
+        'host = "x"\nprofile = "fleet-a"\nport = 70000': "port=70000 must be 1..65535",
+        'host = "x"\nprofile = "no-such-profile"': "profile 'no-such-profile' is not a known profile",
+        'profile = "fleet-a"': "transport 'ssh' needs host",
+    }
+    for body, expected in cases.items():
+        path = tmp_path / "devices.toml"
+        path.write_text(f"[devices.edge-1]\n{body}\n")
+        with pytest.raises(EdgepackError) as err:
+            load_inventory(path)
+        assert str(path) in str(err.value) and expected in str(err.value), str(err.value)
+        assert "\n" not in str(err.value)
+    path.write_text('[devices.edge-1]\nhost = "x"\nprofile = "fleet-a"\n')
+    inv = load_inventory(path)
+    with pytest.raises(EdgepackError, match="unknown device nope; .* has: edge-1"):
+        inv.select("edge-1,nope")
+
+
+def test_devices_list_and_check(lab, tmp_path, capsys):
+    from edgepack import targets
+
+    inv = write_inventory(lab, tmp_path, ("a", "b", "local", "down"))
+    code, out = cli(capsys, "devices", "--inventory", inv)
+    assert code == 0 and all(n in out for n in ("a ", "b ", "local", "down")), out
+
+    report = tmp_path / "check.json"
+    started = time.monotonic()
+    code, out = cli(capsys, "devices", "--inventory", inv, "--check", "--json", report)
+    assert code == 4, out  # partial: one device is down
+    assert re.search(r"UNREACHABLE down: device 127\.0\.0\.1:\d+: unreachable \(connection refused\)", out), out
+    assert "devices: 3/4 reachable; unreachable: down" in out
+    found = {d["device"]: d for d in json.loads(report.read_text())}
+    here = targets.detect().name
+    for name in ("a", "b", "local"):
+        d = found[name]
+        assert d["reachable"] and d["python"] == f"{sys.version_info.major}.{sys.version_info.minor}." \
+            f"{sys.version_info.micro}"
+        assert d["packages"] == {n: metadata.version(n) for n in RUNTIME}
+        assert d["detected_target"] == here and d["physical_cores"] >= 1 and d["arch"] == "x86_64"
+    assert found["a"]["target_match"] is True and found["b"]["target_match"] is False
+    assert f"b: the CPU reads as target '{here}' but profile 'fleet-b'" in out
+    assert time.monotonic() - started < 60
+
+
+def test_deploy_bench_report_rollback(lab, tmp_path, capsys, tiny_bundle):
+    inv = write_inventory(lab, tmp_path)
+    code, out = cli(capsys, "deploy", tiny_bundle, "--to", "all", "--inventory", inv)
+    assert code == 0, out
+    assert out.count("deployed tiny") == 3 and "deploy: 3/3 devices done" in out
+    release = json.loads((tmp_path / "dev-a" / "tiny" / "current" / "manifest.json").read_text())
+    for dev, python in (("dev-a", lab.python_a), ("dev-b", lab.python_b), ("dev-local", lab.python_local)):
+        current = tmp_path / dev / "tiny" / "current"
+        assert current.is_symlink() and not (tmp_path / dev / "tiny" / "previous").exists()
+        assert json.loads((current / "manifest.json").read_text()) == release
+        _loads_on_device(python, current)
+    code, out = cli(capsys, "deploy", tiny_bundle, "--to", "a", "--inventory", inv)
+    assert code == 0 and "a: already current tiny" in out and "nothing sent" in out
+
+    # A second bundle (another manifest): the first becomes `previous`; --rollback restores it.
+    v2 = _bundle_copy(tiny_bundle, tmp_path / "v2" / "tiny", note="second build")
+    code, out = cli(capsys, "deploy", v2, "--to", "a,local", "--inventory", inv)
+    assert code == 0, out
+    first = os.readlink(tmp_path / "dev-a" / "tiny" / "current")
+    assert os.readlink(tmp_path / "dev-a" / "tiny" / "previous") != first
+    code, out = cli(capsys, "deploy", "--rollback", "a", "--inventory", inv)
+    assert code == 0 and "a: rolled back tiny" in out, out
+    assert os.readlink(tmp_path / "dev-a" / "tiny" / "previous") == first
+    assert json.loads((tmp_path / "dev-a" / "tiny" / "current" / "manifest.json").read_text()) == release
+
+    # fleet bench: `a` runs the first bundle again, so the second is deployed there first.
+    out_dir = tmp_path / "report"
+    code, out = cli(capsys, "fleet", "bench", v2, "--to", "all", "--inventory", inv, "--out", out_dir,
+                    "--runs", "30", "--warmup", "5")
+    assert code == 0, out
+    assert "a: tiny" in out and "deploying it first" in out
+    assert "fleet: 3/3 devices measured, 3 passed (all passed, exit 0)" in out
+    doc = json.loads((out_dir / "fleet.json").read_text())
+    build = json.loads((v2 / "manifest.json").read_text())["metrics"]["eval"]
+    digest = __import__("hashlib").sha256((v2 / "manifest.json").read_bytes()).hexdigest()
+    assert [r["device"] for r in doc["devices"]] == ["a", "b", "local"]
+    for r in doc["devices"]:
+        assert r["status"] == "ok" and r["manifest_digest"] == digest
+        assert r["accuracy"] == build["accuracy"] and r["agreement"] == 1.0  # same kernels, same rows
+        assert r["regression"]["drop_points"] == 0 and r["latency_ms"]["n"] == 30
+        assert r["latency_ms"]["p50"] <= r["latency_ms"]["p95"] <= r["latency_ms"]["p99"]
+        assert r["peak_rss_mb"] > 10 and r["throughput_qps"]["1"] > 0
+        assert {b["budget"] for b in r["budgets"] if b["ok"]} == {"p95_latency_ms", "peak_memory_mb",
+                                                                  "bundle_size_mb", "max_accuracy_drop"}
+        pulled = json.loads((out_dir / "devices" / r["device"] / "bench.json").read_text())
+        assert pulled["predictions"] == build["predictions"]
+        assert pulled["fleet"]["device"] == r["device"] and pulled["fleet"]["manifest_digest"] == digest
+    assert doc["devices"][1]["target_match"] is False
+    html = (out_dir / "fleet.html").read_text()
+    assert all(f'<td class="name">{n}</td>' in html for n in ("a", "b", "local")) and "data:image/png;base64," in html
+    assert (out_dir / "fleet.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| a | fleet-a | PASS |" in (out_dir / "fleet.md").read_text()
+
+    # Two result sets of the same fleet: compare them device by device.
+    code, out = cli(capsys, "fleet", "bench", tiny_bundle, "--to", "a,local", "--inventory", inv, "--out",
+                    tmp_path / "report-v1", "--runs", "30", "--warmup", "5")
+    assert code == 0, out
+    code, out = cli(capsys, "fleet", "compare", tmp_path / "report-v1", out_dir)
+    assert code == 0 and out.splitlines()[0].startswith("A: tiny") and "Δ pt" in out
+    assert any(line.startswith("local ") and "+0.00" in line for line in out.splitlines()), out
+
+
+def test_device_down_others_complete(lab, tmp_path, capsys, tiny_bundle):
+    inv = write_inventory(lab, tmp_path, ("a", "down", "local"))
+    code, out = cli(capsys, "fleet", "bench", tiny_bundle, "--inventory", inv, "--out", tmp_path / "r",
+                    "--runs", "20", "--warmup", "2")
+    assert code == 4, out
+    assert re.search(r"FAILED down: device 127\.0\.0\.1:\d+: unreachable \(connection refused\)", out), out
+    assert "fleet: 2/3 devices measured, 2 passed (partial, exit 4)" in out
+    doc = json.loads((tmp_path / "r" / "fleet.json").read_text())
+    assert [r["status"] for r in doc["devices"]] == ["ok", "failed", "ok"]
+    assert "FAILED down: device 127.0.0.1:" in (tmp_path / "r" / "fleet.html").read_text()
+
+
+def test_changed_host_key_refused(lab, tmp_path, capsys, tiny_bundle):
+    import asyncssh
+
+    other = asyncssh.generate_private_key("ssh-ed25519").export_public_key("openssh").decode().split()
+    known = tmp_path / "known_hosts"
+    known.write_text(lab.a.known_hosts_line() + f"[127.0.0.1]:{lab.b.port} {other[0]} {other[1]}\n")
+    inv = write_inventory(lab, tmp_path, ("a", "b"), known_hosts=known)
+    code, out = cli(capsys, "deploy", tiny_bundle, "--to", "all", "--inventory", inv, "--trust-new-host")
+    assert code == 4, out
+    line = next(ln for ln in out.splitlines() if ln.startswith("FAILED b:"))
+    assert f"HOST KEY CHANGED: [127.0.0.1]:{lab.b.port} now presents ssh-ed25519 {lab.b.fingerprint()}" in line
+    assert "a: deployed tiny" in out and not (tmp_path / "dev-b").exists()
+    assert known.read_text().count(f"[127.0.0.1]:{lab.b.port}") == 1  # --trust-new-host never replaces a key
+
+
+def test_new_host_needs_trust(lab, tmp_path, capsys):
+    known = tmp_path / "known_hosts"  # absent: nothing is trusted (not even ~/.ssh/known_hosts)
+    inv = write_inventory(lab, tmp_path, ("a",), known_hosts=known)
+    code, out = cli(capsys, "devices", "--check", "--inventory", inv)
+    assert code == 4 and f"[127.0.0.1]:{lab.a.port} is not in {known} (it presents ssh-ed25519 " \
+        f"{lab.a.fingerprint()}); check the fingerprint and re-run with --trust-new-host" in out, out
+    code, out = cli(capsys, "devices", "--check", "--inventory", inv, "--trust-new-host")
+    assert code == 0 and f"a: trusted new host [127.0.0.1]:{lab.a.port}: ssh-ed25519 {lab.a.fingerprint()}" in out
+    assert known.read_text() == lab.a.known_hosts_line()
+    code, out = cli(capsys, "devices", "--check", "--inventory", inv)
+    assert code == 0 and "trusted new host" not in out
+
+
+def test_ssh_config_alias_and_jump_host(lab, tmp_path, capsys):
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host edge-a-alias\n  HostName 127.0.0.1\n  Port {lab.a.port}\n  User root\n"
+                      f"  IdentityFile {lab.key}\n")
+    inv = write_inventory(lab, tmp_path, ("a", "b"), a={"host": "edge-a-alias", "ssh_config": str(config),
+                                                         "port": None, "user": None, "key_file": None},
+                          b={"jump": f"root@127.0.0.1:{lab.a.port}"})
+    code, out = cli(capsys, "devices", "--check", "--inventory", inv)
+    assert code == 0 and "devices: 2/2 reachable" in out, out
+
+
+def test_upload_cut_off_keeps_the_previous_bundle(lab, tmp_path, capsys, tiny_bundle, monkeypatch):
+    from edgepack.fleet import transport
+
+    inv = write_inventory(lab, tmp_path, ("b",))
+    assert cli(capsys, "deploy", tiny_bundle, "--to", "b", "--inventory", inv)[0] == 0
+    root = tmp_path / "dev-b" / "tiny"
+    before = os.readlink(root / "current")
+    v2 = _bundle_copy(tiny_bundle, tmp_path / "v2" / "tiny", note="second build")
+    real_put, sent = transport.SSHTransport.put, []
+
+    async def cut_off(self, local, remote, progress=None):
+        if len(sent) == 4:  # half-way through the bundle's files the link drops
+            self._conn.abort()
+        sent.append(local)
+        await real_put(self, local, remote, progress)
+
+    monkeypatch.setattr(transport.SSHTransport, "put", cut_off)
+    code, out = cli(capsys, "deploy", v2, "--to", "b", "--inventory", inv)
+    assert code == 4 and "FAILED b:" in out, out
+    assert os.readlink(root / "current") == before  # untouched
+    _loads_on_device(lab.python_b, root / "current")
+    assert [p.name for p in (root / "releases").iterdir() if p.name.startswith(".incoming-")]
+    monkeypatch.undo()
+    monkeypatch.setenv("EDGEPACK_PROFILES_PATH", str(lab.profiles))
+    code, out = cli(capsys, "deploy", v2, "--to", "b", "--inventory", inv)
+    assert code == 0 and "b: deployed tiny" in out, out
+    assert not [p for p in (root / "releases").iterdir() if p.name.startswith(".incoming-")]
+    assert os.readlink(root / "previous") == before
+
+
+def test_device_without_onnxruntime_then_setup(lab, tmp_path, capsys, tiny_bundle):
+    bare = _venv(tmp_path / "bare-venv", [])
+    inv = write_inventory(lab, tmp_path, ("a", "local"), a={"python": str(bare)})
+    code, out = cli(capsys, "deploy", tiny_bundle, "--to", "all", "--inventory", inv)
+    assert code == 4, out
+    assert f"FAILED a: {bare} has no onnxruntime, tokenizers, numpy, so the bundle cannot run there; re-run " \
+           "with --setup" in out
+    assert "local: deployed tiny" in out and not (tmp_path / "dev-a" / "tiny").exists()
+    code, out = cli(capsys, "deploy", tiny_bundle, "--to", "a", "--inventory", inv, "--setup")
+    if code != 0 and any(m in out for m in _NETWORK_ERRORS):
+        pytest.skip("--setup could not reach a package index")
+    assert code == 0 and "a: deployed tiny" in out, out
+    venv_python = tmp_path / "dev-a" / "venv" / "bin" / "python"
+    _loads_on_device(venv_python, tmp_path / "dev-a" / "tiny" / "current")
+    code, out = cli(capsys, "devices", "--check", "--to", "a", "--inventory", inv, "--json", tmp_path / "c.json")
+    found = json.loads((tmp_path / "c.json").read_text())[0]
+    assert code == 0 and found["setup_python"] == str(venv_python) and all(found["packages"].values())
+
+
+def test_signed_only_device_refuses_an_unsigned_bundle(lab, tmp_path, capsys, tiny_bundle):
+    inv = write_inventory(lab, tmp_path, ("a", "local"), local={"signed_only": True})
+    code, out = cli(capsys, "deploy", tiny_bundle, "--inventory", inv)
+    assert code == 4 and "a: deployed tiny" in out, out
+    assert f"FAILED local: accepts signed bundles only (signed_only = true) and {tiny_bundle} has no manifest.sig" in out
+    assert not (tmp_path / "dev-local" / "tiny").exists()
+
+
+def test_cpu_without_the_targets_flags_is_warned_and_checked(lab, tmp_path, capsys, tiny_bundle):
+    from runtime_shim.tune import cpu_flags
+
+    lacking = sorted({"amx_int8", "avx512_vnni"} - cpu_flags()[1])
+    if not lacking:
+        pytest.skip("this CPU has every flag of the AMX target")
+    amx = _bundle_copy(tiny_bundle, tmp_path / "amx" / "tiny",
+                       target={"name": "x86-64-amx", "arch": "x86_64", "requires_flags": ["amx_int8", "avx512_vnni"],
+                               "any_flags": []})
+    inv = write_inventory(lab, tmp_path, ("b",))
+    code, out = cli(capsys, "fleet", "bench", amx, "--inventory", inv, "--out", tmp_path / "r", "--runs", "20",
+                    "--warmup", "2")
+    assert code == 0, out
+    assert f"b: warning: bundle built for target 'x86-64-amx' needs CPU flags this CPU lacks: {', '.join(lacking)}" in out
+    r = json.loads((tmp_path / "r" / "fleet.json").read_text())["devices"][0]
+    assert r["regression"]["ok"] is True and r["regression"]["drop_points"] == 0 and r["agreement"] == 1.0
+    assert "needs CPU flags this CPU lacks" in (tmp_path / "r" / "fleet.html").read_text()
+
+
+def test_accuracy_regression_fails_the_fleet(lab, tmp_path, capsys, tiny_bundle):
+    def higher(manifest):  # the build claimed 5 points more than the bundle scores on its eval slice
+        return {**manifest["metrics"], "eval": {**manifest["metrics"]["eval"],
+                                                "accuracy": manifest["metrics"]["eval"]["accuracy"] + 0.05}}
+
+    claimed = _bundle_copy(tiny_bundle, tmp_path / "claimed" / "tiny", metrics=higher)
+    inv = write_inventory(lab, tmp_path, ("a", "local"))
+    code, out = cli(capsys, "fleet", "bench", claimed, "--inventory", inv, "--out", tmp_path / "r", "--runs", "20",
+                    "--warmup", "2")
+    assert code == 3, out
+    for name in ("a", "local"):
+        assert any(ln.startswith(f"REGRESSED {name}: accuracy") and "5.00 points below the build-time" in ln
+                   for ln in out.splitlines()), out
+    doc = json.loads((tmp_path / "r" / "fleet.json").read_text())
+    assert doc["summary"]["regressed"] == ["a", "local"] and doc["summary"]["exit_code"] == 3
+    # A wider tolerance passes the same devices.
+    code, out = cli(capsys, "fleet", "bench", claimed, "--inventory", inv, "--out", tmp_path / "r2", "--runs", "20",
+                    "--warmup", "2", "--tolerance", "6")
+    assert code == 0, out
+
+
+def test_fleet_tune(lab, tmp_path, capsys, tiny_bundle):
+    inv = write_inventory(lab, tmp_path, ("a", "local", "haswell"), haswell={
+        "transport": "local", "python": str(lab.python_local), "remote_dir": str(tmp_path / "dev-haswell"),
+        "profile": "fleet-a", "command_prefix": "qemu-x86_64-static -cpu Haswell"})
+    runtime = tmp_path / "dev-a" / "tiny" / "current" / "runtime.json"
+    code, out = cli(capsys, "fleet", "tune", tiny_bundle, "--to", "a,local", "--inventory", inv, "--out", tmp_path / "t",
+                    "--runs", "10", "--rounds", "1", "--dry-run")
+    assert code == 0, out
+    before = runtime.read_text()
+    doc = json.loads((tmp_path / "t" / "tune.json").read_text())
+    for r in doc["devices"]:
+        assert r["status"] == "ok" and r["tune"]["winner"] and r["manifest_digest"] == doc["bundle"]["manifest_digest"]
+        assert f"{r['device']}: winner {r['tune']['winner']}" in out
+    assert "| a | ok |" in (tmp_path / "t" / "tune.md").read_text()
+    if QEMU:  # emulated devices are not tuned: the emulator's timings are not the device's
+        code, out = cli(capsys, "fleet", "tune", tiny_bundle, "--to", "haswell", "--inventory", inv, "--out",
+                        tmp_path / "t2")
+        assert code == 0 and "haswell: skipped (emulated" in out, out
+    assert runtime.read_text() == before  # --dry-run left the device's runtime.json alone
+
+
+@pytest.mark.skipif(QEMU is None, reason="qemu-user-static is not installed")
+def test_emulated_device_reports_accuracy_not_latency(lab, tmp_path, capsys, tiny_bundle):
+    inv = write_inventory(lab, tmp_path, ("haswell",), haswell={
+        "transport": "local", "python": str(lab.python_local), "remote_dir": str(tmp_path / "dev-haswell"),
+        "profile": "fleet-a", "command_prefix": f"{QEMU} -cpu Haswell", "cpu_flags": list(HASWELL_FLAGS)})
+    code, out = cli(capsys, "fleet", "bench", tiny_bundle, "--inventory", inv, "--out", tmp_path / "r")
+    assert code == 0, out
+    r = json.loads((tmp_path / "r" / "fleet.json").read_text())["devices"][0]
+    build = json.loads((tiny_bundle / "manifest.json").read_text())["metrics"]["eval"]
+    assert r["emulated"] and r["accuracy"] == build["accuracy"] and r["agreement"] == 1.0
+    assert "latency_ms" not in r and "peak_rss_mb" not in r
+    assert {b["budget"] for b in r["budgets"] if b["ok"] is None} == {"p95_latency_ms", "peak_memory_mb"}
+    assert "emulated: accuracy only" in out
