@@ -537,3 +537,31 @@ def test_emulated_device_reports_accuracy_not_latency(lab, tmp_path, capsys, tin
     assert "latency_ms" not in r and "peak_rss_mb" not in r
     assert {b["budget"] for b in r["budgets"] if b["ok"] is None} == {"p95_latency_ms", "peak_memory_mb"}
     assert "emulated: accuracy only" in out
+
+
+def test_signed_only_device_verifies_with_the_keys_setup_pushed(lab, tmp_path, capsys, tiny_bundle, monkeypatch):
+    import shutil
+    import sys
+
+    monkeypatch.setenv("EDGEPACK_STATE", str(tmp_path / "device-state.json"))
+    for name in ("good", "other"):
+        assert main(["keys", "new", "--out", str(tmp_path / name)]) == 0
+    signed = tmp_path / "signed" / "tiny"
+    shutil.copytree(tiny_bundle, signed)
+    assert main(["sign", str(signed), "--key", str(tmp_path / "good" / "signing.key")]) == 0
+    # The device's Python has cryptography (a signed bundle's requirements.txt names it).
+    inv = write_inventory(lab, tmp_path, ("local",), local={"signed_only": True, "python": sys.executable,
+                                                            "trusted_keys": str(tmp_path / "good" / "signing.pub")})
+    capsys.readouterr()
+    code, out = cli(capsys, "deploy", signed, "--inventory", inv, "--setup")
+    assert code == 0 and "local: deployed tiny" in out and "1 trusted public key(s)" in out, out
+    # A bundle signed by a key the device does not trust is refused on the device, before it goes live.
+    forged = tmp_path / "forged" / "tiny"
+    shutil.copytree(tiny_bundle, forged)
+    (forged / "labels.json").write_text((forged / "labels.json").read_text())  # same bytes: re-signed below
+    assert main(["sign", str(forged), "--key", str(tmp_path / "other" / "signing.key"), "--version", "99999999999999"]) == 0
+    capsys.readouterr()
+    code, out = cli(capsys, "deploy", forged, "--inventory", inv)
+    assert code == 4 and "verify failed on the device" in out, out
+    current = json.loads((tmp_path / "dev-local" / "tiny" / "current" / "manifest.json").read_text())
+    assert current["version"] == json.loads((signed / "manifest.json").read_text())["version"]

@@ -32,8 +32,7 @@ from edgepack.signing import (
     signed_requirements,
     write_signature,
 )
-from runtime_shim import BundleError, OnnxPipeline
-from runtime_shim import onnxcheck
+from runtime_shim import BundleError, OnnxPipeline, onnxcheck
 from runtime_shim import trust as T
 from runtime_shim.__main__ import ExitCode
 from runtime_shim.__main__ import main as shim_main

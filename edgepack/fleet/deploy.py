@@ -101,11 +101,39 @@ async def _upload(session: Session, bundle: LocalBundle, incoming: str, progress
         await session.transport.put(bundle.path / rel, posixpath.join(incoming, rel), progress)
 
 
+TRUSTED_KEYS_DIR = "trusted-keys"
+
+
+def keys_dir(session: Session) -> str:
+    """Where a device keeps the public keys it verifies signed bundles with (``deploy --setup`` fills it)."""
+    return posixpath.join(session.remote_dir, TRUSTED_KEYS_DIR)
+
+
+async def push_trusted_keys(session: Session, log: Callable[[str], None]) -> int:
+    """Copy the inventory's ``trusted_keys`` (``*.pub``) to the device's key directory."""
+    src = Path(session.device.trusted_keys).expanduser()
+    pubs = sorted(src.glob("*.pub")) if src.is_dir() else [src]
+    if not pubs or not all(p.is_file() and p.suffix == ".pub" for p in pubs):
+        raise DeviceError(f"{session.device.name}: trusted_keys = {src}: no public key (*.pub) there; "
+                          "point it at the .pub file `edgepack keys new` wrote, or a directory of them")
+    dest = keys_dir(session)
+    await session.transport.makedirs(dest)
+    for p in pubs:
+        await session.transport.put(p, posixpath.join(dest, p.name))
+    log(f"{session.device.name}: --setup: {len(pubs)} trusted public key(s) in {dest}")
+    return len(pubs)
+
+
 async def verify_on_device(session: Session, release_dir: str, *, load: str | None = None,
-                           python: list[str] | None = None) -> None:
-    """The shim's checksum check of ``release_dir`` on the device; with ``load``, also classify one text."""
-    done = await session.transport.run([*(python or session.python), "-m", "runtime_shim", "verify", "."],
-                                       cwd=release_dir, timeout=600)
+                           python: list[str] | None = None, signatures: bool = False,
+                           allow_downgrade: bool = False) -> None:
+    """The shim's checksum check of ``release_dir`` on the device (with ``signatures``, also the
+    signature against the device's trusted keys and its rollback record); with ``load``, also
+    classify one text."""
+    argv = [*(python or session.python), "-m", "runtime_shim", "verify", "."]
+    if signatures:
+        argv += ["--keys", keys_dir(session), *(["--allow-downgrade"] if allow_downgrade else [])]
+    done = await session.transport.run(argv, cwd=release_dir, timeout=600)
     if done.returncode != 0:
         raise DeviceError(f"{session.device.name}: verify failed on the device: {done.last_error()}")
     if load is not None:
@@ -183,7 +211,11 @@ async def deploy_one(session: Session, bundle: LocalBundle, *, setup: bool = Fal
         await session.layout("commit", root, incoming, bundle.release)
     if setup and session.missing_packages():
         await setup_venv(session, posixpath.join(release_dir, "requirements.txt"), log)
-    await verify_on_device(session, release_dir, load=bundle.first_text())
+    if setup and session.device.trusted_keys:
+        await push_trusted_keys(session, log)
+    # A signed_only device checks the signature with its own keys (and remembers the version, so an
+    # older bundle cannot be put back without deploy --rollback) before the bundle goes live.
+    await verify_on_device(session, release_dir, load=bundle.first_text(), signatures=session.device.signed_only)
     after = await session.layout("activate", root, bundle.release)
     return {"device": session.device.name, "action": action, "bundle": bundle.name, "release": bundle.release,
             "manifest_digest": bundle.digest, "root": root, "current": after["current"],
@@ -207,6 +239,9 @@ async def rollback_one(session: Session, name: str | None = None) -> dict[str, A
     root = session.root(bundle_name)
     after = await session.layout("rollback", root)
     current = posixpath.join(root, "current")
-    await verify_on_device(session, current, python=[*session.device.command_prefix, session.device.python])
+    if session.device.signed_only:  # a rollback is a downgrade on purpose
+        await verify_on_device(session, current, signatures=True, allow_downgrade=True)
+    else:
+        await verify_on_device(session, current, python=[*session.device.command_prefix, session.device.python])
     return {"device": session.device.name, "action": "rolled back", "bundle": bundle_name, "root": root,
             "current": after["current"], "previous": after["previous"]}

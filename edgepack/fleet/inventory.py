@@ -62,7 +62,10 @@ class Device:
     remote_dir: str = "~/edgepack"
     command_prefix: tuple[str, ...] = ()  # argv put before the Python (an emulator)
     cpu_flags: tuple[str, ...] = ()  # flags to use instead of the device's /proc/cpuinfo (emulated CPUs)
-    signed_only: bool = False  # refuse bundles without manifest.sig (see the signing issue)
+    signed_only: bool = False  # refuse unsigned bundles; verify signatures on the device against its keys
+    # Public keys (a .pub file or a directory of them, on this machine) the device trusts: `deploy
+    # --setup` pushes them to REMOTE_DIR/trusted-keys, where a signed_only device verifies with them.
+    trusted_keys: str | None = None
     connect_timeout: float = 15.0
 
     def __post_init__(self) -> None:
@@ -130,7 +133,7 @@ def _field_types() -> dict[str, tuple[type, ...]]:
     hints = {"name": (str,), "profile": (str,), "transport": (str,), "host": (str,), "port": (int,),
              "user": (str,), "key_file": (str,), "jump": (str,), "known_hosts": (str,), "ssh_config": (str,),
              "python": (str,), "remote_dir": (str,), "command_prefix": (str, list), "cpu_flags": (list,),
-             "signed_only": (bool,), "connect_timeout": (int, float)}
+             "signed_only": (bool,), "trusted_keys": (str,), "connect_timeout": (int, float)}
     assert set(hints) == {f.name for f in dataclasses.fields(Device)}
     return hints
 
