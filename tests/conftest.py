@@ -107,3 +107,47 @@ def tiny_bundle(tmp_path_factory, tiny_model, clinc_json) -> Path:
     pack(PackConfig.of(target="auto", max_accuracy_drop=100.0, min_agreement=0.0, eval_rows=20), tiny_model,
          DataConfig(source=str(clinc_json)), out, log=lambda *a: None)
     return out
+
+
+# ------------------------------------------------------------------------------- a device's Python
+
+DEVICE_PACKAGES = ("onnxruntime", "tokenizers", "numpy", "cryptography")  # the runtime, and signed bundles
+NETWORK_ERRORS = ("Could not find a version", "NewConnectionError", "Failed to establish", "Network is unreachable",
+                  "Temporary failure in name resolution", "No matching distribution")
+
+
+def clean_env(venv: Path | None = None) -> dict[str, str]:
+    """This process's environment without its Python paths (and with ``venv`` first on PATH)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    if venv is not None:
+        env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+        env["VIRTUAL_ENV"] = str(venv)
+    return env
+
+
+def make_venv(path: Path, packages: list[str]) -> Path:
+    """A fresh virtual environment at ``path`` with ``packages`` pip-installed; returns its python."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, timeout=300, env=clean_env())
+    python = path / "bin" / "python"
+    if packages:
+        proc = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *packages], capture_output=True,
+                              text=True, env=clean_env(path), timeout=900)
+        if proc.returncode != 0:
+            if any(m in proc.stderr for m in NETWORK_ERRORS):
+                pytest.skip(f"cannot pip install {packages} into a fresh venv (no package index reachable)")
+            raise AssertionError(f"pip install {packages} failed:\n{proc.stderr[-2000:]}")
+    return python
+
+
+@pytest.fixture(scope="session")
+def device_python(tmp_path_factory) -> Path:
+    """A device: a fresh venv holding only the runtime packages (and cryptography, for signed
+    bundles) at the versions installed here. Built once per run; tests copy it when they need more."""
+    from importlib import metadata
+
+    pins = [f"{name}=={metadata.version(name)}" for name in DEVICE_PACKAGES]
+    return make_venv(tmp_path_factory.mktemp("device") / "venv", pins)

@@ -8,45 +8,22 @@ the pip cache or the package index), so it is marked ``slow``.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from importlib import metadata
 from pathlib import Path
 
 import pytest
+from conftest import clean_env
 
 pytestmark = pytest.mark.slow
 
 RUNTIME = ("onnxruntime", "tokenizers", "numpy")
 HEAVY = ("torch", "transformers", "edgepack", "sklearn", "datasets", "optimum")
-_NETWORK_ERRORS = ("Could not find a version", "NewConnectionError", "Failed to establish", "Network is unreachable",
-                   "Temporary failure in name resolution", "No matching distribution")
 
 
 def _env(venv: Path | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
-    if venv is not None:
-        env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
-        env["VIRTUAL_ENV"] = str(venv)
-    return env
-
-
-@pytest.fixture(scope="module")
-def device_python(tmp_path_factory) -> Path:
-    venv = tmp_path_factory.mktemp("device") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-    python = venv / "bin" / "python"
-    pins = [f"{name}=={metadata.version(name)}" for name in RUNTIME]
-    proc = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *pins], capture_output=True, text=True,
-                          env=_env(venv), timeout=900)
-    if proc.returncode != 0:
-        if any(marker in proc.stderr for marker in _NETWORK_ERRORS):
-            pytest.skip(f"cannot install {', '.join(pins)} into a fresh venv (no package index reachable)")
-        raise AssertionError(f"pip install {' '.join(pins)} failed:\n{proc.stderr[-2000:]}")
-    return python
+    return clean_env(venv)
 
 
 def _run(python: Path, args: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:

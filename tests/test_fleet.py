@@ -24,6 +24,8 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from conftest import NETWORK_ERRORS as _NETWORK_ERRORS
+from conftest import clean_env, make_venv
 
 from edgepack.cli import main
 
@@ -33,14 +35,10 @@ SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 QEMU = shutil.which("qemu-x86_64-static")
 RUNTIME = ("onnxruntime", "tokenizers", "numpy")
 HASWELL_FLAGS = ("sse4_2", "avx", "avx2", "fma", "bmi2", "f16c", "popcnt")
-_NETWORK_ERRORS = ("Could not find a version", "NewConnectionError", "Failed to establish", "Network is unreachable",
-                   "Temporary failure in name resolution", "No matching distribution")
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
-    return env
+    return clean_env()
 
 
 def _free_port() -> int:
@@ -50,23 +48,13 @@ def _free_port() -> int:
 
 
 def _venv(path: Path, packages: list[str]) -> Path:
-    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, timeout=300, env=_env())
-    python = path / "bin" / "python"
-    if packages:
-        proc = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *packages], capture_output=True,
-                              text=True, env=_env(), timeout=900)
-        if proc.returncode != 0:
-            if any(m in proc.stderr for m in _NETWORK_ERRORS):
-                pytest.skip(f"cannot pip install {packages} into a fresh venv (no package index reachable)")
-            raise AssertionError(f"pip install {packages} failed:\n{proc.stderr[-2000:]}")
-    return python
+    return make_venv(path, packages)
 
 
 @pytest.fixture(scope="session")
-def runtime_venv(tmp_path_factory) -> Path:
-    """A venv with only the runtime (the versions installed here); copied per device, which is quick."""
-    return _venv(tmp_path_factory.mktemp("runtime-venv") / "venv",
-                 [f"{n}=={metadata.version(n)}" for n in RUNTIME]).parent.parent
+def runtime_venv(device_python) -> Path:
+    """The session's runtime-only venv (conftest.py); copied per device, which is quick."""
+    return device_python.parent.parent
 
 
 def _copy_venv(src: Path, dest: Path) -> Path:

@@ -583,27 +583,7 @@ def test_trust_doc_commands_parse():
 
 # ------------------------------------------------------------------------- the device (slow)
 
-DEVICE_PACKAGES = ("onnxruntime", "tokenizers", "numpy", "cryptography")
-
-
-@pytest.fixture(scope="module")
-def device_python(tmp_path_factory) -> Path:
-    """A fresh venv with only the runtime and cryptography, at the versions installed here."""
-    from importlib import metadata
-
-    venv = tmp_path_factory.mktemp("device") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-    python = venv / "bin" / "python"
-    pins = [f"{name}=={metadata.version(name)}" for name in DEVICE_PACKAGES]
-    env = {**_env(), "PIP_DISABLE_PIP_VERSION_CHECK": "1", "VIRTUAL_ENV": str(venv)}
-    env.pop("PYTHONPATH")
-    proc = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *pins], capture_output=True, text=True,
-                          env=env, timeout=900)
-    if proc.returncode != 0:
-        if any(m in proc.stderr for m in ("No matching distribution", "NewConnectionError", "Network is unreachable")):
-            pytest.skip(f"cannot install {', '.join(pins)} into a fresh venv (no package index reachable)")
-        raise AssertionError(f"pip install failed:\n{proc.stderr[-2000:]}")
-    return python
+# device_python: the session's runtime-only venv (conftest.py), cryptography included.
 
 
 @pytest.mark.slow

@@ -5,16 +5,15 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import io
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from edgepack.records import write_bytes_atomic
+from edgepack.report import CSS as BUILD_CSS
 from runtime_shim.bench import result_value as _get
 
 DASH = "—"
@@ -22,38 +21,10 @@ FILES = {"html": "fleet.html", "md": "fleet.md", "json": "fleet.json", "png": "f
 STATUS = {"ok": ("pass", "PASS"), "regressed": ("fail", "REGRESSED"), "budget": ("fail", "BUDGET"),
           "failed": ("unknown", "FAILED")}
 
-CSS = """
-:root { --fg:#111827; --muted:#6b7280; --line:#e5e7eb; --soft:#f9fafb; --good:#047857; --bad:#b91c1c; }
-* { box-sizing: border-box; }
-body { margin:0; background:#f3f4f6; color:var(--fg);
-       font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif; }
-main { max-width:1180px; margin:0 auto; padding:28px 24px 48px; }
-header h1 { margin:0 0 2px; font-size:24px; letter-spacing:-0.01em; }
-header p { margin:0; color:var(--muted); }
-section { background:#fff; border:1px solid var(--line); border-radius:10px; padding:18px 20px; margin-top:18px; }
-h2 { margin:0 0 12px; font-size:16px; }
-h3 { margin:14px 0 6px; font-size:13px; color:var(--muted); font-weight:600; } h2 + h3 { margin-top:0; }
-.cards { display:grid; grid-template-columns:repeat(auto-fit,minmax(200px,1fr)); gap:12px; margin-top:18px; }
-.card { background:#fff; border:1px solid var(--line); border-radius:10px; padding:14px 16px; }
-.card .k { color:var(--muted); font-size:12px; text-transform:uppercase; letter-spacing:.04em; }
-.card .v { font-size:26px; font-weight:650; margin-top:2px; font-variant-numeric:tabular-nums; }
-.card .s { color:var(--muted); font-size:12.5px; margin-top:2px; }
-.scroll { overflow-x:auto; }
-table { border-collapse:collapse; width:100%; font-size:13px; }
-th, td { padding:6px 8px; border-bottom:1px solid var(--line); vertical-align:top; }
-th { text-align:left; font-weight:600; color:#374151; background:var(--soft); white-space:nowrap;
-     border-bottom:2px solid var(--line); }
-th.n, td.n { text-align:right; font-variant-numeric:tabular-nums; white-space:nowrap; }
-td.name { font-weight:600; white-space:nowrap; }
+# The build report's look (edgepack.report), plus the few classes only the fleet report uses.
+CSS = BUILD_CSS + """
+:root { --good:#047857; --bad:#b91c1c; }
 .good { color:var(--good); } .bad { color:var(--bad); } .na { color:#9ca3af; }
-.badge { display:inline-block; min-width:44px; text-align:center; font-size:11.5px; font-weight:700;
-         padding:2px 8px; border-radius:10px; letter-spacing:.03em; }
-.badge.pass { background:#d1fae5; color:#065f46; } .badge.fail { background:#fee2e2; color:#991b1b; }
-.badge.unknown { background:#e5e7eb; color:#374151; }
-figure { margin:0; } figure img { display:block; max-width:100%; height:auto; margin:0 auto; }
-figcaption, .note { color:var(--muted); font-size:12.5px; margin-top:8px; }
-ul.notes { margin:0; padding-left:18px; } ul.notes li { margin:2px 0; font-family:ui-monospace,monospace;
-  font-size:12.5px; }
 """
 
 
@@ -320,16 +291,7 @@ def render_md(doc: Mapping[str, Any]) -> str:
 
 
 def _write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_bytes_atomic(path, data)
 
 
 def write_report(out_dir: Path, doc: Mapping[str, Any]) -> dict[str, Path]:
