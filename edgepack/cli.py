@@ -17,7 +17,8 @@ from . import __version__
 from .errors import EdgepackError, ExitCode
 
 # Order is the order of --help: the pipeline first, then the tools around it.
-COMMANDS = ("build", "demo", "finetune", "distill", "prune", "pack", "quantize", "tune", "bench", "targets", "profiles")
+COMMANDS = ("build", "demo", "finetune", "distill", "prune", "pack", "quantize", "tune", "bench", "verify", "emulate",
+            "targets", "profiles")
 
 
 def _load(name: str):
