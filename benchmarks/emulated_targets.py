@@ -41,7 +41,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SHARED = ROOT.parent / "shared"
+# ../shared beside the checkout (or beside the worktrees' directory)
+SHARED = next((d for d in (ROOT.parent / "shared", ROOT.parent.parent / "shared") if d.is_dir()), ROOT.parent / "shared")
 TEACHER = SHARED / "models" / "clinc150-minilm-l6"
 DATA = SHARED / "data" / "clinc150" / "data_oos_plus.json"
 WEIGHTS = {"u8s8": "qint8", "u8u8": "quint8"}

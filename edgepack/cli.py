@@ -51,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return ExitCode.USAGE
+    from runtime_shim.cpu import one_line_warnings
+
+    one_line_warnings()  # a bundle loaded on a CPU without its target's flags: one console line
     try:
         return int(args._run(args) or ExitCode.OK)
     except EdgepackError as e:

@@ -187,3 +187,20 @@ def warn_target_once(manifest: Mapping[str, Any], *, stacklevel: int = 3) -> str
         _warned.add(msg)
         warnings.warn(msg, CpuTargetWarning, stacklevel=stacklevel)
     return msg
+
+
+def one_line_warnings() -> None:
+    """Print ``CpuTargetWarning`` as ``warning: ...`` on one line (a command line's console), other
+    warnings as before; recording them (``warnings.catch_warnings(record=True)``) is unchanged.
+    Called by the ``python -m runtime_shim`` and ``edgepack`` entry points."""
+    fmt = warnings.formatwarning
+    if getattr(fmt, "_edgepack_one_line", False):
+        return
+
+    def one_line(message, category, filename, lineno, line=None):
+        if isinstance(category, type) and issubclass(category, CpuTargetWarning):
+            return f"warning: {message}\n"
+        return fmt(message, category, filename, lineno, line)
+
+    one_line._edgepack_one_line = True  # type: ignore[attr-defined]
+    warnings.formatwarning = one_line
