@@ -32,17 +32,21 @@ def register(sub) -> argparse.ArgumentParser:
 
 
 def _stratified(texts: list[str], labels: list[str], n: int) -> tuple[list[str], list[str]]:
-    """The first ``n`` rows taking labels in turn (every label represented), in a fixed order."""
-    by_label: dict[str, list[int]] = {}
+    """``n`` rows with every label in proportion (its k-th row ranks at (k + 0.5) / its count), in
+    file order; the same rows every time.
+
+    >>> _stratified(["a1", "a2", "a3", "a4", "b1", "b2"], ["a", "a", "a", "a", "b", "b"], 3)
+    (['a1', 'a2', 'b1'], ['a', 'a', 'b'])
+    """
+    total: dict[str, int] = {}
+    for lab in labels:
+        total[lab] = total.get(lab, 0) + 1
+    seen: dict[str, int] = {}
+    keys = []
     for i, lab in enumerate(labels):
-        by_label.setdefault(lab, []).append(i)
-    queues = [by_label[k] for k in sorted(by_label)]
-    picked: list[int] = []
-    depth = 0
-    while len(picked) < n and any(depth < len(q) for q in queues):
-        picked += [q[depth] for q in queues if depth < len(q)][: n - len(picked)]
-        depth += 1
-    picked.sort()
+        keys.append(((seen.get(lab, 0) + 0.5) / total[lab], lab, i))
+        seen[lab] = seen.get(lab, 0) + 1
+    picked = sorted(i for _, _, i in sorted(keys)[:n])
     return [texts[i] for i in picked], [labels[i] for i in picked]
 
 
