@@ -19,8 +19,8 @@ from edgepack import __version__
 from edgepack.errors import EdgepackError, ExitCode
 
 # Order is the order of --help: the pipeline first, then the tools around it.
-COMMANDS = ("build", "demo", "finetune", "distill", "prune", "pack", "quantize", "tune", "bench", "report",
-            "devices", "deploy", "fleet", "keys", "sign", "targets", "profiles", "recipes")
+COMMANDS = ("build", "demo", "finetune", "distill", "prune", "pack", "quantize", "tune", "bench", "verify", "report",
+            "devices", "deploy", "fleet", "keys", "sign", "emulate", "targets", "profiles", "recipes")
 
 
 def _load(name: str):
@@ -53,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from edgepack.console import quiet, set_verbose
 
     set_verbose(args.verbose)
+    from runtime_shim.cpu import one_line_warnings
+
+    one_line_warnings()  # a bundle loaded on a CPU without its target's flags: one console line
     try:
         with quiet(log_path(args.command)):
             return int(args._run(args) or ExitCode.OK)

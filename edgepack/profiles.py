@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import types
 import typing
 from collections.abc import Mapping
@@ -113,9 +114,44 @@ def available() -> dict[str, Path]:
     return data_files("profiles", SEARCH_PATH_ENV)
 
 
+HOST = "host"
+# The host profile's budgets: an interactive classifier on a small machine (the edge-x86-2core file's).
+HOST_BUDGETS = Budgets(p95_latency_ms=20.0, peak_memory_mb=400.0, bundle_size_mb=40.0, max_accuracy_drop=1.0)
+
+
+def _memory_mb() -> int:
+    try:
+        return max(1, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2**20)
+    except (AttributeError, OSError, ValueError):
+        return 4096
+
+
+def host_profile() -> Profile:
+    """A profile of this machine: the target its CPU flags match (``targets.detect``), its physical
+    cores (hyperthreads excluded) and memory; budgets of an interactive classifier (``HOST_BUDGETS``).
+    ``load("host")`` returns it unless a ``profiles/host.toml`` exists.
+
+    >>> p = host_profile()  # doctest: +SKIP
+    >>> p.name, p.target, p.physical_cores  # doctest: +SKIP
+    ('host', 'x86-64-avx2', 2)
+    """
+    from runtime_shim.cpu import physical_cores
+
+    from . import targets
+
+    target = targets.detect()
+    cores = physical_cores()
+    return Profile(target=target.name, physical_cores=cores, memory_mb=_memory_mb(), budgets=HOST_BUDGETS,
+                   name=HOST, description=f"this machine: target {target.name} (from its CPU flags), "
+                   f"{cores} physical core(s)")
+
+
 def load(name: str) -> Profile:
-    """A profile by name (``profiles/<name>.toml``) or path; one-line errors naming the file and field."""
+    """A profile by name (``profiles/<name>.toml``) or path; one-line errors naming the file and field.
+    ``host`` (without such a file) is this machine's profile (``host_profile``)."""
     files = available()
+    if name == HOST and HOST not in files:
+        return host_profile()
     path = Path(name) if name.endswith(".toml") else files.get(name)
     if path is None or not path.is_file():
         raise EdgepackError(f"unknown profile '{name}'; known profiles: {', '.join(files) or 'none'} "

@@ -330,7 +330,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return ExitCode.USAGE
+    from .cpu import one_line_warnings
     from .datafiles import DataError
+
+    one_line_warnings()  # the bundle-built-for-another-CPU warning as one console line
 
     try:
         return int(args._run(args) or ExitCode.OK)

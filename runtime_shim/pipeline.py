@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 
 from . import manifest as _manifest
 from . import trust as _trust
+from .cpu import warn_target_once
 from .manifest import BundleError
 from .session import effective_settings, make_session
 from .wordpiece import FastWordPiece
@@ -101,6 +102,9 @@ class OnnxPipeline:
     Scores of a text can differ in the third decimal between calls with different batch-mates: dynamic
     int8 quantization scales activations over the whole batch (padding included).
 
+    Loading a bundle on a CPU that lacks its target's flags issues one ``runtime_shim.cpu.CpuTargetWarning``
+    per process (ONNX Runtime then runs other int8 kernels, and answers may differ from the build's).
+
     Example:
         >>> pipe = OnnxPipeline("bundle")  # doctest: +SKIP
         >>> pipe("what is my checking balance")  # doctest: +SKIP
@@ -178,6 +182,9 @@ class OnnxPipeline:
         if isinstance(width, int) and width != len(self.label_names):
             raise BundleError(f"{self.model_path}: outputs {width} logits but labels.json names "
                               f"{len(self.label_names)} labels; re-run `edgepack pack`")
+
+        # Once per process: the bundle was checked on its target's int8 kernels, not on this CPU's.
+        warn_target_once(self.manifest)
 
         self.model_bytes: int = self.model_path.stat().st_size
         self.bundle_bytes: int = _manifest.bundle_bytes(root)

@@ -36,14 +36,13 @@ import gc
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .cpu import VNNI_FLAGS, cpu_flags, physical_cores, target_warning  # noqa: F401 (re-exported)
 from .manifest import BundleError, write_json_atomic
 
 TUNED_KEYS = ("session.intra_op.allow_spinning", "session.force_spinning_stop", "session.x64quantprecision")
@@ -53,102 +52,13 @@ SPINNING = {
     "force-stop": {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1"},
 }
 DEFAULTS = "ort-defaults"
-VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 BLAS_ENV = {"OMP_NUM_THREADS": "1"}
 
 
 # ------------------------------------------------------------------------------------------ the CPU
 
-
-def cpu_flags() -> tuple[str, set[str]]:
-    """This CPU's architecture family (``x86_64``/``arm64``) and flags, from the standard library.
-
-    Example:
-        >>> arch, flags = cpu_flags()  # doctest: +SKIP
-        >>> arch, "avx2" in flags  # doctest: +SKIP
-        ('x86_64', True)
-    """
-    machine = platform.machine().lower()
-    arch = "arm64" if machine in ("arm64", "aarch64") else "x86_64" if machine in ("x86_64", "amd64") else machine
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    flags.update(value.split())
-    except OSError:
-        if platform.system() == "Darwin":
-            try:
-                out = subprocess.run(["sysctl", "-a"], capture_output=True, text=True, timeout=5).stdout
-            except (OSError, subprocess.TimeoutExpired):
-                out = ""
-            for line in out.splitlines():
-                key, _, value = line.partition(":")
-                if key.startswith("hw.optional.") and value.strip() == "1":
-                    feat = key.rsplit(".", 1)[-1].lower()
-                    flags.add({"feat_dotprod": "asimddp", "feat_i8mm": "i8mm"}.get(feat, feat))
-    return arch, flags
-
-
-def physical_cores() -> int:
-    """Physical cores this process may run on (hyperthread siblings counted once).
-
-    Linux: the ``core_id``/``physical_package_id`` pairs of the CPUs in this process's affinity mask;
-    macOS: ``hw.physicalcpu``; else ``os.cpu_count()``.
-
-    Example:
-        >>> physical_cores()  # doctest: +SKIP
-        2
-    """
-    try:
-        cpus = sorted(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = list(range(os.cpu_count() or 1))
-    cores = set()
-    for cpu in cpus:
-        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
-        try:
-            cores.add((topo.joinpath("physical_package_id").read_text().strip(),
-                       topo.joinpath("core_id").read_text().strip()))
-        except OSError:
-            cores = set()
-            break
-    if cores:
-        return len(cores)
-    if platform.system() == "Darwin":
-        try:
-            return int(subprocess.run(["sysctl", "-n", "hw.physicalcpu"], capture_output=True, text=True,
-                                      timeout=5).stdout.strip())
-        except (OSError, ValueError, subprocess.TimeoutExpired):
-            pass
-    return max(1, len(cpus))
-
-
-def target_warning(manifest: Mapping[str, Any], arch: str | None = None, flags: set[str] | None = None) -> str | None:
-    """One line when this CPU lacks the flags of the target the bundle was built for, else None.
-
-    Example:
-        >>> target_warning({"target": {"name": "x86-64-amx", "arch": "x86_64",
-        ...                            "requires_flags": ["amx_int8"]}}, "x86_64", {"avx2"})
-        "warning: bundle built for target 'x86-64-amx' needs CPU flags this CPU lacks: amx_int8; expect slower kernels"
-    """
-    target = manifest.get("target")
-    if not isinstance(target, Mapping):
-        return None
-    if arch is None or flags is None:
-        arch, flags = cpu_flags()
-    name = target.get("name", "?")
-    if target.get("arch") and target["arch"] != arch:
-        return f"warning: bundle built for target '{name}' ({target['arch']}) but this CPU is {arch}"
-    missing = sorted(set(target.get("requires_flags") or ()) - flags)
-    any_flags = list(target.get("any_flags") or ())
-    if any_flags and not set(any_flags) & flags:
-        missing.append(" or ".join(any_flags))
-    if missing:
-        return (f"warning: bundle built for target '{name}' needs CPU flags this CPU lacks: {', '.join(missing)}; "
-                "expect slower kernels")
-    return None
+# cpu_flags, physical_cores and target_warning live in runtime_shim.cpu (OnnxPipeline warns with them
+# at load) and stay importable from here.
 
 
 # ----------------------------------------------------------------------------------- the candidates
@@ -510,10 +420,7 @@ def run(args: argparse.Namespace) -> int:
     from .datafiles import read_labelled
     from .pipeline import OnnxPipeline
 
-    pipe = OnnxPipeline(args.bundle, verify=not args.no_verify)
-    warning = target_warning(pipe.manifest)
-    if warning:
-        print(warning, file=sys.stderr)
+    pipe = OnnxPipeline(args.bundle, verify=not args.no_verify)  # warns once if this CPU lacks the target's flags
     data = Path(args.data) if args.data else pipe.bundle_dir / "eval.jsonl"
     texts, _ = read_labelled(data)
     if not texts:

@@ -1,0 +1,50 @@
+"""edgepack verify --emulate: the tiny bundle under qemu-x86_64 -cpu Haswell (slow; skipped without QEMU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgepack import emulate
+from edgepack.cli import main
+from edgepack.errors import EdgepackError
+
+
+def test_targets_resolve_and_unknown_ones_say_why():
+    assert emulate.resolve("avx2").target == "x86-64-avx2"
+    assert emulate.resolve("arm64-dotprod").qemu_cpu == "neoverse-n1"
+    with pytest.raises(EdgepackError, match="AVX-512"):
+        emulate.resolve("x86-64-avx512")
+    with pytest.raises(EdgepackError, match="choose one of: x86-64-avx2, arm64"):
+        emulate.resolve("riscv")
+
+
+def test_missing_arm64_root_names_the_setup_command(tmp_path):
+    ok, why = emulate.available("arm64", root=tmp_path / "none")
+    assert not ok and "edgepack emulate setup arm64" in why and "\n" not in why
+
+
+def test_score_applies_the_threshold():
+    s = emulate.score([0, 1, 1, 0], [0.9, 0.3, 0.8, 0.9], [0, 2, 1, 2], oos_id=2, threshold=0.5)
+    assert s == {"accuracy": 0.75, "accuracy_raw": 0.5, "in_scope_accuracy": 1.0, "oos_recall": 0.5}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["x86-64-avx2", "arm64"])
+def test_verify_under_emulation(tiny_bundle, tmp_path, capsys, target):
+    """x86-64-avx2 runs wherever qemu-user-static is installed; arm64 only where the arm64 root is
+    prepared (``edgepack emulate setup arm64``, or EDGEPACK_ARM64_ROOT)."""
+    ok, why = emulate.available(target)
+    if not ok:
+        pytest.skip(why)
+    out = tmp_path / "verify.json"
+    assert main(["verify", str(tiny_bundle), "--emulate", target, "--limit", "10", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["rows"] == 10 and result["target"] == target
+    assert 0.0 <= result["agreement_with_host"] <= 1.0
+    assert result["flips"] == round((1 - result["agreement_with_host"]) * 10)
+    assert result["emulator"]["qemu_cpu"] == emulate.resolve(target).qemu_cpu
+    assert "latency" not in json.dumps(result["emulated"]) and "agreement with this CPU" in capsys.readouterr().out
+    for side in ("host", "emulated"):
+        assert set(result[side]) == {"accuracy", "accuracy_raw", "in_scope_accuracy", "oos_recall"}
