@@ -511,7 +511,7 @@ class BuildConfig(ConfigBase):
     teacher: str = ""
     out: str = ""
     recipe: str = ""  # the recipe this config was resolved from (recorded, not read)
-    profile: str = "edge-x86-2core"
+    profile: str = "host"  # a device profile (profiles/*.toml); host: this machine's (target from its CPU flags)
     build_dir: str = ""  # default: OUT.build beside the bundle
     domains: str | None = None  # JSON domain -> intents map for the report (CLINC150's domains.json)
     skip: tuple[str, ...] = ()  # stages to leave out: distill, prune, tune

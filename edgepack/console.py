@@ -55,6 +55,21 @@ def ort_severity() -> int:
     return 2 if verbose() else 3
 
 
+def _to_log(show):
+    """A ``warnings.showwarning`` that sends library warnings to the log and keeps edgepack's own
+    warnings for the user (a bundle on a CPU without its target's flags) on the console."""
+    from runtime_shim.cpu import CpuTargetWarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, CpuTargetWarning):
+            return show(message, category, filename, lineno, file, line)
+        logging.getLogger("py.warnings").warning(
+            warnings.formatwarning(message, category, filename, lineno, line).rstrip())
+        return None
+
+    return showwarning
+
+
 _diverted = {"on": False}  # is descriptor 2 pointing at a log file right now (an enclosing quiet())?
 
 
@@ -95,7 +110,6 @@ def quiet(log_file: Path | None, *, verbose_console: bool | None = None) -> Iter
     log().setLevel(logging.INFO)
     for name in _LIBRARIES:
         logging.getLogger(name).setLevel(logging.INFO if loud else logging.WARNING)
-    logging.captureWarnings(True)
     _quiet_libraries()
     was_diverted = _diverted["on"]
     divert = not loud and (was_diverted or _stderr_is_fd2())
@@ -103,6 +117,7 @@ def quiet(log_file: Path | None, *, verbose_console: bool | None = None) -> Iter
     with warnings.catch_warnings():
         warnings.simplefilter("default")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.showwarning = _to_log(warnings.showwarning)
         try:
             if divert:
                 saved_fd = os.dup(2)
@@ -123,8 +138,6 @@ def quiet(log_file: Path | None, *, verbose_console: bool | None = None) -> Iter
                 os.dup2(saved_fd, 2)
                 os.close(saved_fd)
                 _diverted["on"] = was_diverted
-            if not was_diverted:
-                logging.captureWarnings(False)
             for h in handlers:
                 root.removeHandler(h)
             handler.close()

@@ -48,3 +48,26 @@ def test_verify_under_emulation(tiny_bundle, tmp_path, capsys, target):
     assert "latency" not in json.dumps(result["emulated"]) and "agreement with this CPU" in capsys.readouterr().out
     for side in ("host", "emulated"):
         assert set(result[side]) == {"accuracy", "accuracy_raw", "in_scope_accuracy", "oos_recall"}
+
+
+def test_verify_stage_checks_a_profile_target_this_cpu_is_not(tiny_bundle, monkeypatch):
+    """The build's verify stage: a profile whose target is this CPU's needs no emulation; another
+    target is checked under QEMU where it can be, and says why not (one line) where it cannot."""
+    from edgepack import targets
+    from edgepack.stages.verify import check_on_target_kernels
+
+    lines: list[str] = []
+    host = targets.detect().name
+    assert check_on_target_kernels(tiny_bundle, host, lines.append) is None
+    # x86-64-vnni cannot be emulated (QEMU 7.2 has no AVX-512): recorded, not checked, with the reason.
+    monkeypatch.setattr(targets, "detect", lambda *a, **k: targets.load("x86-64-avx2"))
+    rec = check_on_target_kernels(tiny_bundle, "x86-64-vnni", lines.append)
+    assert rec["checked"] is False and "cannot be emulated" in rec["why"] and "not checked" in lines[-1]
+    # The host pretends to be a VNNI machine: the AVX2 target runs under qemu -cpu Haswell when installed.
+    monkeypatch.setattr(targets, "detect", lambda *a, **k: targets.load("x86-64-vnni"))
+    ok, why = emulate.available("x86-64-avx2")
+    rec = check_on_target_kernels(tiny_bundle, "x86-64-avx2", lines.append)
+    assert rec["checked"] is ok
+    if ok:
+        assert rec["target"] == "x86-64-avx2" and 0.0 <= rec["agreement_with_host"] <= 1.0
+        assert "latency is not measured there" in " ".join(lines)

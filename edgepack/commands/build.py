@@ -22,7 +22,8 @@ def register(sub) -> argparse.ArgumentParser:
                    help="the recipe to start from (default: 'default', or the one the recipe file names)")
     add_data_args(p, required=False)
     p.add_argument("--out", type=Path, default=None, metavar="BUNDLE", help="the bundle directory to write")
-    p.add_argument("--profile", default=None, help="a device profile in profiles/ (default: edge-x86-2core)")
+    p.add_argument("--profile", default=None, help="a device profile in profiles/ (default: host, this machine's: its target from the CPU's "
+                        "flags, its physical cores)")
     p.add_argument("--build-dir", type=Path, default=None, help="stage directories (default: BUNDLE.build)")
     p.add_argument("--domains", type=Path, default=None, help="domain -> intents JSON for per-domain accuracy")
     p.add_argument("--layers", type=int, default=None, help="student depth (teacher layers kept)")

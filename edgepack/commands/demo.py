@@ -15,7 +15,8 @@ def register(sub) -> argparse.ArgumentParser:
                        "tune and verify. About 6-8 minutes on 2 cores; a rerun resumes.")
     p.add_argument("--out", type=Path, default=Path("edgepack-demo"),
                    help="where the teacher, the build and the bundle go (default: ./edgepack-demo)")
-    p.add_argument("--profile", default="edge-x86-2core", help="device profile (default: edge-x86-2core)")
+    p.add_argument("--profile", default="host",
+                   help="device profile (default: host, this machine: target from its CPU flags, its physical cores)")
     p.add_argument("--force", action="store_true", help="start over: replace the teacher and the bundle")
     return p
 

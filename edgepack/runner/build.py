@@ -75,6 +75,8 @@ def _build(cfg: BuildConfig, *, force: bool, log: Log) -> dict[str, Any]:
     data_key = cfg.data.to_dict()
     log(f"[build] {teacher} -> {out} (profile {profile.name}, target {profile.target}; recipe "
         f"{cfg.recipe or 'none'}; build directory {root})")
+    if profile.name == "host":
+        log(f"[build] no --profile: using this machine's, {profile.description}")
 
     # Each link: (stage name, its module, its config, what else its ledger key holds).
     quant_cfg = cfg.quantize if cfg.quantize.target != "auto" else cfg.quantize.replace(target=profile.target)

@@ -17,6 +17,27 @@ from edgepack.records import staging_dir, write_json_atomic, write_stage_record
 from edgepack.stages import StageRecord
 
 
+def check_on_target_kernels(bundle: Path, target: str, log) -> dict[str, Any] | None:
+    """When the profile's target is not this CPU's, the bundle's accuracy on the target's int8 kernels
+    under QEMU (``edgepack.emulate``): ``None`` when this CPU is the target; ``{"checked": False, ...}``
+    with the reason (and the install command) when no emulator can run it here."""
+    from edgepack import emulate, targets
+
+    host = targets.detect().name
+    if host == target:
+        return None
+    ok, why = emulate.available(target)
+    if not ok:
+        log(f"[verify] this CPU is a {host}, the profile's target a {target}: accuracy on its kernels not "
+            f"checked ({why}); latency, memory and threads here are this CPU's")
+        return {"checked": False, "target": target, "host_target": host, "why": why}
+    log(f"[verify] this CPU is a {host}, the profile's target a {target}: checking accuracy on its kernels "
+        f"under emulation ({why}); latency is not measured there")
+    result = emulate.check_bundle(bundle, target, log=log)
+    log(f"[verify] {emulate.summary(result)}")
+    return {"checked": True, "host_target": host, **result}
+
+
 def run(cfg: VerifyConfig, src: Path, out: Path, ctx, *, domains: dict | None = None, title: str = "") -> StageRecord:
     """The stage: ``src`` (a tuned bundle) -> ``out`` (``bundle/`` with its report, the results)."""
     import time
@@ -71,6 +92,10 @@ def run(cfg: VerifyConfig, src: Path, out: Path, ctx, *, domains: dict | None = 
         attach_eval_data(rows, texts, gold)
         write_report(tmp / "bundle", rows, title=title or f"edgepack build for {profile.name}",
                      budgets=checks, domains=domains, notes=host_notes(rows))
+        emulated = check_on_target_kernels(tmp / "bundle", profile.target, log)
+        if emulated is not None:
+            write_json_atomic(tmp / "emulated.json", emulated)
+            update_manifest(tmp / "bundle", emulated=emulated)
         update_manifest(tmp / "bundle", verified={
             "split": cfg.split, "rows": len(texts), "profile": profile.name,
             "budgets": [{"budget": c.budget, "limit": c.limit, "value": c.value, "ok": c.ok} for c in checks],
@@ -78,7 +103,8 @@ def run(cfg: VerifyConfig, src: Path, out: Path, ctx, *, domains: dict | None = 
             "latency_ms": rows[-1].get("latency_ms")})
         slim = [{k: v for k, v in r.items() if k not in ("predictions", "gold", "texts")} for r in rows]
         write_json_atomic(tmp / "results.json", slim)
-        write_json_atomic(tmp / "summary.json", {"profile": profile.name, "rows": slim, "budget_failures": failures})
+        write_json_atomic(tmp / "summary.json", {"profile": profile.name, "rows": slim, "budget_failures": failures,
+                                                 **({"emulated": emulated} if emulated else {})})
         write_stage_record(tmp, stage="verify", config=cfg.to_dict(), input_hash=hash_tree(src),
                            metrics={"budget_failures": failures, "rows": len(texts)}, started=started)
     return StageRecord.read(out)
