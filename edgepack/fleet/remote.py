@@ -22,19 +22,21 @@ from __future__ import annotations
 import inspect
 import textwrap
 
-from runtime_shim import tune as _shim_tune
+from runtime_shim import cpu as _shim_cpu
 
 RUNTIME_PACKAGES = ("onnxruntime", "tokenizers", "numpy")
 SETUP_VENV = "venv"  # <remote_dir>/venv: created by `deploy --setup`, used from then on
 
 
 def _probe_source() -> str:
-    cpu = "\n\n".join(inspect.getsource(f) for f in (_shim_tune.cpu_flags, _shim_tune.physical_cores))
-    return textwrap.dedent('''
+    # The shim's own CPU module (standard library only), sent whole: the device reads its CPU exactly
+    # as the shim there will (EDGEPACK_CPU_FLAGS included).
+    cpu = inspect.getsource(_shim_cpu)
+    return cpu + textwrap.dedent('''
         import json, os, platform, subprocess, sys
         from pathlib import Path
         from importlib import metadata
-        ''') + cpu + textwrap.dedent(f'''
+        ''') + textwrap.dedent(f'''
 
         def _version(name):
             try:
