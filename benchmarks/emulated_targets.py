@@ -230,7 +230,7 @@ def host_latency(args, models, rows) -> dict[str, dict]:
         log(f"[latency] round {r + 1}/{args.latency_rounds} done")
     for n in names:
         cached[n] = {"model_p50_ms": statistics.median(p50s[n]), "min_ms": min(p50s[n]), "max_ms": max(p50s[n]),
-                     "rounds": len(p50s[n]), "runs": args.latency_runs}
+                     "rounds": len(p50s[n]), "runs": args.latency_runs, "load_average": os.getloadavg()[0]}
     path.write_text(json.dumps(cached, indent=2))
     return cached
 
@@ -293,6 +293,7 @@ def results(args, models, rows, latency=None) -> list[dict]:
                 if latency and name in latency:
                     row["host_model_p50_ms"] = latency[name]["model_p50_ms"]
                     row["host_model_p50_spread_ms"] = [latency[name]["min_ms"], latency[name]["max_ms"]]
+                row["host_load_average"] = latency[name].get("load_average")
                 out.append(row)
                 continue
             if spec["fp32"]:
@@ -388,6 +389,11 @@ def markdown(args, table: list[dict], rows) -> str:
         if not prow:
             continue
         timed = plat == "host" and any("host_model_p50_ms" in r for r in prow)
+        if timed:
+            lines += [f"Model time: one query, one intra-op thread, the median of {args.latency_rounds} interleaved "
+                      f"rounds of {args.latency_runs} queries (the rounds' range in brackets). Other processes "
+                      f"shared the machine (load average {_load(prow)} after timing): only "
+                      "differences beyond the ranges count.", ""]
         head = ["model", "agreement with fp32 (val)", "val acc raw", "test acc raw", "vs fp32 (points)", "bar"]
         if timed:
             head.append("model p50 here, ms (spread of rounds)")
@@ -400,7 +406,7 @@ def markdown(args, table: list[dict], rows) -> str:
         lines += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
         for r in sorted(prow, key=lambda r: (not r["fp32"], r["export"], -r["agreement_fp32_val"])):
             cells = [f"`{r['model']}`", _pct(r["agreement_fp32_val"]), _pct(r["val_accuracy_raw"]),
-                     _pct(r["test_accuracy_raw"]), "-" if r["fp32"] else f"{-r['test_drop_points']:+.2f}",
+                     _pct(r["test_accuracy_raw"]), "-" if r["fp32"] else f"{round(-r['test_drop_points'], 2) + 0.0:+.2f}",
                      "" if r["fp32"] else ("yes" if r["meets_bar"] else "no")]
             if timed:
                 lat = r.get("host_model_p50_ms")
@@ -416,6 +422,11 @@ def markdown(args, table: list[dict], rows) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _load(rows: list[dict]) -> str:
+    loads = [r["host_load_average"] for r in rows if r.get("host_load_average") is not None]
+    return f"{max(loads):.1f}" if loads else "not recorded"
 
 
 def _host_flags() -> set[str]:
