@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime_shim.manifest import write_json_atomic
-from runtime_shim.tune import target_warning
+from runtime_shim.cpu import target_warning
 
 from . import DeviceError, FleetExit
 from .deploy import LocalBundle, deploy_one, setup_venv
@@ -233,7 +233,7 @@ def summary_lines(doc: Mapping[str, Any]) -> list[str]:
             lines = "; ".join(b["line"] for b in r.get("budgets", []) if b["ok"] is False)
             out.append(f"BUDGET {r['device']}: profile '{r['profile']}' missed: {lines}")
         if r.get("target_warning"):
-            out.append(f"{r['device']}: {r['target_warning']}")
+            out.append(f"{r['device']}: warning: {r['target_warning']}")
     n = s["devices"]
     done = n - len(s["failed"])
     verdict = {0: "all passed", 3: "gate failed", 4: "partial"}[s["exit_code"]]
