@@ -18,6 +18,15 @@ def add_data_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed for splits and training (default: 0)")
 
 
+def add_gate_args(p: argparse.ArgumentParser, *, when: str = "") -> None:
+    """The quantize stage's accuracy gate against fp32 (``pack`` and ``quantize``)."""
+    p.add_argument("--max-accuracy-drop", type=float, default=1.0, metavar="POINTS",
+                   help=f"{when}refuse an int8 model that loses more validation accuracy than this vs fp32 (default: 1.0)")
+    p.add_argument("--min-agreement", type=float, default=0.99, metavar="SHARE",
+                   help=f"{when}refuse an int8 model that gives another label than fp32 on more validation rows than "
+                        "this allows (with --variants: rank it below the others; default: 0.99)")
+
+
 def data_config(args: argparse.Namespace) -> DataConfig:
     extra = {"max_length": args.max_length} if getattr(args, "max_length", None) is not None else {}
     return DataConfig(source=str(args.data), text_column=args.text_column, label_column=args.label_column,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from edgepack.commands._common import add_data_args, data_config
+from edgepack.commands._common import add_data_args, add_gate_args, data_config
 
 
 def register(sub) -> argparse.ArgumentParser:
@@ -18,11 +18,7 @@ def register(sub) -> argparse.ArgumentParser:
     add_data_args(p)
     p.add_argument("--out", type=Path, required=True, metavar="BUNDLE", help="the bundle directory to write")
     p.add_argument("--target", default="auto", help="a target in targets/ (default: detect this CPU's)")
-    p.add_argument("--max-accuracy-drop", type=float, default=1.0, metavar="POINTS",
-                   help="refuse an int8 model that loses more validation accuracy than this vs fp32 (default: 1.0)")
-    p.add_argument("--min-agreement", type=float, default=0.99, metavar="SHARE",
-                   help="refuse an int8 model that gives another label than fp32 on more validation rows than this "
-                        "allows (with --variants: rank it below the others; default: 0.99)")
+    add_gate_args(p)
     p.add_argument("--oos-recall", type=float, default=None, metavar="R",
                    help="calibrate the out-of-scope threshold to reach this validation recall (default: the largest "
                         "threshold within one standard error of the best validation accuracy)")

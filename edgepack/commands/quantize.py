@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from edgepack.commands._common import add_data_args, data_config
+from edgepack.commands._common import add_data_args, add_gate_args, data_config
 
 
 def register(sub) -> argparse.ArgumentParser:
@@ -18,11 +18,7 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("model", type=Path, metavar="MODEL.onnx", help="an fp32 ONNX model (or a directory holding model.onnx)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="the directory to write")
     p.add_argument("--target", default="auto", help="a target in targets/ (default: detect this CPU's)")
-    p.add_argument("--max-accuracy-drop", type=float, default=1.0, metavar="POINTS",
-                   help="with --data: refuse an int8 model that loses more validation accuracy than this (default: 1.0)")
-    p.add_argument("--min-agreement", type=float, default=0.99, metavar="SHARE",
-                   help="refuse an int8 model that gives another label than fp32 on more validation rows than this "
-                        "allows (with --variants: rank it below the others; default: 0.99)")
+    add_gate_args(p, when="with --data: ")
     p.add_argument("--variants", action="store_true", help="with --data: measure the target's variants, keep the fastest")
     p.add_argument("--force", action="store_true", help="replace DIR if it exists")
     add_data_args(p, required=False)

@@ -21,8 +21,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from runtime_shim.manifest import write_json_atomic
 from runtime_shim.cpu import target_warning
+from runtime_shim.manifest import write_json_atomic
 
 from . import DeviceError, FleetExit
 from .deploy import LocalBundle, deploy_one, setup_venv
