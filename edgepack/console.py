@@ -144,26 +144,41 @@ def quiet(log_file: Path | None, *, verbose_console: bool | None = None) -> Iter
             root.setLevel(old_level)
 
 
-def trainer_progress_callback():
-    """A ``transformers`` progress-bar callback whose per-epoch metric dicts go to the log file
-    (the stock one prints them between progress bars as raw ``{'loss': ...}`` dicts)."""
-    from transformers.trainer_callback import ProgressCallback
+def trainer_log_callbacks():
+    """``transformers`` callbacks whose per-epoch metric dicts go to the log file: a progress bar that
+    does not print them between its bars (for runs with progress), and a silent logger (for runs
+    without, where the stock ``PrinterCallback`` would print every dict raw)."""
+    from transformers.trainer_callback import ProgressCallback, TrainerCallback
+
+    def record(state, logs) -> dict | None:
+        if not (state.is_world_process_zero and logs):
+            return None
+        logs = {k: v for k, v in logs.items() if k != "total_flos"}
+        log().info("trainer: %s", logs)
+        return logs
 
     class LoggedProgress(ProgressCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and logs:
-                logs = {k: v for k, v in logs.items() if k != "total_flos"}
-                log().info("trainer: %s", logs)
-                if verbose() and self.training_bar is not None:
-                    self.training_bar.write(str(logs))
+            logs = record(state, logs)
+            if logs and verbose() and self.training_bar is not None:
+                self.training_bar.write(str(logs))
 
-    return LoggedProgress
+    class LoggedOnly(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = record(state, logs)
+            if logs and verbose():
+                print(logs)
+
+    return LoggedProgress, LoggedOnly
 
 
 def quiet_trainer(trainer) -> None:
-    """Swap the Trainer's stock progress callback for :func:`trainer_progress_callback`'s."""
-    from transformers.trainer_callback import ProgressCallback
+    """Swap the Trainer's stock progress or printer callback for one that logs its metric dicts."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    if any(isinstance(cb, ProgressCallback) for cb in trainer.callback_handler.callbacks):
-        trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(trainer_progress_callback())
+    progress, only = trainer_log_callbacks()
+    cbs = trainer.callback_handler.callbacks
+    had_bar = any(isinstance(cb, ProgressCallback) for cb in cbs)
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(progress if had_bar else only)

@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 SCRIPT = textwrap.dedent("""
     import os, sys, warnings
     from pathlib import Path
@@ -55,3 +57,42 @@ def test_verbose_shows_everything_and_still_logs(tmp_path):
     console, log = _run(tmp_path, "verbose")
     assert "native line on fd 2" in console and "a library warning" in console and "edgepack progress line" in console
     assert "a library warning" in log
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_trainer_metric_dicts_go_to_the_log(progress, tmp_path, capsys, caplog):
+    """With a progress bar or without one (the stock PrinterCallback prints every dict raw), the
+    per-epoch dicts are log records, not console lines."""
+    import logging
+
+    import torch
+    from transformers import Trainer, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from edgepack.console import quiet_trainer
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Linear(2, 2)
+
+        def forward(self, x, labels=None):
+            logits = self.w(x)
+            return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+    rows = [{"x": torch.tensor([float(i % 2), 1.0]), "labels": i % 2} for i in range(8)]
+    args = TrainingArguments(str(tmp_path), num_train_epochs=1, learning_rate=0.1, per_device_train_batch_size=4,
+                             logging_strategy="epoch", save_strategy="no", report_to=[], use_cpu=True,
+                             disable_tqdm=not progress, dataloader_num_workers=0)
+    trainer = Trainer(model=Tiny(), args=args, train_dataset=rows)
+    quiet_trainer(trainer)
+    names = [type(cb).__name__ for cb in trainer.callback_handler.callbacks]
+    assert not any(isinstance(cb, PrinterCallback) for cb in trainer.callback_handler.callbacks)
+    assert ("LoggedProgress" in names) == progress and ("LoggedOnly" in names) == (not progress)
+    assert progress or not any(isinstance(cb, ProgressCallback) for cb in trainer.callback_handler.callbacks)
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO, logger="edgepack"):
+        trainer.train()
+    out = capsys.readouterr()
+    assert "'loss'" not in out.out and "'train_runtime'" not in out.out and "'loss'" not in out.err
+    assert any("trainer:" in r.getMessage() and "loss" in r.getMessage() for r in caplog.records)
