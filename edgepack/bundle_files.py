@@ -18,6 +18,7 @@ from typing import Any
 from edgepack.records import atomic_file, write_json_atomic
 
 BUNDLE_FORMAT = "edgepack-bundle/1"
+QUANT_NAME = "model.quant.onnx"  # the bundle's model file (runtime.json names it)
 RUNTIME_PACKAGES = ("onnxruntime", "tokenizers", "numpy")
 
 

@@ -49,12 +49,6 @@ def _quiet_libraries() -> None:
         pass
 
 
-def ort_severity() -> int:
-    """ONNX Runtime log severity for sessions edgepack opens on the build side: warnings (2) when
-    verbose, else errors only (3)."""
-    return 2 if verbose() else 3
-
-
 def _to_log(show):
     """A ``warnings.showwarning`` that sends library warnings to the log and keeps edgepack's own
     warnings for the user (a bundle on a CPU without its target's flags) on the console."""

@@ -15,13 +15,12 @@ import time
 from pathlib import Path
 
 from edgepack import bundle_files
+from edgepack.bundle_files import QUANT_NAME
 from edgepack.config import BundleConfig
 from edgepack.data import stratified_slice, write_jsonl
 from edgepack.metrics import accuracy_report, calibrate_threshold, evaluate
 from edgepack.records import hash_tree, staging_dir, versions
 from edgepack.stages import StageRecord
-
-QUANT_NAME = "model.quant.onnx"
 
 
 def run(cfg: BundleConfig, src: Path, out: Path, ctx, *, manifest_extra: dict | None = None) -> StageRecord:

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
+from edgepack.bundle_files import QUANT_NAME  # noqa: F401  (the stage and its callers name it from here)
 from edgepack.config import QuantSettings
 from edgepack.errors import EdgepackError
 from edgepack.modeling import ModelInfo
 
 Feed = Mapping[str, np.ndarray]
 
-QUANT_NAME = "model.quant.onnx"
 
 
 def fuse(src: Path, out: Path, info: ModelInfo) -> Path:

@@ -25,6 +25,7 @@ import numpy as np
 
 from edgepack.config import QuantSettings
 from edgepack.errors import BudgetError
+from edgepack.metrics import agreement, apply_threshold, calibrate_threshold, label_metrics
 from edgepack.modeling import ModelInfo
 from edgepack.records import write_json_atomic
 from edgepack.stages.quantize.formats import Feed, quantize_model, quantize_other, written_fused
@@ -288,19 +289,17 @@ def search(
 
     ref_probs = accuracy_probs(ref_pipe, val_texts)
     ref_pred = ref_probs.argmax(1)
-    ref_acc = float((ref_pred == val_labels).mean())
+    ref_acc = label_metrics(ref_pred, val_labels, None)["accuracy"]
     oos_id = ref_pipe.oos_id
     for name, pipe in pipes.items():
         probs = ref_probs if name == "fp32" else accuracy_probs(pipe, val_texts)
         pred = probs.argmax(1)
-        acc = float((pred == val_labels).mean())
-        rows[name].update(accuracy=acc, accuracy_drop=(ref_acc - acc) * 100,
-                          agreement=float((pred == ref_pred).mean()))
+        acc = label_metrics(pred, val_labels, None)["accuracy"]
+        rows[name].update(accuracy=acc, accuracy_drop=(ref_acc - acc) * 100, agreement=agreement(pred, ref_pred))
         if oos_id is not None:
-            from edgepack.metrics import apply_threshold, calibrate_threshold
-
             thr = calibrate_threshold(probs, val_labels, oos_id)
-            rows[name]["accuracy_calibrated"] = float((apply_threshold(probs, oos_id, thr) == val_labels).mean())
+            rows[name]["accuracy_calibrated"] = label_metrics(apply_threshold(probs, oos_id, thr), val_labels,
+                                                              None)["accuracy"]
 
     sample = list(val_texts[:latency_texts]) or ["hello"]
     feeds = [ref_pipe.encode([t]) for t in sample]
