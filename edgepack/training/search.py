@@ -9,7 +9,7 @@ stage finishes; ``storage`` takes any database URL Optuna accepts (``postgresql:
 psycopg 3), so workers on several machines run the same command and join one study by name.
 
 Trials are counted over the whole study: N trials in all, however many workers share them. A worker
-claims a trial slot under a lock (a PostgreSQL advisory lock, a file lock beside a SQLite file) so
+claims a trial slot under a lock (a PostgreSQL advisory lock, a file lock on a SQLite file's folder) so
 two workers never take the last slot together, and waits while the remaining slots are held by
 trials running elsewhere, so every worker returns the finished study. A trial whose worker died (no
 heartbeat for two minutes: ``EDGEPACK_SEARCH_HEARTBEAT``/``EDGEPACK_SEARCH_GRACE`` seconds, 30/120 by
@@ -69,7 +69,6 @@ def redact(url: str) -> str:
         user, has_password, _ = creds.partition(":")
         return f"{scheme}://{user}:***@{host}" if has_password else url
     return url
-
 
 
 def driver_url(url: str) -> str:
@@ -170,7 +169,7 @@ def _first_line(e: BaseException) -> str:
 def claim_lock(storage, url: str, study_name: str):
     """Held while a worker counts the study's trials and starts one, so two workers cannot both take
     the last slot: a PostgreSQL advisory lock (released by the server if the worker dies), a file
-    lock beside a SQLite file; other databases go without (a race there costs one extra trial).
+    lock on a SQLite file's directory; other databases go without (a race there costs one extra trial).
     Yields a function that releases the lock early (once the new trial is RUNNING)."""
     key = zlib.crc32(f"edgepack-search\0{study_name}".encode())
     released = False
@@ -186,10 +185,13 @@ def claim_lock(storage, url: str, study_name: str):
                 released = True
                 conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
                 conn.close()
-    elif url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+    elif url.startswith("sqlite:///") and url != "sqlite:///:memory:" and hasattr(os, "O_DIRECTORY"):
         import fcntl
 
-        fd = os.open(url[len("sqlite:///"):].split("?", 1)[0] + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        # The lock is on the study file's directory: a lock file would be litter, and a second
+        # descriptor on the database itself would drop SQLite's own POSIX locks when closed.
+        folder = Path(url[len("sqlite:///"):].split("?", 1)[0]).resolve().parent
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         fcntl.flock(fd, fcntl.LOCK_EX)
 
         def release():
