@@ -89,10 +89,13 @@ def corpus_chars(tok_json: dict[str, Any], texts: Iterable[str]) -> set[str]:
     lowercases and strips accents) and pre-tokenizer (a byte-level one maps every byte to one of 256
     symbols), so they compare with the vocabulary's character pieces in any script.
 
-    Example:
-        >>> from tests.tiny import train_wordpiece  # doctest: +SKIP
-        >>> sorted(corpus_chars(json.loads(train_wordpiece(["Привет"]).to_str()), ["Привет"]))  # doctest: +SKIP
-        ['в', 'е', 'и', 'п', 'р', 'т']
+    Example (BERT's uncased normalizer: 'Ё' becomes 'е'):
+        >>> from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+        >>> tok = Tokenizer(models.WordPiece({"[UNK]": 0}, unk_token="[UNK]"))
+        >>> tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        >>> tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        >>> sorted(corpus_chars(json.loads(tok.to_str()), ["Ёлка в 北京"]))
+        ['а', 'в', 'е', 'к', 'л', '京', '北']
     """
     tok = _tokenizer(tok_json)
     norm, pre = tok.normalizer, tok.pre_tokenizer
