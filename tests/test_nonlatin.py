@@ -239,3 +239,20 @@ def test_max_length_from_the_training_texts():
 
     with pytest.raises(EdgepackError, match="--max-length"):
         _ = stages.Context(data_config=DataConfig(max_length=0)).max_length
+
+
+def test_data_keeps_a_byte_level_alphabet_whole():
+    """A byte-level BPE spells every text in its 256 byte symbols and has no [UNK]: a missing symbol
+    would drop characters silently, so "data" keeps the whole alphabet there."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    texts = ["какой баланс на карте", "上海明天天气怎么样", "what is my balance"]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok_json = json.loads(tok.to_str())
+    kept = vocab.remap_tokenizer_json(tok_json, vocab.select_tokens(tok_json, texts[:1], keep_chars="data"))
+    assert set(pre_tokenizers.ByteLevel.alphabet()) <= set(kept["model"]["vocab"])
+    trimmed = Tokenizer.from_str(json.dumps(kept))
+    assert trimmed.decode(trimmed.encode("北京 карта").ids) == "北京 карта"
