@@ -144,12 +144,17 @@ class DataConfig(ConfigBase):
     validation_fraction: float = 0.1  # used only when the data has no validation split
     test_fraction: float = 0.1  # used only when the data has no test split
     # Tokens per text, for every stage (training batches pad to their longest row only; the bundle
-    # truncates queries to it). 64 fits short queries; the CLINC150 recipe says why it is enough there.
+    # truncates queries to it). 0: chosen by `edgepack build` from the training texts, the
+    # length_percentile-th percentile of their token counts (teacher's tokenizer, with its special
+    # tokens) rounded up to a multiple of 8, within the teacher's positions; the build records it.
     max_length: int = 64
+    length_percentile: float = 99.9
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _in_range("max_length", self.max_length, 8, 4096)
+        if self.max_length != 0:
+            _in_range("max_length", self.max_length, 8, 4096)
+        _in_range("length_percentile", self.length_percentile, 0.0, 100.0, lo_open=True)
         _in_range("validation_fraction", self.validation_fraction, 0.0, 0.5, lo_open=True)
         _in_range("test_fraction", self.test_fraction, 0.0, 0.5, lo_open=True)
 
@@ -360,7 +365,9 @@ class PruneConfig(ConfigBase):
     section: ClassVar[str] = "prune"
     trim_vocab: bool = True  # keep the tokens the training split uses, every character piece and specials
     keep_top: int = 0  # also keep the first K ids of the original vocabulary (roughly its most frequent)
-    keep_chars: str = "all"  # character pieces kept: all (any word in any script tokenizes) or latin
+    # character pieces kept: all (any word in any script tokenizes), data (those of the characters the
+    # training texts use, in any script: a word spelled with them tokenizes) or latin
+    keep_chars: str = "all"
     # > 0: the tokens trimming drops are not removed but folded into this many shared rows (k-means of
     # their embeddings), so a word the training split lacks keeps roughly its own meaning
     cluster_rest: int = 0
@@ -383,7 +390,7 @@ class PruneConfig(ConfigBase):
     def __post_init__(self) -> None:
         _in_range("keep_top", self.keep_top, 0)
         _in_range("cluster_rest", self.cluster_rest, 0)
-        _choice("keep_chars", self.keep_chars, ("all", "latin"))
+        _choice("keep_chars", self.keep_chars, ("all", "data", "latin"))
         if self.max_positions is not None:
             _in_range("max_positions", self.max_positions, 8, 1 << 16)  # and >= [data] max_length: checked at run
         if self.param_budget is not None:

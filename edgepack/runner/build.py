@@ -63,11 +63,12 @@ def _build(cfg: BuildConfig, *, force: bool, log: Log) -> dict[str, Any]:
         raise EdgepackError(f"{out}: already exists and was not built by {root}; pass --force to replace it")
     _check_disk(out.parent, teacher)
     root.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(root / "recipe.json", cfg.to_dict())
-    (root / "recipe.toml").write_text(to_toml(cfg.to_dict()))
-
     info = read_model_info(teacher)
     data = load_dataset(cfg.data, dict(enumerate(info.label_names)))
+    cfg, lengths = _resolve_max_length(cfg, teacher, data)
+    # The resolved recipe: a max_length chosen from the data is written as the number it became.
+    write_json_atomic(root / "recipe.json", cfg.to_dict())
+    (root / "recipe.toml").write_text(to_toml(cfg.to_dict()), encoding="utf-8")
     names = [s for s in BUILD_STAGES if s not in cfg.skip]
     if cfg.search.max_drop is not None:  # --max-drop: the budget against the teacher, a profile budget
         profile = profile.replace(budgets=profile.budgets.replace(max_teacher_drop=cfg.search.max_drop))
@@ -78,6 +79,10 @@ def _build(cfg: BuildConfig, *, force: bool, log: Log) -> dict[str, Any]:
         f"{cfg.recipe or 'none'}; build directory {root})")
     if profile.name == "host":
         log(f"[build] no --profile: using this machine's, {profile.description}")
+    if lengths is not None:
+        log(f"[build] max_length {lengths['max_length']} from the training texts ({lengths['percentile']:g}th "
+            f"percentile of {lengths['texts']:,} token counts: {lengths['tokens_at_percentile']:g}; longest "
+            f"{lengths['longest']}: {lengths['texts_truncated']} truncated)")
 
     src, src_hash = teacher, _sha(hash_tree(teacher), data.fingerprint())
     domains = json.loads(Path(cfg.domains).read_text()) if cfg.domains else None
@@ -112,6 +117,8 @@ def _build(cfg: BuildConfig, *, force: bool, log: Log) -> dict[str, Any]:
         log(f"[build] archive written: {archive(out)}")
     for name in ("report.html", "report.md"):
         shutil.copy2(verified / "bundle" / name, root / name)
+    if lengths is not None:
+        summary["max_length"] = lengths
     summary.update(ran=ledger.ran, skipped=ledger.skipped, wall_time_s=round(time.time() - started, 1))
     write_json_atomic(root / "summary.json", summary)
     log(f"[build] bundle: {out}   report: {root / 'report.html'}   ({summary['wall_time_s']:.0f} s; "
@@ -120,6 +127,36 @@ def _build(cfg: BuildConfig, *, force: bool, log: Log) -> dict[str, Any]:
         raise BudgetError(f"profile {profile.name}: missed {'; '.join(summary['budget_failures'])} "
                           f"(bundle and report written: {out})")
     return summary
+
+
+def _resolve_max_length(cfg: BuildConfig, teacher: Path, data: Any) -> tuple[BuildConfig, dict | None]:
+    """``[data] max_length = 0``: the number the training texts call for (``data.length_from_counts``
+    over their token counts with the teacher's tokenizer), so no stage sees 0; else ``cfg`` as given."""
+    if cfg.data.max_length:
+        return cfg, None
+    from transformers import AutoTokenizer
+
+    from edgepack.data import length_from_counts
+
+    tok = AutoTokenizer.from_pretrained(teacher)
+    counts = [len(ids) for ids in tok(list(data["train"].texts), truncation=False)["input_ids"]]
+    lengths = length_from_counts(counts, cfg.data.length_percentile, limit=_position_limit(teacher, tok))
+    return cfg.replace(data=cfg.data.replace(max_length=lengths["max_length"])), lengths
+
+
+def _position_limit(teacher: Path, tok: Any) -> int:
+    """The most tokens the teacher can take: its absolute positions (RoBERTa's start after the pad
+    id), else the tokenizer's model_max_length, within DataConfig's 4096."""
+    config = json.loads((teacher / "config.json").read_text(encoding="utf-8"))
+    limit = 4096
+    positions = config.get("max_position_embeddings")
+    if isinstance(positions, int) and positions > 0:
+        offset = (config.get("pad_token_id") or 0) + 1 if config.get("model_type") in ("roberta", "xlm-roberta") else 0
+        limit = min(limit, positions - offset)
+    model_max = getattr(tok, "model_max_length", None)
+    if isinstance(model_max, int) and 0 < model_max < limit:
+        limit = model_max
+    return max(8, limit)
 
 
 def _publish(src: Path, out: Path, root: Path, *, force: bool, sign=None, log: Log = print) -> None:
