@@ -63,6 +63,9 @@ runs = 5
 runs = 10
 warmup = 2
 compare = false
+
+[search]
+shapes = []  # the recipe's one shape: this test is about the vocabulary, not the shape search
 """
 
 
