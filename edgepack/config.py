@@ -550,8 +550,9 @@ def shape_name(text: str) -> str:
     'L1-h0.33-f0.5'
     """
     letters = {"layers": "L", "heads": "h", "ffn": "f", "embedding_bits": "e"}
-    return "-".join(f"{letters[k]}{v:.2g}" if isinstance(v, float) else f"{letters[k]}{v}"
-                    for k, v in parse_shape(text).items())
+    shape = parse_shape(text)
+    return "-".join(f"{letters[k]}{shape[k]:.2g}" if isinstance(shape[k], float) else f"{letters[k]}{shape[k]}"
+                    for k in SHAPE_KEYS if k in shape)  # one order, however the shape was written
 
 
 @dataclasses.dataclass(frozen=True)
