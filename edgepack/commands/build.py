@@ -13,7 +13,8 @@ def register(sub) -> argparse.ArgumentParser:
                        "(resumable)",
                        description="Run the whole chain from a fine-tuned teacher to a verified bundle. Rerunning "
                        "resumes: only stages whose config or input changed run again. A build starts from a recipe "
-                       "(recipes/*.toml; default: 'default', dataset-neutral; 'clinc150': the shape measured there; "
+                       "(recipes/*.toml; default: 'default', dataset-neutral, searching student shapes for the fastest bundle "
+                       "within --max-drop points of the teacher; 'clinc150': the shape measured there; "
                        "`edgepack recipes` lists them). "
                        "A recipe TOML file of your own holds the same options (top-level teacher/out/profile/recipe, "
                        "tables [data] [distill] [prune] [export] [quantize] [bundle] [tune] [verify] [search]) and starts "
