@@ -513,18 +513,26 @@ SHAPE_KEYS = {"layers": ("distill", "num_layers"), "heads": ("prune", "heads_fra
               "ffn": ("prune", "ffn_fraction"), "embedding_bits": ("quantize", "embedding_bits")}
 
 
-def parse_shape(text: str) -> dict[str, float | int]:
+def parse_shape(text: str) -> dict[str, Any]:
     """A student shape, ``"layers=1 heads=1/3 ffn=1/2"``: its keys (layers, heads and ffn as fractions
     of the teacher's, embedding_bits) to numbers; keys left out keep the recipe's value.
+    ``recipe=NAME``: the shape's distill and prune tables come from that recipe (e.g. ``static``, the
+    zero-layer student with its own learning rate), the other keys applied over them.
 
     >>> parse_shape("layers=1 heads=1/3 ffn=0.5")
     {'layers': 1, 'heads': 0.3333333333333333, 'ffn': 0.5}
     """
-    out: dict[str, float | int] = {}
+    out: dict[str, Any] = {}
     for part in str(text).split():
         key, sep, value = part.partition("=")
-        if not sep or key not in SHAPE_KEYS:
-            raise ValueError(f"shape {text!r}: {part!r} is not KEY=VALUE with KEY one of {', '.join(SHAPE_KEYS)}")
+        if not sep or (key not in SHAPE_KEYS and key != "recipe"):
+            raise ValueError(f"shape {text!r}: {part!r} is not KEY=VALUE with KEY one of "
+                             f"{', '.join((*SHAPE_KEYS, 'recipe'))}")
+        if key == "recipe":
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", value):
+                raise ValueError(f"shape {text!r}: recipe={value!r} is not a recipe name")
+            out[key] = value
+            continue
         try:
             num, _, den = value.partition("/")
             x = float(num) / float(den or 1)
@@ -551,8 +559,8 @@ def shape_name(text: str) -> str:
     """
     letters = {"layers": "L", "heads": "h", "ffn": "f", "embedding_bits": "e"}
     shape = parse_shape(text)
-    return "-".join(f"{letters[k]}{shape[k]:.2g}" if isinstance(shape[k], float) else f"{letters[k]}{shape[k]}"
-                    for k in SHAPE_KEYS if k in shape)  # one order, however the shape was written
+    return "-".join(([shape["recipe"]] if "recipe" in shape else []) + [f"{letters[k]}{shape[k]:.2g}" if isinstance(shape[k], float) else f"{letters[k]}{shape[k]}"
+                    for k in SHAPE_KEYS if k in shape])  # one order, however the shape was written
 
 
 @dataclasses.dataclass(frozen=True)
@@ -590,6 +598,8 @@ class SearchConfig(ConfigBase):
         tables = {"distill": build.distill, "prune": build.prune, "quantize": build.quantize}
         changes: dict[str, dict[str, Any]] = {}
         for key, value in parse_shape(shape).items():
+            if key == "recipe":
+                continue  # the runner lays the named recipe's tables under the shape (runner.search)
             table, field = SHAPE_KEYS[key]
             changes.setdefault(table, {})[field] = value
         if changes.get("distill", {}).get("num_layers") is not None:

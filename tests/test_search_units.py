@@ -64,3 +64,16 @@ def test_teacher_budget_is_checked_only_when_set():
     del res["teacher_drop"]
     check = next(c for c in profiles.budget_report(strict, res) if c.budget == "max_teacher_drop")
     assert not check.ok and check.value is None  # not measured counts as missed
+
+
+def test_a_shape_may_start_from_a_recipe():
+    from edgepack.runner.search import _from_recipe
+
+    assert shape_name("recipe=two-layer ffn=1/2") == "two-layer-f0.5"
+    cfg = _from_recipe(BuildConfig(), "two-layer")
+    c = SearchConfig(shapes=("recipe=two-layer ffn=1/2",)).candidate(cfg, "recipe=two-layer ffn=1/2")
+    assert c.distill.num_layers == 2 and c.prune.heads_fraction == 1.0 and c.prune.ffn_fraction == 0.5
+    from edgepack.errors import EdgepackError
+
+    with pytest.raises(EdgepackError, match="unknown recipe"):
+        _from_recipe(BuildConfig(), "no-such-recipe")

@@ -141,6 +141,8 @@ def search(cfg: BuildConfig, ctx, root: Path, src: Path, src_hash: str, *, log: 
     budget = s.max_drop
     if s.pick is not None and s.pick not in {c.name for c in cands}:
         raise EdgepackError(f"--pick {s.pick}: not a shape of this search; shapes: {', '.join(c.name for c in cands)}")
+    for c in cands:  # a shape naming an unknown recipe fails now, not after the cheaper ones trained
+        _from_recipe(cfg, parse_shape(c.shape).get("recipe"))
     inside_seen, after_inside, missed_far = False, 0, []
     log(f"[search] {len(cands)} shapes, cheap first; budget: "
         + (f"at most {budget:g} points below the teacher's {teacher_acc:.2f}% (validation)" if budget is not None
@@ -158,7 +160,7 @@ def search(cfg: BuildConfig, ctx, root: Path, src: Path, src_hash: str, *, log: 
             c.status = "not built"
             continue
         t0 = time.time()
-        ccfg = s.candidate(cfg, c.shape)
+        ccfg = s.candidate(_from_recipe(cfg, shape.get("recipe")), c.shape)
         ledger = _adopting_ledger(c.dir, dirs, log, prefix=f"{c.name} {i + 1}/{len(cands)}")
         run_links([link for link in chain(ccfg, profile) if link[0] in CANDIDATE_STAGES], CANDIDATE_STAGES,
                   ledger, ctx, src, src_hash)
@@ -188,6 +190,16 @@ def search(cfg: BuildConfig, ctx, root: Path, src: Path, src_hash: str, *, log: 
                           cpu=f"{targets.detect().name} ({profiles.host_profile().description})")
     write_json_atomic(root / "search" / "frontier.json", result.to_dict())
     return result
+
+
+def _from_recipe(cfg: BuildConfig, name: str | None) -> BuildConfig:
+    """``cfg`` with the distill and prune tables of recipe ``name`` (a shape's ``recipe=NAME``)."""
+    if name is None:
+        return cfg
+    from edgepack import recipes
+
+    r = recipes.load(name)
+    return cfg.replace(distill=r.distill, prune=r.prune)
 
 
 def _time_candidates(built: list[Candidate], texts, *, runs: int, rounds: int, log: Log) -> None:
