@@ -1,0 +1,87 @@
+"""The accuracy-latency frontier on CLINC150 ('plus'): ``edgepack build`` with a shape search over the
+CLINC150 recipe, every shape built (``explore``), the budget against the teacher stated.
+
+    nice python benchmarks/frontier_clinc150.py --work /tmp/clinc-bench --max-drop 0.5
+    python benchmarks/frontier_clinc150.py --work /tmp/clinc-bench --shapes "recipe=static; layers=1 heads=1/3 ffn=1/2"
+
+Uses WORK/edgepack-bundle.build as the build directory, so the shape ``benchmarks/clinc150.py`` built
+there (the CLINC150 recipe's) is taken, not retrained, and a rerun resumes. Writes the report with the
+frontier plot (WORK/edgepack-frontier.build/report.html), copies the plot to ``--plot`` and prints
+the table. Latency: end to end, single queries, this CPU, interleaved rounds. Skips politely
+without ../shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHARED = ROOT.parent / "shared"
+TEACHER = SHARED / "models" / "clinc150-minilm-l6"
+DATA = SHARED / "data" / "clinc150" / "data_oos_plus.json"
+DOMAINS = SHARED / "data" / "clinc150" / "domains.json"
+SHAPES = ("recipe=static; layers=1 heads=1/3 ffn=1/2; layers=2 heads=1 ffn=1/3 embedding_bits=4; "
+          "layers=3 heads=1 ffn=1/2 embedding_bits=4")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--build-dir", type=Path, default=None, help="default: WORK/edgepack-bundle.build")
+    ap.add_argument("--max-drop", type=float, default=0.5)
+    ap.add_argument("--shapes", default=SHAPES)
+    ap.add_argument("--explore", type=int, default=10, help="shapes built after the first inside the budget")
+    ap.add_argument("--plot", type=Path, default=None, help="also copy the frontier plot here")
+    ap.add_argument("--profile", default="host")
+    args = ap.parse_args()
+    if not (TEACHER.is_dir() and DATA.is_file()):
+        print(f"skipped: {TEACHER} or {DATA} missing (../shared beside the checkout)")
+        return 0
+    from edgepack import recipes
+    from edgepack.config import DataConfig
+    from edgepack.errors import BudgetError
+    from edgepack.runner.build import build
+
+    build_dir = args.build_dir or args.work / "edgepack-bundle.build"
+    out = args.work / "edgepack-frontier"
+    cfg = recipes.resolve({"recipe": "clinc150", "teacher": str(TEACHER), "out": str(out), "profile": args.profile,
+                           "build_dir": str(build_dir), "domains": str(DOMAINS),
+                           "data": DataConfig(source=str(DATA)).to_dict(),
+                           "search": {"max_drop": args.max_drop, "explore": args.explore,
+                                      "shapes": [s.strip() for s in args.shapes.split(";") if s.strip()]}})
+    try:
+        build(cfg, force=True)
+    except BudgetError as e:
+        print(f"[frontier] {e}")
+    frontier = json.loads((build_dir / "search" / "frontier.json").read_text())
+    print(f"\nteacher {frontier['teacher_validation_accuracy']:.2f}% (validation), budget {frontier['max_drop']} "
+          f"points, CPU {frontier['cpu']}")
+    for c in frontier["candidates"]:
+        if c["status"] == "built":
+            print(f"{c['name']:<22} {c['validation_accuracy']:6.2f}%  {c['teacher_drop']:+6.2f} pt  "
+                  f"p50 {c['p50_ms']:.3f} ms ± {c['noise_ms']:.3f}  {c['bundle_bytes'] / 1e6:5.2f} MB"
+                  + ("  <- chosen" if c["name"] == frontier["chosen"] else ""))
+        else:
+            print(f"{c['name']:<22} {c['status']}")
+    summary = json.loads((build_dir / "verify" / "summary.json").read_text())
+    final = summary["rows"][-1]
+    print(f"published {frontier['chosen']}: test accuracy {100 * final['accuracy']:.2f}% calibrated, "
+          f"{100 * final['accuracy_raw']:.2f}% raw; end-to-end p50 {final['latency_ms']['p50']:.3f} ms")
+    if args.plot:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(out / "report_frontier.png", args.plot)
+        print(f"plot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
