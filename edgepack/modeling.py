@@ -19,6 +19,7 @@ from pathlib import Path
 from torch import nn
 from transformers import BertForSequenceClassification
 
+from edgepack import static_model  # noqa: F401  (registers the static student with the Auto classes)
 from edgepack.errors import EdgepackError
 
 REMOTE_CODE_FILE = "modeling_edgepack_bert.py"

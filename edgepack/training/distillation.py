@@ -37,6 +37,7 @@ from edgepack.data import LabelledData, Split
 from edgepack.errors import EdgepackError
 from edgepack.metrics import agreement, apply_threshold, calibrate_threshold, label_metrics, softmax
 from edgepack.records import hash_tree
+from edgepack.static_model import is_static
 from edgepack.training.arguments import training_arguments
 
 STAGE = "distill"
@@ -306,7 +307,7 @@ def train_student(
                                has_label=trainset.has_label)
         val_rows = make_rows(tokenizer, validation.texts, validation.labels, max_length)
         best_metric = "cal_accuracy" if oos_id is not None else "accuracy"
-        if cfg.freeze_embeddings:
+        if cfg.freeze_embeddings and not is_static(model):  # a static student's table is the model
             # The word-embedding table holds most of a 2-layer student's weights (11.7M of 15.5M for
             # MiniLM): fixing it skips its gradient and AdamW update on every step.
             model.get_input_embeddings().weight.requires_grad_(False)
@@ -446,6 +447,13 @@ def prepare(cfg: DistillConfig, teacher_dir: Path, data: LabelledData, *, studen
     elif cfg.student:
         model = st.from_checkpoint(Path(cfg.student), id2label)
         tokenizer = st.load_tokenizer(Path(cfg.student), what="student")
+    elif cfg.num_layers == 0 and not cfg.layers:
+        from edgepack.training import static_student
+
+        teacher = st.load_teacher(teacher_dir)
+        model = static_student.from_teacher(teacher, cfg)
+        del teacher
+        tokenizer = st.load_tokenizer(teacher_dir, what="teacher")
     else:
         depth = st.teacher_depth(teacher_dir)
         layers = tuple(cfg.layers) or st.pick_layers(cfg.num_layers, depth)
