@@ -173,3 +173,34 @@ def test_build_with_zero_layers_end_to_end(tmp_path, tiny_model, clinc_json):
     assert OnnxPipeline(out)("what is my checking balance")[0]["label"]
     summary = json.loads((work / "summary.json").read_text())
     assert summary["budget_failures"] == []
+
+
+def test_distill_command_with_zero_layers(tmp_path, tiny_model, clinc_json, capsys):
+    from edgepack.cli import main
+
+    out = tmp_path / "student"
+    assert main(["distill", str(tiny_model), "--data", str(clinc_json), "--out", str(out), "--layers", "0",
+                 "--no-ablation", "--epochs", "1", "--batch-size", "16", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert json.loads((out / "config.json").read_text())["model_type"] == "edgepack_static"
+    assert "student (distilled)" in capsys.readouterr().out
+
+
+def test_lazy_adamw_is_adamw_on_the_rows_it_touches():
+    import torch
+
+    from edgepack.training.static_student import LazyAdamW
+
+    torch.manual_seed(0)
+    lazy, dense = torch.nn.Embedding(6, 3, sparse=True), torch.nn.Embedding(6, 3)
+    dense.load_state_dict(lazy.state_dict())
+    before = lazy.weight.detach().clone()
+    o1 = LazyAdamW(lazy.parameters(), lr=1e-2, weight_decay=0.1)
+    o2 = torch.optim.AdamW(dense.parameters(), lr=1e-2, weight_decay=0.1)
+    ids = torch.tensor([[0, 1, 2, 3, 4, 1]])  # every row but 5, every step
+    for _ in range(5):
+        for emb, opt in ((lazy, o1), (dense, o2)):
+            opt.zero_grad()
+            emb(ids).pow(2).sum().backward()
+            opt.step()
+    torch.testing.assert_close(lazy.weight[:5], dense.weight[:5], atol=1e-6, rtol=0)
+    assert torch.equal(lazy.weight[5], before[5]) and not torch.equal(dense.weight[5], before[5])  # decay only
