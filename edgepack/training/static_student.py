@@ -57,14 +57,15 @@ class LazyAdamW(torch.optim.Optimizer):
                 state["step"] += 1
                 c1, c2 = 1 - b1 ** state["step"], 1 - b2 ** state["step"]
                 g = p.grad
-                if g.is_sparse:
+                if g.is_sparse:  # in place where it can be: fresh row-sized tensors cost more than the math
                     g = g.coalesce()
                     idx, val = g.indices()[0], g.values()
-                    m = state["m"][idx].mul_(b1).add_(val, alpha=1 - b1)
-                    v = state["v"][idx].mul_(b2).addcmul_(val, val, value=1 - b2)
-                    state["m"][idx], state["v"][idx] = m, v
-                    rows = p[idx].mul_(1 - lr * wd)
-                    p[idx] = rows.addcdiv_(m / c1, (v / c2).sqrt_().add_(eps), value=-lr)
+                    m = state["m"].index_select(0, idx).mul_(b1).add_(val, alpha=1 - b1)
+                    v = state["v"].index_select(0, idx).mul_(b2).addcmul_(val, val, value=1 - b2)
+                    state["m"].index_copy_(0, idx, m)
+                    state["v"].index_copy_(0, idx, v)
+                    rows = p.index_select(0, idx).mul_(1 - lr * wd)
+                    p.index_copy_(0, idx, rows.addcdiv_(m.div_(c1), v.div_(c2).sqrt_().add_(eps), value=-lr))
                 else:
                     p.mul_(1 - lr * wd)
                     state["m"].mul_(b1).add_(g, alpha=1 - b1)
