@@ -71,6 +71,9 @@ def test_distilled_directory_reloads_and_names_its_shape(distilled):
     assert rec.metrics["test_accuracy"] is not None and rec.record["student"]["teacher_layers"] == []
     enc = tok(["what is my checking balance", "hi"], padding=True, return_tensors="pt")
     assert model(**enc).logits.shape == (2, info.num_labels)
+    from edgepack.torch_backend import TorchBackend  # what verify measures the PyTorch student with
+
+    assert TorchBackend(out).probs(["what is my checking balance", "hi"]).shape == (2, info.num_labels)
 
 
 @pytest.mark.parametrize("pooling,hidden", [("mean", 0), ("mean_max", 16)])
