@@ -69,6 +69,7 @@ def test_distilled_directory_reloads_and_names_its_shape(distilled):
     assert info.input_names == ("input_ids", "attention_mask")
     model, tok = load_with_tokenizer(out)
     assert rec.metrics["test_accuracy"] is not None and rec.record["student"]["teacher_layers"] == []
+    assert rec.record["student"]["source"].startswith("static")
     enc = tok(["what is my checking balance", "hi"], padding=True, return_tensors="pt")
     assert model(**enc).logits.shape == (2, info.num_labels)
     from edgepack.torch_backend import TorchBackend  # what verify measures the PyTorch student with
