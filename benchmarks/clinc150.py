@@ -4,7 +4,8 @@
 2. the teacher in ONNX Runtime, fp32 and dynamic int8 (the reference recipe's last step, no distillation);
 3. the reference recipe in full: a half-depth student distilled as the book did (every other teacher
    layer, alpha 0.12, T 7: its Optuna result), exported and quantized with plain ``quantize_dynamic``;
-4. edgepack's default ``edgepack build`` for this machine's profile.
+4. ``edgepack build`` with the CLINC150 recipe (``recipes/clinc150.toml``, ``--recipe`` picks another) for this
+   machine's profile.
 
     nice python benchmarks/clinc150.py --work /tmp/clinc-bench          # builds what is missing, then measures
     python benchmarks/clinc150.py --work /tmp/clinc-bench --measure-only # re-measure the built models
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
     p.add_argument("--teacher", type=Path, default=TEACHER)
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--profile", default="edge-x86-2core")
-    p.add_argument("--recipe", default="default", help="the build recipe for the edgepack row (default: default)")
+    p.add_argument("--recipe", default="clinc150", help="the build recipe for the edgepack row (default: clinc150)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads for every model (default: 1, the book's)")
     # Every row at the same threads by default (the like-for-like comparison). The tuned runtime.json
     # may pick ORT's defaults (a pinned thread per core, spinning): on this 2-core VM that measured

@@ -144,12 +144,17 @@ class DataConfig(ConfigBase):
     validation_fraction: float = 0.1  # used only when the data has no validation split
     test_fraction: float = 0.1  # used only when the data has no test split
     # Tokens per text, for every stage (training batches pad to their longest row only; the bundle
-    # truncates queries to it). 64 fits short queries; the CLINC150 recipe says why it is enough there.
+    # truncates queries to it). 0: chosen by `edgepack build` from the training texts, the
+    # length_percentile-th percentile of their token counts (teacher's tokenizer, with its special
+    # tokens) rounded up to a multiple of 8, within the teacher's positions; the build records it.
     max_length: int = 64
+    length_percentile: float = 99.9
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _in_range("max_length", self.max_length, 8, 4096)
+        if self.max_length != 0:
+            _in_range("max_length", self.max_length, 8, 4096)
+        _in_range("length_percentile", self.length_percentile, 0.0, 100.0, lo_open=True)
         _in_range("validation_fraction", self.validation_fraction, 0.0, 0.5, lo_open=True)
         _in_range("test_fraction", self.test_fraction, 0.0, 0.5, lo_open=True)
 
@@ -368,7 +373,9 @@ class PruneConfig(ConfigBase):
     section: ClassVar[str] = "prune"
     trim_vocab: bool = True  # keep the tokens the training split uses, every character piece and specials
     keep_top: int = 0  # also keep the first K ids of the original vocabulary (roughly its most frequent)
-    keep_chars: str = "all"  # character pieces kept: all (any word in any script tokenizes) or latin
+    # character pieces kept: all (any word in any script tokenizes), data (those of the characters the
+    # training texts use, in any script: a word spelled with them tokenizes) or latin
+    keep_chars: str = "all"
     # > 0: the tokens trimming drops are not removed but folded into this many shared rows (k-means of
     # their embeddings), so a word the training split lacks keeps roughly its own meaning
     cluster_rest: int = 0
@@ -391,7 +398,7 @@ class PruneConfig(ConfigBase):
     def __post_init__(self) -> None:
         _in_range("keep_top", self.keep_top, 0)
         _in_range("cluster_rest", self.cluster_rest, 0)
-        _choice("keep_chars", self.keep_chars, ("all", "latin"))
+        _choice("keep_chars", self.keep_chars, ("all", "data", "latin"))
         if self.max_positions is not None:
             _in_range("max_positions", self.max_positions, 8, 1 << 16)  # and >= [data] max_length: checked at run
         if self.param_budget is not None:
@@ -509,6 +516,95 @@ class SignConfig(ConfigBase):
 DEFAULT_RECIPE = "default"
 
 
+# A shape's keys and the config fields they set (stage table, field).
+SHAPE_KEYS = {"layers": ("distill", "num_layers"), "heads": ("prune", "heads_fraction"),
+              "ffn": ("prune", "ffn_fraction"), "embedding_bits": ("quantize", "embedding_bits")}
+
+
+def parse_shape(text: str) -> dict[str, float | int]:
+    """A student shape, ``"layers=1 heads=1/3 ffn=1/2"``: its keys (layers, heads and ffn as fractions
+    of the teacher's, embedding_bits) to numbers; keys left out keep the recipe's value.
+
+    >>> parse_shape("layers=1 heads=1/3 ffn=0.5")
+    {'layers': 1, 'heads': 0.3333333333333333, 'ffn': 0.5}
+    """
+    out: dict[str, float | int] = {}
+    for part in str(text).split():
+        key, sep, value = part.partition("=")
+        if not sep or key not in SHAPE_KEYS:
+            raise ValueError(f"shape {text!r}: {part!r} is not KEY=VALUE with KEY one of {', '.join(SHAPE_KEYS)}")
+        try:
+            num, _, den = value.partition("/")
+            x = float(num) / float(den or 1)
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"shape {text!r}: {key}={value!r} is not a number or a fraction like 1/3") from None
+        if key in ("layers", "embedding_bits"):
+            if x != int(x) or x < 0:
+                raise ValueError(f"shape {text!r}: {key} must be a whole number >= 0")
+            out[key] = int(x)
+        else:
+            if not 0 < x <= 1:
+                raise ValueError(f"shape {text!r}: {key}={value} must be a fraction in (0, 1]")
+            out[key] = x
+    if not out:
+        raise ValueError(f"shape {text!r} is empty; write e.g. 'layers=1 heads=1/3 ffn=1/2'")
+    return out
+
+
+def shape_name(text: str) -> str:
+    """A shape's short name, used for its build directory and by ``--pick``.
+
+    >>> shape_name("layers=1 heads=1/3 ffn=1/2")
+    'L1-h0.33-f0.5'
+    """
+    letters = {"layers": "L", "heads": "h", "ffn": "f", "embedding_bits": "e"}
+    shape = parse_shape(text)
+    return "-".join(f"{letters[k]}{shape[k]:.2g}" if isinstance(shape[k], float) else f"{letters[k]}{shape[k]}"
+                    for k in SHAPE_KEYS if k in shape)  # one order, however the shape was written
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig(ConfigBase):
+    """The shape search of ``edgepack build`` (``edgepack.runner.search``): build student shapes in
+    order, cheap first, and keep the fastest bundle whose validation accuracy is within ``max_drop``
+    points of the teacher's (the same out-of-scope rule for both; plain accuracy without an
+    out-of-scope label). No shapes: build the recipe's one shape."""
+
+    section: ClassVar[str] = "search"
+    # Accuracy points the bundle may lose against the teacher on validation: a profile budget
+    # (max_teacher_drop) like the others, so a bundle outside it makes the build exit 3. None: no such budget.
+    max_drop: float | None = None
+    shapes: tuple[str, ...] = ()  # candidate shapes in the order tried ("layers=1 heads=1/3 ffn=1/2", ...)
+    # Shapes built after the first one inside the budget, to draw more of the frontier (0: stop there).
+    explore: int = 0
+    # A shape of an earlier search (its name, e.g. "L2-h1-f0.33") to publish instead of the search's
+    # choice; its bundle is already built, so nothing is retrained.
+    pick: str | None = None
+    latency_runs: int = 300  # timed single queries per candidate and round when the search compares them
+    latency_rounds: int = 3  # interleaved rounds over the candidates; a candidate's latency is its median
+
+    def __post_init__(self) -> None:
+        if self.max_drop is not None:
+            _in_range("search.max_drop", self.max_drop, 0.0)
+        names = [shape_name(s) for s in self.shapes]  # parses every shape: a typo fails here
+        if len(set(names)) != len(names):
+            raise ValueError(f"search.shapes: the same shape twice ({', '.join(names)})")
+        _in_range("search.explore", self.explore, 0)
+        _in_range("search.latency_runs", self.latency_runs, 10)
+        _in_range("search.latency_rounds", self.latency_rounds, 1)
+
+    def candidate(self, build: BuildConfig, shape: str) -> BuildConfig:
+        """``build`` with ``shape``'s fields set."""
+        tables = {"distill": build.distill, "prune": build.prune, "quantize": build.quantize}
+        changes: dict[str, dict[str, Any]] = {}
+        for key, value in parse_shape(shape).items():
+            table, field = SHAPE_KEYS[key]
+            changes.setdefault(table, {})[field] = value
+        if changes.get("distill", {}).get("num_layers") is not None:
+            changes["distill"]["layers"] = ()  # the shape's depth, not the recipe's explicit layers
+        return build.replace(**{t: tables[t].replace(**c) for t, c in changes.items()})
+
+
 @dataclasses.dataclass(frozen=True)
 class BuildConfig(ConfigBase):
     """``edgepack build``: the whole chain, one table per stage ([data], [distill], [prune], [export],
@@ -532,6 +628,7 @@ class BuildConfig(ConfigBase):
     tune: TuneConfig = dataclasses.field(default_factory=TuneConfig)
     verify: VerifyConfig = dataclasses.field(default_factory=VerifyConfig)
     sign: SignConfig = dataclasses.field(default_factory=SignConfig)
+    search: SearchConfig = dataclasses.field(default_factory=SearchConfig)
 
     def __post_init__(self) -> None:
         for s in self.skip:

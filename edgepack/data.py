@@ -105,7 +105,7 @@ def _is_clinc_layout(path: Path) -> bool:
     if not head.startswith(b"{"):
         return False
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise EdgepackError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); fix the file or convert it to JSON lines") from None
     return isinstance(data, dict) and any(_SPLIT_ALIASES.get(k, k) in SPLITS for k in data) and all(
@@ -115,7 +115,7 @@ def _is_clinc_layout(path: Path) -> bool:
 
 def _read_clinc(path: Path) -> dict[str, tuple[list[str], list]]:
     # CLINC150 keeps out-of-scope rows apart (oos_train, oos_val, oos_test): fold them into their split.
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     out: dict[str, tuple[list[str], list]] = {}
     for key, rows in data.items():
         base = key[4:] if key.startswith("oos_") else key
@@ -242,6 +242,29 @@ def load_dataset(cfg: DataConfig, id2label: Mapping[int, str] | None = None) -> 
 def _preview(names: Sequence[str], n: int = 8) -> str:
     shown = ", ".join(names[:n])
     return shown + (f", ... ({len(names) - n} more)" if len(names) > n else "")
+
+
+def length_from_counts(counts: Sequence[int], percentile: float, *, limit: int) -> dict[str, float | int]:
+    """``max_length`` from the token counts of the training texts: the ``percentile``-th percentile
+    rounded up to a multiple of 8 (at least 8), at most ``limit`` (the teacher's positions). Returns
+    the choice with what it was chosen from, for the build's record.
+
+    Example:
+        >>> length_from_counts([5, 7, 9, 30], 50.0, limit=512)["max_length"]
+        8
+        >>> length_from_counts([5, 7, 9, 30], 100.0, limit=512)["max_length"]
+        32
+        >>> length_from_counts([600], 99.0, limit=512)["max_length"]
+        512
+    """
+    if not len(counts):
+        raise EdgepackError("no training texts to choose max_length from; give [data] max_length or training rows")
+    at = float(np.percentile(np.asarray(counts, dtype=np.float64), percentile))
+    chosen = min(max(8, -(-int(np.ceil(at)) // 8) * 8), int(limit))
+    arr = np.asarray(counts)
+    return {"max_length": int(chosen), "percentile": float(percentile), "tokens_at_percentile": round(at, 2),
+            "longest": int(arr.max()), "texts": int(len(arr)), "texts_truncated": int((arr > chosen).sum()),
+            "limit": int(limit)}
 
 
 def _stratified_split(split: Split, frac: float, seed: int, where: str) -> tuple[Split, Split]:

@@ -19,7 +19,7 @@ from runtime_shim.metrics import agreement, label_metrics
 from runtime_shim.pipeline import softmax, thresholded
 
 # softmax, label_metrics and agreement: the runtime's, re-exported
-__all__ = ["accuracy_report", "agreement", "evaluate", "apply_threshold", "calibrate_threshold", "label_metrics", "softmax"]
+__all__ = ["accuracy_points", "accuracy_report", "agreement", "evaluate", "apply_threshold", "calibrate_threshold", "label_metrics", "softmax"]
 
 
 def evaluate(pipe, split) -> np.ndarray:
@@ -29,6 +29,17 @@ def evaluate(pipe, split) -> np.ndarray:
     from runtime_shim.bench import predict_probs
 
     return predict_probs(pipe, split.texts)
+
+
+def accuracy_points(backend, split, label_names) -> float:
+    """Accuracy in points of a backend (``OnnxPipeline``, ``TorchBackend``) on ``split`` under the
+    backend's own out-of-scope threshold (``oos_threshold``, calibrated on validation; plain accuracy
+    when the labels have no out-of-scope class): the one number the teacher budget compares."""
+    oos = getattr(backend, "oos_label", None)
+    oos_id = list(label_names).index(oos) if oos in list(label_names) else None
+    report = accuracy_report(evaluate(backend, split), np.asarray(split.labels), oos_id,
+                             getattr(backend, "oos_threshold", None))
+    return 100.0 * float(report["accuracy"])
 
 
 def accuracy_report(probs: np.ndarray, labels: np.ndarray, oos_id: int | None, threshold: float | None) -> dict[str, float | None]:

@@ -50,7 +50,7 @@ def read_model_info(model_dir: Path) -> ModelInfo:
     if not cfg_path.is_file():
         raise EdgepackError(f"{model_dir}: no config.json; pass a Hugging Face classifier directory (save_pretrained output)")
     try:
-        cfg = json.loads(cfg_path.read_text())
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise EdgepackError(f"{cfg_path}: not valid JSON ({e.msg}); re-save the model") from None
     archs = cfg.get("architectures") or []

@@ -6,8 +6,11 @@ On a small student most bytes are the embedding table (30,522 x 384 for an uncas
 
 * every token the training corpus produces (after the tokenizer's own post-processing),
 * every added/special token and the unknown token,
-* every single-character piece and its continuation form (``a`` and ``##a`` for WordPiece; the
-  base alphabet for BPE) so any word still tokenizes, only more finely, instead of becoming ``[UNK]``,
+* single-character pieces and their continuation forms (``a`` and ``##a`` for WordPiece; the base
+  alphabet for BPE) so a word the corpus lacks still tokenizes, only more finely, instead of becoming
+  ``[UNK]``: every one (``keep_chars="all"``), those of the characters the corpus itself uses after
+  the tokenizer's normalizer and pre-tokenizer (``"data"``, any script) or those of Latin script
+  (``"latin"``, for a corpus in a Latin-script language),
 * optionally the first ``keep_top`` tokens of the original vocabulary order (BERT's WordPiece and BPE
   vocabularies are ordered roughly by frequency), for robustness to words the corpus lacks.
 
@@ -40,7 +43,7 @@ def read_tokenizer_json(model_dir: Path) -> dict[str, Any]:
         raise EdgepackError(f"{model_dir}: no tokenizer.json; vocabulary trimming needs a `tokenizers` "
                             "(fast) tokenizer, save one with tokenizer.save_pretrained() or pass --no-trim-vocab")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EdgepackError(f"{path}: not a `tokenizers` JSON file ({type(e).__name__}); "
                             "give a WordPiece or BPE tokenizer.json or pass --no-trim-vocab") from None
@@ -77,13 +80,48 @@ def _merged(model: dict[str, Any], a: str, b: str) -> str:
     return a + (b[len(prefix):] if prefix and b.startswith(prefix) else b)
 
 
-CHAR_SETS = ("all", "latin")
+CHAR_SETS = ("all", "data", "latin")
 _LATIN_END = 0x250  # ASCII, Latin-1 Supplement, Latin Extended-A and -B
 
 
-def _char_pieces(model: dict[str, Any], which: str = "all") -> set[str]:
+def corpus_chars(tok_json: dict[str, Any], texts: Iterable[str]) -> set[str]:
+    """The characters of ``texts`` as the tokenizer's model sees them: after its normalizer (BERT's
+    lowercases and strips accents) and pre-tokenizer (a byte-level one maps every byte to one of 256
+    symbols), so they compare with the vocabulary's character pieces in any script.
+
+    Example (BERT's uncased normalizer: 'Ё' becomes 'е'):
+        >>> from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+        >>> tok = Tokenizer(models.WordPiece({"[UNK]": 0}, unk_token="[UNK]"))
+        >>> tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        >>> tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        >>> sorted(corpus_chars(json.loads(tok.to_str()), ["Ёлка в 北京"]))
+        ['а', 'в', 'е', 'к', 'л', '京', '北']
+    """
+    tok = _tokenizer(tok_json)
+    norm, pre = tok.normalizer, tok.pre_tokenizer
+    chars: set[str] = set()
+    for text in set(texts):
+        s = norm.normalize_str(text) if norm is not None else text
+        for word, _ in (pre.pre_tokenize_str(s) if pre is not None else [(s, None)]):
+            chars.update(word)
+    return chars
+
+
+def _byte_level(tok_json: dict[str, Any]) -> bool:
+    """True when a ByteLevel pre-tokenizer maps text to bytes: its 256-symbol alphabet spells every
+    text, so all of it is kept (a missing byte symbol would silently drop characters, no [UNK])."""
+    def walk(node: Any) -> bool:
+        if isinstance(node, dict):
+            return node.get("type") == "ByteLevel" or any(walk(v) for v in node.values())
+        return isinstance(node, list) and any(walk(v) for v in node)
+
+    return walk(tok_json.get("pre_tokenizer"))
+
+
+def _char_pieces(model: dict[str, Any], which: str = "all", chars: set[str] | None = None) -> set[str]:
     """Tokens that let any word still tokenize: single characters and their continuation forms
-    (``which="latin"``: only those of Latin script, for a corpus in a Latin-script language)."""
+    (``which="latin"``: only those of Latin script, for a corpus in a Latin-script language;
+    ``"data"``: only those of ``chars``, the corpus's own characters in any script)."""
     prefix = model.get("continuing_subword_prefix") or ""
     suffix = model.get("end_of_word_suffix") or ""
     keep = set()
@@ -93,7 +131,9 @@ def _char_pieces(model: dict[str, Any], which: str = "all") -> set[str]:
             core = core[len(prefix):]
         if suffix and core.endswith(suffix):
             core = core[: -len(suffix)]
-        if (len(core) == 1 and (which == "all" or ord(core) < _LATIN_END)) or _BYTE_FALLBACK.match(tok):
+        wanted = len(core) == 1 and (which == "all" or (which == "latin" and ord(core) < _LATIN_END)
+                                     or (which == "data" and chars is not None and core in chars))
+        if wanted or _BYTE_FALLBACK.match(tok):
             keep.add(tok)
     return keep
 
@@ -102,8 +142,11 @@ def select_tokens(tok_json: dict[str, Any], texts: Sequence[str], *, keep_top: i
                   batch: int = 4096) -> np.ndarray:
     """Old ids to keep, ascending (the new id of a kept token is its index in this array).
 
-    ``keep_chars="latin"`` keeps only Latin-script character pieces beyond those the corpus uses: a
-    word in another script then becomes ``[UNK]``, and BERT's uncased vocabulary saves ~1,770 rows."""
+    ``keep_chars="data"`` keeps the character pieces of the characters ``texts`` use (any script; a
+    byte-level BPE keeps its whole 256-symbol alphabet): a new word spelled with them still tokenizes,
+    one with a character the corpus never has becomes ``[UNK]``. ``"latin"`` keeps Latin-script
+    pieces: a word in another script becomes ``[UNK]``, and BERT's uncased vocabulary saves ~1,770
+    rows against ``"all"``."""
     if not texts:
         raise EdgepackError("the training corpus is empty; vocabulary trimming needs the texts the model will see")
     model = tok_json["model"]
@@ -118,7 +161,9 @@ def select_tokens(tok_json: dict[str, Any], texts: Sequence[str], *, keep_top: i
     keep = set(used)
     if keep_chars not in CHAR_SETS:
         raise EdgepackError(f"--keep-chars {keep_chars!r}; choose one of: {', '.join(CHAR_SETS)}")
-    keep.update(vocab[t] for t in _char_pieces(model, keep_chars))
+    which = "all" if keep_chars == "data" and _byte_level(tok_json) else keep_chars
+    chars = corpus_chars(tok_json, texts) if which == "data" else None
+    keep.update(vocab[t] for t in _char_pieces(model, which, chars))
     keep.update(t["id"] for t in tok_json.get("added_tokens") or ())
     unk = model.get("unk_token")
     if unk is not None and unk in vocab:
@@ -290,6 +335,8 @@ def trim_vocab(model, tok_json: dict[str, Any], texts: Sequence[str], *, keep_to
                             f"{emb.weight.shape[0]} rows; model and tokenizer do not belong together")
     before = tuple(emb.weight.shape)
     new_json = remap_tokenizer_json(tok_json, keep)
+    pieces = _char_pieces(tok_json["model"], "all")
+    kept_pieces = sum(1 for t in pieces if t in new_json["model"]["vocab"])
     folded = 0
     if clusters > 0:
         vocab = tok_json["model"]["vocab"]
@@ -318,6 +365,8 @@ def trim_vocab(model, tok_json: dict[str, Any], texts: Sequence[str], *, keep_to
         "embedding_params_before": before[0] * before[1], "embedding_params_after": after[0] * after[1],
         "embedding_reduction": round(1 - after[0] / before[0], 4),
         "keep_top": keep_top, "keep_chars": keep_chars, "clusters": clusters, "tokens_folded": folded,
+        # rows_kept: the tokens that keep their own row (ids below it); the rest of vocab_after are folded rows
+        "rows_kept": len(keep), "char_pieces_kept": kept_pieces, "char_pieces_before": len(pieces),
     }
     return new_json, report
 
@@ -325,14 +374,15 @@ def trim_vocab(model, tok_json: dict[str, Any], texts: Sequence[str], *, keep_to
 def save_tokenizer(src: Path, out: Path, new_json: dict[str, Any], *, model_max_length: int | None = None) -> None:
     """Write the trimmed ``tokenizer.json`` into ``out`` with the companion files of ``src`` made consistent."""
     out = Path(out)
-    (out / "tokenizer.json").write_text(json.dumps(new_json, ensure_ascii=False, indent=2))
+    # UTF-8 whatever the locale: the vocabulary holds every script the teacher's does.
+    (out / "tokenizer.json").write_text(json.dumps(new_json, ensure_ascii=False, indent=2), encoding="utf-8")
     vocab = new_json["model"]["vocab"]
     inv = sorted(vocab, key=vocab.get)
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         p = Path(src) / name
         if not p.is_file():
             continue
-        data = json.loads(p.read_text())
+        data = json.loads(p.read_text(encoding="utf-8"))
         if name == "tokenizer_config.json":
             added = {t["content"]: t["id"] for t in new_json.get("added_tokens") or ()}
             dec = data.get("added_tokens_decoder")
@@ -340,15 +390,15 @@ def save_tokenizer(src: Path, out: Path, new_json: dict[str, Any], *, model_max_
                 data["added_tokens_decoder"] = {str(added[v["content"]]): v for v in dec.values() if v.get("content") in added}
             if model_max_length is not None:
                 data["model_max_length"] = min(int(data.get("model_max_length") or model_max_length), model_max_length)
-        (out / name).write_text(json.dumps(data, ensure_ascii=False, indent=2))
+        (out / name).write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
     # Slow-tokenizer files would silently disagree with the new ids: rewrite them from the new vocabulary.
     # Folded vocabularies (several tokens on one id) have no vocab.txt form: tokenizer.json only.
     if (Path(src) / "vocab.txt").is_file() and new_json["model"]["type"] == "WordPiece" \
             and len(set(vocab.values())) == len(vocab):
-        (out / "vocab.txt").write_text("".join(t + "\n" for t in inv))
+        (out / "vocab.txt").write_text("".join(t + "\n" for t in inv), encoding="utf-8")
     if new_json["model"]["type"] == "BPE":
         if (Path(src) / "vocab.json").is_file():
-            (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+            (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
         if (Path(src) / "merges.txt").is_file():
             lines = [m if isinstance(m, str) else " ".join(m) for m in new_json["model"].get("merges") or ()]
-            (out / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in lines))
+            (out / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in lines), encoding="utf-8")

@@ -14,7 +14,7 @@ from edgepack.errors import EdgepackError, ExitCode
 
 def test_every_recipe_resolves_and_says_where_its_figures_come_from():
     names = recipes.available()
-    assert {"default", "two-layer", "demo"} <= set(names)
+    assert {"default", "clinc150", "two-layer", "demo"} <= set(names)
     for name, path in names.items():
         cfg = recipes.load(name)
         assert isinstance(cfg, BuildConfig) and cfg.recipe == name
@@ -27,8 +27,25 @@ def test_dataclass_defaults_are_plain_and_the_recipe_holds_the_measured_shape():
     assert plain.distill.num_layers == 2 and plain.prune.heads_fraction is None and not plain.quantize.variants
     assert default.distill.num_layers == 1 and default.prune.heads_fraction == 1 / 3
     assert default.prune.recovery.epochs == 6 and default.quantize.variants and default.export.embedding == "gather"
-    two = recipes.load("two-layer")  # starts from default, changes only what it names
+    clinc = recipes.load("clinc150")  # the CLINC150-measured shape and its English, Latin-script settings
+    assert clinc.distill.num_layers == 1 and clinc.prune.heads_fraction == 1 / 3 and clinc.prune.recovery.epochs == 6
+    assert clinc.prune.keep_chars == "latin" and clinc.data.max_length == 64 and clinc.distill.oos_relabel == 0.5
+    two = recipes.load("two-layer")  # starts from clinc150, changes only what it names
     assert two.distill.num_layers == 2 and two.quantize.embedding_bits == 4 and two.prune.keep_chars == "latin"
+    assert two.prune.recovery == clinc.prune.recovery and two.data == clinc.data
+    assert recipes.load("demo").prune.keep_chars == "latin"  # its figures were measured with that shape
+
+
+def test_default_recipe_is_dataset_neutral():
+    """No script, length or out-of-scope class assumed: the characters and the length come from the
+    data (the default keeps the CLINC150 recipe's starting shape, not its data settings)."""
+    default, clinc = recipes.load("default"), recipes.load("clinc150")
+    assert default.prune.keep_chars == "data" and default.data.max_length == 0
+    assert default.data.oos_label is None  # found in the data when it has one, else none
+    assert (default.distill.num_layers, default.prune.heads_fraction, default.prune.ffn_fraction) == (
+        clinc.distill.num_layers, clinc.prune.heads_fraction, clinc.prune.ffn_fraction)
+    with pytest.raises(ValueError, match="max_length"):
+        BuildConfig.from_dict({"data": {"max_length": 4}})
 
 
 def test_build_help_names_the_default_recipe(capsys):

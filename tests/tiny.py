@@ -13,15 +13,18 @@ import numpy as np
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def train_wordpiece(texts: Sequence[str], vocab_size: int = 400):
-    """A lower-casing BERT WordPiece ``tokenizers.Tokenizer`` trained on ``texts``."""
+def train_wordpiece(texts: Sequence[str], vocab_size: int = 400, alphabet: Sequence[str] = ()):
+    """A lower-casing BERT WordPiece ``tokenizers.Tokenizer`` trained on ``texts``: its vocabulary holds
+    every character of ``texts`` (any script) and of ``alphabet`` (characters the texts lack, as a
+    multilingual teacher's vocabulary has), each as a piece of its own."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS)
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                        initial_alphabet=list(alphabet))
     tok.train_from_iterator(list(texts), trainer)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
@@ -42,14 +45,16 @@ def make_tiny_classifier(
     intermediate: int = 64,
     steps: int = 60,
     seed: int = 0,
+    alphabet: Sequence[str] = (),
 ) -> Path:
-    """Save a trained tiny ``BertForSequenceClassification`` and its tokenizer into ``out_dir``."""
+    """Save a trained tiny ``BertForSequenceClassification`` and its tokenizer into ``out_dir``
+    (``alphabet``: characters the tokenizer holds beyond those of ``texts``, see :func:`train_wordpiece`)."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
 
     torch.manual_seed(seed)
     out_dir = Path(out_dir)
-    tok = train_wordpiece(texts)
+    tok = train_wordpiece(texts, alphabet=alphabet)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
         mask_token="[MASK]", model_max_length=128,

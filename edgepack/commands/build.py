@@ -13,9 +13,11 @@ def register(sub) -> argparse.ArgumentParser:
                        "(resumable)",
                        description="Run the whole chain from a fine-tuned teacher to a verified bundle. Rerunning "
                        "resumes: only stages whose config or input changed run again. A build starts from a recipe "
-                       "(recipes/*.toml; default: 'default', measured on CLINC150; `edgepack recipes` lists them). "
+                       "(recipes/*.toml; default: 'default', dataset-neutral, searching student shapes for the fastest bundle "
+                       "within --max-drop points of the teacher; 'clinc150': the shape measured there; "
+                       "`edgepack recipes` lists them). "
                        "A recipe TOML file of your own holds the same options (top-level teacher/out/profile/recipe, "
-                       "tables [data] [distill] [prune] [export] [quantize] [bundle] [tune] [verify]) and starts "
+                       "tables [data] [distill] [prune] [export] [quantize] [bundle] [tune] [verify] [search]) and starts "
                        "from the recipe it names; command-line options override both.")
     p.add_argument("source", type=Path, metavar="TEACHER_DIR|RECIPE.toml")
     p.add_argument("--recipe", default=None, metavar="NAME",
@@ -28,6 +30,16 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--domains", type=Path, default=None, help="domain -> intents JSON for per-domain accuracy")
     p.add_argument("--layers", type=int, default=None, help="student depth (teacher layers kept)")
     p.add_argument("--search", type=int, default=None, metavar="N", help="Optuna trials before distilling")
+    p.add_argument("--max-drop", type=float, default=None, metavar="POINTS",
+                   help="accuracy points the bundle may lose against the teacher on validation (the same "
+                   "out-of-scope rule for both): a budget of the profile, and the shape search keeps the fastest "
+                   "shape inside it (default: the recipe's [search] max_drop)")
+    p.add_argument("--pick", default=None, metavar="SHAPE",
+                   help="publish this shape of an earlier search (its name in the frontier table, e.g. L2-h1-f0.33) "
+                   "instead of the search's choice; built shapes are not retrained")
+    p.add_argument("--shapes", default=None, metavar="'SHAPE; SHAPE'",
+                   help="the shapes to search, ';'-separated (e.g. 'layers=0; layers=1 heads=1/3 ffn=1/2'); "
+                   "'none': build the recipe's one shape")
     p.add_argument("--skip", action="append", default=None, choices=("distill", "prune", "tune"),
                    help="leave a stage out (repeatable)")
     p.add_argument("--limit", type=int, default=None, help="verify on at most this many test rows")
@@ -79,6 +91,15 @@ def resolve(args: argparse.Namespace):
         base.setdefault("distill", {})["search_trials"] = args.search
     if args.limit is not None:
         base.setdefault("verify", {})["limit"] = args.limit
+    if args.max_drop is not None:
+        base.setdefault("search", {})["max_drop"] = args.max_drop
+    if args.pick is not None:
+        base.setdefault("search", {})["pick"] = args.pick
+    if args.shapes is not None:
+        shapes = [] if args.shapes.strip() == "none" else [x.strip() for x in args.shapes.split(";") if x.strip()]
+        base.setdefault("search", {})["shapes"] = shapes
+    if args.layers is not None and args.shapes is None:
+        base.setdefault("search", {})["shapes"] = []  # --layers: that depth, not a search
     if args.archive:
         base.setdefault("bundle", {})["archive"] = True
     if args.recipe is not None:

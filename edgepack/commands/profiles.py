@@ -21,7 +21,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{prof.name}: {prof.description}")
         print(f"  target {prof.target}, {prof.physical_cores} physical cores, {prof.memory_mb} MB")
         for key, value in prof.budgets.to_dict().items():
-            print(f"  budget {key} = {value:g}")
+            if value is not None:  # max_teacher_drop: set by a build's --max-drop unless the file sets it
+                print(f"  budget {key} = {value:g}")
         for key, value in prof.threads.to_dict().items():
             print(f"  threads {key} = {value}")
         return 0

@@ -30,8 +30,9 @@ def register(sub) -> argparse.ArgumentParser:
     g.add_argument("--no-trim-vocab", dest="trim_vocab", action="store_false", help="keep the full vocabulary")
     g.add_argument("--keep-top", type=int, default=0, metavar="K",
                    help="also keep the first K tokens of the original vocabulary (default: 0)")
-    g.add_argument("--keep-chars", choices=("all", "latin"), default="all",
-                   help="character pieces kept so unseen words still tokenize: all scripts (default) or Latin only")
+    g.add_argument("--keep-chars", choices=("all", "data", "latin"), default="all",
+                   help="character pieces kept so unseen words still tokenize: all scripts (default), the "
+                        "characters the training texts use (any script), or Latin only")
     g.add_argument("--cluster-rest", type=int, default=0, metavar="K",
                    help="fold the dropped tokens into K shared rows (k-means of their embeddings) instead of "
                         "spelling unseen words in character pieces (default: 0, drop them)")

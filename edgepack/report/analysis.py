@@ -92,6 +92,36 @@ class _Parts:
     plots: dict[str, bytes]
     skipped: list[str]
     generated: str
+    frontier: Mapping[str, Any] | None = None  # a shape search's frontier.json
+
+
+def frontier_rows(frontier: Mapping[str, Any]) -> list[list[str]]:
+    """The shape search as table rows: shape, status, validation accuracy, points below the teacher,
+    p50 (its spread), size, whether it is inside the budget, chosen."""
+    def num(c: Mapping[str, Any], key: str, fmt: str) -> str:
+        return fmt.format(c[key]) if c.get("status") == "built" and c.get(key) is not None else ""
+
+    out = []
+    for c in frontier.get("candidates", []):
+        built = c.get("status") == "built"
+        out.append([c["name"], c.get("shape", ""), c.get("status", ""), num(c, "validation_accuracy", "{:.2f}%"),
+                    num(c, "teacher_drop", "{:+.2f}"),
+                    (f"{c['p50_ms']:.3f} ± {c['noise_ms']:.3f}" if built and c.get("p50_ms") else ""),
+                    num(c, "bundle_bytes", "{:,}"), ("yes" if c.get("inside") else "no") if built else "",
+                    "chosen" if c["name"] == frontier.get("chosen") else ""])
+    return out
+
+
+FRONTIER_HEADERS = ("Shape", "Spec", "Status", "Validation accuracy", "Points below teacher", "p50 ms (± spread)",
+                    "Bundle bytes", "Inside budget", "")
+
+
+def frontier_caption(frontier: Mapping[str, Any]) -> str:
+    t, b = frontier.get("teacher_validation_accuracy"), frontier.get("max_drop")
+    return (f"Teacher {t:.2f}% on validation; budget: " + (f"at most {b:g} points below it" if b is not None else "none")
+            + f". Chosen: {frontier.get('chosen')} ({frontier.get('why', '')}). Latency measured on "
+            f"{frontier.get('cpu', 'this CPU')}, interleaved rounds; the spread is that of the round medians. "
+            "`edgepack build --pick SHAPE` publishes another built shape without retraining.")
 
 
 def _summary(p: _Parts) -> list[tuple[str, str, str, str]]:

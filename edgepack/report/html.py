@@ -82,6 +82,20 @@ def _render_html(p: _Parts) -> str:
               f'<div class="s {tone}">{html.escape(s)}</div></div>')
         w("</div>")
 
+    if p.frontier:
+        from .analysis import FRONTIER_HEADERS, frontier_caption, frontier_rows
+
+        w("<section><h2>Student shapes: the accuracy-latency frontier</h2>")
+        if "frontier" in p.plots:
+            w(f'<figure><img alt="validation accuracy against p50 latency of every shape tried" '
+              f'src="{_data_uri(p.plots["frontier"])}"></figure>')
+        w(f"<p>{_e(frontier_caption(p.frontier))}</p>")
+        w('<div class="scroll"><table><thead><tr>' + "".join(f"<th>{_e(h)}</th>" for h in FRONTIER_HEADERS)
+          + "</tr></thead><tbody>")
+        for row in frontier_rows(p.frontier):
+            w("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in row) + "</tr>")
+        w("</tbody></table></div></section>")
+
     if "scatter" in p.plots:
         w("<section><h2>Accuracy against latency</h2><figure>")
         w('<img alt="accuracy against p50 latency, area proportional to model size" '

@@ -25,6 +25,16 @@ def _render_md(p: _Parts) -> str:
         name = _md(p.final.get("name")) if p.final is not None else ""
         out.append(f"**{name}**: " + "; ".join(f"{k} {v}" + (f" ({s})" if s else "") for k, v, s, _ in cards))
         out.append("")
+    if p.frontier:
+        from .analysis import FRONTIER_HEADERS, frontier_caption, frontier_rows
+
+        out += ["## Student shapes: the accuracy-latency frontier", ""]
+        if "frontier" in p.plots:
+            out += [f"![validation accuracy against p50 latency of every shape tried]({PLOTS['frontier']})", ""]
+        out += [frontier_caption(p.frontier), "", "| " + " | ".join(FRONTIER_HEADERS) + " |",
+                "|" + "|".join(["---"] * len(FRONTIER_HEADERS)) + "|"]
+        out += ["| " + " | ".join(_md(v) for v in row) + " |" for row in frontier_rows(p.frontier)]
+        out.append("")
     if "scatter" in p.plots:
         out += ["## Accuracy against latency", "",
                 f"![accuracy against p50 latency, area proportional to model size]({PLOTS['scatter']})", ""]

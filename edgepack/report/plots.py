@@ -19,6 +19,7 @@ PLOTS = {
     "scatter": "report_accuracy_latency.png",
     "latency": "report_latency.png",
     "domains": "report_domains.png",
+    "frontier": "report_frontier.png",
 }
 # Colour-blind friendly (Okabe-Ito) first, then tab20 for long candidate lists.
 _PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
@@ -230,4 +231,55 @@ def plot_domains(names: Sequence[str], acc: Mapping[str, Mapping[str, tuple[floa
     ax.set_ylim(max(0.0, math.floor((floor - 5) / 10) * 10), 100.5)
     ax.set_ylabel("accuracy (%)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=8)
+    return _png(fig)
+
+
+def frontier_points(frontier: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The built candidates of a shape search (``BUILD/search/frontier.json``) on the frontier: none
+    faster at least as accurate.
+
+    >>> [c["name"] for c in frontier_points({"candidates": [
+    ...     {"name": "a", "status": "built", "p50_ms": 1.0, "validation_accuracy": 90.0},
+    ...     {"name": "b", "status": "built", "p50_ms": 2.0, "validation_accuracy": 89.0},
+    ...     {"name": "c", "status": "built", "p50_ms": 3.0, "validation_accuracy": 91.0}]})]
+    ['a', 'c']
+    """
+    built = [c for c in frontier.get("candidates", []) if c.get("status") == "built" and c.get("p50_ms")]
+    return [c for c in sorted(built, key=lambda c: (c["p50_ms"], -c["validation_accuracy"]))
+            if not any(o is not c and o["p50_ms"] <= c["p50_ms"] and o["validation_accuracy"] > c["validation_accuracy"]
+                       for o in built)]
+
+
+def plot_frontier(frontier: Mapping[str, Any]) -> bytes | None:
+    """Every candidate of the shape search: validation accuracy against end-to-end p50 on this CPU,
+    the frontier drawn through the ones nothing beats, the teacher and its budget as lines, the chosen
+    shape ringed. None when fewer than one candidate was built."""
+    built = [c for c in frontier.get("candidates", []) if c.get("status") == "built" and c.get("p50_ms")]
+    if not built:
+        return None
+    fig = _new_figure(9.5, 5.2)
+    ax = fig.add_subplot()
+    _style_axes(ax)
+    teacher, budget = frontier.get("teacher_validation_accuracy"), frontier.get("max_drop")
+    front = frontier_points(frontier)
+    ax.plot([c["p50_ms"] for c in front], [c["validation_accuracy"] for c in front], color="#0072B2",
+            linewidth=1.5, zorder=2, label="frontier")
+    for c in built:
+        inside = c.get("inside")
+        chosen = c["name"] == frontier.get("chosen")
+        ax.scatter([c["p50_ms"]], [c["validation_accuracy"]], s=140 if chosen else 60, zorder=3,
+                   color="#009E73" if inside else "#D55E00", edgecolors="#111827" if chosen else "white",
+                   linewidths=2.0 if chosen else 0.8)
+        ax.annotate(c["name"] + ("  (chosen)" if chosen else ""), (c["p50_ms"], c["validation_accuracy"]),
+                    xytext=(6, 6), textcoords="offset points", fontsize=8.5)
+    if teacher is not None:
+        ax.axhline(teacher, color="#111827", linestyle="--", linewidth=1.0, label=f"teacher {teacher:.2f}%")
+        if budget is not None:
+            ax.axhline(teacher - budget, color="#E69F00", linestyle=":", linewidth=1.5,
+                       label=f"budget: {budget:g} points below the teacher")
+    ax.set_xscale("log")
+    ax.set_xlabel("end-to-end p50 latency, one query (ms, log scale)" + (f" on {frontier['cpu']}" if frontier.get("cpu") else ""))
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title("Student shapes tried: green inside the budget, orange outside")
+    ax.legend(loc="lower right", fontsize=8.5, frameon=False)
     return _png(fig)

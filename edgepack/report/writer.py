@@ -12,7 +12,7 @@ from .analysis import _baseline, _changed_key, _final, _Parts, changed_queries, 
 from .html import _render_html
 from .load import _budget
 from .markdown import _render_md
-from .plots import PLOTS, _colors, plot_accuracy_latency, plot_domains, plot_latency
+from .plots import PLOTS, _colors, plot_accuracy_latency, plot_domains, plot_frontier, plot_latency
 from .tables import _columns
 
 
@@ -25,6 +25,7 @@ def write_report(
     domains: dict[str, list[str]] | None = None,
     changed: list[dict] | None = None,
     notes: list[str] | None = None,
+    frontier: dict | None = None,
 ) -> tuple[Path, Path]:
     """Write ``report.html`` (self-contained: plots embedded as PNG data URIs) and ``report.md`` (linking
     the PNG files written beside it) into ``out_dir``; return their paths.
@@ -34,7 +35,8 @@ def write_report(
     ``gold`` it adds accuracy per domain. ``changed``: ``{"text", "gold", "teacher", "model"}`` for the
     queries whose prediction moved from the teacher; when None and the baseline row (else the first)
     and the final row both carry ``predictions``, it is computed from them. ``notes``: free lines
-    (machine, versions). Every file is written atomically.
+    (machine, versions). ``frontier``: a shape search's ``frontier.json`` (its plot and table). Every
+    file is written atomically.
 
     >>> write_report(Path("build"), [{"name": "teacher", "accuracy": 0.9038, "baseline": True},
     ...                              {"name": "bundle", "accuracy": 0.901}], title="demo")  # doctest: +SKIP
@@ -61,6 +63,10 @@ def write_report(
         lat = plot_latency(rows)
         if lat:
             plots["latency"] = lat
+    if frontier:
+        fplot = plot_frontier(frontier)
+        if fplot:
+            plots["frontier"] = fplot
     dnames, dacc = domain_accuracy(rows, domains) if domains else ([], {})
     if dacc:
         dplot = plot_domains(dnames, dacc, _colors(rows))
@@ -72,7 +78,7 @@ def write_report(
         budgets=[_budget(b) for b in budgets or []], domain_names=dnames, domain_acc=dacc,
         changed=None if changed is None else sorted(changed, key=_changed_key),
         changed_from=changed_from, changed_to=changed_to, notes=[str(n) for n in notes or []], plots=plots,
-        skipped=skipped, generated=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        skipped=skipped, frontier=frontier, generated=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     )
     # PNGs first, documents last: a reader never finds a report pointing at a plot not yet written.
     for key, png in plots.items():

@@ -10,6 +10,7 @@ verified bundle is complete. Library warnings go to ``BUILD/build.log``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -22,6 +23,7 @@ from edgepack.config import BUILD_STAGES, BuildConfig
 from edgepack.data import load_dataset
 from edgepack.errors import BudgetError, EdgepackError
 from edgepack.records import hash_tree, staging_dir, write_json_atomic
+from edgepack.runner.chain import chain, run_links
 from edgepack.runner.ledger import Ledger, output_hash
 
 Log = Callable[[str], None]
@@ -50,7 +52,6 @@ def build(cfg: BuildConfig, *, force: bool = False, log: Log = print) -> dict[st
 def _build(cfg: BuildConfig, *, force: bool, log: Log) -> dict[str, Any]:
     from edgepack import profiles, stages
     from edgepack.modeling import read_model_info
-    from edgepack.stages import bundle, distill, export, prune, quantize, tune, verify
 
     started = time.time()
     teacher, out = Path(cfg.teacher), Path(cfg.out)
@@ -62,53 +63,48 @@ def _build(cfg: BuildConfig, *, force: bool, log: Log) -> dict[str, Any]:
         raise EdgepackError(f"{out}: already exists and was not built by {root}; pass --force to replace it")
     _check_disk(out.parent, teacher)
     root.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(root / "recipe.json", cfg.to_dict())
-    (root / "recipe.toml").write_text(to_toml(cfg.to_dict()))
-
     info = read_model_info(teacher)
     data = load_dataset(cfg.data, dict(enumerate(info.label_names)))
+    cfg, lengths = _resolve_max_length(cfg, teacher, data)
+    # The resolved recipe: a max_length chosen from the data is written as the number it became.
+    write_json_atomic(root / "recipe.json", cfg.to_dict())
+    (root / "recipe.toml").write_text(to_toml(cfg.to_dict()), encoding="utf-8")
     names = [s for s in BUILD_STAGES if s not in cfg.skip]
-    ledger = Ledger(root, log, total=len(names))
+    if cfg.search.max_drop is not None:  # --max-drop: the budget against the teacher, a profile budget
+        profile = profile.replace(budgets=profile.budgets.replace(max_teacher_drop=cfg.search.max_drop))
     ctx = stages.Context(data=data, data_config=cfg.data, teacher=teacher, profile=profile, cache=root / "cache",
                          log=log, compare=(("teacher (PyTorch)", teacher), ("student (PyTorch)", root / "distill"),
                                            ("pruned (PyTorch)", root / "prune")))
-    data_key = cfg.data.to_dict()
     log(f"[build] {teacher} -> {out} (profile {profile.name}, target {profile.target}; recipe "
         f"{cfg.recipe or 'none'}; build directory {root})")
     if profile.name == "host":
         log(f"[build] no --profile: using this machine's, {profile.description}")
+    if lengths is not None:
+        log(f"[build] max_length {lengths['max_length']} from the training texts ({lengths['percentile']:g}th "
+            f"percentile of {lengths['texts']:,} token counts: {lengths['tokens_at_percentile']:g}; longest "
+            f"{lengths['longest']}: {lengths['texts_truncated']} truncated)")
 
-    # Each link: (stage name, its module, its config, what else its ledger key holds).
-    quant_cfg = cfg.quantize if cfg.quantize.target != "auto" else cfg.quantize.replace(target=profile.target)
-    export_cfg = cfg.export
-    if quantize.target_for(quant_cfg).quantize.embedding_bits == 4:
-        export_cfg = export_cfg.replace(embedding="gather")  # 4-bit blocks need a plain Gather on the table
-    chain = [
-        ("distill", distill, cfg.distill, {}),
-        ("prune", prune, cfg.prune, {}),
-        ("export", export, export_cfg, {}),
-        ("quantize", quantize, quant_cfg, {}),
-        ("bundle", bundle, cfg.bundle.replace(archive=False), {}),
-        ("tune", tune, cfg.tune, {"profile": profile.to_dict()}),
-        ("verify", verify, cfg.verify, {"profile": profile.to_dict(), "domains": cfg.domains}),
-    ]
     src, src_hash = teacher, _sha(hash_tree(teacher), data.fingerprint())
     domains = json.loads(Path(cfg.domains).read_text()) if cfg.domains else None
-    for name, module, stage_cfg, extra_key in chain:
-        if name not in names:
-            continue
-        key = {name: stage_cfg.to_dict(), "data": data_key, **extra_key}
-        stage_src = src
+    verify_kwargs = {"domains": domains, "title": f"edgepack build: {teacher.name} for {profile.name}"}
+    links = chain(cfg, profile)
+    if cfg.search.shapes and "distill" in names:
+        from edgepack.runner.search import search
 
-        def run(dest: Path, module=module, stage_cfg=stage_cfg, stage_src=stage_src, name=name) -> None:
-            if name == "verify":
-                module.run(stage_cfg, stage_src, dest, ctx, domains=domains,
-                           title=f"edgepack build: {teacher.name} for {profile.name}")
-            else:
-                module.run(stage_cfg, stage_src, dest, ctx)
-
-        src = ledger.stage(name, key, src_hash, run)
-        src_hash = output_hash(src)
+        result = search(cfg, ctx, root, src, src_hash, log=log)
+        chosen = result.chosen
+        src, src_hash = chosen.bundle, output_hash(chosen.bundle)
+        ctx = dataclasses.replace(ctx, compare=(("teacher (PyTorch)", teacher),
+                                                ("student (PyTorch)", chosen.dir / "distill"),
+                                                ("pruned (PyTorch)", chosen.dir / "prune")))
+        verify_kwargs["frontier"] = result.to_dict()
+        # The report shows the frontier: verify reruns when the candidates or the choice change (not
+        # when only their re-measured latencies wobble).
+        fkey = [(c.name, c.status, c.validation_accuracy) for c in result.candidates] + [result.chosen.name]
+        links = [(n, m, c, {**k, "frontier": fkey} if n == "verify" else k)
+                 for n, m, c, k in links if n in ("tune", "verify")]
+    ledger = Ledger(root, log, total=len([n for n, *_ in links if n in names]))
+    src, src_hash = run_links(links, names, ledger, ctx, src, src_hash, verify_kwargs=verify_kwargs)
 
     verified = root / "verify"
     summary = json.loads((verified / "summary.json").read_text())
@@ -121,6 +117,8 @@ def _build(cfg: BuildConfig, *, force: bool, log: Log) -> dict[str, Any]:
         log(f"[build] archive written: {archive(out)}")
     for name in ("report.html", "report.md"):
         shutil.copy2(verified / "bundle" / name, root / name)
+    if lengths is not None:
+        summary["max_length"] = lengths
     summary.update(ran=ledger.ran, skipped=ledger.skipped, wall_time_s=round(time.time() - started, 1))
     write_json_atomic(root / "summary.json", summary)
     log(f"[build] bundle: {out}   report: {root / 'report.html'}   ({summary['wall_time_s']:.0f} s; "
@@ -129,6 +127,36 @@ def _build(cfg: BuildConfig, *, force: bool, log: Log) -> dict[str, Any]:
         raise BudgetError(f"profile {profile.name}: missed {'; '.join(summary['budget_failures'])} "
                           f"(bundle and report written: {out})")
     return summary
+
+
+def _resolve_max_length(cfg: BuildConfig, teacher: Path, data: Any) -> tuple[BuildConfig, dict | None]:
+    """``[data] max_length = 0``: the number the training texts call for (``data.length_from_counts``
+    over their token counts with the teacher's tokenizer), so no stage sees 0; else ``cfg`` as given."""
+    if cfg.data.max_length:
+        return cfg, None
+    from transformers import AutoTokenizer
+
+    from edgepack.data import length_from_counts
+
+    tok = AutoTokenizer.from_pretrained(teacher)
+    counts = [len(ids) for ids in tok(list(data["train"].texts), truncation=False)["input_ids"]]
+    lengths = length_from_counts(counts, cfg.data.length_percentile, limit=_position_limit(teacher, tok))
+    return cfg.replace(data=cfg.data.replace(max_length=lengths["max_length"])), lengths
+
+
+def _position_limit(teacher: Path, tok: Any) -> int:
+    """The most tokens the teacher can take: its absolute positions (RoBERTa's start after the pad
+    id), else the tokenizer's model_max_length, within DataConfig's 4096."""
+    config = json.loads((teacher / "config.json").read_text(encoding="utf-8"))
+    limit = 4096
+    positions = config.get("max_position_embeddings")
+    if isinstance(positions, int) and positions > 0:
+        offset = (config.get("pad_token_id") or 0) + 1 if config.get("model_type") in ("roberta", "xlm-roberta") else 0
+        limit = min(limit, positions - offset)
+    model_max = getattr(tok, "model_max_length", None)
+    if isinstance(model_max, int) and 0 < model_max < limit:
+        limit = model_max
+    return max(8, limit)
 
 
 def _publish(src: Path, out: Path, root: Path, *, force: bool, sign=None, log: Log = print) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.config import DataConfig
+from edgepack.errors import EdgepackError
 from edgepack.records import STAGE_RECORD
 
 STAGES = ("finetune", "distill", "prune", "export", "quantize", "bundle", "tune", "verify")
@@ -48,6 +49,10 @@ class Context:
 
     @property
     def max_length(self) -> int:
+        if not self.data_config.max_length:
+            # 0 means "from the training texts", which `edgepack build` resolves before any stage runs.
+            raise EdgepackError("max_length 0 (chosen from the training texts) is resolved by `edgepack build`; "
+                                "give --max-length N (8 or more) to a single stage")
         return self.data_config.max_length
 
 

@@ -22,7 +22,7 @@ from edgepack.records import hash_tree, staging_dir, write_stage_record
 from edgepack.stages import StageRecord
 from edgepack.static_model import is_static
 from edgepack.training.distillation import prepare, run_once, score
-from edgepack.training.search import run_search
+from edgepack.training.search import check_storage, redact, run_search
 
 
 def run(cfg: DistillConfig, src: Path, out: Path, ctx, *, student_model=None, student_tokenizer=None,
@@ -37,6 +37,8 @@ def run(cfg: DistillConfig, src: Path, out: Path, ctx, *, student_model=None, st
     (``edgepack.training.search``); with ``cfg.ablation`` the same student is also trained on labels only.
     """
     started = time.time()
+    if cfg.search_trials and cfg.storage:
+        check_storage(cfg.storage)  # a wrong URL is said now, not after the teacher's pass over the data
     teacher_dir, out, data, cache_dir = Path(src), Path(out), ctx.data, ctx.cache
     max_length = ctx.max_length
     prep = prepare(cfg, teacher_dir, data, student_model=student_model, student_tokenizer=student_tokenizer,
@@ -70,10 +72,10 @@ def run(cfg: DistillConfig, src: Path, out: Path, ctx, *, student_model=None, st
             cfg.student or ("static: the teacher's word table" if is_static(model) else "teacher layers")),
         "teacher_layers": layers,
         "parameters": int(sum(p.numel() for p in model.parameters())),
-        "final_config": final_cfg.to_dict(),
+        "final_config": _recorded(final_cfg),
     }
     input_hash = _input_hash(prep.teacher_hash, data.fingerprint(), cfg.student)
-    config = {"distill": cfg.to_dict(), "data": ctx.data_config.to_dict()}
+    config = {"distill": _recorded(cfg), "data": ctx.data_config.to_dict()}
     with staging_dir(out, force=True) as tmp:
         model.save_pretrained(tmp)
         prep.tokenizer.save_pretrained(tmp)
@@ -89,6 +91,14 @@ def run(cfg: DistillConfig, src: Path, out: Path, ctx, *, student_model=None, st
     if search_db is not None and Path(search_db).is_file() and Path(search_db).parent == out.parent:
         Path(search_db).unlink(missing_ok=True)  # the study now lives in OUT/search.db
     return StageRecord.read(out)
+
+
+def _recorded(cfg: DistillConfig) -> dict[str, Any]:
+    """The config as recorded (and hashed): a storage URL's password never reaches stage.json."""
+    d = cfg.to_dict()
+    if d.get("storage"):
+        d["storage"] = redact(d["storage"])
+    return d
 
 
 def _input_hash(teacher_hash: str, data_fp: str, student_dir: str | None) -> str:

@@ -38,7 +38,18 @@ def check_on_target_kernels(bundle: Path, target: str, log) -> dict[str, Any] | 
     return {"checked": True, "host_target": host, **result}
 
 
-def run(cfg: VerifyConfig, src: Path, out: Path, ctx, *, domains: dict | None = None, title: str = "") -> StageRecord:
+def teacher_drop(teacher, bundle, val, label_names) -> dict[str, float]:
+    """The budget against the teacher: validation accuracy of both under their own calibrated
+    out-of-scope thresholds (the same rule; plain accuracy without an out-of-scope label), and the
+    points the bundle is below the teacher."""
+    from edgepack.metrics import accuracy_points
+
+    t, b = accuracy_points(teacher, val, label_names), accuracy_points(bundle, val, label_names)
+    return {"teacher_validation_accuracy": t, "validation_accuracy": b, "teacher_drop": t - b}
+
+
+def run(cfg: VerifyConfig, src: Path, out: Path, ctx, *, domains: dict | None = None, title: str = "",
+        frontier: dict | None = None) -> StageRecord:
     """The stage: ``src`` (a tuned bundle) -> ``out`` (``bundle/`` with its report, the results)."""
     import time
 
@@ -61,12 +72,15 @@ def run(cfg: VerifyConfig, src: Path, out: Path, ctx, *, domains: dict | None = 
     rows: list[dict[str, Any]] = []
     reference = None
     candidates: list[tuple[str, Any]] = []
+    teacher = None  # the teacher's backend, for the budget against it (on validation)
     if cfg.compare:
         for name, path in ctx.compare:
             if path.is_dir() and (path / "config.json").is_file():
                 tb = TorchBackend(path, threads=1, oos_label=data.oos_label, name=name, max_length=ctx.max_length)
                 tb.calibrate(val.texts, val.labels)
                 candidates.append((name, tb))
+                if ctx.teacher is not None and Path(path).resolve() == Path(ctx.teacher).resolve():
+                    teacher = tb
     with staging_dir(out, force=True) as tmp:
         shutil.copytree(src, tmp / "bundle", ignore=shutil.ignore_patterns("__pycache__"))
         pipe = OnnxPipeline(tmp / "bundle")
@@ -84,6 +98,13 @@ def run(cfg: VerifyConfig, src: Path, out: Path, ctx, *, domains: dict | None = 
         rows[-1]["final"] = True
         rows[-1]["path"] = str(src)
         rows[-1]["build_metrics"] = json.loads((src / "manifest.json").read_text()).get("metrics")
+        if teacher is None and ctx.teacher is not None and getattr(profile.budgets, "max_teacher_drop", None) is not None:
+            teacher = TorchBackend(ctx.teacher, threads=1, oos_label=data.oos_label, max_length=ctx.max_length)
+            teacher.calibrate(val.texts, val.labels)  # the budget needs it even when the report compares nothing
+        if teacher is not None:
+            rows[-1].update(teacher_drop(teacher, pipe, val, data.label_names))
+            log(f"[verify] validation accuracy: teacher {rows[-1]['teacher_validation_accuracy']:.2f}%, bundle "
+                f"{rows[-1]['validation_accuracy']:.2f}% ({rows[-1]['teacher_drop']:+.2f} points below the teacher)")
         log("\n" + format_table(rows))
         checks = profiles.budget_report(profile, rows[-1])
         failures = [c.line() for c in checks if not c.ok]
@@ -91,7 +112,7 @@ def run(cfg: VerifyConfig, src: Path, out: Path, ctx, *, domains: dict | None = 
             log(f"[verify] budget {c.line()}: {'pass' if c.ok else 'FAIL'}")
         attach_eval_data(rows, texts, gold)
         write_report(tmp / "bundle", rows, title=title or f"edgepack build for {profile.name}",
-                     budgets=checks, domains=domains, notes=host_notes(rows))
+                     budgets=checks, domains=domains, notes=host_notes(rows), frontier=frontier)
         emulated = check_on_target_kernels(tmp / "bundle", profile.target, log)
         if emulated is not None:
             write_json_atomic(tmp / "emulated.json", emulated)
@@ -103,6 +124,8 @@ def run(cfg: VerifyConfig, src: Path, out: Path, ctx, *, domains: dict | None = 
             "latency_ms": rows[-1].get("latency_ms")})
         slim = [{k: v for k, v in r.items() if k not in ("predictions", "gold", "texts")} for r in rows]
         write_json_atomic(tmp / "results.json", slim)
+        if frontier:
+            write_json_atomic(tmp / "frontier.json", frontier)
         write_json_atomic(tmp / "summary.json", {"profile": profile.name, "rows": slim, "budget_failures": failures,
                                                  **({"emulated": emulated} if emulated else {})})
         write_stage_record(tmp, stage="verify", config=cfg.to_dict(), input_hash=hash_tree(src),

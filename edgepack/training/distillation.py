@@ -22,6 +22,7 @@ import copy
 import dataclasses
 import functools
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -122,20 +123,66 @@ class DistillationTrainer(Trainer):
 # --------------------------------------------------------------------------------------------- data
 
 
+# Scripts written without spaces between words (Han, Hiragana, Katakana, Thai, Lao, Myanmar, Khmer):
+# their characters are the units noisy copies drop and swap, as words are elsewhere.
+_UNSPACED = re.compile("[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf"
+                       "\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f\U00020000-\U0002fa1f]")
+
+
+def _units(text: str) -> list[str]:
+    """Words split on whitespace, and each character of an unspaced script a unit of its own
+    (``"订 机票 to Paris"`` -> ``订, 机, 票, to, Paris``): what word dropout and swaps move."""
+    out: list[str] = []
+    for word in text.split():
+        if not _UNSPACED.search(word):
+            out.append(word)
+            continue
+        run = ""
+        for ch in word:
+            if _UNSPACED.match(ch):
+                if run:
+                    out.append(run)
+                    run = ""
+                out.append(ch)
+            else:
+                run += ch
+        if run:
+            out.append(run)
+    return out
+
+
+def _join(units: Sequence[str]) -> str:
+    """Units back into text: a space between two units unless both are unspaced-script characters."""
+    out = ""
+    for u in units:
+        if out and not (_UNSPACED.match(out[-1]) and _UNSPACED.match(u[0])):
+            out += " "
+        out += u
+    return out
+
+
 def augment_texts(texts: Sequence[str], copies: int, seed: int = 0) -> list[str]:
     """``copies`` noisy variants of each text: word dropout, a swap of two words, or the first half of
     the text spliced to the second half of another. The teacher labels them (soft targets only): the
     spliced ones are ambiguous on purpose, teaching the student where the teacher is unsure, which is
     what the out-of-scope threshold reads.
+
+    A "word" is a whitespace-separated one, or one character of a script written without spaces
+    (Chinese, Japanese, Thai...), so texts in those scripts get dropouts and swaps too, not only
+    splices. Texts without such characters get exactly the copies they always did.
+
+    Example:
+        >>> augment_texts(["我想订一张去北京的机票"], 1, seed=3)  # two characters dropped
+        ['我想订一北京的机票']
     """
     rng = random.Random(seed)
     out = []
     for _ in range(copies):
         for text in texts:
-            words = text.split()
+            words = _units(text)
             op = rng.random()
             if len(words) < 3 or op < 0.2:
-                other = texts[rng.randrange(len(texts))].split()
+                other = _units(texts[rng.randrange(len(texts))])
                 words = words[: max(1, len(words) // 2)] + other[len(other) // 2:]
             elif op < 0.6:
                 kept = [w for w in words if rng.random() > 0.2]
@@ -143,7 +190,7 @@ def augment_texts(texts: Sequence[str], copies: int, seed: int = 0) -> list[str]
             else:
                 i, j = rng.sample(range(len(words)), 2)
                 words[i], words[j] = words[j], words[i]
-            out.append(" ".join(words))
+            out.append(_join(words))
     return out
 
 

@@ -5,18 +5,28 @@ threshold calibrated (plain accuracy when the labels have no out-of-scope class)
 Each trial reports its validation score after every epoch; a median pruner stops trials that fall
 behind the median of earlier trials at the same epoch. Storage is a SQLite file kept beside the output
 while the search runs (``.OUT.search.db``) and moved into the output (``OUT/search.db``) when the
-stage finishes; ``storage`` takes any database URL Optuna accepts (``postgresql://...``), so workers on
-several machines run the same command and join one study by name. Trials are counted over the whole
-study: N trials in all, however many workers share them. A trial whose worker died (no heartbeat for
-two minutes) is marked failed and retried once, so an interrupted study resumes where it stopped.
+stage finishes; ``storage`` takes any database URL Optuna accepts (``postgresql://...``, through
+psycopg 3), so workers on several machines run the same command and join one study by name.
+
+Trials are counted over the whole study: N trials in all, however many workers share them. A worker
+claims a trial slot under a lock (a PostgreSQL advisory lock, a file lock on a SQLite file's folder) so
+two workers never take the last slot together, and waits while the remaining slots are held by
+trials running elsewhere, so every worker returns the finished study. A trial whose worker died (no
+heartbeat for two minutes: ``EDGEPACK_SEARCH_HEARTBEAT``/``EDGEPACK_SEARCH_GRACE`` seconds, 30/120 by
+default) is marked failed and retried once with the same parameters, so an interrupted study resumes
+where it stopped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import shutil
+import socket
 import time
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +35,7 @@ from edgepack.errors import EdgepackError
 
 HEARTBEAT_S = 30
 GRACE_S = 120
+CONNECT_TIMEOUT_S = 10
 
 
 @dataclasses.dataclass
@@ -41,7 +52,7 @@ class SearchResult:
     def record(self) -> dict[str, Any]:
         return {
             "study_name": self.study_name,
-            "storage": _redact(self.storage),
+            "storage": redact(self.storage),
             "objective": "validation accuracy (out-of-scope threshold calibrated when the data has oos)",
             "best_params": self.best_params,
             "best_value": self.best_value,
@@ -50,13 +61,49 @@ class SearchResult:
         }
 
 
-def _redact(url: str) -> str:
-    # Never write a database password into a record.
+def redact(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``: never write one into a record or a log."""
     if "://" in url and "@" in url.split("://", 1)[1]:
         scheme, rest = url.split("://", 1)
         creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+        user, has_password, _ = creds.partition(":")
+        return f"{scheme}://{user}:***@{host}" if has_password else url
     return url
+
+
+def driver_url(url: str) -> str:
+    """A plain ``postgresql://`` (or ``postgres://``) URL names no driver; SQLAlchemy would take
+    psycopg2. edgepack declares psycopg 3, so such a URL goes through it (``postgresql+psycopg://``)."""
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in ("postgresql", "postgres"):
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise EdgepackError(f"--storage {redact(url)}: the PostgreSQL driver psycopg is not installed; "
+                                "pip install 'edgepack[search]' (or psycopg[binary])") from None
+        return f"postgresql+psycopg://{rest}"
+    return url
+
+
+def heartbeat_settings() -> tuple[int, int]:
+    """(heartbeat interval, grace period) in seconds, from ``EDGEPACK_SEARCH_HEARTBEAT`` and
+    ``EDGEPACK_SEARCH_GRACE`` (defaults 30 and 120). A worker silent for the grace period is taken
+    for dead: its trial is failed and retried."""
+    values = []
+    for name, default in (("EDGEPACK_SEARCH_HEARTBEAT", HEARTBEAT_S), ("EDGEPACK_SEARCH_GRACE", GRACE_S)):
+        raw = os.environ.get(name, "").strip()
+        try:
+            value = int(raw) if raw else default
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise EdgepackError(f"{name}={raw}: give whole seconds, at least 1 (default {default})")
+        values.append(value)
+    heartbeat, grace = values
+    if grace <= heartbeat:
+        raise EdgepackError(f"EDGEPACK_SEARCH_GRACE={grace} must exceed EDGEPACK_SEARCH_HEARTBEAT={heartbeat} "
+                            "(a live worker would be taken for dead); raise the grace period")
+    return heartbeat, grace
 
 
 def default_storage(out: Path) -> tuple[str, Path]:
@@ -72,22 +119,93 @@ def default_storage(out: Path) -> tuple[str, Path]:
 
 def make_storage(url: str):
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-    # SQLite serialises writers: wait for the lock rather than fail when workers write at once.
-    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    shown = redact(url)
+    url = driver_url(url)
+    heartbeat, grace = heartbeat_settings()
+    if url.startswith("sqlite"):
+        # SQLite serialises writers: wait for the lock rather than fail when workers write at once.
+        engine: dict[str, Any] = {"connect_args": {"timeout": 60}}
+    elif url.startswith("postgresql"):
+        # A study runs for hours: check pooled connections before use (a server restart or an idle
+        # timeout drops them) and give up on an unreachable server after seconds, not minutes.
+        engine = {"pool_pre_ping": True, "connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}}
+    else:
+        engine = {"pool_pre_ping": True}
     try:
         with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna, and what resume needs
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                              failed_trial_callback=RetryFailedTrialCallback(max_retry=1))
+            return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=grace,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
     except (ImportError, ModuleNotFoundError) as e:
-        raise EdgepackError(f"--storage {_redact(url)}: the database driver is missing ({e.name}); install it") from None
+        raise EdgepackError(f"--storage {shown}: the database driver is missing ({e.name}); install it") from None
     except Exception as e:  # sqlalchemy raises many types for a bad URL or an unreachable server
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise EdgepackError(f"--storage {_redact(url)}: cannot open ({type(e).__name__}: {first})") from None
+        import sqlalchemy.exc
+
+        first = _first_line(e)
+        if isinstance(e, sqlalchemy.exc.OperationalError):
+            raise EdgepackError(f"--storage {shown}: cannot connect ({first}); start the database server, "
+                                "or fix the host, port, user, password or database in the URL") from None
+        raise EdgepackError(f"--storage {shown}: cannot open ({type(e).__name__}: {first})") from None
     finally:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def check_storage(url: str) -> None:
+    """Open and close the storage: a bad URL or a server that is down fails before any training."""
+    make_storage(url).engine.dispose()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(getattr(e, "orig", None) or e).strip()
+    if not text:
+        return type(e).__name__
+    # psycopg names the server as 'connection to server at "HOST" (ADDR), port P failed: REASON'.
+    return text.splitlines()[0][:240]
+
+
+@contextlib.contextmanager
+def claim_lock(storage, url: str, study_name: str):
+    """Held while a worker counts the study's trials and starts one, so two workers cannot both take
+    the last slot: a PostgreSQL advisory lock (released by the server if the worker dies), a file
+    lock on a SQLite file's directory; other databases go without (a race there costs one extra trial).
+    Yields a function that releases the lock early (once the new trial is RUNNING)."""
+    key = zlib.crc32(f"edgepack-search\0{study_name}".encode())
+    released = False
+    if url.startswith("postgresql"):
+        import sqlalchemy
+
+        conn = storage.engine.connect()
+        conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+
+        def release():
+            nonlocal released
+            if not released:
+                released = True
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                conn.close()
+    elif url.startswith("sqlite:///") and url != "sqlite:///:memory:" and hasattr(os, "O_DIRECTORY"):
+        import fcntl
+
+        # The lock is on the study file's directory: a lock file would be litter, and a second
+        # descriptor on the database itself would drop SQLite's own POSIX locks when closed.
+        folder = Path(url[len("sqlite:///"):].split("?", 1)[0]).resolve().parent
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+        def release():
+            nonlocal released
+            if not released:
+                released = True
+                os.close(fd)  # closing drops the flock
+    else:
+        def release():
+            pass
+    try:
+        yield release
+    finally:
+        release()
 
 
 def suggest(trial, base: DistillConfig, *, max_layers: int | None) -> DistillConfig:
@@ -152,7 +270,11 @@ def run_search(prep, *, out: Path, progress: bool = True) -> SearchResult:
         teacher = st.load_teacher(prep.teacher_dir)
         max_layers = st._depth(teacher.config)
 
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+
     def objective(trial) -> float:
+        release()  # (the claim_lock below) the trial is RUNNING: the next worker's count includes it
+        trial.set_user_attr("worker", worker)
         trial_cfg = suggest(trial, cfg.replace(search_trials=0, ablation=False), max_layers=max_layers)
         p = prep
         if max_layers:
@@ -164,12 +286,30 @@ def run_search(prep, *, out: Path, progress: bool = True) -> SearchResult:
         trial.set_user_attr("best_epoch", m["best_epoch"])
         return float(m.get("val_accuracy_calibrated", m["val_accuracy"]))
 
-    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    done = len(study.get_trials(deepcopy=False, states=finished))
-    if done < n_total:
-        print(f"search: study '{cfg.study_name}' at {_redact(url)}: {done} of {n_total} trials done, running the rest")
-        study.optimize(objective, n_trials=n_total - done, gc_after_trial=True,
-                       callbacks=[optuna.study.MaxTrialsCallback(n_total, states=finished)])
+    heartbeat, _ = heartbeat_settings()
+    lock_url = driver_url(url)
+    said = None
+    while True:
+        with claim_lock(storage, lock_url, cfg.study_name) as release:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)  # dead workers' trials: failed, queued again
+            done, running, waiting = _counts(study)
+            if said is None:
+                print(f"search: study '{cfg.study_name}' at {redact(url)}: {done} of {n_total} trials done"
+                      + (f", {running} running elsewhere" if running else ""))
+                said = ()
+            if done >= n_total:
+                break
+            if done + running < n_total or waiting:
+                study.optimize(objective, n_trials=1, gc_after_trial=True)
+                continue
+        # Every remaining slot is held by a trial running elsewhere: wait for it to finish, or for its
+        # worker to be found dead (its retry is then queued, and taken here).
+        if said != (done, running):
+            print(f"search: {done} of {n_total} trials done, waiting for {running} running elsewhere")
+            said = (done, running)
+        time.sleep(min(heartbeat, 5))
     try:
         best = study.best_trial
     except ValueError:
@@ -182,6 +322,15 @@ def run_search(prep, *, out: Path, progress: bool = True) -> SearchResult:
         changes.update(num_layers=params["num_layers"], layers=())
     return SearchResult(cfg.replace(**changes), params, float(best.value), trials, cfg.study_name, url, db_path,
                         round(time.time() - t0, 1))
+
+
+def _counts(study) -> tuple[int, int, int]:
+    """(finished, running, waiting) trials of ``study``; finished counts pruned ones too."""
+    from optuna.trial import TrialState
+
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    done = sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states)
+    return done, states.count(TrialState.RUNNING), states.count(TrialState.WAITING)
 
 
 def trial_table(study) -> list[dict[str, Any]]:

@@ -1,0 +1,51 @@
+"""The build's chain of stages as data, and the loop that runs links through a ledger (shared by
+the build and the shape search, ``runner.search``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from edgepack.config import BuildConfig
+from edgepack.runner.ledger import Ledger, output_hash
+
+
+def chain(cfg: BuildConfig, profile) -> list[tuple[str, Any, Any, dict[str, Any]]]:
+    """The build's links: (stage name, its module, its config, what else its ledger key holds)."""
+    from edgepack.stages import bundle, distill, export, prune, quantize, tune, verify
+
+    quant_cfg = cfg.quantize if cfg.quantize.target != "auto" else cfg.quantize.replace(target=profile.target)
+    export_cfg = cfg.export
+    if quantize.target_for(quant_cfg).quantize.embedding_bits == 4:
+        export_cfg = export_cfg.replace(embedding="gather")  # 4-bit blocks need a plain Gather on the table
+    return [
+        ("distill", distill, cfg.distill, {}),
+        ("prune", prune, cfg.prune, {}),
+        ("export", export, export_cfg, {}),
+        ("quantize", quantize, quant_cfg, {}),
+        ("bundle", bundle, cfg.bundle.replace(archive=False), {}),
+        ("tune", tune, cfg.tune, {"profile": profile.to_dict()}),
+        ("verify", verify, cfg.verify, {"profile": profile.to_dict(), "domains": cfg.domains}),
+    ]
+
+
+def run_links(links, names, ledger: Ledger, ctx, src: Path, src_hash: str, *, data_key: dict | None = None,
+              verify_kwargs: dict | None = None) -> tuple[Path, str]:
+    """Each link in ``names`` through the ledger, the output of one the input of the next; returns
+    the last output and its hash."""
+    data_key = ctx.data_config.to_dict() if data_key is None else data_key
+    for name, module, stage_cfg, extra_key in links:
+        if name not in names:
+            continue
+        key = {name: stage_cfg.to_dict(), "data": data_key, **extra_key}
+        stage_src = src
+
+        def run(dest: Path, module=module, stage_cfg=stage_cfg, stage_src=stage_src, name=name) -> None:
+            if name == "verify":
+                module.run(stage_cfg, stage_src, dest, ctx, **(verify_kwargs or {}))
+            else:
+                module.run(stage_cfg, stage_src, dest, ctx)
+
+        src = ledger.stage(name, key, src_hash, run)
+        src_hash = output_hash(src)
+    return src, src_hash

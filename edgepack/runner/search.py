@@ -1,0 +1,229 @@
+"""The shape search of ``edgepack build``: the fastest bundle within the budget against the teacher.
+
+The recipe's ``[search] shapes`` are student shapes (depth, heads, FFN width, embedding bits) in the
+order to try them, cheap first. Each is built into ``BUILD/candidates/<name>/`` by the same chain as
+the build (distill -> prune -> export -> quantize -> bundle, through its own ledger, so a rerun
+resumes and candidates of one depth share their distilled student), then measured on validation:
+accuracy under its calibrated out-of-scope threshold against the teacher's under the same rule
+(plain accuracy when the data has no out-of-scope label), and end-to-end single-query latency on this
+CPU. The search stops at the first shape inside ``max_drop`` (after ``explore`` more shapes, to draw
+more of the frontier); a shape that misses by more than twice the budget skips the shapes that
+differ from it only in embedding bits (the refinements of a shape that cannot get there).
+
+All built candidates are then timed again, interleaved (``latency_rounds`` rounds, so a slow spell
+of the machine falls on every candidate alike), and the fastest inside the budget is chosen, a
+faster one winning only by a lead larger than the spread of its round medians (the variant rule,
+``stages.quantize.variants.choose``; ties go to the more accurate). No shape inside the budget: the
+most accurate is published, and the build's verify stage fails its ``max_teacher_drop`` budget.
+``BUILD/search/frontier.json`` holds every candidate; ``--pick NAME`` publishes another built one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edgepack.config import BuildConfig, parse_shape, shape_name
+from edgepack.errors import EdgepackError
+from edgepack.records import hash_config, write_json_atomic
+from edgepack.runner.ledger import Ledger
+
+Log = Callable[[str], None]
+CANDIDATE_STAGES = ("distill", "prune", "export", "quantize", "bundle")
+
+
+@dataclasses.dataclass
+class Candidate:
+    shape: str
+    name: str
+    dir: Path
+    validation_accuracy: float | None = None
+    teacher_drop: float | None = None
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    noise_ms: float | None = None
+    bundle_bytes: int | None = None
+    inside: bool | None = None
+    status: str = "not built"  # built | skipped (why) | not built
+    seconds: float = 0.0
+
+    @property
+    def bundle(self) -> Path:
+        return self.dir / "bundle"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["dir"] = str(self.dir)
+        return d
+
+
+@dataclasses.dataclass
+class SearchResult:
+    teacher_accuracy: float
+    max_drop: float | None
+    candidates: list[Candidate]
+    chosen: Candidate
+    why: str
+    cpu: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"teacher_validation_accuracy": self.teacher_accuracy, "max_drop": self.max_drop,
+                "chosen": self.chosen.name, "why": self.why, "cpu": self.cpu,
+                "candidates": [c.to_dict() for c in self.candidates]}
+
+
+def _adopting_ledger(root: Path, siblings: list[Path], log: Log, prefix: str) -> Ledger:
+    """A candidate's ledger that, before running a stage, takes it from a sibling candidate whose
+    ledger vouches for the same config and input (one distilled student per depth, not per shape)."""
+    ledger = Ledger(root, log, total=len(CANDIDATE_STAGES), prefix=prefix)
+    run_stage = ledger.stage
+
+    def stage(name, config, input_hash, run):
+        if not ledger.fresh(name, config, input_hash):
+            for other in siblings:
+                theirs = Ledger(other, log)
+                if other != root and theirs.fresh(name, config, input_hash):
+                    tmp = root / f".{name}.adopt"
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    shutil.rmtree(root / name, ignore_errors=True)
+                    shutil.copytree(other / name, tmp, copy_function=os.link)
+                    os.replace(tmp, root / name)
+                    (root / "ledger").mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(theirs.dir / f"{name}.json", ledger.dir / f"{name}.json")
+                    log(f"[{prefix}] {name}: the same as {other.name}'s, taken from it")
+                    break
+        return run_stage(name, config, input_hash, run)
+
+    ledger.stage = stage  # type: ignore[method-assign]
+    return ledger
+
+
+def teacher_accuracy(ctx, root: Path, src_hash: str, log: Log) -> float:
+    """The teacher's validation accuracy under its calibrated threshold, cached per teacher and data."""
+    from edgepack.metrics import accuracy_points
+    from edgepack.torch_backend import TorchBackend
+
+    cache = root / "search" / "teacher.json"
+    key = hash_config({"teacher_and_data": src_hash, "max_length": ctx.max_length})
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key:
+            return float(saved["accuracy"])
+    val = ctx.data["validation"]
+    tb = TorchBackend(ctx.teacher, threads=1, oos_label=ctx.data.oos_label, max_length=ctx.max_length)
+    tb.calibrate(val.texts, val.labels)
+    acc = accuracy_points(tb, val, ctx.data.label_names)
+    write_json_atomic(cache, {"key": key, "accuracy": acc})
+    log(f"[search] teacher: {acc:.2f}% on {len(val.texts)} validation rows")
+    return acc
+
+
+def search(cfg: BuildConfig, ctx, root: Path, src: Path, src_hash: str, *, log: Log = print) -> SearchResult:
+    """Build the shapes, measure them, choose; writes ``root/search/frontier.json``."""
+    from edgepack import profiles, targets
+    from edgepack.metrics import accuracy_points
+    from edgepack.runner.chain import chain, run_links
+    from runtime_shim import OnnxPipeline
+
+    s = cfg.search
+    profile = ctx.profile
+    teacher_acc = teacher_accuracy(ctx, root, src_hash, log)
+    val = ctx.data["validation"]
+    cands = [Candidate(shape, shape_name(shape), root / "candidates" / shape_name(shape)) for shape in s.shapes]
+    dirs = [c.dir for c in cands] + [root]
+    budget = s.max_drop
+    if s.pick is not None and s.pick not in {c.name for c in cands}:
+        raise EdgepackError(f"--pick {s.pick}: not a shape of this search; shapes: {', '.join(c.name for c in cands)}")
+    inside_seen, after_inside, missed_far = False, 0, []
+    log(f"[search] {len(cands)} shapes, cheap first; budget: "
+        + (f"at most {budget:g} points below the teacher's {teacher_acc:.2f}% (validation)" if budget is not None
+           else "none (--max-drop not set): the first shape is kept"))
+    for i, c in enumerate(cands):
+        shape = parse_shape(c.shape)
+        if s.pick is None and inside_seen and after_inside >= s.explore:
+            c.status = "skipped (a cheaper shape is inside the budget)"
+            continue
+        base = {k: v for k, v in shape.items() if k != "embedding_bits"}
+        if s.pick is None and any(base == m for m in missed_far) and "embedding_bits" in shape:
+            c.status = "skipped (the same shape missed by more than twice the budget)"
+            continue
+        if s.pick is not None and c.name != s.pick and not (c.bundle / "manifest.json").is_file():
+            c.status = "not built"
+            continue
+        t0 = time.time()
+        ccfg = s.candidate(cfg, c.shape)
+        ledger = _adopting_ledger(c.dir, dirs, log, prefix=f"{c.name} {i + 1}/{len(cands)}")
+        run_links([link for link in chain(ccfg, profile) if link[0] in CANDIDATE_STAGES], CANDIDATE_STAGES,
+                  ledger, ctx, src, src_hash)
+        pipe = OnnxPipeline(c.bundle)
+        c.validation_accuracy = accuracy_points(pipe, val, ctx.data.label_names)
+        c.teacher_drop = teacher_acc - c.validation_accuracy
+        c.inside = budget is None or c.teacher_drop <= budget
+        c.bundle_bytes = sum(f.stat().st_size for f in c.bundle.rglob("*") if f.is_file())
+        c.status, c.seconds = "built", round(time.time() - t0, 1)
+        log(f"[search] {c.name}: {c.validation_accuracy:.2f}% on validation ({c.teacher_drop:+.2f} points below "
+            f"the teacher): {'inside' if c.inside else 'outside'} the budget")
+        if c.inside:
+            after_inside += 1 if inside_seen else 0
+            inside_seen = True
+        elif inside_seen:
+            after_inside += 1
+        if budget is not None and c.teacher_drop > 2 * budget:
+            missed_far.append(base)
+    built = [c for c in cands if c.status == "built"]
+    _time_candidates(built, val.texts, runs=s.latency_runs, rounds=s.latency_rounds, log=log)
+    chosen, why = _choose(built, s.pick)
+    for c in built:
+        log(f"[search] {c.name:<16} {c.validation_accuracy:6.2f}%  {c.teacher_drop:+6.2f} pt  p50 {c.p50_ms:.3f} ms "
+            f"(±{c.noise_ms:.3f})  {c.bundle_bytes / 1e6:5.2f} MB{'  <- chosen' if c is chosen else ''}")
+    log(f"[search] chose {chosen.name}: {why}")
+    result = SearchResult(teacher_acc, budget, cands, chosen, why,
+                          cpu=f"{targets.detect().name} ({profiles.host_profile().description})")
+    write_json_atomic(root / "search" / "frontier.json", result.to_dict())
+    return result
+
+
+def _time_candidates(built: list[Candidate], texts, *, runs: int, rounds: int, log: Log) -> None:
+    """End-to-end single-query latency of every built candidate, interleaved in rounds."""
+    from edgepack.stages.quantize.variants import time_interleaved
+    from runtime_shim import OnnxPipeline
+
+    if not built:
+        return
+    log(f"[search] timing {len(built)} candidates: {rounds} interleaved rounds of {runs} single queries each")
+    pipes = {c.name: OnnxPipeline(c.bundle) for c in built}
+    runners = {name: (lambda text, p=p: p(text)) for name, p in pipes.items()}
+    times = time_interleaved(runners, list(texts), warmup=50, runs=runs * rounds, rounds=rounds)
+    for c in built:
+        blocks = times[c.name]
+        flat = sorted(t for b in blocks for t in b)
+        medians = [statistics.median(b) for b in blocks]
+        c.p50_ms = statistics.median(flat)
+        c.p95_ms = flat[min(len(flat) - 1, int(0.95 * len(flat)))]
+        c.noise_ms = max(medians) - min(medians)
+
+
+def _choose(built: list[Candidate], pick: str | None) -> tuple[Candidate, str]:
+    from edgepack.stages.quantize.variants import choose
+
+    if not built:
+        raise EdgepackError("the search built no shape; check [search] shapes in the recipe")
+    if pick is not None:
+        return next(c for c in built if c.name == pick), "picked (--pick)"
+    inside = [c for c in built if c.inside]
+    if not inside:
+        best = max(built, key=lambda c: c.validation_accuracy)
+        return best, "no shape is inside the budget: the most accurate one (the budget check will fail)"
+    rows = [{"name": c.name, "p50_ms": c.p50_ms, "noise_ms": c.noise_ms, "agreement": c.validation_accuracy}
+            for c in inside]
+    name = choose(rows)
+    lead = "the fastest inside the budget" if len(inside) > 1 else "the only shape inside the budget"
+    return next(c for c in inside if c.name == name), (
+        f"{lead} (a faster shape wins only by more than the spread of its round medians; ties go to the more accurate)")

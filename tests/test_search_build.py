@@ -1,0 +1,130 @@
+"""The shape search of edgepack build on the tiny teacher: candidates built and measured, early stop,
+one distilled student per depth, the frontier in the report, --pick without retraining, and the
+budget against the teacher as a profile budget (exit 3)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from edgepack.cli import main
+from edgepack.errors import ExitCode
+from tests.test_build import RECIPE, loose_profile
+
+pytestmark = pytest.mark.slow
+
+SEARCH = """
+[search]
+max_drop = {max_drop}
+explore = {explore}
+latency_runs = 20
+latency_rounds = 2
+shapes = ["layers=1 heads=1/2 ffn=1/2", "layers=1 heads=1 ffn=1", "layers=2 heads=1/2 ffn=1/2"]
+"""
+
+
+def write(path: Path, tiny_model, clinc_json, *, max_drop=100.0, explore=1) -> Path:
+    text = RECIPE.split("[search]")[0].format(teacher=tiny_model, out=path.parent / "bundle", data=clinc_json,
+                                              profile=loose_profile(path.parent), recover_epochs=1, quantize_extra="")
+    path.write_text(text + SEARCH.format(max_drop=max_drop, explore=explore))
+    return path
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, tiny_model, clinc_json):
+    root = tmp_path_factory.mktemp("search")
+    recipe = write(root / "recipe.toml", tiny_model, clinc_json)
+    assert main(["build", str(recipe)]) == 0
+    return root, recipe
+
+
+def frontier(root: Path) -> dict:
+    return json.loads((root / "bundle.build" / "search" / "frontier.json").read_text())
+
+
+def test_search_builds_cheap_first_and_stops_after_explore(searched):
+    root, _ = searched
+    f = frontier(root)
+    status = {c["name"]: c["status"] for c in f["candidates"]}
+    # max_drop 100: the first shape is inside; explore = 1 builds one more; the third is skipped.
+    assert status == {"L1-h0.5-f0.5": "built", "L1-h1-f1": "built",
+                      "L2-h0.5-f0.5": "skipped (a cheaper shape is inside the budget)"}
+    for c in f["candidates"][:2]:
+        assert c["inside"] and c["p50_ms"] > 0 and c["bundle_bytes"] > 0
+        assert abs(f["teacher_validation_accuracy"] - c["validation_accuracy"] - c["teacher_drop"]) < 1e-9
+    assert f["chosen"] in status and "cpu" in f
+
+
+def test_shapes_of_one_depth_share_one_distilled_student(searched):
+    root, _ = searched
+    cands = root / "bundle.build" / "candidates"
+    a = next((cands / "L1-h0.5-f0.5" / "distill").glob("*.safetensors"))
+    b = cands / "L1-h1-f1" / "distill" / a.name
+    assert os.stat(a).st_ino == os.stat(b).st_ino  # hard-linked from the first candidate, not retrained
+    pruned = [json.loads((cands / n / "prune" / "stage.json").read_text())["config"]["prune"] for n in ("L1-h0.5-f0.5", "L1-h1-f1")]
+    # recorded resolved: the fractions as heads per layer, so the two shapes pruned differently
+    assert pruned[0]["heads_per_layer"] != pruned[1]["heads_per_layer"]
+    assert pruned[0]["heads_per_layer"][0] * 2 == pruned[1]["heads_per_layer"][0]
+
+
+def test_report_shows_the_frontier_and_the_budget(searched):
+    root, _ = searched
+    out = root / "bundle"
+    md = (out / "report.md").read_text()
+    assert "accuracy-latency frontier" in md and "L1-h1-f1" in md and "report_frontier.png" in md
+    assert (out / "report_frontier.png").stat().st_size > 1000
+    manifest = json.loads((out / "manifest.json").read_text())
+    budgets = {b["budget"]: b for b in manifest["verified"]["budgets"]}
+    assert budgets["max_teacher_drop"]["limit"] == 100.0 and budgets["max_teacher_drop"]["ok"]
+    chosen = next(c for c in frontier(root)["candidates"] if c["name"] == frontier(root)["chosen"])
+    assert budgets["max_teacher_drop"]["value"] == pytest.approx(chosen["teacher_drop"])
+
+
+def test_pick_publishes_another_shape_without_retraining(searched, capsys):
+    root, recipe = searched
+    f = frontier(root)
+    other = next(c["name"] for c in f["candidates"] if c["status"] == "built" and c["name"] != f["chosen"])
+    capsys.readouterr()
+    assert main(["build", str(recipe), "--pick", other]) == 0
+    out = capsys.readouterr().out
+    assert ": running" not in "\n".join(line for line in out.splitlines() if line.startswith("[L")), out
+    assert frontier(root)["chosen"] == other
+    manifest = json.loads((root / "bundle" / "manifest.json").read_text())
+    picked = json.loads((root / "bundle.build" / "candidates" / other / "bundle" / "manifest.json").read_text())
+    assert manifest["files"]["model.quant.onnx"]["sha256"] == picked["files"]["model.quant.onnx"]["sha256"]
+    assert main(["build", str(recipe), "--pick", "L9-h1-f1"]) == ExitCode.USAGE
+    assert "L9-h1-f1" in capsys.readouterr().err
+
+
+def test_bundle_outside_the_teacher_budget_exits_3(searched, tiny_model, clinc_json, monkeypatch, capsys):
+    """The drop is measured for real; the bundle's validation accuracy is then lowered by 5 points so
+    that it is outside a 1-point budget whatever the tiny random model scored (that is luck)."""
+    from edgepack.stages import verify
+
+    real = verify.teacher_drop
+
+    def worse(teacher, bundle, val, label_names):
+        d = real(teacher, bundle, val, label_names)
+        return {**d, "validation_accuracy": d["validation_accuracy"] - 5, "teacher_drop": d["teacher_drop"] + 5}
+
+    root, _ = searched
+    recipe = write(root / "strict.toml", tiny_model, clinc_json, max_drop=1.0, explore=0)
+    monkeypatch.setattr(verify, "teacher_drop", worse)
+    capsys.readouterr()
+    code = main(["build", str(recipe), "--pick", frontier(root)["chosen"]])
+    assert code == ExitCode.BUDGET
+    assert "max_teacher_drop" in capsys.readouterr().err
+    manifest = json.loads((root / "bundle" / "manifest.json").read_text())
+    check = next(b for b in manifest["verified"]["budgets"] if b["budget"] == "max_teacher_drop")
+    assert not check["ok"] and check["limit"] == 1.0 and "max_teacher_drop" in (root / "bundle" / "report.md").read_text()
+
+
+def test_bad_shape_is_one_clear_line(tmp_path, tiny_model, clinc_json, capsys):
+    recipe = write(tmp_path / "r.toml", tiny_model, clinc_json)
+    recipe.write_text(recipe.read_text().replace('"layers=1 heads=1 ffn=1"', '"layers=1 head=1"'))
+    assert main(["build", str(recipe)]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "head=1" in err[0] and "layers" in err[0]
