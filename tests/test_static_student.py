@@ -168,7 +168,8 @@ def test_build_with_zero_layers_end_to_end(tmp_path, tiny_model, clinc_json):
     from runtime_shim import OnnxPipeline
 
     recipe = write_recipe(tmp_path / "recipe.toml", teacher=tiny_model, out=tmp_path / "bundle", data=clinc_json)
-    assert main(["build", str(recipe), "--layers", "0"]) == 0
+    # --max-drop 100: how close a one-epoch tiny static student gets to the teacher is luck.
+    assert main(["build", str(recipe), "--layers", "0", "--max-drop", "100"]) == 0
     out, work = tmp_path / "bundle", tmp_path / "bundle.build"
     assert json.loads((work / "distill" / "config.json").read_text())["model_type"] == "edgepack_static"
     assert json.loads((work / "export" / "stage.json").read_text())["metrics"]["writer"] == "static"
