@@ -286,6 +286,12 @@ class DistillConfig(ConfigBase):
 
     section: ClassVar[str] = "distill"
     num_layers: int = 2  # teacher layers kept when ``layers`` is empty (spread by ``student.pick_layers``)
+    # num_layers = 0: the static student (edgepack.static_model): the teacher's word embeddings, mean
+    # pooled (or mean and max: static_pooling = "mean_max"), an optional ReLU layer of static_hidden
+    # units, then the classifier. Its table is the model, so it is always trained (freeze_embeddings
+    # applies to transformer students only).
+    static_pooling: str = "mean"
+    static_hidden: int = 0
     layers: tuple[int, ...] = ()  # explicit teacher layer indices, e.g. (0, 2, 5); overrides num_layers
     student: str | None = None  # a checkpoint directory with its own tokenizer instead of teacher layers
     # alpha 0: the out-of-scope threshold reads the student's confidence, and only the teacher's
@@ -322,7 +328,9 @@ class DistillConfig(ConfigBase):
     def __post_init__(self) -> None:
         _in_range("alpha", self.alpha, 0.0, 1.0)
         _in_range("temperature", self.temperature, 0.0, lo_open=True)
-        _in_range("num_layers", self.num_layers, 1)
+        _in_range("num_layers", self.num_layers, 0)
+        _choice("static_pooling", self.static_pooling, ("mean", "mean_max"))
+        _in_range("static_hidden", self.static_hidden, 0)
         if any(i < 0 for i in self.layers):
             raise ValueError(f"layers={list(self.layers)} must be teacher layer indices >= 0")
         if len(set(self.layers)) != len(self.layers):

@@ -6,7 +6,8 @@ transformers 5 removed ``prune_heads`` and ``config.pruned_heads``, so structure
 is stored as ``config.edgepack_heads``. The model is saved with a small self-contained
 ``modeling_edgepack_bert.py`` (``auto_map``), so it reloads with
 ``AutoModelForSequenceClassification.from_pretrained(dir, trust_remote_code=True)``, or with
-``load_classifier(dir)`` here, which needs no remote code.
+``load_classifier(dir)`` here, which needs no remote code. The static (zero-layer) student,
+``edgepack.static_model``, is registered with the Auto classes on import, so it loads the same way.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from torch import nn
 from transformers import BertForSequenceClassification
 
+from edgepack import static_model  # noqa: F401  (registers the static student with the Auto classes)
 from edgepack.errors import EdgepackError
 
 REMOTE_CODE_FILE = "modeling_edgepack_bert.py"

@@ -57,8 +57,9 @@ def test_student_from_teacher_keeps_chosen_layers(tiny_model, tmp_path):
     assert st.pick_layers(2, 6) == (0, 5) and st.pick_layers(3, 6) == (0, 2, 5)
     assert st.parse_layers("0,2,5") == (3, (0, 2, 5)) and st.parse_layers("2") == (2, ())
     assert st.parse_layers("0,") == (1, (0,))
-    with pytest.raises(EdgepackError, match="write --layers 0,"):
-        st.parse_layers("0")
+    assert st.parse_layers("0") == (0, ())  # the static student; teacher layer 0 alone is "0,"
+    with pytest.raises(EdgepackError, match="0 \\(the static student\\) or more"):
+        st.parse_layers("-1")
 
 
 # --------------------------------------------------------------------------------------------- loss

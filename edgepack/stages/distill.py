@@ -20,6 +20,7 @@ from typing import Any
 from edgepack.config import DistillConfig
 from edgepack.records import hash_tree, staging_dir, write_stage_record
 from edgepack.stages import StageRecord
+from edgepack.static_model import is_static
 from edgepack.training.distillation import prepare, run_once, score
 from edgepack.training.search import check_storage, redact, run_search
 
@@ -67,7 +68,8 @@ def run(cfg: DistillConfig, src: Path, out: Path, ctx, *, student_model=None, st
         metrics["gain_over_ablation"] = round(metrics["test_accuracy"] - abl["test_accuracy"], 6)
     layers = getattr(model.config, "edgepack_teacher_layers", None)
     extra["student"] = {
-        "source": "model" if student_model is not None else (cfg.student or "teacher layers"),
+        "source": "model" if student_model is not None else (
+            cfg.student or ("static: the teacher's word table" if is_static(model) else "teacher layers")),
         "teacher_layers": layers,
         "parameters": int(sum(p.numel() for p in model.parameters())),
         "final_config": _recorded(final_cfg),

@@ -38,6 +38,7 @@ from edgepack.data import LabelledData, Split
 from edgepack.errors import EdgepackError
 from edgepack.metrics import agreement, apply_threshold, calibrate_threshold, label_metrics, softmax
 from edgepack.records import hash_tree
+from edgepack.static_model import is_static
 from edgepack.training.arguments import training_arguments
 
 STAGE = "distill"
@@ -100,6 +101,13 @@ class DistillationTrainer(Trainer):
         s = torch.stack([student_hidden[j][:, 0] for j in range(len(student_hidden))], dim=1)
         t = teacher_hidden[:, self.hidden_map].to(s.dtype)
         return F.mse_loss(s, t)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # transformers 5 takes the gradient norm for its logs on every step; clip_grad_norm_ has no kernel
+        # for the sparse gradient of the static student's table (trained unclipped), so log none.
+        if grad_norm is None and any(p.grad is not None and p.grad.is_sparse for p in model.parameters()):
+            return None
+        return super()._get_grad_norm(model, grad_norm)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         targets = self.teacher_targets(inputs)
@@ -353,24 +361,31 @@ def train_student(
                                has_label=trainset.has_label)
         val_rows = make_rows(tokenizer, validation.texts, validation.labels, max_length)
         best_metric = "cal_accuracy" if oos_id is not None else "accuracy"
-        if cfg.freeze_embeddings:
+        if cfg.freeze_embeddings and not is_static(model):  # a static student's table is the model
             # The word-embedding table holds most of a 2-layer student's weights (11.7M of 15.5M for
             # MiniLM): fixing it skips its gradient and AdamW update on every step.
             model.get_input_embeddings().weight.requires_grad_(False)
+        static, optimizers = is_static(model), (None, None)
+        if static:  # lazy row updates of the table (sparse gradients: no norm clipping)
+            from edgepack.training import static_student
+
+            optimizers = (static_student.optimizer(model, cfg), None)
         args = training_arguments(
             work_dir, epochs=cfg.epochs, learning_rate=cfg.learning_rate, batch_size=cfg.batch_size,
             eval_batch_size=128, warmup_steps=int(cfg.warmup_ratio * cfg.epochs * -(-len(train_rows) // cfg.batch_size)),
             weight_decay=cfg.weight_decay, metric=best_metric, seed=cfg.seed, progress=progress,
-            remove_unused_columns=False)
+            remove_unused_columns=False, **({"max_grad_norm": 0.0} if static else {}))
         trainer = DistillationTrainer(
             model=model, args=args, train_dataset=train_rows, eval_dataset=val_rows,
             data_collator=Collator(tokenizer), compute_metrics=_metrics_fn(oos_id),
             callbacks=list(callbacks), alpha=cfg.alpha, temperature=cfg.temperature,
-            hidden_weight=cfg.hidden_weight if use_hidden else 0.0, hidden_map=hidden_map,
+            hidden_weight=cfg.hidden_weight if use_hidden else 0.0, hidden_map=hidden_map, optimizers=optimizers,
         )
         quiet_trainer(trainer)  # the per-epoch metric dicts go to the log file, not between progress bars
         trainer.train()
         trainer.model.eval()
+        if static:
+            trainer.model.word_embeddings.sparse = False
         return trainer
     finally:
         if tmp is not None:
@@ -493,6 +508,13 @@ def prepare(cfg: DistillConfig, teacher_dir: Path, data: LabelledData, *, studen
     elif cfg.student:
         model = st.from_checkpoint(Path(cfg.student), id2label)
         tokenizer = st.load_tokenizer(Path(cfg.student), what="student")
+    elif cfg.num_layers == 0 and not cfg.layers:
+        from edgepack.training import static_student
+
+        teacher = st.load_teacher(teacher_dir)
+        model = static_student.from_teacher(teacher, cfg)
+        del teacher
+        tokenizer = st.load_tokenizer(teacher_dir, what="teacher")
     else:
         depth = st.teacher_depth(teacher_dir)
         layers = tuple(cfg.layers) or st.pick_layers(cfg.num_layers, depth)

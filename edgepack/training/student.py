@@ -17,10 +17,11 @@ from edgepack.errors import EdgepackError
 
 
 def parse_layers(spec: str) -> tuple[int, tuple[int, ...]]:
-    """``"2"`` -> ``(2, ())`` (a count); ``"0,2,5"`` -> ``(3, (0, 2, 5))`` (explicit indices).
+    """``"2"`` -> ``(2, ())`` (a count); ``"0,2,5"`` -> ``(3, (0, 2, 5))`` (explicit indices); ``"0"`` ->
+    ``(0, ())``, the static student (no layers: ``edgepack.static_model``).
 
-    >>> parse_layers("0,2,5")
-    (3, (0, 2, 5))
+    >>> parse_layers("0,2,5"), parse_layers("0")
+    ((3, (0, 2, 5)), (0, ()))
     """
     spec = spec.strip()
     try:
@@ -30,9 +31,8 @@ def parse_layers(spec: str) -> tuple[int, tuple[int, ...]]:
         count = int(spec)
     except ValueError:
         raise EdgepackError(f"--layers {spec!r}: give a layer count (2) or teacher layer indices (0,2,5)") from None
-    if count < 1:
-        raise EdgepackError(f"--layers {spec!r} reads as a layer count, which must be at least 1; "
-                            f"for teacher layer {count} alone write --layers {count},")
+    if count < 0:
+        raise EdgepackError(f"--layers {spec!r}: a layer count is 0 (the static student) or more")
     return count, ()
 
 

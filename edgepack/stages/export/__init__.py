@@ -3,8 +3,8 @@ fp32 ONNX with dynamic batch and sequence axes, its logits checked against PyTor
 
 ``run(cfg, src, out, ctx)`` writes ``out/model.onnx``, ``tokenizer.json``, ``config.json``, and a
 ``labels.json`` + ``runtime.json`` so the directory runs as an fp32 pipeline (the quantize stage's
-reference), then ``stage.json``. Helpers: the fused BERT writer (``bert_onnx``) and the exact trim of
-unreachable embedding rows (``unreachable``).
+reference), then ``stage.json``. Helpers: the fused BERT writer (``bert_onnx``), the static student's
+writer (``static_onnx``) and the exact trim of unreachable embedding rows (``unreachable``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from edgepack.errors import EdgepackError
 from edgepack.modeling import INPUT_NAMES, ModelInfo, load_with_tokenizer, read_model_info
 from edgepack.records import hash_tree, write_stage_record
 from edgepack.stages import StageRecord
+from edgepack.static_model import is_static
 
 ONNX_NAME = "model.onnx"
 def export_onnx(cfg: ExportConfig, model_dir: Path, out_dir: Path, parity_texts: Sequence[str], *,
@@ -54,7 +55,11 @@ def export_onnx(cfg: ExportConfig, model_dir: Path, out_dir: Path, parity_texts:
     runtime_tok = _runtime_tokenizer(tok_path, max_length)
     onnx_path = out_dir / ONNX_NAME
     writer = choose_writer(cfg.writer, model)
-    if writer == "fused":
+    if writer == "static":
+        from edgepack.stages.export.static_onnx import write_static_onnx
+
+        write_static_onnx(model, onnx_path, opset=cfg.opset)
+    elif writer == "fused":
         from edgepack.stages.export.bert_onnx import write_bert_onnx
 
         write_bert_onnx(model, onnx_path, opset=cfg.opset, embedding=cfg.embedding)
@@ -88,8 +93,13 @@ def export_onnx(cfg: ExportConfig, model_dir: Path, out_dir: Path, parity_texts:
 
 
 def choose_writer(writer: str, model) -> str:
-    """``fused`` or ``torch`` for ``ExportConfig.writer`` (``auto``: fused where the model allows)."""
+    """``fused`` or ``torch`` for ``ExportConfig.writer`` (``auto``: fused where the model allows);
+    ``static`` for the static student unless ``torch`` is asked for (its own small graph is what
+    "fused" means for it)."""
     from edgepack.stages.export.bert_onnx import supported
+
+    if is_static(model):
+        return "torch" if writer == "torch" else "static"
 
     why = supported(model)
     if writer == "fused" and why:

@@ -31,6 +31,7 @@ from edgepack.errors import EdgepackError
 from edgepack.modeling import load_classifier, save_model
 from edgepack.records import hash_config, hash_tree, staging_dir, write_stage_record
 from edgepack.stages import StageRecord
+from edgepack.static_model import is_static
 
 STAGE = "prune"
 
@@ -39,13 +40,14 @@ def _describe(model) -> dict[str, Any]:
     from edgepack.stages.prune import structured as st
 
     emb = model.get_input_embeddings().weight
+    static = is_static(model)
     return {
         "parameters": st.count_params(model),
         "embedding_params": int(emb.numel()),
         "vocab_size": int(emb.shape[0]),
-        "layers": len(st.layers(model)),
-        "heads_per_layer": st.heads_per_layer(model),
-        "ffn_size": st.ffn_sizes(model),
+        "layers": 0 if static else len(st.layers(model)),
+        "heads_per_layer": [] if static else st.heads_per_layer(model),
+        "ffn_size": [] if static else st.ffn_sizes(model),
         "fp32_bytes": 4 * st.count_params(model),
     }
 
@@ -128,10 +130,16 @@ def run(cfg: PruneConfig, src: Path, out: Path, ctx, *, progress: bool = False) 
         model = load_classifier(src).eval()
     except (OSError, ValueError) as e:
         raise EdgepackError(f"{src}: cannot load as a sequence classifier ({str(e).splitlines()[0][:200]})") from None
-    st.spec_for(model)
     check_labels(model.config.id2label, data)
-    cfg = cfg.resolved(st.ffn_sizes(model), st.heads_per_layer(model))
-    _check_targets(cfg, model)
+    if is_static(model):
+        # No layers, heads, FFN or positions: what is left to prune is the table (nearly all of it).
+        cfg = cfg.replace(keep_layers=(), heads_per_layer=(), heads_fraction=None, ffn_size=None, ffn_fraction=None,
+                          param_budget=None, max_positions=None)
+        log("[prune] static student: vocabulary and recovery only (no layers, heads or FFN to cut)")
+    else:
+        st.spec_for(model)
+        cfg = cfg.resolved(st.ffn_sizes(model), st.heads_per_layer(model))
+        _check_targets(cfg, model)
     tokenizer = AutoTokenizer.from_pretrained(src)
     input_hash = hash_tree(src)
     teacher_hash = hash_tree(teacher_dir)

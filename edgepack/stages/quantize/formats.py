@@ -174,9 +174,32 @@ def quantize_other(cfg: QuantSettings, src: Path, out: Path, *, info: ModelInfo,
         if cfg.embedding_bits == 4:  # the same 4-bit word table as the dynamic formats, so sizes compare
 
             src = quantize_embedding_4bit(src, Path(scratch) / "embedding4.onnx", cfg.embedding_block_size)
+        elif _plain_gather_tables(src):
+            # And the same 8-bit table (Gather + DequantizeLinear) the dynamic formats store: without it
+            # these formats kept the word table, nearly all of a static student, in fp32.
+            src = _gather_8bit(cfg, src, Path(scratch) / "embedding8.onnx")
         if cfg.format == "static-qdq":
             return _static_qdq(cfg, src, out, info, calibration)
         return _matmul_nbits(cfg, src, out)
+
+
+def _plain_gather_tables(path: Path) -> bool:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    return any(n.op_type == "Gather" and n.input[0] in inits for n in model.graph.node)
+
+
+def _gather_8bit(cfg: QuantSettings, src: Path, out: Path) -> Path:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    logging.getLogger().setLevel(logging.ERROR)
+    quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8 if cfg.weight_type == "qint8" else QuantType.QUInt8,
+                     per_channel=cfg.per_channel, reduce_range=cfg.reduce_range, op_types_to_quantize=["Gather"],
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    return out
 
 
 def _static_qdq(cfg: QuantSettings, src: Path, out: Path, info: ModelInfo, calibration: Iterable[Feed]) -> Path:
