@@ -37,6 +37,19 @@ class ConfigBase:
     """Shared dict/TOML round-trip for the stage configs."""
 
     section: ClassVar[str] = ""
+    # Fields left out of the ledger key (``key_dict``) while at their default: options added after
+    # builds existed, so adding one redoes no finished stage (the stage record still shows them).
+    KEY_OPTIONAL: ClassVar[tuple[str, ...]] = ()
+
+    def key_dict(self) -> dict[str, Any]:
+        """``to_dict`` for the ledger: without the ``KEY_OPTIONAL`` fields that are at their default."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name in self.KEY_OPTIONAL and f.default is not dataclasses.MISSING and v == f.default:
+                continue
+            out[f.name] = v.key_dict() if isinstance(v, ConfigBase) else self.to_dict()[f.name]
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -137,6 +150,7 @@ class DataConfig(ConfigBase):
     """Where the labelled data comes from and how to read it (see ``edgepack.data``)."""
 
     section: ClassVar[str] = "data"
+    KEY_OPTIONAL: ClassVar[tuple[str, ...]] = ("length_percentile",)
     source: str = ""  # a file (.json CLINC-style, .jsonl, .csv, .parquet), a directory of split files, or hub id[:config]
     text_column: str = "text"
     label_column: str = "label"
@@ -285,6 +299,7 @@ class DistillConfig(ConfigBase):
     ``alpha * CE + (1 - alpha) * T^2 * KL`` against cached teacher logits (see ``edgepack.training.distillation``)."""
 
     section: ClassVar[str] = "distill"
+    KEY_OPTIONAL: ClassVar[tuple[str, ...]] = ("static_pooling", "static_hidden")
     num_layers: int = 2  # teacher layers kept when ``layers`` is empty (spread by ``student.pick_layers``)
     # num_layers = 0: the static student (edgepack.static_model): the teacher's word embeddings, mean
     # pooled (or mean and max: static_pooling = "mean_max"), an optional ReLU layer of static_hidden

@@ -33,11 +33,11 @@ def run_links(links, names, ledger: Ledger, ctx, src: Path, src_hash: str, *, da
               verify_kwargs: dict | None = None) -> tuple[Path, str]:
     """Each link in ``names`` through the ledger, the output of one the input of the next; returns
     the last output and its hash."""
-    data_key = ctx.data_config.to_dict() if data_key is None else data_key
+    data_key = ctx.data_config.key_dict() if data_key is None else data_key
     for name, module, stage_cfg, extra_key in links:
         if name not in names:
             continue
-        key = {name: stage_cfg.to_dict(), "data": data_key, **extra_key}
+        key = {name: stage_cfg.key_dict(), "data": data_key, **extra_key}
         stage_src = src
 
         def run(dest: Path, module=module, stage_cfg=stage_cfg, stage_src=stage_src, name=name) -> None:
