@@ -317,9 +317,18 @@ class DistillConfig(ConfigBase):
     search_layers: bool = False  # let the study choose the layer count too (teacher students only)
     storage: str | None = None  # Optuna storage URL; None: a SQLite file kept with the output
     study_name: str = "distill"
+    # Quantization-aware training (edgepack.training.qat): train with the int8 rounding of qat_target
+    # ("auto": the build's quantize target; the distill and prune commands: this CPU's) simulated,
+    # weights per its scheme (AVX2: per-channel 7-bit), Linear inputs uint8 per tensor as ORT's
+    # dynamic quantization rounds them at run time. Off by default: see README, "Quantization-aware
+    # training", for what it changed on CLINC150.
+    qat: bool = False
+    qat_target: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if not self.qat_target:
+            raise ValueError("qat_target='' is not valid; give a target name in targets/ or 'auto'")
         _in_range("alpha", self.alpha, 0.0, 1.0)
         _in_range("temperature", self.temperature, 0.0, lo_open=True)
         _in_range("num_layers", self.num_layers, 1)
