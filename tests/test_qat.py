@@ -160,3 +160,13 @@ def test_unknown_qat_target_is_one_line(tiny_model, clinc_json, tmp_path, capsys
     err = capsys.readouterr().err
     assert code != 0 and "unknown target 'no-such-cpu'" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_distill_flags_set_the_config(tmp_path):
+    from edgepack.cli import make_parser
+    from edgepack.commands.distill import resolve_config
+
+    base = ["distill", str(tmp_path), "--data", "x.json", "--out", str(tmp_path / "s")]
+    assert resolve_config(make_parser().parse_args(base)).qat is False
+    cfg = resolve_config(make_parser().parse_args(base + ["--qat", "--qat-target", "arm64"]))
+    assert cfg.qat is True and cfg.qat_target == "arm64"
