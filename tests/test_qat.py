@@ -170,3 +170,19 @@ def test_distill_flags_set_the_config(tmp_path):
     assert resolve_config(make_parser().parse_args(base)).qat is False
     cfg = resolve_config(make_parser().parse_args(base + ["--qat", "--qat-target", "arm64"]))
     assert cfg.qat is True and cfg.qat_target == "arm64"
+
+
+@pytest.mark.slow
+def test_build_trains_for_the_profiles_target(tmp_path, tiny_model, clinc_json, capsys):
+    """In a build, qat_target "auto" becomes the quantize target (the profile's), in the ledger key too."""
+    from test_build import write_recipe
+
+    recipe = write_recipe(tmp_path / "recipe.toml", teacher=tiny_model, out=tmp_path / "bundle", data=clinc_json,
+                          recover_epochs="1\nqat = true")
+    assert main(["build", str(recipe)]) == 0, capsys.readouterr().err
+    build = tmp_path / "bundle.build"
+    want = qat.scheme_for(targets.load("x86-64-vnni"))  # tiny-box.toml is edge-x86-2core: x86-64-vnni
+    assert json.loads((build / "prune" / "stage.json").read_text())["metrics"]["qat"]["weight_bits"] == want.weight_bits
+    ledger = json.loads((build / "ledger" / "prune.json").read_text())
+    assert ledger["config"]["prune"]["recovery"]["qat_target"] == "x86-64-vnni"
+    assert json.loads((build / "distill" / "stage.json").read_text())["metrics"]["qat"] is None  # distill: off
