@@ -179,7 +179,8 @@ def test_build_trains_for_the_profiles_target(tmp_path, tiny_model, clinc_json, 
 
     recipe = write_recipe(tmp_path / "recipe.toml", teacher=tiny_model, out=tmp_path / "bundle", data=clinc_json,
                           recover_epochs="1\nqat = true")
-    assert main(["build", str(recipe)]) == 0, capsys.readouterr().err
+    # --max-drop 100: whether a tiny model trained for one epoch stays near its teacher is luck
+    assert main(["build", str(recipe), "--max-drop", "100"]) == 0, capsys.readouterr().err
     build = tmp_path / "bundle.build"
     want = qat.scheme_for(targets.load("x86-64-vnni"))  # tiny-box.toml is edge-x86-2core: x86-64-vnni
     assert json.loads((build / "prune" / "stage.json").read_text())["metrics"]["qat"]["weight_bits"] == want.weight_bits
