@@ -48,6 +48,7 @@ warmup = 2
 compare = false
 
 [search]
+max_drop = 100.0  # a tiny random student's distance to its teacher is luck
 shapes = []  # the one shape above (the shape search has tests of its own: test_search_build.py)
 """
 

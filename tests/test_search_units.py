@@ -73,6 +73,8 @@ def test_a_shape_may_start_from_a_recipe():
     cfg = _from_recipe(BuildConfig(), "two-layer")
     c = SearchConfig(shapes=("recipe=two-layer ffn=1/2",)).candidate(cfg, "recipe=two-layer ffn=1/2")
     assert c.distill.num_layers == 2 and c.prune.heads_fraction == 1.0 and c.prune.ffn_fraction == 0.5
+    static = _from_recipe(BuildConfig(), "static")  # its own keys only: not the clinc150 recipe it starts from
+    assert static.distill.num_layers == 0 and not static.prune.recover and static.prune.keep_chars == "all"
     from edgepack.errors import EdgepackError
 
     with pytest.raises(EdgepackError, match="unknown recipe"):

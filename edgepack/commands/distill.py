@@ -13,6 +13,7 @@ _FIELDS = {
     "alpha": "alpha", "temperature": "temperature", "epochs": "epochs", "learning_rate": "learning_rate",
     "batch_size": "batch_size", "hidden_weight": "hidden_weight",
     "augment": "augment", "oos_relabel": "oos_relabel", "search": "search_trials", "storage": "storage", "study_name": "study_name",
+    "qat": "qat", "qat_target": "qat_target",
 }
 
 
@@ -46,6 +47,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--oos-relabel", type=float, default=None, metavar="W",
                    help="on augmented rows the teacher's threshold calls out of scope, move this share of "
                         "the target to the out-of-scope label, in [0, 1] (default: 0.5; 0: off)")
+    t.add_argument("--qat", action="store_true", default=None,
+                   help="quantization-aware training: the int8 rounding of --qat-target simulated (see README)")
+    t.add_argument("--qat-target", default=None, metavar="TARGET",
+                   help="the target in targets/ whose rounding --qat simulates (default: this CPU's)")
     t.add_argument("--no-ablation", dest="ablation", action="store_false", default=None,
                    help="skip the labels-only (alpha=1) run of the same student")
     t.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")

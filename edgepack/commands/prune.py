@@ -64,6 +64,11 @@ def register(sub) -> argparse.ArgumentParser:
                    help="train the (trimmed) embedding table during recovery instead of freezing it")
     g.add_argument("--alpha", type=float, default=0.5, help="weight of the gold-label loss (default: 0.5)")
     g.add_argument("--temperature", type=float, default=2.0, help="distillation temperature (default: 2)")
+    g.add_argument("--qat", action="store_true",
+                   help="quantization-aware recovery: train with the int8 rounding of --qat-target simulated "
+                        "(per-channel weights, uint8 inputs per tensor; see README)")
+    g.add_argument("--qat-target", default="auto", metavar="TARGET",
+                   help="the target in targets/ whose rounding --qat simulates (default: this CPU's)")
     g.add_argument("--sparsity", choices=("none", "magnitude", "movement"), default="none",
                    help="unstructured pruning during recovery (cubic schedule; dense kernels: no speedup)")
     g.add_argument("--sparsity-target", type=float, default=0.0, metavar="S",
@@ -89,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
                                                     oos_relabel=args.oos_relabel,
                                                     freeze_embeddings=not args.train_embeddings,
                                                     learning_rate=args.learning_rate, alpha=args.alpha,
-                                                    temperature=args.temperature),
+                                                    temperature=args.temperature, qat=args.qat,
+                                                    qat_target=args.qat_target),
                           sparsity=args.sparsity, sparsity_target=args.sparsity_target, seed=args.seed)
     except ValueError as e:
         raise EdgepackError(str(e)) from None

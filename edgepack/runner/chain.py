@@ -18,9 +18,17 @@ def chain(cfg: BuildConfig, profile) -> list[tuple[str, Any, Any, dict[str, Any]
     export_cfg = cfg.export
     if quantize.target_for(quant_cfg).quantize.embedding_bits == 4:
         export_cfg = export_cfg.replace(embedding="gather")  # 4-bit blocks need a plain Gather on the table
+    # QAT simulates the quantize target's rounding: name the target in the configs, so a changed
+    # target reruns the training (without QAT it does not matter to them).
+    distill_cfg = cfg.distill
+    if distill_cfg.qat and distill_cfg.qat_target == "auto":
+        distill_cfg = distill_cfg.replace(qat_target=quant_cfg.target)
+    prune_cfg = cfg.prune
+    if prune_cfg.recovery.qat and prune_cfg.recovery.qat_target == "auto":
+        prune_cfg = prune_cfg.replace(recovery=prune_cfg.recovery.replace(qat_target=quant_cfg.target))
     return [
-        ("distill", distill, cfg.distill, {}),
-        ("prune", prune, cfg.prune, {}),
+        ("distill", distill, distill_cfg, {}),
+        ("prune", prune, prune_cfg, {}),
         ("export", export, export_cfg, {}),
         ("quantize", quantize, quant_cfg, {}),
         ("bundle", bundle, cfg.bundle.replace(archive=False), {}),

@@ -193,13 +193,17 @@ def search(cfg: BuildConfig, ctx, root: Path, src: Path, src_hash: str, *, log: 
 
 
 def _from_recipe(cfg: BuildConfig, name: str | None) -> BuildConfig:
-    """``cfg`` with the distill and prune tables of recipe ``name`` (a shape's ``recipe=NAME``)."""
+    """``cfg`` with the keys recipe ``name``'s own file sets in its ``[distill]`` and ``[prune]`` tables
+    (a shape's ``recipe=NAME``; not what that recipe inherits, so the build's data settings stay)."""
     if name is None:
         return cfg
     from edgepack import recipes
 
-    r = recipes.load(name)
-    return cfg.replace(distill=r.distill, prune=r.prune)
+    data, path = recipes.read(name)
+    try:
+        return cfg.merged({k: data[k] for k in ("distill", "prune") if k in data}, where=str(path))
+    except (TypeError, ValueError) as e:
+        raise EdgepackError(str(e)) from None
 
 
 def _time_candidates(built: list[Candidate], texts, *, runs: int, rounds: int, log: Log) -> None:

@@ -39,6 +39,10 @@ def run(cfg: DistillConfig, src: Path, out: Path, ctx, *, student_model=None, st
     started = time.time()
     if cfg.search_trials and cfg.storage:
         check_storage(cfg.storage)  # a wrong URL is said now, not after the teacher's pass over the data
+    if cfg.qat:  # resolved (and an unknown target refused) before any training
+        from edgepack.training.qat import resolve
+
+        cfg = cfg.replace(qat_target=resolve(cfg.qat_target, ctx.profile).target)
     teacher_dir, out, data, cache_dir = Path(src), Path(out), ctx.data, ctx.cache
     max_length = ctx.max_length
     prep = prepare(cfg, teacher_dir, data, student_model=student_model, student_tokenizer=student_tokenizer,

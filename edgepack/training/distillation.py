@@ -337,13 +337,18 @@ def train_student(
     hidden_map: Sequence[int] | None = None,
     max_length: int = 64,
     progress: bool = True,
+    qat=None,
 ):
     """Train ``model`` in place with ``DistillationTrainer``; evaluate on ``validation`` each epoch and
     end with the best epoch's weights. Returns the trainer (``trainer.model`` is the student).
 
     ``cfg.alpha == 1`` is plain fine-tuning on the labelled rows. ``callbacks`` are extra
-    ``transformers.TrainerCallback``s (pruning schedules, Optuna's pruning hook).
+    ``transformers.TrainerCallback``s (pruning schedules, Optuna's pruning hook). ``qat``: an
+    ``edgepack.training.qat.Scheme`` to train (and pick the best epoch) with the target's int8
+    rounding simulated; the model comes back plain fp32.
     """
+    import contextlib
+
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -382,7 +387,14 @@ def train_student(
             hidden_weight=cfg.hidden_weight if use_hidden else 0.0, hidden_map=hidden_map, optimizers=optimizers,
         )
         quiet_trainer(trainer)  # the per-epoch metric dicts go to the log file, not between progress bars
-        trainer.train()
+        if qat is not None:
+            from edgepack.training.qat import fake_quantized
+
+            simulated = fake_quantized(model, qat)
+        else:
+            simulated = contextlib.nullcontext()
+        with simulated:
+            trainer.train()
         trainer.model.eval()
         if static:
             trainer.model.word_embeddings.sparse = False
@@ -553,9 +565,14 @@ def run_once(prep: Prepared, cfg: DistillConfig, *, model=None, callbacks: Itera
         trainset = prep.trainset
     trainset, relabelled = prep.targets(trainset, cfg)
     model = model if model is not None else prep.fresh_student()
+    scheme = None
+    if cfg.qat:
+        from edgepack.training.qat import resolve
+
+        scheme = resolve(cfg.qat_target)
     trainer = train_student(cfg, model, prep.tokenizer, trainset, prep.data["validation"], oos_id=prep.data.oos_id,
                             callbacks=callbacks, hidden_map=prep.hidden_map, max_length=prep.max_length,
-                            progress=progress)
+                            progress=progress, qat=scheme)
     model = trainer.model
     val, test = prep.data["validation"], prep.data["test"]
     metrics = score(predict_logits(model, prep.tokenizer, val.texts, prep.max_length), val.labels,
@@ -563,6 +580,8 @@ def run_once(prep: Prepared, cfg: DistillConfig, *, model=None, callbacks: Itera
                     prep.data.oos_id, teacher_test_logits=prep.teacher_test)
     metrics["train_rows"] = len(trainset.texts) if cfg.alpha < 1 else int(trainset.has_label.sum())
     metrics["best_epoch"] = _best_epoch(trainer)
+    # The scores above are the plain fp32 model's; with QAT, the int8 graph is measured after export.
+    metrics["qat"] = scheme.to_dict() if scheme is not None else None
     if relabelled:
         metrics["oos_relabelled_rows"] = relabelled
         metrics["teacher_oos_threshold"] = round(float(prep.teacher_threshold), 6)

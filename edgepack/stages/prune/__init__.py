@@ -140,6 +140,10 @@ def run(cfg: PruneConfig, src: Path, out: Path, ctx, *, progress: bool = False) 
         st.spec_for(model)
         cfg = cfg.resolved(st.ffn_sizes(model), st.heads_per_layer(model))
         _check_targets(cfg, model)
+    if cfg.recover and cfg.recovery.qat:  # an unknown target fails here, before any training
+        from edgepack.training.qat import resolve
+
+        qat_scheme = resolve(cfg.recovery.qat_target, ctx.profile)
     tokenizer = AutoTokenizer.from_pretrained(src)
     input_hash = hash_tree(src)
     teacher_hash = hash_tree(teacher_dir)
@@ -195,13 +199,15 @@ def run(cfg: PruneConfig, src: Path, out: Path, ctx, *, progress: bool = False) 
         if cfg.recover:
             t0 = time.time()
             dcfg = cfg.recovery.replace(ablation=False, seed=cfg.seed)
+            if dcfg.qat:
+                dcfg = dcfg.replace(qat_target=qat_scheme.target)
             callback = make_callback(cfg.sparsity, cfg.sparsity_target)
             prep = prepare(dcfg, teacher_dir, data, student_model=model, student_tokenizer=tokenizer,
                            cache_dir=cache_dir, max_length=max_length, progress=progress)
             model, m = run_once(prep, dcfg, model=model, callbacks=[callback] if callback else (), progress=progress)
             model.eval()
             extra: dict[str, Any] = {"distill": dcfg.to_dict(), "best_epoch": m.get("best_epoch"),
-                                     "train_rows": m.get("train_rows")}
+                                     "train_rows": m.get("train_rows"), "qat": m.get("qat")}
             if callback is not None:
                 sparsity_report = callback.report(model)
                 extra["sparsity"] = sparsity_report
@@ -217,6 +223,8 @@ def run(cfg: PruneConfig, src: Path, out: Path, ctx, *, progress: bool = False) 
             "test_accuracy_calibrated_before": first.get("test_accuracy_calibrated"),
             "test_accuracy_calibrated_after": last.get("test_accuracy_calibrated"),
             "weights_bytes": weights,
+            # the int8 rounding the recovery trained with (edgepack.training.qat), or None
+            "qat": next((s.get("qat") for s in steps if s["step"] == "recover"), None),
             **({"sparsity": sparsity_report} if sparsity_report else {}),
         }
         config = {"prune": cfg.to_dict(), "data": ctx.data_config.to_dict()}
