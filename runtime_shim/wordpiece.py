@@ -11,12 +11,17 @@ It is used only where it provably gives the ``tokenizers`` answer:
   ``[CLS] $A [SEP]`` post-processor (``TemplateProcessing`` or ``BertProcessing``), right truncation;
   :meth:`FastWordPiece.from_tokenizer` returns None for anything else;
 - the text is printable ASCII (``str.isascii() and str.isprintable()``, so no tabs, newlines or control
-  characters) and holds none of the tokenizer's added tokens (``[CLS]``, ``[MASK]``...);
+  characters), possibly with the typographic punctuation in ``TYPOGRAPHIC`` (curly quotes, dashes, the
+  ellipsis: 29 of CLINC150's 23,850 texts hold a curly apostrophe, and no other non-ASCII character),
+  and holds none of the tokenizer's added tokens (``[CLS]``, ``[MASK]``...);
   :meth:`FastWordPiece.encode` returns None otherwise and the caller uses ``tokenizers``.
 
 On printable ASCII the normalizer does nothing but lowercase (no accents, controls or CJK to touch),
 and the pre-tokenizer splits on spaces and makes every other non-alphanumeric character a word of its
-own (all 32 of them are ASCII punctuation): the regex below. Each word then goes through WordPiece's
+own (all 32 of them are ASCII punctuation): the regex below. The ``TYPOGRAPHIC`` characters are Unicode
+punctuation (category P*) without a canonical decomposition or a lowercase form, so the normalizer
+leaves them as they are and the pre-tokenizer splits each off as a word of its own, like ASCII
+punctuation: the same regex. Each word then goes through WordPiece's
 greedy longest match, as ``tokenizers`` does it, and the result is cached per word.
 """
 
@@ -26,6 +31,7 @@ import json
 import re
 from typing import Any
 
+TYPOGRAPHIC = frozenset("\u2018\u2019\u201c\u201d\u2013\u2014\u2026")  # ‘ ’ “ ” – — …
 CACHE_WORDS = 65536  # words remembered; past this, new words are looked up every time
 _SPLIT = {True: re.compile(r"[a-z0-9]+|[^ a-z0-9]").findall,  # after lowercasing
           False: re.compile(r"[A-Za-z0-9]+|[^ A-Za-z0-9]").findall}
@@ -155,7 +161,8 @@ class FastWordPiece:
 
     def encode(self, text: str) -> list[int] | None:
         """The ids ``tokenizers`` gives ``text`` (specials included, truncated), or None if not covered."""
-        if not (text.isascii() and text.isprintable()):
+        if not (text.isascii() and text.isprintable()) and not (
+                text.isprintable() and all(c.isascii() or c in TYPOGRAPHIC for c in text)):
             return None
         lowered = text.lower()
         for token in self.added:

@@ -13,11 +13,12 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from runtime_shim import OnnxPipeline
 from runtime_shim.manifest import update_manifest
-from runtime_shim.wordpiece import FastWordPiece
+from runtime_shim.wordpiece import TYPOGRAPHIC, FastWordPiece
 
 HARD = ["", " ", "   leading and trailing   ", "don't stop!!", "$200.50, please?", "a-b_c/d\\e|f~g`h^i",
         "UPPER Case MiXed", "##x ## #", "x" * 100, "y" * 101, "balance" * 20, "12:30pm 6:30 7am", "@#%&*()[]{}<>",
-        "set an alarm for 7 am " * 20]
+        "set an alarm for 7 am " * 20, "what\u2019s my balance", "\u2018quoted\u2019 \u201cdouble\u201d",
+        "a\u2013b \u2014 c\u2026", "it\u2019s\u2019\u2019s", "\u2026"]
 UNCOVERED = ["caf\u00e9 au lait", "tab\there", "two\nlines", "[CLS] balance", "my [mask] balance", "\x00", "\u4e2d\u6587"]
 
 
@@ -50,7 +51,7 @@ def test_same_ids_as_tokenizers(tiny_bundle: Path, corpus, max_length):
     fast = FastWordPiece.from_tokenizer(tok, max_length)
     assert fast is not None
     texts = [t for rows in corpus.values() for t, _ in rows] + HARD + _random_texts(1500)
-    assert _check(tok, fast, texts) == len(texts)  # every one of these is printable ASCII
+    assert _check(tok, fast, texts) == len(texts)  # every one of these is printable ASCII (+ TYPOGRAPHIC)
 
 
 @pytest.mark.parametrize("max_length", [64, 3])
@@ -87,12 +88,12 @@ def test_tokens_sharing_a_row(tiny_bundle: Path, tmp_path):
     cfg = json.loads((tiny_bundle / "tokenizer.json").read_text())
     vocab = cfg["model"]["vocab"]
     shared = vocab["balance"]
-    for word in ("zebra", "quokka", "##ish"):
+    for word in ("zebra", "quokka", "##ish", *TYPOGRAPHIC):  # typographic punctuation found, not [UNK]
         vocab[word] = shared
     (tmp_path / "tokenizer.json").write_text(json.dumps(cfg))
     tok = _tokenizer(tmp_path)
     fast = FastWordPiece.from_tokenizer(tok, 64)
-    texts = ["zebra balance", "a quokka", "quokkaish zebras", *HARD]
+    texts = ["zebra balance", "a quokka", "quokkaish zebras", "zebra\u2019s \u201cquokka\u201d\u2026", *HARD]
     assert _check(tok, fast, texts) == len(texts)
     assert fast.encode("zebra")[1] == shared
     from_file = FastWordPiece.from_json(json.loads((tmp_path / "tokenizer.json").read_text()), 64)
