@@ -12,7 +12,7 @@ It is used only where it provably gives the ``tokenizers`` answer:
   :meth:`FastWordPiece.from_tokenizer` returns None for anything else;
 - the text is printable ASCII (``str.isascii() and str.isprintable()``, so no tabs, newlines or control
   characters), possibly with the typographic punctuation in ``TYPOGRAPHIC`` (curly quotes, dashes, the
-  ellipsis: 29 of CLINC150's 23,850 texts hold a curly apostrophe, and no other non-ASCII character),
+  ellipsis: 28 of CLINC150's 23,850 texts hold a curly apostrophe, and no other non-ASCII character),
   and holds none of the tokenizer's added tokens (``[CLS]``, ``[MASK]``...);
   :meth:`FastWordPiece.encode` returns None otherwise and the caller uses ``tokenizers``.
 

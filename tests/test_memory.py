@@ -59,3 +59,20 @@ def test_fresh_process_peak_below_the_eager_tokenizer(tiny_bundle: Path):
              for _ in range(2)]
     assert max(deferred) + 1.0 < min(eager), (deferred, eager)
     assert max(deferred) < 200, deferred  # a wide absolute bound: ~60-70 MB on x86-64 with onnxruntime 1.32
+
+
+def test_manifest_hash_without_openssl_is_the_same(tmp_path, monkeypatch):
+    """The manifest is hashed with CPython's own sha256 unless OpenSSL is loaded already or there is
+    more than OPENSSL_PAST to hash: the same digest either way."""
+    import hashlib
+
+    from runtime_shim import manifest
+
+    data = bytes(range(256)) * 5000  # 1.28 MB: more than one read chunk
+    (tmp_path / "f.bin").write_bytes(data)
+    expected = hashlib.sha256(data).hexdigest()
+    monkeypatch.delitem(sys.modules, "_hashlib")  # as in a device's process, which never imported hashlib
+    assert type(manifest._sha256(len(data))).__module__ != "_hashlib"
+    assert type(manifest._sha256(manifest.OPENSSL_PAST + 1)).__module__ == "_hashlib"
+    assert manifest.sha256_file(tmp_path / "f.bin") == expected
+    assert manifest.sha256_file(tmp_path / "f.bin", total_bytes=manifest.OPENSSL_PAST + 1) == expected
