@@ -21,8 +21,8 @@ and the pre-tokenizer splits on spaces and makes every other non-alphanumeric ch
 own (all 32 of them are ASCII punctuation): the regex below. The ``TYPOGRAPHIC`` characters are Unicode
 punctuation (category P*) without a canonical decomposition or a lowercase form, so the normalizer
 leaves them as they are and the pre-tokenizer splits each off as a word of its own, like ASCII
-punctuation: the same regex. Each word then goes through WordPiece's
-greedy longest match, as ``tokenizers`` does it, and the result is cached per word.
+punctuation: the same regex. Each word then goes through WordPiece's greedy longest match, as
+``tokenizers`` does it, and the result is cached per word.
 """
 
 from __future__ import annotations
