@@ -19,11 +19,9 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -236,6 +234,8 @@ def measure_peak_rss(argv: Sequence[str], *, timeout: float = 600.0) -> float:
         >>> measure_peak_rss([sys.executable, "-m", "runtime_shim", "rss", "bundle"])  # doctest: +SKIP
         61.3
     """
+    import subprocess
+
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_SHIM_PARENT, env.get("PYTHONPATH", "")) if p)
     proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, env=env)
@@ -256,6 +256,8 @@ def measure_peak_rss(argv: Sequence[str], *, timeout: float = 600.0) -> float:
 
 
 def _versions() -> dict[str, str]:
+    from importlib import metadata  # not at import: it pulls in email, zipfile and csv (3.8 MB resident)
+
     out = {"python": platform.python_version()}
     for name in ("onnxruntime", "tokenizers", "numpy", "torch", "transformers"):
         if name in ("torch", "transformers") and name not in sys.modules:
@@ -354,6 +356,8 @@ def run_benchmark(
     argv = rss_argv if rss_argv is not None else getattr(backend, "rss_argv", None)
     result["peak_rss_mb"] = None
     if argv:
+        import subprocess
+
         try:
             result["peak_rss_mb"] = measure_peak_rss(argv)
         except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import platform
-import subprocess
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -80,6 +79,8 @@ def cpu_flags() -> tuple[str, set[str]]:
                     flags.update(value.split())
     except OSError:
         if platform.system() == "Darwin":
+            import subprocess  # macOS only: on Linux the shim never starts a process to load a bundle
+
             try:
                 out = subprocess.run(["sysctl", "-a"], capture_output=True, text=True, timeout=5).stdout
             except (OSError, subprocess.TimeoutExpired):
@@ -118,6 +119,8 @@ def physical_cores() -> int:
     if cores:
         return len(cores)
     if platform.system() == "Darwin":
+        import subprocess
+
         try:
             return int(subprocess.run(["sysctl", "-n", "hw.physicalcpu"], capture_output=True, text=True,
                                       timeout=5).stdout.strip())

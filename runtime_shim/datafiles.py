@@ -7,7 +7,6 @@ On a device there is no ``datasets`` library; these are the formats ``edgepack``
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from pathlib import Path
@@ -104,6 +103,8 @@ def _read_jsonl(path: Path) -> list[Any]:
 
 
 def _read_csv(path: Path, *, delimiter: str) -> list[dict[str, str]]:
+    import csv
+
     with open(path, encoding="utf-8", newline="") as f:
         return list(csv.DictReader(f, delimiter=delimiter))
 

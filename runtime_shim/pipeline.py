@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tokenizers import Tokenizer
 
 from . import manifest as _manifest
 from . import trust as _trust
@@ -99,6 +99,11 @@ class OnnxPipeline:
     probability is below ``oos_threshold`` the answer is ``oos_label``, and its score stays that top
     probability (how sure the model was of its best in-scope guess, so a low score reads as "unsure").
 
+    Texts the WordPiece fast path covers (``runtime_shim.wordpiece``: printable ASCII, for a BERT
+    tokenizer) are tokenized without ``tokenizers``, which is imported and loaded the first time a text
+    needs it (a file it then refuses raises ``BundleError`` there): ~12 MB less peak memory on such
+    traffic (docs/memory.md).
+
     Scores of a text can differ in the third decimal between calls with different batch-mates: dynamic
     int8 quantization scales activations over the whole batch (padding included).
 
@@ -149,22 +154,20 @@ class OnnxPipeline:
 
         self.max_length = int(self.settings.get("max_length", 128))
         self.pad_id = int(self.settings.get("pad_id", 0))
-        tok_path = root / str(self.settings.get("tokenizer", "tokenizer.json"))
-        if not tok_path.is_file():
-            raise BundleError(f"{tok_path}: missing from the bundle; re-run `edgepack pack` or restore the file")
-        try:
-            self.tokenizer = Tokenizer.from_file(str(tok_path))
-        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
-            raise BundleError(f"{tok_path}: not a `tokenizers` file ({str(e)[:200]}); re-run `edgepack pack`") from None
-        # Whatever padding/truncation the saved tokenizer carried, the bundle's settings rule: truncate to
-        # the length the model was exported and calibrated for, pad only to the longest in the batch.
-        self.tokenizer.enable_truncation(max_length=self.max_length)
-        self.tokenizer.enable_padding(pad_id=self.pad_id, pad_token=self.tokenizer.id_to_token(self.pad_id) or "[PAD]")
-        # One query's ids without the tokenizers call where that is exact (runtime_shim.wordpiece);
-        # runtime.json or overrides {"fast_wordpiece": false} turn it off.
-        self.fast_wordpiece: FastWordPiece | None = (
-            FastWordPiece.from_tokenizer(self.tokenizer, self.max_length) if self.settings.get("fast_wordpiece", True)
-            else None)
+        self.tokenizer_path = root / str(self.settings.get("tokenizer", "tokenizer.json"))
+        if not self.tokenizer_path.is_file():
+            raise BundleError(f"{self.tokenizer_path}: missing from the bundle; re-run `edgepack pack` or restore the file")
+        self._tokenizer: Any = None
+        self._tokenizer_lock = threading.Lock()
+        # Texts' ids without the tokenizers call where that is exact (runtime_shim.wordpiece), built from
+        # the file itself: `tokenizers` is then imported and the file loaded into it only when a text
+        # needs it (not plain ASCII, or holding a special token), which saves ~12 MB of peak memory on
+        # ASCII traffic (docs/memory.md). runtime.json or overrides {"fast_wordpiece": false} turn it off.
+        self.fast_wordpiece: FastWordPiece | None = None
+        if self.settings.get("fast_wordpiece", True):
+            self.fast_wordpiece = FastWordPiece.from_json(_read_json(self.tokenizer_path), self.max_length)
+        if self.fast_wordpiece is None:
+            self._load_tokenizer()  # needed for every text: load it now, so a bad file fails the load
 
         self.model_path = root / str(self.settings.get("model", "model.quant.onnx"))
         self.session = make_session(self.model_path, self.settings)
@@ -189,6 +192,35 @@ class OnnxPipeline:
         self.model_bytes: int = self.model_path.stat().st_size
         self.bundle_bytes: int = _manifest.bundle_bytes(root)
         self.name: str = str(self.manifest.get("name") or root.resolve().name)
+
+    @property
+    def tokenizer(self):
+        """The bundle's ``tokenizers.Tokenizer``, truncating to ``max_length`` and padding to the longest
+        text; loaded on first use when the WordPiece fast path covers the texts so far.
+
+        Example:
+            >>> type(OnnxPipeline("bundle").tokenizer).__name__  # doctest: +SKIP
+            'Tokenizer'
+        """
+        return self._tokenizer if self._tokenizer is not None else self._load_tokenizer()
+
+    def _load_tokenizer(self):
+        with self._tokenizer_lock:
+            if self._tokenizer is not None:
+                return self._tokenizer
+            from tokenizers import Tokenizer
+
+            path = self.tokenizer_path
+            try:
+                tok = Tokenizer.from_file(str(path))
+            except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+                raise BundleError(f"{path}: not a `tokenizers` file ({str(e)[:200]}); re-run `edgepack pack`") from None
+            # Whatever padding/truncation the saved tokenizer carried, the bundle's settings rule: truncate to
+            # the length the model was exported and calibrated for, pad only to the longest in the batch.
+            tok.enable_truncation(max_length=self.max_length)
+            tok.enable_padding(pad_id=self.pad_id, pad_token=tok.id_to_token(self.pad_id) or "[PAD]")
+            self._tokenizer = tok
+            return tok
 
     def __repr__(self) -> str:
         return (f"OnnxPipeline({str(self.bundle_dir)!r}, labels={len(self.label_names)}, "
@@ -228,7 +260,19 @@ class OnnxPipeline:
                 ids = self.tokenizer.encode(texts[0]).ids
             return {name: np.array([ids], dtype=types[name]) if name == "input_ids"
                     else self._constant_row(name, len(ids)) for name in self.input_names}
-        encs = self.tokenizer.encode_batch(list(texts))
+        texts = list(texts)
+        fast = self.fast_wordpiece
+        rows = [fast.encode(t) for t in texts] if fast is not None else []
+        if rows and all(r is not None for r in rows):  # tokenizers' padding: pad_id and mask 0 on the right
+            width = max(len(r) for r in rows)
+            ids = np.full((len(rows), width), self.pad_id, dtype=types.get("input_ids", np.int64))
+            mask = np.zeros((len(rows), width), dtype=types.get("attention_mask", np.int64))
+            for i, r in enumerate(rows):
+                ids[i, :len(r)] = r
+                mask[i, :len(r)] = 1
+            return {name: ids if name == "input_ids" else mask if name == "attention_mask"
+                    else np.zeros((len(rows), width), dtype=types[name]) for name in self.input_names}
+        encs = self.tokenizer.encode_batch(texts)
         out: dict[str, np.ndarray] = {}
         for name in self.input_names:
             if name == "input_ids":

@@ -33,7 +33,6 @@ import base64
 import binascii
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -81,6 +80,8 @@ def key_id(raw_public_key: bytes) -> str:
         >>> key_id(bytes(32))
         '66687aadf862bd77'
     """
+    import hashlib  # with trusted keys only: OpenSSL's pages stay unloaded otherwise (manifest._sha256)
+
     return hashlib.sha256(raw_public_key).hexdigest()[:KEY_ID_HEX]
 
 
@@ -193,6 +194,8 @@ def make_envelope(manifest_bytes: bytes, keyid: str, signature: bytes) -> dict[s
         >>> make_envelope(b"{}", "66687aadf862bd77", bytes(64))["signatures"][0]["alg"]
         'ed25519'
     """
+    import hashlib
+
     return {"format": SIG_FORMAT, "payloadType": PAYLOAD_TYPE, "payload": MANIFEST,
             "payloadSha256": hashlib.sha256(manifest_bytes).hexdigest(),
             "signatures": [{"keyid": keyid, "alg": ALGORITHM, "sig": base64.b64encode(signature).decode()}]}
@@ -484,6 +487,8 @@ def verify_bundle(bundle_dir: str | os.PathLike, *, keys: str | os.PathLike | bo
     manifest_path = root / MANIFEST
     if manifest_path.is_symlink() or not manifest_path.is_file():
         raise BundleError(f"{manifest_path}: missing or not a regular file; restore the signed bundle (or its .tar.gz)")
+    import hashlib
+
     data = manifest_path.read_bytes()  # read once: the bytes checked are the bytes parsed
     keyid, key_file = check_signature(root, data, trusted, keys_dir=keys_dir)
     manifest = _manifest.parse_manifest(data, manifest_path)

@@ -18,13 +18,15 @@ import argparse
 import contextlib
 import os
 import shutil
-import tarfile
 import tempfile
-import zlib
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from .manifest import MANIFEST, BundleError
 from .trust import Verified, trusted_keys_dir, verify_bundle
+
+if TYPE_CHECKING:
+    import tarfile  # imported where an archive is opened: predict, bench and rss register this module too
 
 _REPACK = "re-create the archive with `edgepack pack --archive` (or `tar czf` of the bundle directory, no links)"
 
@@ -54,6 +56,8 @@ def checked_members(tar: tarfile.TarFile, archive: str | os.PathLike) -> list[ta
 
 
 def _extract(tar: tarfile.TarFile, members: list[tarfile.TarInfo], dest: Path) -> None:
+    import tarfile
+
     if hasattr(tarfile, "data_filter"):
         tar.extractall(dest, members=members, filter="data")
         return
@@ -82,6 +86,9 @@ def unpack(archive: str | os.PathLike, dest: str | os.PathLike, *, keys: str | o
         >>> unpack("clinc150.tar.gz", "/opt/bundles/clinc150", keys="/etc/edgepack/keys").version  # doctest: +SKIP
         20261201071800
     """
+    import tarfile
+    import zlib
+
     archive, dest = Path(archive), Path(dest)
     if not archive.is_file():
         raise BundleError(f"{archive}: no such archive; pass the BUNDLE.tar.gz `edgepack pack --archive` wrote")

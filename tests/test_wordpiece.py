@@ -13,11 +13,12 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from runtime_shim import OnnxPipeline
 from runtime_shim.manifest import update_manifest
-from runtime_shim.wordpiece import FastWordPiece
+from runtime_shim.wordpiece import TYPOGRAPHIC, FastWordPiece
 
 HARD = ["", " ", "   leading and trailing   ", "don't stop!!", "$200.50, please?", "a-b_c/d\\e|f~g`h^i",
         "UPPER Case MiXed", "##x ## #", "x" * 100, "y" * 101, "balance" * 20, "12:30pm 6:30 7am", "@#%&*()[]{}<>",
-        "set an alarm for 7 am " * 20]
+        "set an alarm for 7 am " * 20, "what\u2019s my balance", "\u2018quoted\u2019 \u201cdouble\u201d",
+        "a\u2013b \u2014 c\u2026", "it\u2019s\u2019\u2019s", "\u2026"]
 UNCOVERED = ["caf\u00e9 au lait", "tab\there", "two\nlines", "[CLS] balance", "my [mask] balance", "\x00", "\u4e2d\u6587"]
 
 
@@ -50,7 +51,31 @@ def test_same_ids_as_tokenizers(tiny_bundle: Path, corpus, max_length):
     fast = FastWordPiece.from_tokenizer(tok, max_length)
     assert fast is not None
     texts = [t for rows in corpus.values() for t, _ in rows] + HARD + _random_texts(1500)
-    assert _check(tok, fast, texts) == len(texts)  # every one of these is printable ASCII
+    assert _check(tok, fast, texts) == len(texts)  # every one of these is printable ASCII (+ TYPOGRAPHIC)
+
+
+@pytest.mark.parametrize("max_length", [64, 3])
+def test_from_the_file_same_ids(tiny_bundle: Path, corpus, max_length):
+    """Built from tokenizer.json itself (what OnnxPipeline does, so tokenizers need not load): the ids of
+    the tokenizers library on every covered text, and exactly the texts from_tokenizer covers."""
+    tok = _tokenizer(tiny_bundle, max_length)
+    fast = FastWordPiece.from_json(json.loads((tiny_bundle / "tokenizer.json").read_text()), max_length)
+    assert fast is not None
+    texts = [t for rows in corpus.values() for t, _ in rows] + HARD + _random_texts(500, seed=1)
+    assert _check(tok, fast, texts) == len(texts)
+    assert [fast.encode(t) for t in UNCOVERED] == [None] * len(UNCOVERED)
+    assert fast.vocab == tok.get_vocab(with_added_tokens=True)
+
+
+def test_from_the_file_refuses_what_it_would_guess(tiny_bundle: Path):
+    cfg = json.loads((tiny_bundle / "tokenizer.json").read_text())
+    assert FastWordPiece.from_json(json.loads(json.dumps(cfg)), 64) is not None
+    for part, key in (("model", "continuing_subword_prefix"), ("model", "max_input_chars_per_word"),
+                      ("model", "unk_token"), ("normalizer", "lowercase")):
+        broken = json.loads(json.dumps(cfg))
+        del broken[part][key]  # tokenizers would fill in its default; the fast path does not guess it
+        assert FastWordPiece.from_json(broken, 64) is None, key
+    assert FastWordPiece.from_json({**cfg, "pre_tokenizer": {"type": "Whitespace"}}, 64) is None
 
 
 def test_uncovered_texts_fall_back(tiny_bundle: Path):
@@ -63,14 +88,16 @@ def test_tokens_sharing_a_row(tiny_bundle: Path, tmp_path):
     cfg = json.loads((tiny_bundle / "tokenizer.json").read_text())
     vocab = cfg["model"]["vocab"]
     shared = vocab["balance"]
-    for word in ("zebra", "quokka", "##ish"):
+    for word in ("zebra", "quokka", "##ish", *TYPOGRAPHIC):  # typographic punctuation found, not [UNK]
         vocab[word] = shared
     (tmp_path / "tokenizer.json").write_text(json.dumps(cfg))
     tok = _tokenizer(tmp_path)
     fast = FastWordPiece.from_tokenizer(tok, 64)
-    texts = ["zebra balance", "a quokka", "quokkaish zebras", *HARD]
+    texts = ["zebra balance", "a quokka", "quokkaish zebras", "zebra\u2019s \u201cquokka\u201d\u2026", *HARD]
     assert _check(tok, fast, texts) == len(texts)
     assert fast.encode("zebra")[1] == shared
+    from_file = FastWordPiece.from_json(json.loads((tmp_path / "tokenizer.json").read_text()), 64)
+    assert _check(tok, from_file, texts) == len(texts)
 
 
 def test_other_tokenizers_are_not_claimed(tiny_bundle: Path):
@@ -93,6 +120,12 @@ def test_pipeline_uses_it_and_can_turn_it_off(tiny_bundle: Path, tmp_path):
         for name in a:
             assert a[name].dtype == b[name].dtype and a[name].tolist() == b[name].tolist(), (text, name)
         assert fast(text) == slow(text)
+    for batch in (HARD, HARD[:3] + UNCOVERED[:1], ["hi", "set an alarm for 7 am " * 20]):  # padded batches too
+        a, b = fast.encode(batch), slow.encode(batch)
+        assert sorted(a) == sorted(b)
+        for name in a:
+            assert a[name].dtype == b[name].dtype and a[name].tolist() == b[name].tolist(), (batch, name)
+        assert fast(batch) == slow(batch)
     runtime = json.loads((bundle / "runtime.json").read_text())
     (bundle / "runtime.json").write_text(json.dumps({**runtime, "fast_wordpiece": False}))
     update_manifest(bundle)

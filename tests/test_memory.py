@@ -1,0 +1,78 @@
+"""Peak memory of the shim's fresh process (``python -m runtime_shim rss``, what ``bench`` reports):
+what it loads, what it defers, and that the deferral is worth it (docs/memory.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from runtime_shim import OnnxPipeline
+from runtime_shim.bench import measure_peak_rss
+
+ROOT = Path(__file__).resolve().parent.parent
+# Modules the rss command used to import and does not need: tokenizers (the WordPiece fast path covers
+# ASCII texts), importlib.metadata (email, zipfile, csv: 3.8 MB), tarfile (unpack only), subprocess,
+# OpenSSL (_hashlib: 3.6 MB; the manifest is hashed with CPython's own sha256).
+NOT_LOADED = ("tokenizers", "importlib.metadata", "email", "zipfile", "tarfile", "csv", "subprocess", "_hashlib")
+
+
+def _modules_after(argv: list[str]) -> tuple[list[str], str]:
+    code = ("import json, sys\nfrom runtime_shim.__main__ import main\n"
+            f"code = main({argv!r})\n"
+            "print(json.dumps({'modules': sorted(sys.modules), 'code': code}))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=str(ROOT), env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert last["code"] == 0
+    return last["modules"], proc.stdout
+
+
+def test_rss_command_loads_only_what_it_needs(tiny_bundle: Path):
+    modules, out = _modules_after(["rss", str(tiny_bundle)])
+    assert json.loads(out.strip().splitlines()[0])["peak_rss_mb"] > 0
+    loaded = [m for m in NOT_LOADED if m in modules]
+    assert loaded == [], f"the rss process imported {loaded}"
+    assert "onnxruntime" in modules and "numpy" in modules
+
+
+def test_tokenizers_loaded_when_a_text_needs_it(tiny_bundle: Path):
+    pipe = OnnxPipeline(tiny_bundle, verify=False)
+    slow = OnnxPipeline(tiny_bundle, verify=False, overrides={"fast_wordpiece": False})
+    assert pipe.fast_wordpiece is not None and pipe._tokenizer is None and slow._tokenizer is not None
+    texts = ["what is my balance", "set an alarm for 7 am"]
+    assert pipe(texts) == slow(texts) and pipe(texts[0]) == slow(texts[0])
+    assert pipe._tokenizer is None  # plain ASCII, one by one and batched: the fast path alone
+    assert pipe("caf\u00e9 balance") == slow("caf\u00e9 balance")  # not ASCII: tokenizers, loaded now
+    assert pipe._tokenizer is not None and pipe.tokenizer is pipe._tokenizer
+
+
+def test_fresh_process_peak_below_the_eager_tokenizer(tiny_bundle: Path):
+    """Same bundle, same fresh-process probe, same test: deferring ``tokenizers`` (the default) peaks
+    lower than loading it at start (``fast_wordpiece: false``, the old load path's tokenizer). The
+    saving is at least the import of ``tokenizers`` itself (its library's pages, ~3 MB here, the same on
+    every run); 1 MB is the margin asserted."""
+    deferred = [measure_peak_rss(OnnxPipeline(tiny_bundle, verify=False).rss_argv) for _ in range(2)]
+    eager = [measure_peak_rss(OnnxPipeline(tiny_bundle, verify=False, overrides={"fast_wordpiece": False}).rss_argv)
+             for _ in range(2)]
+    assert max(deferred) + 1.0 < min(eager), (deferred, eager)
+    assert max(deferred) < 200, deferred  # a wide absolute bound: ~60-70 MB on x86-64 with onnxruntime 1.32
+
+
+def test_manifest_hash_without_openssl_is_the_same(tmp_path, monkeypatch):
+    """The manifest is hashed with CPython's own sha256 unless OpenSSL is loaded already or there is
+    more than OPENSSL_PAST to hash: the same digest either way."""
+    import hashlib
+
+    from runtime_shim import manifest
+
+    data = bytes(range(256)) * 5000  # 1.28 MB: more than one read chunk
+    (tmp_path / "f.bin").write_bytes(data)
+    expected = hashlib.sha256(data).hexdigest()
+    monkeypatch.delitem(sys.modules, "_hashlib")  # as in a device's process, which never imported hashlib
+    assert type(manifest._sha256(len(data))).__module__ != "_hashlib"
+    assert type(manifest._sha256(manifest.OPENSSL_PAST + 1)).__module__ == "_hashlib"
+    assert manifest.sha256_file(tmp_path / "f.bin") == expected
+    assert manifest.sha256_file(tmp_path / "f.bin", total_bytes=manifest.OPENSSL_PAST + 1) == expected
