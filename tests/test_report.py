@@ -79,9 +79,19 @@ def _md_table(md: str, first_header: str) -> list[list[str]]:
     return table
 
 
+# A shape search's frontier.json, two shapes built, one skipped.
+FRONTIER = {"teacher_validation_accuracy": 95.1, "max_drop": 1.0, "chosen": "L1-h0.33", "why": "the fastest inside",
+            "cpu": "test CPU", "candidates": [
+                {"name": "L0", "shape": "layers=0", "status": "built", "validation_accuracy": 91.3,
+                 "teacher_drop": 3.8, "p50_ms": 0.08, "noise_ms": 0.002, "bundle_bytes": 3_000_000, "inside": False},
+                {"name": "L1-h0.33", "shape": "layers=1 heads=1/3", "status": "built", "validation_accuracy": 94.4,
+                 "teacher_drop": 0.7, "p50_ms": 0.2, "noise_ms": 0.004, "bundle_bytes": 4_000_000, "inside": True},
+                {"name": "L2", "shape": "layers=2", "status": "skipped (a cheaper shape is inside the budget)"}]}
+
+
 def test_writes_self_contained_html_markdown_and_plots(tmp_path, rows, budgets):
     html_path, md_path = write_report(tmp_path / "r", rows, title="tiny build", budgets=budgets, domains=DOMAINS,
-                                      notes=["cpu: test machine", "onnxruntime 0.0"])
+                                      notes=["cpu: test machine", "onnxruntime 0.0"], frontier=FRONTIER)
     assert (html_path.name, md_path.name) == ("report.html", "report.md")
     for name in PLOTS.values():
         assert (tmp_path / "r" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -95,6 +105,10 @@ def test_writes_self_contained_html_markdown_and_plots(tmp_path, rows, budgets):
         assert f'<td class="name">{r["name"]}' in html
     assert "tiny build" in html and "cpu: test machine" in html
     assert "Accuracy per domain" in html and "banking" in html
+    md = md_path.read_text()
+    shapes = _md_table(md, "Shape")
+    assert [r[0] for r in shapes[2:]] == ["L0", "L1-h0.33", "L2"] and shapes[3][-1] == "chosen"
+    assert shapes[2][3] == "91.30%" and shapes[4][2].startswith("skipped") and "accuracy-latency frontier" in html
     # No temporary files left beside the report.
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == sorted(["report.html", "report.md", *PLOTS.values()])
 
@@ -196,7 +210,7 @@ def test_changed_queries_are_derived_escaped_and_capped(tmp_path):
 
 
 def test_rows_without_numbers_leave_no_stale_plots(tmp_path, rows):
-    write_report(tmp_path, rows, title="t", domains=DOMAINS)
+    write_report(tmp_path, rows, title="t", domains=DOMAINS, frontier=FRONTIER)
     assert all((tmp_path / name).exists() for name in PLOTS.values())
     html_path, md_path = write_report(tmp_path, [{"name": "only-a-name"}], title="t")
     assert not any((tmp_path / name).exists() for name in PLOTS.values())
