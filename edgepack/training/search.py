@@ -133,11 +133,24 @@ def make_storage(url: str):
         engine = {"pool_pre_ping": True, "connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}}
     else:
         engine = {"pool_pre_ping": True}
+    def open_storage():
+        import sqlalchemy.exc
+
+        for attempt in range(5):
+            try:
+                with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna, and what resume needs
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=grace,
+                                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+            except sqlalchemy.exc.IntegrityError:
+                # Workers started together race to create Optuna's tables (PostgreSQL: a duplicate
+                # pg_type row); the loser finds them made on the next try.
+                if attempt == 4:
+                    raise
+                time.sleep(0.5 + attempt)
+
     try:
-        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna, and what resume needs
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=grace,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+        return open_storage()
     except (ImportError, ModuleNotFoundError) as e:
         raise EdgepackError(f"--storage {shown}: the database driver is missing ({e.name}); install it") from None
     except Exception as e:  # sqlalchemy raises many types for a bad URL or an unreachable server
