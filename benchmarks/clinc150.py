@@ -20,20 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _shared import DATA, DOMAINS, TEACHER  # offline settings, this checkout on sys.path, ../shared
 
-SHARED = ROOT.parent / "shared"
-TEACHER = SHARED / "models" / "clinc150-minilm-l6"
-DATA = SHARED / "data" / "clinc150" / "data_oos_plus.json"
-DOMAINS = SHARED / "data" / "clinc150" / "domains.json"
 # The book quantized with onnxruntime.quantization.quantize_dynamic(..., weight_type=QInt8): per-tensor,
 # full range, no fusion. As a target file, so pack builds it like any other.
 BOOK_TARGET = """name = "book-ort-int8"

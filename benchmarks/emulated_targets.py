@@ -36,15 +36,9 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _shared import DATA, TEACHER  # offline settings, this checkout on sys.path, ../shared
 
 # ../shared beside the checkout (or beside the worktrees' directory)
-SHARED = next((d for d in (ROOT.parent / "shared", ROOT.parent.parent / "shared") if d.is_dir()), ROOT.parent / "shared")
-TEACHER = SHARED / "models" / "clinc150-minilm-l6"
-DATA = SHARED / "data" / "clinc150" / "data_oos_plus.json"
 WEIGHTS = {"u8s8": "qint8", "u8u8": "quint8"}
 BAR_AGREEMENT = 0.99  # issue 14: agreement with fp32 on validation
 BAR_DROP_POINTS = 0.3  # issue 14: raw test accuracy within 0.3 points of fp32

@@ -15,20 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _shared import DATA, DOMAINS, TEACHER  # offline settings, this checkout on sys.path, ../shared
 
-SHARED = ROOT.parent / "shared"
-TEACHER = SHARED / "models" / "clinc150-minilm-l6"
-DATA = SHARED / "data" / "clinc150" / "data_oos_plus.json"
-DOMAINS = SHARED / "data" / "clinc150" / "domains.json"
 SHAPES = ("recipe=static; layers=1 heads=1/3 ffn=1/2; layers=2 heads=1 ffn=1/3 embedding_bits=4; "
           "layers=3 heads=1 ffn=1/2 embedding_bits=4")
 

@@ -20,21 +20,12 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np  # noqa: E402
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-TEACHER = SHARED / "models" / "clinc150-minilm-l6"
-DATA = SHARED / "data" / "clinc150" / "data_oos_plus.json"
+from _shared import DATA, TEACHER  # offline settings, this checkout on sys.path, ../shared
 
 
 def load_data(teacher: Path, source: Path):

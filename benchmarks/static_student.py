@@ -19,17 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-SHARED = ROOT.parent / "shared"
-TEACHER = SHARED / "models" / "clinc150-minilm-l6"
-DATA = SHARED / "data" / "clinc150" / "data_oos_plus.json"
+from _shared import DATA, TEACHER  # offline settings, this checkout on sys.path, ../shared
 
 # name -> DistillConfig changes over the default recipe's [distill] with num_layers = 0
 VARIANTS = {

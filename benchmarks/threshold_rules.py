@@ -14,17 +14,11 @@ markdown table with each figure's difference to the teacher under the same rule,
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "clinc150" / "data_oos_plus.json"
+from _shared import DATA  # offline settings, this checkout on sys.path, ../shared
 
 
 def load(path: Path, threads: int):
