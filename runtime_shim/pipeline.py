@@ -157,6 +157,7 @@ class OnnxPipeline:
         self.tokenizer_path = root / str(self.settings.get("tokenizer", "tokenizer.json"))
         if not self.tokenizer_path.is_file():
             raise BundleError(f"{self.tokenizer_path}: missing from the bundle; re-run `edgepack pack` or restore the file")
+        self._tokenizer_file = self.tokenizer_path.resolve()
         self._tokenizer: Any = None
         self._tokenizer_lock = threading.Lock()
         # Texts' ids without the tokenizers call where that is exact (runtime_shim.wordpiece), built from
@@ -212,7 +213,9 @@ class OnnxPipeline:
 
             path = self.tokenizer_path
             try:
-                tok = Tokenizer.from_file(str(path))
+                # The absolute path taken at load: a caller may change directory before the first text
+                # that needs the tokenizer (the static-QDQ quantizer calibrates inside a scratch directory).
+                tok = Tokenizer.from_file(str(self._tokenizer_file))
             except Exception as e:  # tokenizers raises a bare Exception for a malformed file
                 raise BundleError(f"{path}: not a `tokenizers` file ({str(e)[:200]}); re-run `edgepack pack`") from None
             # Whatever padding/truncation the saved tokenizer carried, the bundle's settings rule: truncate to

@@ -76,3 +76,17 @@ def test_manifest_hash_without_openssl_is_the_same(tmp_path, monkeypatch):
     assert type(manifest._sha256(manifest.OPENSSL_PAST + 1)).__module__ == "_hashlib"
     assert manifest.sha256_file(tmp_path / "f.bin") == expected
     assert manifest.sha256_file(tmp_path / "f.bin", total_bytes=manifest.OPENSSL_PAST + 1) == expected
+
+
+def test_deferred_tokenizer_loads_after_a_change_of_directory(tiny_bundle: Path, tmp_path: Path, monkeypatch):
+    """A pipeline opened by a relative path still finds its tokenizer when the first text that needs
+    it comes after the caller changed directory (the static-QDQ quantizer calibrates in a scratch
+    directory: the demo's calibration texts with a pound sign hit this)."""
+    import os
+
+    monkeypatch.chdir(tiny_bundle.parent)
+    pipe = OnnxPipeline(tiny_bundle.name, verify=False)
+    monkeypatch.chdir(tmp_path)
+    assert not (tmp_path / tiny_bundle.name).exists() and os.getcwd() == str(tmp_path)
+    assert pipe.encode(["a pound sign \u00a3 and an \u00e9"])["input_ids"].shape[0] == 1
+    assert pipe._tokenizer is not None  # the text needed the tokenizer, and it loaded
