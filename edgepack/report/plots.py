@@ -278,8 +278,10 @@ def plot_frontier(frontier: Mapping[str, Any]) -> bytes | None:
             ax.axhline(teacher - budget, color="#E69F00", linestyle=":", linewidth=1.5,
                        label=f"budget: {budget:g} points below the teacher")
     ax.set_xscale("log")
-    ax.set_xlabel("end-to-end p50 latency, one query (ms, log scale)" + (f" on {frontier['cpu']}" if frontier.get("cpu") else ""))
+    ax.set_xlabel("end-to-end p50 latency, one query (ms, log scale)")
+
     ax.set_ylabel("validation accuracy (%)")
-    ax.set_title("Student shapes tried: green inside the budget, orange outside")
+    cpu = f" (latency on {str(frontier['cpu']).split(' (')[0]})" if frontier.get("cpu") else ""
+    ax.set_title(f"Student shapes tried: green inside the budget, orange outside{cpu}", fontsize=10)
     ax.legend(loc="lower right", fontsize=8.5, frameon=False)
     return _png(fig)
