@@ -73,8 +73,7 @@ def _build(cfg: BuildConfig, *, force: bool, log: Log) -> dict[str, Any]:
     if cfg.search.max_drop is not None:  # --max-drop: the budget against the teacher, a profile budget
         profile = profile.replace(budgets=profile.budgets.replace(max_teacher_drop=cfg.search.max_drop))
     ctx = stages.Context(data=data, data_config=cfg.data, teacher=teacher, profile=profile, cache=root / "cache",
-                         log=log, compare=(("teacher (PyTorch)", teacher), ("student (PyTorch)", root / "distill"),
-                                           ("pruned (PyTorch)", root / "prune")))
+                         log=log, compare=_compare(teacher, root))
     log(f"[build] {teacher} -> {out} (profile {profile.name}, target {profile.target}; recipe "
         f"{cfg.recipe or 'none'}; build directory {root})")
     if profile.name == "host":
@@ -94,9 +93,7 @@ def _build(cfg: BuildConfig, *, force: bool, log: Log) -> dict[str, Any]:
         result = search(cfg, ctx, root, src, src_hash, log=log)
         chosen = result.chosen
         src, src_hash = chosen.bundle, output_hash(chosen.bundle)
-        ctx = dataclasses.replace(ctx, compare=(("teacher (PyTorch)", teacher),
-                                                ("student (PyTorch)", chosen.dir / "distill"),
-                                                ("pruned (PyTorch)", chosen.dir / "prune")))
+        ctx = dataclasses.replace(ctx, compare=_compare(teacher, chosen.dir))
         verify_kwargs["frontier"] = result.to_dict()
         # The report shows the frontier: verify reruns when the candidates or the choice change (not
         # when only their re-measured latencies wobble).
@@ -127,6 +124,13 @@ def _build(cfg: BuildConfig, *, force: bool, log: Log) -> dict[str, Any]:
         raise BudgetError(f"profile {profile.name}: missed {'; '.join(summary['budget_failures'])} "
                           f"(bundle and report written: {out})")
     return summary
+
+
+def _compare(teacher: Path, stages_dir: Path) -> tuple[tuple[str, Path], ...]:
+    """What verify measures beside the bundle: the teacher, and the student and pruned model of the
+    build directory (or search candidate) that made it."""
+    return (("teacher (PyTorch)", teacher), ("student (PyTorch)", stages_dir / "distill"),
+            ("pruned (PyTorch)", stages_dir / "prune"))
 
 
 def _resolve_max_length(cfg: BuildConfig, teacher: Path, data: Any) -> tuple[BuildConfig, dict | None]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -33,8 +35,12 @@ def output_hash(stage_dir: Path) -> str:
 class Ledger:
     """Runs stages into ``root/<name>`` unless the ledger vouches for them."""
 
-    def __init__(self, root: Path, log: Log = print, *, total: int | None = None, prefix: str = "build"):
+    def __init__(self, root: Path, log: Log = print, *, total: int | None = None, prefix: str = "build",
+                 share: tuple[Path, ...] = ()):
         self.root, self.log = Path(root), log
+        # Other build roots whose finished stages this one takes (hard-linked) when their ledger vouches
+        # for the same config and input: the shape search's candidates share one student per depth.
+        self.share = tuple(Path(p) for p in share if Path(p) != self.root)
         self.dir = self.root / "ledger"
         self.total, self.prefix, self.index = total, prefix, 0
         self.ran: list[str] = []
@@ -57,6 +63,10 @@ class Ledger:
             self.log(f"{label}: up to date (config and input unchanged), skipped")
             self.skipped.append(name)
             return out
+        if self._adopt(name, config, input_hash):
+            self.log(f"{label}: up to date (config and input unchanged), skipped")
+            self.skipped.append(name)
+            return out
         entry = self.dir / f"{name}.json"
         entry.unlink(missing_ok=True)  # the ledger never vouches for a stage that is being redone
         self.log(f"{label}: running")
@@ -68,6 +78,25 @@ class Ledger:
         self.log(f"{label}: done in {time.time() - t0:.0f} s")
         self.ran.append(name)
         return out
+
+
+    def _adopt(self, name: str, config: Mapping[str, Any], input_hash: str) -> bool:
+        """Take stage ``name`` from a shared root whose ledger vouches for it (hard links, renamed into
+        place, then its ledger entry): True when taken."""
+        for other in self.share:
+            theirs = Ledger(other, self.log)
+            if not theirs.fresh(name, config, input_hash):
+                continue
+            tmp = self.root / f".{name}.adopt"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(self.root / name, ignore_errors=True)
+            shutil.copytree(other / name, tmp, copy_function=os.link)
+            os.replace(tmp, self.root / name)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(theirs.dir / f"{name}.json", self.dir / f"{name}.json")
+            self.log(f"[{self.prefix}] {name}: the same as {other.name}'s, taken from it")
+            return True
+        return False
 
 
 def _key(name: str, config: Mapping[str, Any], input_hash: str) -> dict[str, str]:

@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -77,32 +74,6 @@ class SearchResult:
         return {"teacher_validation_accuracy": self.teacher_accuracy, "max_drop": self.max_drop,
                 "chosen": self.chosen.name, "why": self.why, "cpu": self.cpu,
                 "candidates": [c.to_dict() for c in self.candidates]}
-
-
-def _adopting_ledger(root: Path, siblings: list[Path], log: Log, prefix: str) -> Ledger:
-    """A candidate's ledger that, before running a stage, takes it from a sibling candidate whose
-    ledger vouches for the same config and input (one distilled student per depth, not per shape)."""
-    ledger = Ledger(root, log, total=len(CANDIDATE_STAGES), prefix=prefix)
-    run_stage = ledger.stage
-
-    def stage(name, config, input_hash, run):
-        if not ledger.fresh(name, config, input_hash):
-            for other in siblings:
-                theirs = Ledger(other, log)
-                if other != root and theirs.fresh(name, config, input_hash):
-                    tmp = root / f".{name}.adopt"
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    shutil.rmtree(root / name, ignore_errors=True)
-                    shutil.copytree(other / name, tmp, copy_function=os.link)
-                    os.replace(tmp, root / name)
-                    (root / "ledger").mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(theirs.dir / f"{name}.json", ledger.dir / f"{name}.json")
-                    log(f"[{prefix}] {name}: the same as {other.name}'s, taken from it")
-                    break
-        return run_stage(name, config, input_hash, run)
-
-    ledger.stage = stage  # type: ignore[method-assign]
-    return ledger
 
 
 def teacher_accuracy(ctx, root: Path, src_hash: str, log: Log) -> float:
@@ -161,7 +132,7 @@ def search(cfg: BuildConfig, ctx, root: Path, src: Path, src_hash: str, *, log: 
             continue
         t0 = time.time()
         ccfg = s.candidate(_from_recipe(cfg, shape.get("recipe")), c.shape)
-        ledger = _adopting_ledger(c.dir, dirs, log, prefix=f"{c.name} {i + 1}/{len(cands)}")
+        ledger = Ledger(c.dir, log, total=len(CANDIDATE_STAGES), prefix=f"{c.name} {i + 1}/{len(cands)}", share=dirs)
         run_links([link for link in chain(ccfg, profile) if link[0] in CANDIDATE_STAGES], CANDIDATE_STAGES,
                   ledger, ctx, src, src_hash)
         pipe = OnnxPipeline(c.bundle)
@@ -208,7 +179,7 @@ def _from_recipe(cfg: BuildConfig, name: str | None) -> BuildConfig:
 
 def _time_candidates(built: list[Candidate], texts, *, runs: int, rounds: int, log: Log) -> None:
     """End-to-end single-query latency of every built candidate, interleaved in rounds."""
-    from edgepack.stages.quantize.variants import time_interleaved
+    from edgepack.stages.quantize.variants import round_summary, time_interleaved
     from runtime_shim import OnnxPipeline
 
     if not built:
@@ -218,12 +189,8 @@ def _time_candidates(built: list[Candidate], texts, *, runs: int, rounds: int, l
     runners = {name: (lambda text, p=p: p(text)) for name, p in pipes.items()}
     times = time_interleaved(runners, list(texts), warmup=50, runs=runs * rounds, rounds=rounds)
     for c in built:
-        blocks = times[c.name]
-        flat = sorted(t for b in blocks for t in b)
-        medians = [statistics.median(b) for b in blocks]
-        c.p50_ms = statistics.median(flat)
-        c.p95_ms = flat[min(len(flat) - 1, int(0.95 * len(flat)))]
-        c.noise_ms = max(medians) - min(medians)
+        r = round_summary(times[c.name])
+        c.p50_ms, c.p95_ms, c.noise_ms = r["p50_ms"], r["p95_ms"], r["noise_ms"]
 
 
 def _choose(built: list[Candidate], pick: str | None) -> tuple[Candidate, str]:

@@ -116,6 +116,15 @@ def accuracy_probs(pipe, texts: Sequence[str]) -> np.ndarray:
     return predict_probs(pipe, list(texts))
 
 
+def round_summary(blocks: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """One candidate's ``time_interleaved`` rounds: p50 and p95 over every call, and the noise a lead
+    must beat (the spread of the round medians)."""
+    flat = [t for b in blocks for t in b]
+    medians = [_percentile(b, 50) for b in blocks]
+    return {"p50_ms": _percentile(flat, 50), "p95_ms": _percentile(flat, 95), "n": len(flat),
+            "round_p50_ms": [round(m, 5) for m in medians], "noise_ms": max(medians) - min(medians)}
+
+
 def time_interleaved(runners: Mapping[str, Callable[[Feed], Any]], feeds: Sequence[Feed], *, warmup: int = 50,
                      runs: int = 210, rounds: int = 7) -> dict[str, list[list[float]]]:
     """Milliseconds per call of each runner on single-query ``feeds``, measured in ``rounds`` rotated
@@ -306,10 +315,7 @@ def search(
     runners = {name: pipe.forward for name, pipe in pipes.items()}
     times = time_interleaved(runners, feeds, warmup=warmup, runs=runs)
     for name, blocks in times.items():
-        flat = [t for b in blocks for t in b]
-        medians = [_percentile(b, 50) for b in blocks]
-        rows[name].update(p50_ms=_percentile(flat, 50), p95_ms=_percentile(flat, 95), n=len(flat),
-                          round_p50_ms=[round(m, 5) for m in medians], noise_ms=max(medians) - min(medians))
+        rows[name].update(round_summary(blocks))
 
     for n, r in rows.items():
         if n != "fp32" and "error" not in r:
