@@ -34,42 +34,6 @@ FILL = {"acct": ["счёте", "карте", "вкладе", "кошельке"]
 # Characters the teacher's vocabulary holds that the data never uses (a multilingual teacher's).
 EXTRA_ALPHABET = ["α", "β", "γ", "ß", "ש", "ก"]
 
-RECIPE = """
-teacher = "{teacher}"
-out = "{out}"
-profile = "{profile}"
-
-[data]
-source = "{data}"
-
-[distill]
-epochs = 1
-
-[prune.recovery]
-epochs = 1
-
-[quantize]
-max_accuracy_drop = 100.0
-min_agreement = 0.0
-variant_formats = ["dynamic"]
-
-[bundle]
-eval_rows = 20
-
-[tune]
-runs = 5
-
-[verify]
-runs = 10
-warmup = 2
-compare = false
-
-[search]
-max_drop = 100.0  # a tiny random student's distance to its teacher is luck
-shapes = []  # the recipe's one shape: this test is about the vocabulary, not the shape search
-"""
-
-
 def _rows() -> list[tuple[str, str]]:
     rows = []
     for label, templates in INTENTS.items():
@@ -166,14 +130,16 @@ def test_latin_loses_the_characters_data_keeps(teacher, splits):
 
 
 def test_default_build_keeps_every_character(tmp_path_factory, teacher, data_dir, splits, capsys):
-    from test_build import loose_profile
+    from test_build import RECIPE, loose_profile
     from tokenizers import Tokenizer
 
     from runtime_shim import OnnxPipeline
 
     root = tmp_path_factory.mktemp("nonlatin-build")
     recipe = root / "recipe.toml"
-    recipe.write_text(RECIPE.format(teacher=teacher, out=root / "bundle", profile=loose_profile(root), data=data_dir),
+    # test_build's recipe: the default recipe's one shape, the loose budgets, the short schedules.
+    recipe.write_text(RECIPE.format(teacher=teacher, out=root / "bundle", profile=loose_profile(root), data=data_dir,
+                                    recover_epochs=1, quantize_extra=""),
                       encoding="utf-8")
     assert main(["build", str(recipe)]) == 0
     out, work = root / "bundle", root / "bundle.build"
