@@ -348,3 +348,19 @@ def test_4bit_embedding_decodes_to_its_blocks(tmp_path):
     err = np.abs(got.reshape(4, 4, 16) - blocks)
     assert (err <= step[:, :, None] * 0.5 + 1e-6).all()
     assert np.array_equal(got[1], got[3])  # same id, same row
+
+
+def test_pack_with_a_target_file(tmp_path, tiny_model, clinc_json):
+    """``--target my.toml``: a target file outside targets/ quantizes the bundle with its settings (the
+    file's path was once replaced by its name, which no targets/ directory knows)."""
+    from edgepack.config import PackConfig
+    from edgepack.runner.pack import pack
+
+    target = tmp_path / "my-plain-int8.toml"
+    target.write_text('name = "my-plain-int8"\narch = "x86_64"\n[quantize]\nweight_type = "qint8"\n'
+                      "per_channel = false\nreduce_range = false\n")
+    manifest = pack(PackConfig.of(target=str(target), max_accuracy_drop=100.0, min_agreement=0.0, eval_rows=20),
+                    tiny_model, DataConfig(source=str(clinc_json)), tmp_path / "b", log=lambda *a: None)
+    assert manifest["target"]["name"] == "my-plain-int8"
+    record = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert record["target"]["name"] == "my-plain-int8"

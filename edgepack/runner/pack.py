@@ -53,7 +53,9 @@ def pack(cfg: PackConfig, model_dir: Path, data_cfg: DataConfig, out: Path, *, e
         if m.get("parity_max_abs_diff") is not None:
             log(f"[pack] exported fp32 ONNX ({m['writer']} writer, {m['onnx_bytes'] / 1e6:.1f} MB), "
                 f"max |logit diff| vs PyTorch {m['parity_max_abs_diff']:.1e}")
-        quantized = quantize.run(cfg.quantize.replace(target=target.name), exported.out, work / "quantize", ctx)
+        # "auto" becomes the detected target's name; a name or a target file (--target my.toml) stays as given
+        qcfg = cfg.quantize.replace(target=target.name) if cfg.quantize.target == "auto" else cfg.quantize
+        quantized = quantize.run(qcfg, exported.out, work / "quantize", ctx)
         record = bundle.run(cfg.bundle.replace(archive=False), quantized.out, out, ctx)
     if cfg.bundle.archive:
         from edgepack.bundle_files import archive
