@@ -60,9 +60,12 @@ def build_all(args, data) -> dict[str, Path]:
     plain = ExportConfig(trim_unreachable=False, writer="torch")
     book_target = w / "book-ort-int8.toml"
     book_target.write_text(BOOK_TARGET)
+    # The book's recipe has no accuracy gate: its rows are measured as they come out (on a CPU without
+    # VNNI, its full-range per-tensor weights flip labels, which the table then shows).
+    book = PackConfig.of(target=str(book_target), max_accuracy_drop=100.0, min_agreement=0.0)
     if not paths["teacher_int8"].is_dir():
         log("[bench] teacher -> ORT int8 (the recipe's last step without distillation)")
-        pack(PackConfig.of(target=str(book_target)), args.teacher, dcfg, paths["teacher_int8"], export_cfg=plain,
+        pack(book, args.teacher, dcfg, paths["teacher_int8"], export_cfg=plain,
              data=data)
     if not (paths["teacher_fp32_onnx"] / "model.onnx").is_file():
         log("[bench] teacher -> ONNX fp32")
@@ -76,7 +79,7 @@ def build_all(args, data) -> dict[str, Path]:
                                                                              cache=w / "cache"))
     if not paths["reference_int8"].is_dir():
         log("[bench] reference recipe: student -> ORT int8 (plain quantize_dynamic)")
-        pack(PackConfig.of(target=str(book_target)), paths["reference_student"], dcfg, paths["reference_int8"],
+        pack(book, paths["reference_student"], dcfg, paths["reference_int8"],
              export_cfg=plain, data=data)
     log("[bench] edgepack build (resumes when already built)")
     t0 = time.time()
