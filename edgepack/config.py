@@ -616,6 +616,12 @@ class SearchConfig(ConfigBase):
     pick: str | None = None
     latency_runs: int = 300  # timed single queries per candidate and round when the search compares them
     latency_rounds: int = 3  # interleaved rounds over the candidates; a candidate's latency is its median
+    # The order shapes are tried in. "latency": each shape built untrained first (the teacher's weights
+    # cut to it; prune without recovery, export, quantize with the target's format) and timed on this
+    # CPU, fastest first, the order below kept where two are within their timing spread
+    # (edgepack.runner.probe; frontier.json reports the model's error against the trained bundles).
+    # "declared": the order of ``shapes`` as written.
+    order: str = "latency"
 
     def __post_init__(self) -> None:
         if self.max_drop is not None:
@@ -626,6 +632,7 @@ class SearchConfig(ConfigBase):
         _in_range("search.explore", self.explore, 0)
         _in_range("search.latency_runs", self.latency_runs, 10)
         _in_range("search.latency_rounds", self.latency_rounds, 1)
+        _choice("search.order", self.order, ("latency", "declared"))
 
     def candidate(self, build: BuildConfig, shape: str) -> BuildConfig:
         """``build`` with ``shape``'s fields set."""

@@ -81,12 +81,16 @@ def _md_table(md: str, first_header: str) -> list[list[str]]:
 
 # A shape search's frontier.json, two shapes built, one skipped.
 FRONTIER = {"teacher_validation_accuracy": 95.1, "max_drop": 1.0, "chosen": "L1-h0.33", "why": "the fastest inside",
-            "cpu": "test CPU", "candidates": [
+            "cpu": "test CPU", "order": "latency", "latency_model": {"shapes": 2, "median_abs": 0.15, "max_abs": 0.25},
+            "candidates": [
                 {"name": "L0", "shape": "layers=0", "status": "built", "validation_accuracy": 91.3,
-                 "teacher_drop": 3.8, "p50_ms": 0.08, "noise_ms": 0.002, "bundle_bytes": 3_000_000, "inside": False},
+                 "teacher_drop": 3.8, "p50_ms": 0.08, "noise_ms": 0.002, "bundle_bytes": 3_000_000, "inside": False,
+                 "predicted_p50_ms": 0.07, "probe_p50_ms": 0.06, "probe_error": -0.25},
                 {"name": "L1-h0.33", "shape": "layers=1 heads=1/3", "status": "built", "validation_accuracy": 94.4,
-                 "teacher_drop": 0.7, "p50_ms": 0.2, "noise_ms": 0.004, "bundle_bytes": 4_000_000, "inside": True},
-                {"name": "L2", "shape": "layers=2", "status": "skipped (a cheaper shape is inside the budget)"}]}
+                 "teacher_drop": 0.7, "p50_ms": 0.2, "noise_ms": 0.004, "bundle_bytes": 4_000_000, "inside": True,
+                 "predicted_p50_ms": 0.21, "probe_p50_ms": 0.23, "probe_error": 0.15},
+                {"name": "L2", "shape": "layers=2", "status": "skipped (a cheaper shape is inside the budget)",
+                 "predicted_p50_ms": 0.5}]}
 
 
 def test_writes_self_contained_html_markdown_and_plots(tmp_path, rows, budgets):
@@ -109,6 +113,10 @@ def test_writes_self_contained_html_markdown_and_plots(tmp_path, rows, budgets):
     shapes = _md_table(md, "Shape")
     assert [r[0] for r in shapes[2:]] == ["L0", "L1-h0.33", "L2"] and shapes[3][-1] == "chosen"
     assert shapes[2][3] == "91.30%" and shapes[4][2].startswith("skipped") and "accuracy-latency frontier" in html
+    # the cost model: the untrained graph's p50 and its error beside a built shape, the ordering p50 for a skipped one
+    col = shapes[0].index("Untrained p50 ms (error)")
+    assert [r[col] for r in shapes[2:]] == ["0.060 (-25%)", "0.230 (+15%)", "0.500"]
+    assert "15% median, 25% at most (2 shapes)" in md
     # No temporary files left beside the report.
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == sorted(["report.html", "report.md", *PLOTS.values()])
 

@@ -12,6 +12,7 @@ import pytest
 
 from edgepack.cli import main
 from edgepack.errors import ExitCode
+from edgepack.runner import probe
 from tests.test_build import RECIPE, loose_profile
 
 pytestmark = pytest.mark.slow
@@ -48,14 +49,43 @@ def frontier(root: Path) -> dict:
 def test_search_builds_cheap_first_and_stops_after_explore(searched):
     root, _ = searched
     f = frontier(root)
-    status = {c["name"]: c["status"] for c in f["candidates"]}
-    # max_drop 100: the first shape is inside; explore = 1 builds one more; the third is skipped.
-    assert status == {"L1-h0.5-f0.5": "built", "L1-h1-f1": "built",
-                      "L2-h0.5-f0.5": "skipped (a cheaper shape is inside the budget)"}
-    for c in f["candidates"][:2]:
+    cands = f["candidates"]
+    # Tried in the cost model's order: the untrained graphs' p50, the recipe's order within the noise
+    # (recomputed here from the recorded timings, whatever they were).
+    predicted = {c["name"]: {"p50_ms": c["predicted_p50_ms"], "noise_ms": c["predicted_noise_ms"]} for c in cands}
+    assert f["order"] == "latency"
+    assert [c["name"] for c in cands] == probe.order(["L1-h0.5-f0.5", "L1-h1-f1", "L2-h0.5-f0.5"], predicted)
+    # max_drop 100: the first shape tried is inside; explore = 1 builds one more; the third is skipped.
+    assert [c["status"] for c in cands] == ["built", "built", "skipped (a cheaper shape is inside the budget)"]
+    for c in cands[:2]:
         assert c["inside"] and c["p50_ms"] > 0 and c["bundle_bytes"] > 0
         assert abs(f["teacher_validation_accuracy"] - c["validation_accuracy"] - c["teacher_drop"]) < 1e-9
-    assert f["chosen"] in status and "cpu" in f
+        # the probe timed beside its bundle in the same rounds; its error is recorded
+        assert c["probe_error"] == pytest.approx(c["probe_p50_ms"] / c["p50_ms"] - 1, abs=1e-4)
+    assert f["latency_model"]["shapes"] == 2
+    assert f["latency_model"]["max_abs"] == pytest.approx(max(abs(c["probe_error"]) for c in cands[:2]), abs=1e-4)
+    assert f["chosen"] in predicted and "cpu" in f
+
+
+def test_probes_are_the_shapes_untrained(searched):
+    """Every shape (the skipped one too) has a probe: its graph has the shape's layers and heads, the
+    probes of one depth share one untrained student, and nothing in them was trained."""
+    from edgepack.stages.quantize.formats import count_ops
+
+    root, _ = searched
+    probes = root / "bundle.build" / "probes"
+    assert sorted(p.name for p in probes.iterdir()) == ["L1-h0.5-f0.5", "L1-h1-f1", "L2-h0.5-f0.5"]
+    attention = {n: count_ops(probes / n / "quantize" / "model.quant.onnx").get("QAttention", 0) for n in
+                 ("L1-h0.5-f0.5", "L2-h0.5-f0.5")}
+    assert attention["L2-h0.5-f0.5"] == 2 * attention["L1-h0.5-f0.5"] > 0
+    a = next((probes / "L1-h0.5-f0.5" / "distill").glob("*.safetensors"))
+    assert os.stat(a).st_ino == os.stat(probes / "L1-h1-f1" / "distill" / a.name).st_ino
+    record = json.loads((probes / "L1-h0.5-f0.5" / "distill" / "stage.json").read_text())
+    assert record["metrics"]["trained"] is False
+    pruned = json.loads((probes / "L1-h0.5-f0.5" / "prune" / "stage.json").read_text())
+    assert [s["step"] for s in pruned["metrics"]["steps"]] == ["input", "vocab", "structured"]  # no recovery
+    assert pruned["config"]["prune"]["heads_per_layer"][0] * 2 == json.loads(
+        (probes / "L1-h1-f1" / "prune" / "stage.json").read_text())["config"]["prune"]["heads_per_layer"][0]
 
 
 def test_shapes_of_one_depth_share_one_distilled_student(searched):

@@ -79,3 +79,27 @@ def test_a_shape_may_start_from_a_recipe():
 
     with pytest.raises(EdgepackError, match="unknown recipe"):
         _from_recipe(BuildConfig(), "no-such-recipe")
+
+
+def test_cost_model_order_moves_a_shape_ahead_only_by_a_lead_beyond_the_noise():
+    from edgepack.runner.probe import order
+
+    def t(**p50):
+        return {n: {"p50_ms": v, "noise_ms": 0.05} for n, v in p50.items()}
+
+    # beyond the noise: fastest first
+    assert order(["a", "b", "c"], t(a=0.9, b=0.3, c=0.6)) == ["b", "c", "a"]
+    # within the noise: the recipe's order stands, however the timings fell
+    assert order(["a", "b"], t(a=0.32, b=0.30)) == ["a", "b"]
+    assert order(["a", "b"], t(a=0.30, b=0.32)) == ["a", "b"]
+    # a chain of near-ties (a~b, b~c, but c well ahead of a) still yields one order with c before a
+    # a chain of near-ties (a~b, b~c) with c clearly ahead of a: c before a, b (tied with both) by the recipe
+    assert order(["a", "b", "c"], t(a=0.40, b=0.36, c=0.32)) == ["b", "c", "a"]
+
+
+def test_search_order_is_checked():
+    from edgepack.config import SearchConfig
+
+    assert SearchConfig().order == "latency"
+    with pytest.raises(ValueError, match="search.order"):
+        SearchConfig(order="fastest")

@@ -107,13 +107,21 @@ def frontier_rows(frontier: Mapping[str, Any]) -> list[list[str]]:
         out.append([c["name"], c.get("shape", ""), c.get("status", ""), num(c, "validation_accuracy", "{:.2f}%"),
                     num(c, "teacher_drop", "{:+.2f}"),
                     (f"{c['p50_ms']:.3f} ± {c['noise_ms']:.3f}" if built and c.get("p50_ms") else ""),
-                    num(c, "bundle_bytes", "{:,}"), ("yes" if c.get("inside") else "no") if built else "",
+                    _probe_cell(c), num(c, "bundle_bytes", "{:,}"), ("yes" if c.get("inside") else "no") if built else "",
                     "chosen" if c["name"] == frontier.get("chosen") else ""])
     return out
 
 
 FRONTIER_HEADERS = ("Shape", "Spec", "Status", "Validation accuracy", "Points below teacher", "p50 ms (± spread)",
-                    "Bundle bytes", "Inside budget", "")
+                    "Untrained p50 ms (error)", "Bundle bytes", "Inside budget", "")
+
+
+def _probe_cell(c: Mapping[str, Any]) -> str:
+    """The cost model's figure for a shape: its untrained graph's p50 beside the trained bundle (and
+    that error), or the p50 it was ordered by when the shape was not built."""
+    if c.get("probe_p50_ms") is not None and c.get("probe_error") is not None:
+        return f"{c['probe_p50_ms']:.3f} ({c['probe_error']:+.0%})"
+    return f"{c['predicted_p50_ms']:.3f}" if c.get("predicted_p50_ms") is not None else ""
 
 
 def frontier_caption(frontier: Mapping[str, Any]) -> str:
@@ -121,7 +129,18 @@ def frontier_caption(frontier: Mapping[str, Any]) -> str:
     return (f"Teacher {t:.2f}% on validation; budget: " + (f"at most {b:g} points below it" if b is not None else "none")
             + f". Chosen: {frontier.get('chosen')} ({frontier.get('why', '')}). Latency measured on "
             f"{frontier.get('cpu', 'this CPU')}, interleaved rounds; the spread is that of the round medians. "
-            "`edgepack build --pick SHAPE` publishes another built shape without retraining.")
+            + _order_sentence(frontier)
+            + "`edgepack build --pick SHAPE` publishes another built shape without retraining.")
+
+
+def _order_sentence(frontier: Mapping[str, Any]) -> str:
+    if frontier.get("order") != "latency":
+        return "Shapes were tried in the recipe's order. "
+    m = frontier.get("latency_model")
+    err = (f"; against the trained bundles, timed in the same rounds, its error was {m['median_abs']:.0%} median, "
+           f"{m['max_abs']:.0%} at most ({m['shapes']} shapes)") if m else ""
+    return ("Shapes were tried fastest first by a cost model: each built untrained (the teacher's weights cut to it) "
+            f"and timed here{err}. ")
 
 
 def _summary(p: _Parts) -> list[tuple[str, str, str, str]]:

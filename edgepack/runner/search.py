@@ -1,7 +1,9 @@
 """The shape search of ``edgepack build``: the fastest bundle within the budget against the teacher.
 
-The recipe's ``[search] shapes`` are student shapes (depth, heads, FFN width, embedding bits) in the
-order to try them, cheap first. Each is built into ``BUILD/candidates/<name>/`` by the same chain as
+The recipe's ``[search] shapes`` are student shapes (depth, heads, FFN width, embedding bits). They are
+tried cheap first: by default each is first built untrained and timed on this CPU (the cost model,
+``runner.probe``: fastest first, the recipe's order kept within the timing spread); ``order =
+"declared"`` tries them as written. Each is built into ``BUILD/candidates/<name>/`` by the same chain as
 the build (distill -> prune -> export -> quantize -> bundle, through its own ledger, so a rerun
 resumes and candidates of one depth share their distilled student), then measured on validation:
 accuracy under its calibrated out-of-scope threshold against the teacher's under the same rule
@@ -30,6 +32,7 @@ from typing import Any
 from edgepack.config import BuildConfig, parse_shape, shape_name
 from edgepack.errors import EdgepackError
 from edgepack.records import hash_config, write_json_atomic
+from edgepack.runner import probe
 from edgepack.runner.ledger import Ledger
 
 Log = Callable[[str], None]
@@ -46,6 +49,12 @@ class Candidate:
     p50_ms: float | None = None
     p95_ms: float | None = None
     noise_ms: float | None = None
+    # The cost model (edgepack.runner.probe): the untrained graph's p50 when ordering, and the probe's
+    # p50 and relative error timed beside the trained bundle afterwards.
+    predicted_p50_ms: float | None = None
+    predicted_noise_ms: float | None = None
+    probe_p50_ms: float | None = None
+    probe_error: float | None = None
     bundle_bytes: int | None = None
     inside: bool | None = None
     status: str = "not built"  # built | skipped (why) | not built
@@ -69,11 +78,13 @@ class SearchResult:
     chosen: Candidate
     why: str
     cpu: str
+    order: str = "declared"
+    latency_model: dict[str, Any] | None = None  # probe.error_summary over the built shapes
 
     def to_dict(self) -> dict[str, Any]:
         return {"teacher_validation_accuracy": self.teacher_accuracy, "max_drop": self.max_drop,
-                "chosen": self.chosen.name, "why": self.why, "cpu": self.cpu,
-                "candidates": [c.to_dict() for c in self.candidates]}
+                "chosen": self.chosen.name, "why": self.why, "cpu": self.cpu, "order": self.order,
+                "latency_model": self.latency_model, "candidates": [c.to_dict() for c in self.candidates]}
 
 
 def teacher_accuracy(ctx, root: Path, src_hash: str, log: Log) -> float:
@@ -112,8 +123,20 @@ def search(cfg: BuildConfig, ctx, root: Path, src: Path, src_hash: str, *, log: 
     budget = s.max_drop
     if s.pick is not None and s.pick not in {c.name for c in cands}:
         raise EdgepackError(f"--pick {s.pick}: not a shape of this search; shapes: {', '.join(c.name for c in cands)}")
-    for c in cands:  # a shape naming an unknown recipe fails now, not after the cheaper ones trained
-        _from_recipe(cfg, parse_shape(c.shape).get("recipe"))
+    # a shape naming an unknown recipe fails now, not after the cheaper ones trained
+    configs = {c.name: s.candidate(_from_recipe(cfg, parse_shape(c.shape).get("recipe")), c.shape) for c in cands}
+    probes: dict[str, Path] = {}
+    if probe.wanted(s):
+        log(f"[search] cost model: {len(cands)} shapes built untrained (the teacher's weights cut to each) and "
+            f"timed on this CPU, {s.latency_rounds} interleaved rounds of {s.latency_runs} single queries")
+        probes = probe.build_probes(configs, ctx, root, src, src_hash)
+        predicted = probe.time_dirs(probes, val.texts, runs=s.latency_runs, rounds=s.latency_rounds)
+        for c in cands:
+            c.predicted_p50_ms, c.predicted_noise_ms = predicted[c.name]["p50_ms"], predicted[c.name]["noise_ms"]
+        by_name = {c.name: c for c in cands}
+        cands = [by_name[n] for n in probe.order([c.name for c in cands], predicted)]
+        log("[search] order, fastest untrained graph first: " + ", ".join(
+            f"{c.name} {c.predicted_p50_ms:.3f} ms" for c in cands))
     inside_seen, after_inside, missed_far = False, 0, []
     log(f"[search] {len(cands)} shapes, cheap first; budget: "
         + (f"at most {budget:g} points below the teacher's {teacher_acc:.2f}% (validation)" if budget is not None
@@ -131,7 +154,7 @@ def search(cfg: BuildConfig, ctx, root: Path, src: Path, src_hash: str, *, log: 
             c.status = "not built"
             continue
         t0 = time.time()
-        ccfg = s.candidate(_from_recipe(cfg, shape.get("recipe")), c.shape)
+        ccfg = configs[c.name]
         ledger = Ledger(c.dir, log, total=len(CANDIDATE_STAGES), prefix=f"{c.name} {i + 1}/{len(cands)}", share=dirs)
         run_links([link for link in chain(ccfg, profile) if link[0] in CANDIDATE_STAGES], CANDIDATE_STAGES,
                   ledger, ctx, src, src_hash)
@@ -151,14 +174,20 @@ def search(cfg: BuildConfig, ctx, root: Path, src: Path, src_hash: str, *, log: 
         if budget is not None and c.teacher_drop > 2 * budget:
             missed_far.append(base)
     built = [c for c in cands if c.status == "built"]
-    _time_candidates(built, val.texts, runs=s.latency_runs, rounds=s.latency_rounds, log=log)
+    _time_candidates(built, probes, val.texts, runs=s.latency_runs, rounds=s.latency_rounds, log=log)
     chosen, why = _choose(built, s.pick)
     for c in built:
         log(f"[search] {c.name:<16} {c.validation_accuracy:6.2f}%  {c.teacher_drop:+6.2f} pt  p50 {c.p50_ms:.3f} ms "
             f"(±{c.noise_ms:.3f})  {c.bundle_bytes / 1e6:5.2f} MB{'  <- chosen' if c is chosen else ''}")
     log(f"[search] chose {chosen.name}: {why}")
+    errors = [c.probe_error for c in built if c.probe_error is not None]
+    model_error = probe.error_summary(errors)
+    if model_error:
+        log(f"[search] cost model error against the trained bundles: median {model_error['median_abs']:.0%}, "
+            f"largest {model_error['max_abs']:.0%} ({model_error['shapes']} shapes)")
     result = SearchResult(teacher_acc, budget, cands, chosen, why,
-                          cpu=f"{targets.detect().name} ({profiles.host_profile().description})")
+                          cpu=f"{targets.detect().name} ({profiles.host_profile().description})",
+                          order="latency" if probes else "declared", latency_model=model_error)
     write_json_atomic(root / "search" / "frontier.json", result.to_dict())
     return result
 
@@ -177,20 +206,23 @@ def _from_recipe(cfg: BuildConfig, name: str | None) -> BuildConfig:
         raise EdgepackError(str(e)) from None
 
 
-def _time_candidates(built: list[Candidate], texts, *, runs: int, rounds: int, log: Log) -> None:
-    """End-to-end single-query latency of every built candidate, interleaved in rounds."""
-    from edgepack.stages.quantize.variants import round_summary, time_interleaved
-    from runtime_shim import OnnxPipeline
-
+def _time_candidates(built: list[Candidate], probes: dict[str, Path], texts, *, runs: int, rounds: int,
+                     log: Log) -> None:
+    """End-to-end single-query latency of every built candidate, interleaved in rounds, with its probe
+    (when the cost model ran) in the same rounds, so the model's error is measured under one load."""
     if not built:
         return
-    log(f"[search] timing {len(built)} candidates: {rounds} interleaved rounds of {runs} single queries each")
-    pipes = {c.name: OnnxPipeline(c.bundle) for c in built}
-    runners = {name: (lambda text, p=p: p(text)) for name, p in pipes.items()}
-    times = time_interleaved(runners, list(texts), warmup=50, runs=runs * rounds, rounds=rounds)
+    dirs = {c.name: c.bundle for c in built}
+    dirs.update({f"probe {c.name}": probes[c.name] for c in built if c.name in probes})
+    log(f"[search] timing {len(built)} candidates" + (" and their untrained probes" if len(dirs) > len(built) else "")
+        + f": {rounds} interleaved rounds of {runs} single queries each")
+    timing = probe.time_dirs(dirs, texts, runs=runs, rounds=rounds)
     for c in built:
-        r = round_summary(times[c.name])
+        r = timing[c.name]
         c.p50_ms, c.p95_ms, c.noise_ms = r["p50_ms"], r["p95_ms"], r["noise_ms"]
+        if f"probe {c.name}" in timing:
+            c.probe_p50_ms = timing[f"probe {c.name}"]["p50_ms"]
+            c.probe_error = round(c.probe_p50_ms / c.p50_ms - 1, 4)
 
 
 def _choose(built: list[Candidate], pick: str | None) -> tuple[Candidate, str]:

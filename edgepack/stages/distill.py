@@ -81,13 +81,7 @@ def run(cfg: DistillConfig, src: Path, out: Path, ctx, *, student_model=None, st
     input_hash = _input_hash(prep.teacher_hash, data.fingerprint(), cfg.student)
     config = {"distill": _recorded(cfg), "data": ctx.data_config.to_dict()}
     with staging_dir(out, force=True) as tmp:
-        model.save_pretrained(tmp)
-        prep.tokenizer.save_pretrained(tmp)
-        # Keep the source's tokenizer.json as it is: re-serialising drops tokens that share an id
-        # (a vocabulary folded by prune --cluster-rest).
-        src_tok = Path(str(getattr(prep.tokenizer, "name_or_path", "") or "")) / "tokenizer.json"
-        if src_tok.is_file():
-            shutil.copy2(src_tok, tmp / "tokenizer.json")
+        _save(model, prep.tokenizer, tmp)
         if search_db is not None and Path(search_db).is_file():
             shutil.copy2(search_db, tmp / "search.db")
         write_stage_record(tmp, stage="distill", config=config, input_hash=input_hash, metrics=metrics,
@@ -95,6 +89,35 @@ def run(cfg: DistillConfig, src: Path, out: Path, ctx, *, student_model=None, st
     if search_db is not None and Path(search_db).is_file() and Path(search_db).parent == out.parent:
         Path(search_db).unlink(missing_ok=True)  # the study now lives in OUT/search.db
     return StageRecord.read(out)
+
+
+def untrained(cfg: DistillConfig, src: Path, out: Path, ctx) -> StageRecord:
+    """The student ``cfg`` describes, untrained: the teacher ``src``'s layers kept (or its word table,
+    for the static student), written to ``out`` as the stage writes a trained one. Its graph costs what
+    the trained student's will, so the shape search times it before training anything
+    (``edgepack.runner.probe``)."""
+    from edgepack.training.distillation import build_student
+
+    started = time.time()
+    model, tokenizer, _ = build_student(cfg, Path(src))
+    config = {"distill": _recorded(cfg), "data": ctx.data_config.to_dict()}
+    with staging_dir(Path(out), force=True) as tmp:
+        _save(model, tokenizer, tmp)
+        write_stage_record(tmp, stage="distill", config=config, input_hash=hash_tree(src),
+                           metrics={"trained": False, "parameters": int(sum(p.numel() for p in model.parameters()))},
+                           started=started,
+                           extra={"student": {"teacher_layers": getattr(model.config, "edgepack_teacher_layers", None)}})
+    return StageRecord.read(out)
+
+
+def _save(model, tokenizer, tmp: Path) -> None:
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    # Keep the source's tokenizer.json as it is: re-serialising drops tokens that share an id
+    # (a vocabulary folded by prune --cluster-rest).
+    src_tok = Path(str(getattr(tokenizer, "name_or_path", "") or "")) / "tokenizer.json"
+    if src_tok.is_file():
+        shutil.copy2(src_tok, tmp / "tokenizer.json")
 
 
 def _recorded(cfg: DistillConfig) -> dict[str, Any]:

@@ -499,25 +499,17 @@ def check_labels(teacher_id2label: Mapping[int, str], data: LabelledData) -> Non
         )
 
 
-def prepare(cfg: DistillConfig, teacher_dir: Path, data: LabelledData, *, student_model=None,
-            student_tokenizer=None, cache_dir: Path | None = None, max_length: int = 64,
-            progress: bool = True) -> Prepared:
-    """Check the inputs, build the student and fill the teacher cache (no training, nothing written
-    but the cache)."""
+def build_student(cfg: DistillConfig, teacher_dir: Path, id2label: Mapping[int, str] | None = None):
+    """The untrained student ``cfg`` describes: ``(model, tokenizer, hidden_map)``. Teacher layers
+    (``layers`` or ``num_layers`` spread by ``student.pick_layers``), the static student
+    (``num_layers = 0``) or ``cfg.student``'s checkpoint with a fresh head. ``hidden_map``: student hidden
+    state j (0 = embeddings) -> the teacher's, for the hidden-state loss (teacher layers only)."""
     from edgepack.training import student as st
-    from edgepack.training.teacher_cache import teacher_outputs
 
     teacher_dir = Path(teacher_dir)
-    id2label = st.read_id2label(teacher_dir)
-    check_labels(id2label, data)
-    for split in ("train", "validation", "test"):
-        if split not in data.splits or not len(data.splits[split]):
-            raise EdgepackError(f"{data.source}: no {split} rows; distillation needs train, validation and test")
+    id2label = id2label if id2label is not None else st.read_id2label(teacher_dir)
     hidden_map = None
-    if student_model is not None:
-        model = student_model
-        tokenizer = student_tokenizer or st.load_tokenizer(teacher_dir, what="teacher")
-    elif cfg.student:
+    if cfg.student:
         model = st.from_checkpoint(Path(cfg.student), id2label)
         tokenizer = st.load_tokenizer(Path(cfg.student), what="student")
     elif cfg.num_layers == 0 and not cfg.layers:
@@ -541,6 +533,29 @@ def prepare(cfg: DistillConfig, teacher_dir: Path, data: LabelledData, *, studen
         tokenizer = st.load_tokenizer(teacher_dir, what="teacher")
         # Student hidden state j (0 = embeddings) matches teacher state layers[j-1] + 1.
         hidden_map = [0] + [i + 1 for i in layers]
+    return model, tokenizer, hidden_map
+
+
+def prepare(cfg: DistillConfig, teacher_dir: Path, data: LabelledData, *, student_model=None,
+            student_tokenizer=None, cache_dir: Path | None = None, max_length: int = 64,
+            progress: bool = True) -> Prepared:
+    """Check the inputs, build the student and fill the teacher cache (no training, nothing written
+    but the cache)."""
+    from edgepack.training import student as st
+    from edgepack.training.teacher_cache import teacher_outputs
+
+    teacher_dir = Path(teacher_dir)
+    id2label = st.read_id2label(teacher_dir)
+    check_labels(id2label, data)
+    for split in ("train", "validation", "test"):
+        if split not in data.splits or not len(data.splits[split]):
+            raise EdgepackError(f"{data.source}: no {split} rows; distillation needs train, validation and test")
+    if student_model is not None:
+        model = student_model
+        tokenizer = student_tokenizer or st.load_tokenizer(teacher_dir, what="teacher")
+        hidden_map = None
+    else:
+        model, tokenizer, hidden_map = build_student(cfg, teacher_dir, id2label)
     if model.config.num_labels != len(id2label):
         raise EdgepackError(f"the student has {model.config.num_labels} outputs, the teacher {len(id2label)} labels")
     teacher_hash = hash_tree(teacher_dir)
