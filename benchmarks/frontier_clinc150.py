@@ -7,8 +7,9 @@ CLINC150 recipe, every shape built (``explore``), the budget against the teacher
 Uses WORK/edgepack-bundle.build as the build directory, so the shape ``benchmarks/clinc150.py`` built
 there (the CLINC150 recipe's) is taken, not retrained, and a rerun resumes. Writes the report with the
 frontier plot (WORK/edgepack-frontier.build/report.html), copies the plot to ``--plot`` and prints
-the table. Latency: end to end, single queries, this CPU, interleaved rounds. Skips politely
-without ../shared.
+the table, with the cost model's figure for each shape (its untrained graph's p50 and the error
+against the trained bundle). Latency: end to end, single queries, this CPU, interleaved rounds. Skips
+politely without ../shared.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from _shared import DATA, DOMAINS, TEACHER  # offline settings, this checkout on sys.path, ../shared
 
 SHAPES = ("recipe=static; layers=1 heads=1/3 ffn=1/2; layers=2 heads=1 ffn=1/3 embedding_bits=4; "
-          "layers=3 heads=1 ffn=1/2 embedding_bits=4")
+          "layers=3 heads=1 ffn=1")
 
 
 def main() -> int:
@@ -54,12 +55,18 @@ def main() -> int:
     except BudgetError as e:
         print(f"[frontier] {e}")
     frontier = json.loads((build_dir / "search" / "frontier.json").read_text())
+    if frontier.get("latency_model"):
+        m = frontier["latency_model"]
+        print(f"cost model (untrained graphs timed beside the trained bundles): error median {m['median_abs']:.0%}, "
+              f"largest {m['max_abs']:.0%} over {m['shapes']} shapes")
     print(f"\nteacher {frontier['teacher_validation_accuracy']:.2f}% (validation), budget {frontier['max_drop']} "
           f"points, CPU {frontier['cpu']}")
     for c in frontier["candidates"]:
         if c["status"] == "built":
+            probe = (f"  untrained {c['probe_p50_ms']:.3f} ms ({c['probe_error']:+.0%})"
+                     if c.get("probe_error") is not None else "")
             print(f"{c['name']:<22} {c['validation_accuracy']:6.2f}%  {c['teacher_drop']:+6.2f} pt  "
-                  f"p50 {c['p50_ms']:.3f} ms ± {c['noise_ms']:.3f}  {c['bundle_bytes'] / 1e6:5.2f} MB"
+                  f"p50 {c['p50_ms']:.3f} ms ± {c['noise_ms']:.3f}  {c['bundle_bytes'] / 1e6:5.2f} MB{probe}"
                   + ("  <- chosen" if c["name"] == frontier["chosen"] else ""))
         else:
             print(f"{c['name']:<22} {c['status']}")
