@@ -454,6 +454,15 @@ class PruneConfig(ConfigBase):
         return bool(self.keep_layers or self.heads_per_layer or self.heads_fraction is not None
                     or self.ffn_size is not None or self.ffn_fraction is not None or self.param_budget is not None)
 
+    @property
+    def cuts(self) -> bool:
+        """Whether this removes any of the model's structure or weights: layers, heads or FFN neurons
+        (a fraction of 1 keeps them all) or sparsity. Vocabulary trimming alone does not count: the
+        training texts' tokens keep their rows."""
+        return bool(self.keep_layers or self.heads_per_layer or self.param_budget is not None or self.ffn_size is not None
+                    or self.heads_fraction not in (None, 1.0) or self.ffn_fraction not in (None, 1.0)
+                    or self.sparsity != "none")
+
     def resolved(self, ffn_sizes: list[int], heads: list[int] | None = None) -> PruneConfig:
         """``ffn_fraction`` and ``heads_fraction`` turned into ``ffn_size`` and ``heads_per_layer`` (one
         value for every layer, at least 1) for a model whose layers have ``ffn_sizes`` neurons and

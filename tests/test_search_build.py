@@ -98,6 +98,10 @@ def test_shapes_of_one_depth_share_one_distilled_student(searched):
     # recorded resolved: the fractions as heads per layer, so the two shapes pruned differently
     assert pruned[0]["heads_per_layer"] != pruned[1]["heads_per_layer"]
     assert pruned[0]["heads_per_layer"][0] * 2 == pruned[1]["heads_per_layer"][0]
+    # the shape that cut heads was recovered; the one that kept everything was not retrained
+    steps = [[st["step"] for st in json.loads((cands / n / "prune" / "stage.json").read_text())["metrics"]["steps"]]
+             for n in ("L1-h0.5-f0.5", "L1-h1-f1")]
+    assert steps[0][-1] == "recover" and "recover" not in steps[1]
 
 
 def test_report_shows_the_frontier_and_the_budget(searched):

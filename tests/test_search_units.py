@@ -103,3 +103,20 @@ def test_search_order_is_checked():
     assert SearchConfig().order == "latency"
     with pytest.raises(ValueError, match="search.order"):
         SearchConfig(order="fastest")
+
+
+def test_a_build_recovers_only_what_pruning_cut():
+    """A shape that keeps every head and the whole FFN is not re-trained after vocabulary trimming (a
+    recovery would restart training a converged student); one that cuts anything is."""
+    from edgepack.runner.chain import chain
+
+    base = BuildConfig(teacher="t", out="o")
+    search = SearchConfig(shapes=("layers=3 heads=1 ffn=1", "layers=1 heads=1/3 ffn=1/2", "layers=3 heads=1 ffn=1/2"))
+    recover = {}
+    for shape in search.shapes:
+        links = {n: c for n, _, c, _ in chain(search.candidate(base, shape), profiles.load("host"))}
+        recover[shape] = links["prune"].recover
+    assert recover == {"layers=3 heads=1 ffn=1": False, "layers=1 heads=1/3 ffn=1/2": True,
+                       "layers=3 heads=1 ffn=1/2": True}
+    sparse = base.replace(prune=base.prune.replace(sparsity="magnitude", sparsity_target=0.5))
+    assert {n: c for n, _, c, _ in chain(sparse, profiles.load("host"))}["prune"].recover

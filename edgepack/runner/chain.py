@@ -24,6 +24,12 @@ def chain(cfg: BuildConfig, profile) -> list[tuple[str, Any, Any, dict[str, Any]
     if distill_cfg.qat and distill_cfg.qat_target == "auto":
         distill_cfg = distill_cfg.replace(qat_target=quant_cfg.target)
     prune_cfg = cfg.prune
+    if prune_cfg.recover and not prune_cfg.cuts:
+        # Nothing cut but the vocabulary: a recovery would only restart training a converged student. On
+        # CLINC150 the 3-layer student keeping every head and its whole FFN went from 94.65% raw / 94.32%
+        # calibrated on validation after distillation to 94.00% / 93.58% after the recipe's 6 recovery
+        # epochs at lr 5e-4 (one run, 2-core x86-64 VM).
+        prune_cfg = prune_cfg.replace(recover=False)
     if prune_cfg.recovery.qat and prune_cfg.recovery.qat_target == "auto":
         prune_cfg = prune_cfg.replace(recovery=prune_cfg.recovery.replace(qat_target=quant_cfg.target))
     return [
