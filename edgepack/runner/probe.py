@@ -20,6 +20,7 @@ uses the target's default format) and sparsity (not applied to a probe).
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -106,10 +107,8 @@ def error_summary(errors: Sequence[float]) -> dict[str, Any] | None:
     """
     if not errors:
         return None
-    a = sorted(abs(e) for e in errors)
-    mid = len(a) // 2
-    med = a[mid] if len(a) % 2 else (a[mid - 1] + a[mid]) / 2
-    return {"shapes": len(a), "median_abs": round(med, 4), "max_abs": round(a[-1], 4)}
+    a = [abs(e) for e in errors]
+    return {"shapes": len(a), "median_abs": round(statistics.median(a), 4), "max_abs": round(max(a), 4)}
 
 
 def wanted(search: SearchConfig) -> bool:
