@@ -299,7 +299,8 @@ class DistillConfig(ConfigBase):
     ``alpha * CE + (1 - alpha) * T^2 * KL`` against cached teacher logits (see ``edgepack.training.distillation``)."""
 
     section: ClassVar[str] = "distill"
-    KEY_OPTIONAL: ClassVar[tuple[str, ...]] = ("static_pooling", "static_hidden", "qat", "qat_target")
+    KEY_OPTIONAL: ClassVar[tuple[str, ...]] = ("static_pooling", "static_hidden", "qat", "qat_target",
+                                               "attention_weight")
     num_layers: int = 2  # teacher layers kept when ``layers`` is empty (spread by ``student.pick_layers``)
     # num_layers = 0: the static student (edgepack.static_model): the teacher's word embeddings, mean
     # pooled (or mean and max: static_pooling = "mean_max"), an optional ReLU layer of static_hidden
@@ -323,6 +324,10 @@ class DistillConfig(ConfigBase):
     warmup_ratio: float = 0.06
     weight_decay: float = 0.01
     hidden_weight: float = 0.0  # weight of the [CLS] hidden-state MSE against the mapped teacher layers
+    # Weight of MiniLM's self-attention transfer (Wang et al. 2020): the KL of the student's last layer's
+    # attention distributions and value relations against the teacher's last layer's, per teacher head.
+    # Teacher-layer students only; the teacher runs on every batch (its outputs are not cached).
+    attention_weight: float = 0.0
     freeze_embeddings: bool = True  # the word-embedding table: 11.7M of a 2-layer student's 15.5M; fixed, steps take half the time
     # One teacher-labelled noisy copy per training text (word dropout, swap, or half spliced to half of
     # another text), and oos_relabel: on those copies where the teacher's top probability is below its
@@ -363,6 +368,7 @@ class DistillConfig(ConfigBase):
             raise ValueError(f"layers={list(self.layers)} repeats a layer; give each index once")
         _check_training(self)
         _in_range("hidden_weight", self.hidden_weight, 0.0)
+        _in_range("attention_weight", self.attention_weight, 0.0)
         _in_range("augment", self.augment, 0, 16)
         _in_range("oos_relabel", self.oos_relabel, 0.0, 1.0)
         _in_range("search_trials", self.search_trials, 0)

@@ -119,6 +119,68 @@ def test_training_steps_reduce_the_loss(tiny_model, data, tmp_path):
     assert loss(trainer.model) < before
 
 
+def test_attention_relations_are_the_models_own_attention(tiny_model, data):
+    """``self_relations`` recomputes the last layer's attention probabilities from its Q and K exactly
+    as the model does; the loss is 0 for the teacher against itself and not for a 1-layer student."""
+    import torch
+
+    from edgepack.training import student as st
+    from edgepack.training.distillation import DistillationTrainer, capture_qkv, relation_kl, self_relations
+
+    teacher = st.load_teacher(tiny_model).eval()
+    teacher.config._attn_implementation = "eager"  # so that output_attentions returns the probabilities
+    tok = st.load_tokenizer(tiny_model, what="teacher")
+    batch = dict(tok(data["train"].texts[:6], padding=True, return_tensors="pt"))
+    assert int(batch["attention_mask"].min()) == 0  # some padding, so the mask is exercised
+    qkv: dict = {}
+    with torch.no_grad(), capture_qkv(teacher, qkv):
+        probs = teacher(**batch, output_attentions=True).attentions[-1]
+    heads = teacher.config.num_attention_heads
+    att, val = self_relations(qkv, batch["attention_mask"], heads)
+    assert att.shape == probs.shape == val.shape
+    rows = batch["attention_mask"].bool()
+    assert torch.allclose(att.exp()[rows[:, None, :].expand(-1, heads, -1)],
+                          probs[rows[:, None, :].expand(-1, heads, -1)], atol=1e-5)
+    assert float(relation_kl(att, att, batch["attention_mask"])) == 0.0
+
+    trainer = SimpleNamespace(teacher_model=teacher)
+    assert float(DistillationTrainer.attention_loss(trainer, qkv, batch)) < 1e-6
+    student = st.from_teacher(teacher, [0]).eval()  # the first layer: other attention than the last's
+    s_qkv: dict = {}
+    with torch.no_grad(), capture_qkv(student, s_qkv):
+        student(**batch)
+    assert float(DistillationTrainer.attention_loss(trainer, s_qkv, batch)) > 1e-3
+
+
+@pytest.mark.slow
+def test_attention_transfer_trains_the_student_towards_the_teacher(tiny_model, data, tmp_path):
+    import torch
+
+    from edgepack.training import student as st
+    from edgepack.training.distillation import DistillationTrainer, capture_qkv, prepare, train_student
+
+    cfg = DistillConfig(layers=(0,), epochs=3, learning_rate=3e-3, batch_size=16, attention_weight=10.0, augment=0)
+    prep = prepare(cfg, tiny_model, data, cache_dir=tmp_path / "cache", progress=False)
+    teacher = st.load_teacher(tiny_model).eval()
+    batch = dict(prep.tokenizer(data["train"].texts[:32], padding=True, return_tensors="pt"))
+
+    def attention_loss(model) -> float:
+        model.eval()
+        qkv: dict = {}
+        with torch.no_grad(), capture_qkv(model, qkv):
+            model(**batch)
+        return float(DistillationTrainer.attention_loss(SimpleNamespace(teacher_model=teacher), qkv, batch))
+
+    before = attention_loss(prep.fresh_student())
+    after = {}
+    for weight in (0.0, cfg.attention_weight):  # the same run without the loss is the baseline
+        trainer = train_student(cfg.replace(attention_weight=weight), prep.fresh_student(), prep.tokenizer,
+                                prep.trainset, data["validation"], oos_id=data.oos_id, progress=False,
+                                teacher_model=teacher)
+        after[weight] = attention_loss(trainer.model)
+    assert after[cfg.attention_weight] < 0.8 * before and after[cfg.attention_weight] < 0.8 * after[0.0]
+
+
 # --------------------------------------------------------------------------------------------- cache
 
 

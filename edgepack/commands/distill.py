@@ -11,7 +11,7 @@ from edgepack.errors import EdgepackError
 # CLI flag -> DistillConfig field (flags left unset keep the --config file's or the default value).
 _FIELDS = {
     "alpha": "alpha", "temperature": "temperature", "epochs": "epochs", "learning_rate": "learning_rate",
-    "batch_size": "batch_size", "hidden_weight": "hidden_weight",
+    "batch_size": "batch_size", "hidden_weight": "hidden_weight", "attention_weight": "attention_weight",
     "augment": "augment", "oos_relabel": "oos_relabel", "search": "search_trials", "storage": "storage", "study_name": "study_name",
     "qat": "qat", "qat_target": "qat_target",
 }
@@ -42,6 +42,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--max-length", type=int, default=None, help="tokens per text (batches pad to their longest)")
     t.add_argument("--hidden-weight", type=float, default=None,
                    help="weight of the [CLS] hidden-state MSE against the mapped teacher layers (0: off)")
+    t.add_argument("--attention-weight", type=float, default=None,
+                   help="weight of MiniLM's self-attention transfer from the teacher's last layer (0: off; "
+                        "teacher-layer students only)")
     t.add_argument("--augment", type=int, default=None,
                    help="teacher-labelled noisy copies of each training text (default: 1; 0: off)")
     t.add_argument("--oos-relabel", type=float, default=None, metavar="W",

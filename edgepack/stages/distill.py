@@ -63,7 +63,7 @@ def run(cfg: DistillConfig, src: Path, out: Path, ctx, *, student_model=None, st
     model, metrics = run_once(prep, final_cfg, model=student_model, callbacks=callbacks, progress=progress)
     metrics["train_wall_time_s"] = metrics.pop("wall_time_s")
     if cfg.ablation:
-        _, abl = run_once(prep, final_cfg.replace(alpha=1.0, augment=0, hidden_weight=0.0), model=ablation_init,
+        _, abl = run_once(prep, final_cfg.replace(alpha=1.0, augment=0, hidden_weight=0.0, attention_weight=0.0), model=ablation_init,
                           progress=progress)
         extra["ablation"] = {"alpha": 1.0, **abl}
         if "test_accuracy_calibrated" in metrics:

@@ -6,7 +6,9 @@ The loss is the reference recipe (NLP with Transformers, ch. 8)::
 
 (``nn.KLDivLoss(log_softmax(z_s / T), softmax(z_t / T))``: the teacher's distribution is the target),
 plus, optionally, an MSE between the student's and the mapped teacher layers' first-token states
-(TinyBERT's intermediate-layer loss, reduced to [CLS] so the cache stays small).
+(TinyBERT's intermediate-layer loss, reduced to [CLS] so the cache stays small), and MiniLM's
+self-attention transfer (``self_relations``: the last layer's attention distributions and value
+relations, with the teacher run on each batch).
 
 ``DistillationTrainer`` is a ``transformers.Trainer`` that overrides only what differs from plain
 fine-tuning: where the teacher's outputs come from (``teacher_targets``: the batch, filled from the
@@ -61,12 +63,15 @@ class DistillationTrainer(Trainer):
     """
 
     def __init__(self, *args, alpha: float = 0.5, temperature: float = 2.0, hidden_weight: float = 0.0,
-                 hidden_map: Sequence[int] | None = None, **kwargs):
+                 hidden_map: Sequence[int] | None = None, attention_weight: float = 0.0, teacher_model=None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.alpha = alpha
         self.temperature = temperature
         self.hidden_weight = hidden_weight
         self.hidden_map = list(hidden_map) if hidden_map is not None else None
+        self.attention_weight = attention_weight if teacher_model is not None else 0.0
+        self.teacher_model = teacher_model.eval() if teacher_model is not None else None
 
     def teacher_targets(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """Remove and return the teacher's outputs for this batch (here: read from the cache)."""
@@ -110,14 +115,102 @@ class DistillationTrainer(Trainer):
         return super()._get_grad_norm(model, grad_norm)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        import contextlib
+
         targets = self.teacher_targets(inputs)
         labels = inputs.pop("labels", None)
         want_hidden = (self.hidden_weight > 0 and self.hidden_map is not None and "teacher_hidden" in targets)
-        outputs = model(**inputs, output_hidden_states=want_hidden) if want_hidden else model(**inputs)
+        want_attention = self.attention_weight > 0 and "teacher_logits" in targets  # training batches only
+        student_qkv: dict[str, Any] = {}
+        with capture_qkv(model, student_qkv) if want_attention else contextlib.nullcontext():
+            outputs = model(**inputs, output_hidden_states=want_hidden) if want_hidden else model(**inputs)
         loss = self.distillation_loss(outputs.logits, targets.get("teacher_logits"), labels, targets.get("has_label"))
         if want_hidden:
             loss = loss + self.hidden_weight * self.hidden_loss(outputs.hidden_states, targets["teacher_hidden"])
+        if want_attention:
+            loss = loss + self.attention_weight * self.attention_loss(student_qkv, inputs)
         return (loss, outputs) if return_outputs else loss
+
+    def attention_loss(self, student_qkv: dict[str, Any], inputs: dict[str, Any]):
+        """MiniLM's loss: KL(teacher || student) of the last layer's attention distributions plus that of
+        its value relations, both split into the teacher's head count."""
+        import torch
+
+        teacher_qkv: dict[str, Any] = {}
+        with torch.no_grad(), capture_qkv(self.teacher_model, teacher_qkv):
+            self.teacher_model(**inputs)
+        heads = self.teacher_model.config.num_attention_heads
+        mask = inputs["attention_mask"]
+        t = self_relations(teacher_qkv, mask, heads)
+        s = self_relations(student_qkv, mask, heads)
+        return sum(relation_kl(ti, si, mask) for ti, si in zip(t, s, strict=True))
+
+
+# Where the last self-attention layer's query, key and value projections are, by architecture:
+# BERT-like models (BERT, RoBERTa, MiniLM) and DistilBERT.
+_QKV_NAMES = (("attention.self.query", "attention.self.key", "attention.self.value"),
+              ("attention.q_lin", "attention.k_lin", "attention.v_lin"))
+
+
+def qkv_modules(model) -> tuple[Any, Any, Any]:
+    """The query, key and value ``Linear`` modules of ``model``'s last self-attention layer."""
+    modules = dict(model.named_modules())
+    for names in _QKV_NAMES:
+        prefixes = [n[: -len(names[0])] for n in modules if n.endswith("." + names[0])]
+        if prefixes:
+            last = max(prefixes, key=lambda n: int(re.findall(r"\d+", n)[-1]) if re.findall(r"\d+", n) else -1)
+            return tuple(modules[last + n] for n in names)  # type: ignore[return-value]
+    raise EdgepackError(f"{type(model).__name__}: no self-attention layer found for the attention loss "
+                        "(BERT-like and DistilBERT models only); set attention_weight = 0")
+
+
+class capture_qkv:
+    """Within the block, ``out["q"|"k"|"v"]`` are the last self-attention layer's projections (batch,
+    tokens, width) from the model's most recent forward pass."""
+
+    def __init__(self, model, out: dict[str, Any]):
+        self.modules, self.out, self.hooks = qkv_modules(model), out, []
+
+    def __enter__(self):
+        for key, module in zip("qkv", self.modules, strict=True):
+            self.hooks.append(module.register_forward_hook(
+                lambda _m, _inp, output, key=key: self.out.__setitem__(key, output)))
+        return self.out
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+        self.hooks.clear()
+
+
+def self_relations(qkv: Mapping[str, Any], mask, heads: int):
+    """MiniLM's self-attention relations, as log-probabilities (batch, heads, tokens, tokens): the
+    attention distribution ``softmax(Q K^T / sqrt(d))`` and the value relation ``softmax(V V^T / sqrt(d))``,
+    each projection split into ``heads`` relation heads (MiniLMv2's trick: the student's own head
+    count and width need not match the teacher's), padded keys masked."""
+    import torch
+
+    q, k, v = qkv["q"], qkv["k"], qkv["v"]
+    b, n, width = q.shape
+    if width % heads:
+        raise EdgepackError(f"the attention loss splits a {width}-wide projection into {heads} heads; "
+                            "it needs a width divisible by the teacher's head count")
+
+    def split(x):
+        return x.view(b, n, heads, width // heads).transpose(1, 2)
+
+    q, k, v = split(q), split(k), split(v)
+    scale = (width // heads) ** -0.5
+    pad = (1.0 - mask[:, None, None, :].to(q.dtype)) * -1e4
+    return (torch.log_softmax(q @ k.transpose(-1, -2) * scale + pad, dim=-1),
+            torch.log_softmax(v @ v.transpose(-1, -2) * scale + pad, dim=-1))
+
+
+def relation_kl(teacher_log, student_log, mask):
+    """KL(teacher || student) per query row, averaged over the heads and the unpadded rows."""
+    rows = (teacher_log.exp() * (teacher_log - student_log)).sum(-1)  # batch, heads, tokens
+    m = mask[:, None, :].to(rows.dtype)
+    return (rows * m).sum() / (m.sum() * rows.shape[1])
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -338,6 +431,7 @@ def train_student(
     max_length: int = 64,
     progress: bool = True,
     qat=None,
+    teacher_model=None,
 ):
     """Train ``model`` in place with ``DistillationTrainer``; evaluate on ``validation`` each epoch and
     end with the best epoch's weights. Returns the trainer (``trainer.model`` is the student).
@@ -345,7 +439,8 @@ def train_student(
     ``cfg.alpha == 1`` is plain fine-tuning on the labelled rows. ``callbacks`` are extra
     ``transformers.TrainerCallback``s (pruning schedules, Optuna's pruning hook). ``qat``: an
     ``edgepack.training.qat.Scheme`` to train (and pick the best epoch) with the target's int8
-    rounding simulated; the model comes back plain fp32.
+    rounding simulated; the model comes back plain fp32. ``teacher_model``: the teacher, run on each
+    batch for ``cfg.attention_weight``'s loss (without it that loss is off).
     """
     import contextlib
 
@@ -385,6 +480,7 @@ def train_student(
             data_collator=Collator(tokenizer), compute_metrics=_metrics_fn(oos_id),
             callbacks=list(callbacks), alpha=cfg.alpha, temperature=cfg.temperature,
             hidden_weight=cfg.hidden_weight if use_hidden else 0.0, hidden_map=hidden_map, optimizers=optimizers,
+            attention_weight=cfg.attention_weight, teacher_model=teacher_model,
         )
         quiet_trainer(trainer)  # the per-epoch metric dicts go to the log file, not between progress bars
         if qat is not None:
@@ -585,9 +681,15 @@ def run_once(prep: Prepared, cfg: DistillConfig, *, model=None, callbacks: Itera
         from edgepack.training.qat import resolve
 
         scheme = resolve(cfg.qat_target)
+    teacher = None
+    if cfg.attention_weight > 0 and prep.hidden_map is not None:  # a student of teacher layers
+        from edgepack.training import student as st
+
+        teacher = st.load_teacher(prep.teacher_dir)
     trainer = train_student(cfg, model, prep.tokenizer, trainset, prep.data["validation"], oos_id=prep.data.oos_id,
                             callbacks=callbacks, hidden_map=prep.hidden_map, max_length=prep.max_length,
-                            progress=progress, qat=scheme)
+                            progress=progress, qat=scheme, teacher_model=teacher)
+    del teacher
     model = trainer.model
     val, test = prep.data["validation"], prep.data["test"]
     metrics = score(predict_logits(model, prep.tokenizer, val.texts, prep.max_length), val.labels,
