@@ -55,8 +55,7 @@ def pct(x: float) -> str:
 
 def table(records: dict[str, dict[int, dict]]) -> str:
     teacher = next(iter(next(iter(records.values())).values()))["teacher"]
-    base = {k: statistics.mean(r["metrics"][k] for r in records["base"].values()) for k in METRICS} \
-        if "base" in records else None
+    base_runs = records.get("base", {})
     lines = ["| student (1 layer) | seeds | val raw | val calibrated | test raw | test calibrated | train time |",
              "|---|---|---|---|---|---|---|",
              "| teacher (6 layers) | - | " + " | ".join(pct(teacher[k]) for k in METRICS) + " | - |"]
@@ -66,13 +65,16 @@ def table(records: dict[str, dict[int, dict]]) -> str:
             vals = [r["metrics"][k] for r in runs.values()]
             mean = statistics.mean(vals)
             each = " / ".join(f"{100 * v:.2f}" for v in vals)
-            delta = "" if base is None or variant == "base" else f" ({100 * (mean - base[k]):+.2f})"
+            paired = [base_runs[seed]["metrics"][k] for seed in runs if seed in base_runs]
+            delta = "" if variant == "base" or len(paired) < len(runs) else \
+                f" ({100 * (mean - statistics.mean(paired)):+.2f})"
             cells.append(f"{pct(mean)}{delta} [{each}]")
         minutes = statistics.mean(r["metrics"]["train_wall_time_s"] for r in runs.values()) / 60
         lines.append(f"| {VARIANTS[variant][1]} | {','.join(map(str, runs))} | " + " | ".join(cells)
                      + f" | {minutes:.1f} min |")
     lines.append("")
-    lines.append("Each cell: the mean over the seeds (its difference to the base row's mean) [each seed].")
+    lines.append("Each cell: the mean over the seeds (its difference to the base row's mean over the same "
+                 "seeds) [each seed].")
     return "\n".join(lines)
 
 
