@@ -53,8 +53,13 @@ def pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
+def _teacher(records: dict[str, dict[int, dict]]) -> dict:
+    """The teacher's figures, as the first run recorded them (every run measures the same teacher)."""
+    return next(iter(next(iter(records.values())).values()))["teacher"]
+
+
 def table(records: dict[str, dict[int, dict]]) -> str:
-    teacher = next(iter(next(iter(records.values())).values()))["teacher"]
+    teacher = _teacher(records)
     base_runs = records.get("base", {})
     lines = ["| student (1 layer) | seeds | val raw | val calibrated | test raw | test calibrated | train time |",
              "|---|---|---|---|---|---|---|",
@@ -85,7 +90,7 @@ def plot(records: dict[str, dict[int, dict]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=False)
-    teacher = next(iter(next(iter(records.values())).values()))["teacher"]
+    teacher = _teacher(records)
     for ax, key, title in zip(axes, ("val_accuracy_calibrated", "test_accuracy_calibrated"),
                               ("validation (the budget's split)", "test"), strict=True):
         for x, runs in enumerate(records.values()):

@@ -158,7 +158,7 @@ def qkv_modules(model) -> tuple[Any, Any, Any]:
     for names in _QKV_NAMES:
         prefixes = [n[: -len(names[0])] for n in modules if n.endswith("." + names[0])]
         if prefixes:
-            last = max(prefixes, key=lambda n: int(re.findall(r"\d+", n)[-1]) if re.findall(r"\d+", n) else -1)
+            last = max(prefixes, key=lambda n: int((re.findall(r"\d+", n) or ["-1"])[-1]))  # the deepest layer
             return tuple(modules[last + n] for n in names)  # type: ignore[return-value]
     raise EdgepackError(f"{type(model).__name__}: no self-attention layer found for the attention loss "
                         "(BERT-like and DistilBERT models only); set attention_weight = 0")
@@ -568,6 +568,13 @@ class Prepared:
     max_length: int = 64  # tokens per text (the build's [data] max_length)
 
     @functools.cached_property
+    def teacher_model(self):
+        """The teacher itself, loaded once (the attention loss runs it on every batch of every run)."""
+        from edgepack.training import student as st
+
+        return st.load_teacher(self.teacher_dir)
+
+    @functools.cached_property
     def teacher_threshold(self) -> float | None:
         """The teacher's out-of-scope threshold on validation (None without an out-of-scope label)."""
         if self.data.oos_id is None:
@@ -681,15 +688,11 @@ def run_once(prep: Prepared, cfg: DistillConfig, *, model=None, callbacks: Itera
         from edgepack.training.qat import resolve
 
         scheme = resolve(cfg.qat_target)
-    teacher = None
-    if cfg.attention_weight > 0 and prep.hidden_map is not None:  # a student of teacher layers
-        from edgepack.training import student as st
-
-        teacher = st.load_teacher(prep.teacher_dir)
+    # The attention loss needs a student of teacher layers (the teacher's tokenizer and depth map).
+    teacher = prep.teacher_model if cfg.attention_weight > 0 and prep.hidden_map is not None else None
     trainer = train_student(cfg, model, prep.tokenizer, trainset, prep.data["validation"], oos_id=prep.data.oos_id,
                             callbacks=callbacks, hidden_map=prep.hidden_map, max_length=prep.max_length,
                             progress=progress, qat=scheme, teacher_model=teacher)
-    del teacher
     model = trainer.model
     val, test = prep.data["validation"], prep.data["test"]
     metrics = score(predict_logits(model, prep.tokenizer, val.texts, prep.max_length), val.labels,
