@@ -264,8 +264,8 @@ def _register_rss(sub) -> argparse.ArgumentParser:
 
 def _run_rss(args: argparse.Namespace) -> int:
     pipe = _load(args)
-    from .bench import rss_report
     from .datafiles import DataError, read_labelled
+    from .memory import rss_report
 
     try:
         texts, _ = read_labelled(pipe.bundle_dir / "eval.jsonl")
@@ -285,7 +285,8 @@ COMMANDS: dict[str, Command] = {
     "rss": (_register_rss, _run_rss),
 }
 # Commands in modules of their own, added when the module exists (``runtime_shim/tune.py`` with
-# ``register(subparsers) -> parser`` and ``run(args) -> int``); imported only when the CLI starts.
+# ``register(subparsers) -> parser`` and ``run(args) -> int``); imported only when the CLI runs that
+# command or lists them all (tune's dataclasses and unpack's tempfile are 2.7 MB of a serving process).
 OPTIONAL_COMMANDS = ("tune", "unpack")
 
 
@@ -298,19 +299,49 @@ def _optional(name: str):
         raise
 
 
-def make_parser() -> argparse.ArgumentParser:
-    """The argument parser with every command, optional ones included when their module exists.
+class _Formatter(argparse.HelpFormatter):
+    """argparse's formatter with the terminal width read as ``shutil.get_terminal_size`` reads it, without
+    importing ``shutil`` (with bz2, lzma and fnmatch: 1.2 MB of a serving process; argparse imports it in
+    every formatter it makes, and it makes one per argument added)."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None):
+        if width is None:
+            try:
+                width = int(os.environ["COLUMNS"])
+            except (KeyError, ValueError):
+                try:
+                    width = os.get_terminal_size(sys.__stdout__.fileno()).columns
+                except (AttributeError, ValueError, OSError):
+                    width = 80
+            width -= 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` using ``_Formatter``; its subparsers are made of this class too."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+
+def make_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser with every command, optional ones included when their module exists; with
+    ``command`` given, of the optional ones only that one (the others' modules stay unimported).
 
     Example:
         >>> make_parser().parse_args(["predict", "bundle", "hi"]).texts
         ['hi']
     """
-    parser = argparse.ArgumentParser(prog=PROG, description="Run and check an edgepack bundle on this device.")
+    parser = _Parser(prog=PROG, description="Run and check an edgepack bundle on this device.")
     parser.add_argument("--version", action="version", version=f"runtime_shim {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for register, run in COMMANDS.values():
         register(sub).set_defaults(_run=run)
     for name in OPTIONAL_COMMANDS:
+        if command is not None and command != name and command in (*COMMANDS, *OPTIONAL_COMMANDS):
+            continue
         module = _optional(name)
         if module is not None:
             module.register(sub).set_defaults(_run=module.run)
@@ -325,7 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         balance	0.9731	what is my balance
         0
     """
-    parser = make_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = make_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()

@@ -15,24 +15,23 @@ scored by the same code.
 from __future__ import annotations
 
 import gc
-import json
 import math
 import os
 import platform
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from .datafiles import DataError
-from .metrics import agreement, label_metrics
-from .pipeline import softmax, thresholded, top_of_row
 
-# The shim's parent directory: a fresh process started for the memory probe must import this same copy.
-_SHIM_PARENT = str(Path(__file__).resolve().parent.parent)
+# The memory probe lives in runtime_shim.memory (standard library only: the probe's process must not load
+# numpy for itself); re-exported here, where the harness and edgepack have always found it.
+from .memory import measure_peak_rss, peak_rss_mb, rss_report  # noqa: F401
+from .metrics import agreement, label_metrics
+from .scores import softmax, thresholded, top_of_row
 
 
 class Backend(Protocol):
@@ -176,80 +175,6 @@ def throughput(backend: Backend, texts: Sequence[str], batch_size: int, *, batch
         _answer(backend.forward(backend.encode(chunk)), names, oos_id, thr)
     elapsed = (time.perf_counter_ns() - t0) / 1e9
     return round(batch_size * batches / elapsed, 2) if elapsed > 0 else float("inf")
-
-
-# -------------------------------------------------------------------------------------------- memory
-
-
-def peak_rss_mb() -> float | None:
-    """Peak resident memory of this process so far, in MiB (``None`` where it cannot be read).
-
-    On Linux this is ``VmHWM`` from ``/proc/self/status``: ``ru_maxrss`` survives ``execve``, so a
-    child started by a large parent (a benchmark that has torch loaded) would report the parent's
-    peak. Elsewhere ``ru_maxrss`` (KiB on Linux, bytes on macOS).
-
-    Example:
-        >>> peak_rss_mb() > 0  # doctest: +SKIP
-        True
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 2)
-    except OSError:
-        pass
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024, 2)
-
-
-def rss_report(backend: Backend, texts: Sequence[str], *, warmup: int = 10, singles: int = 20,
-               batches: int = 3, batch_size: int = 32) -> dict[str, Any]:
-    """Exercise a freshly loaded backend (warm-up, single queries, batches) and report peak memory.
-
-    This is what the fresh process started by ``run_benchmark`` runs; it prints the result as one
-    JSON line (``python -m runtime_shim rss BUNDLE``).
-
-    Example:
-        >>> rss_report(OnnxPipeline("bundle"), ["set an alarm"])  # doctest: +SKIP
-        {'peak_rss_mb': 61.3, 'name': 'bundle', 'threads': 1}
-    """
-    texts = list(texts) or ["hello"]
-    time_single_queries(backend, texts, warmup=warmup, runs=singles)
-    throughput(backend, texts, batch_size, batches=batches)
-    return {"peak_rss_mb": peak_rss_mb(), "name": backend.name,
-            "threads": backend.settings.get("intra_op_num_threads")}
-
-
-def measure_peak_rss(argv: Sequence[str], *, timeout: float = 600.0) -> float:
-    """Run ``argv`` in a fresh process and return the ``peak_rss_mb`` from the JSON line it prints.
-
-    Raises ``RuntimeError`` with the command's last stderr line when it fails.
-
-    Example:
-        >>> measure_peak_rss([sys.executable, "-m", "runtime_shim", "rss", "bundle"])  # doctest: +SKIP
-        61.3
-    """
-    import subprocess
-
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_SHIM_PARENT, env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, env=env)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"{' '.join(map(str, argv[:5]))}... exited {proc.returncode}: {last}")
-    for line in reversed(proc.stdout.strip().splitlines()):
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(data, dict) and data.get("peak_rss_mb") is not None:
-            return float(data["peak_rss_mb"])
-    raise RuntimeError(f"{' '.join(map(str, argv[:5]))}... printed no JSON line with peak_rss_mb")
 
 
 # ------------------------------------------------------------------------------------------- harness

@@ -16,7 +16,6 @@ import importlib
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +120,8 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", *, suffix: str = "", p
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    import tempfile  # here, not at import: it loads shutil and random, 1.3 MB a serving process never needs
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     try:
         os.fchmod(fd, perms)

@@ -10,67 +10,22 @@ import sys
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from . import manifest as _manifest
 from . import trust as _trust
 from .cpu import warn_target_once
 from .manifest import BundleError
+from .scores import softmax, thresholded, top_of_list, top_of_row  # noqa: F401  (softmax, thresholded: re-exported)
 from .session import effective_settings, make_session
 from .wordpiece import FastWordPiece
 
-ORT_INT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}  # an input's numpy type
+if TYPE_CHECKING:
+    import numpy as np
 
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax, stable for large logits (the row maximum is subtracted first).
-
-    Example:
-        >>> softmax(np.array([[1000.0, 1000.0]])).tolist()
-        [[0.5, 0.5]]
-    """
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def thresholded(label_ids: np.ndarray, top_probs: np.ndarray, oos_id: int | None,
-                    threshold: float | None) -> np.ndarray:
-    """Replace a prediction by ``oos_id`` where its top probability is below ``threshold``.
-
-    Example:
-        >>> thresholded(np.array([0, 2]), np.array([0.9, 0.2]), oos_id=1, threshold=0.32).tolist()
-        [0, 1]
-    """
-    label_ids = np.asarray(label_ids)
-    if oos_id is None or threshold is None:
-        return label_ids.copy()
-    return np.where(np.asarray(top_probs) < threshold, oos_id, label_ids)
-
-
-def top_of_row(logits_row: np.ndarray, oos_id: int | None = None,
-               threshold: float | None = None) -> tuple[int, float]:
-    """``(label id, top softmax probability)`` of one row of logits, without the whole softmax: the top
-    probability is 1 / sum(exp(z - max z)), summed in float64 like ``softmax``; the label is the argmax,
-    replaced by ``oos_id`` when the top probability is below ``threshold`` (``thresholded``'s rule, on
-    scalars). For one query this takes ~2.5 us where ``softmax`` and ``thresholded`` on a [1, 151] array
-    take ~12 us.
-
-    Example:
-        >>> k, top = top_of_row(np.array([0.0, 2.0, 0.0], dtype=np.float32))
-        >>> k, round(top, 4)
-        (1, 0.787)
-        >>> top_of_row(np.array([0.0, 2.0, 0.0], dtype=np.float32), oos_id=2, threshold=0.9)[0]
-        2
-    """
-    k = int(logits_row.argmax())
-    top = 1.0 / float(np.exp(logits_row.astype(np.float64) - float(logits_row[k])).sum())
-    if oos_id is not None and threshold is not None and top < threshold:
-        k = oos_id
-    return k, top
+# numpy is imported where arrays are made, not here: a process serving a bundle through the C API
+# session (runtime_shim.capi) answers single texts and batches without loading it (docs/memory.md).
+ORT_INT_TYPES = {"tensor(int64)": "int64", "tensor(int32)": "int32"}  # an input's numpy dtype name
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -173,8 +128,10 @@ class OnnxPipeline:
         self.model_path = root / str(self.settings.get("model", "model.quant.onnx"))
         self.session = make_session(self.model_path, self.settings)
         self.input_names = [i.name for i in self.session.get_inputs()]
-        self._input_types = {i.name: ORT_INT_TYPES.get(i.type, np.int64) for i in self.session.get_inputs()}
+        self._input_types = {i.name: ORT_INT_TYPES.get(i.type, "int64") for i in self.session.get_inputs()}
         self._rows: dict[tuple[str, int], np.ndarray] = {}
+        # A C API session feeds token id rows itself (runtime_shim.capi): the calls below then need no numpy.
+        self._run_rows = getattr(self.session, "run_rows", None)
         known = {"input_ids", "attention_mask", "token_type_ids"}
         unknown = [n for n in self.input_names if n not in known]
         if unknown:
@@ -254,6 +211,8 @@ class OnnxPipeline:
             >>> enc["input_ids"].shape  # doctest: +SKIP
             (2, 7)
         """
+        import numpy as np
+
         if isinstance(texts, str):
             texts = [texts]
         types = self._input_types  # the model's own integer types (int32 for edgepack's fused graphs)
@@ -268,8 +227,8 @@ class OnnxPipeline:
         rows = [fast.encode(t) for t in texts] if fast is not None else []
         if rows and all(r is not None for r in rows):  # tokenizers' padding: pad_id and mask 0 on the right
             width = max(len(r) for r in rows)
-            ids = np.full((len(rows), width), self.pad_id, dtype=types.get("input_ids", np.int64))
-            mask = np.zeros((len(rows), width), dtype=types.get("attention_mask", np.int64))
+            ids = np.full((len(rows), width), self.pad_id, dtype=types.get("input_ids", "int64"))
+            mask = np.zeros((len(rows), width), dtype=types.get("attention_mask", "int64"))
             for i, r in enumerate(rows):
                 ids[i, :len(r)] = r
                 mask[i, :len(r)] = 1
@@ -291,6 +250,8 @@ class OnnxPipeline:
         kept read-only (saves ~0.8 us a query against np.ones)."""
         row = self._rows.get((name, length))
         if row is None:
+            import numpy as np
+
             make = np.ones if name == "attention_mask" else np.zeros
             row = self._rows[(name, length)] = make((1, length), dtype=self._input_types[name])
             row.flags.writeable = False
@@ -315,6 +276,8 @@ class OnnxPipeline:
             >>> ids.tolist(), probs.shape  # doctest: +SKIP
             ([0], (1, 5))
         """
+        import numpy as np
+
         if isinstance(texts, str):
             texts = [texts]
         texts = list(texts)
@@ -344,9 +307,30 @@ class OnnxPipeline:
         """One text, top label only: the general path's answer with fewer array operations (a single
         query's latency is what the device notices): ``top_of_row`` gives the label, threshold applied,
         and its probability."""
-        k, top = top_of_row(self.forward(self.encode([text]))[0], self.oos_id,
-                            self.oos_threshold if apply_threshold else None)
+        threshold = self.oos_threshold if apply_threshold else None
+        if self._run_rows is not None:
+            k, top = top_of_list(self._run_rows([self._ids(text)], self.pad_id, self.output_name)[0],
+                                 self.oos_id, threshold)
+        else:
+            k, top = top_of_row(self.forward(self.encode([text]))[0], self.oos_id, threshold)
         return {"label": self.label_names[k], "score": top}
+
+    def _ids(self, text: str) -> list[int]:
+        """One text's token ids, truncated to ``max_length``: the fast path's, else ``tokenizers``'."""
+        ids = self.fast_wordpiece.encode(text) if self.fast_wordpiece is not None else None
+        return ids if ids is not None else self.tokenizer.encode(text).ids
+
+    def _classify_rows(self, texts: list[str], apply_threshold: bool, batch_size: int) -> list[dict[str, Any]]:
+        """Top label of each text through ``run_rows`` (a C API session): ``__call__``'s answer for a list
+        without ``top_k``, and no numpy. Each batch is padded to its longest text, as ``encode`` pads."""
+        threshold = self.oos_threshold if apply_threshold else None
+        out = []
+        for start in range(0, len(texts), batch_size):
+            rows = [self._ids(t) for t in texts[start:start + batch_size]]
+            for logits in self._run_rows(rows, self.pad_id, self.output_name):
+                k, top = top_of_list(logits, self.oos_id, threshold)
+                out.append({"label": self.label_names[k], "score": top})
+        return out
 
     def __call__(self, inputs: str | Sequence[str], *, top_k: int | None = None, apply_threshold: bool = True,
                  batch_size: int = 32) -> list:
@@ -369,10 +353,16 @@ class OnnxPipeline:
         if single and top_k is None:
             return [self._classify_one(inputs, apply_threshold)]
         texts = [inputs] if single else list(inputs)
+        if top_k is None and self._run_rows is not None and texts:
+            if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+                raise ValueError(f"batch_size={batch_size!r} is not valid; use a positive integer")
+            return self._classify_rows(texts, apply_threshold, batch_size)
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k={top_k!r} is not valid; use a positive integer or None")
         _, probs = self.predict(texts, batch_size=batch_size)
         final = self.label_ids(probs, apply_threshold=apply_threshold)
+        import numpy as np
+
         top = probs.max(axis=-1) if len(texts) else np.zeros(0)
         out = []
         for i in range(len(texts)):

@@ -17,28 +17,31 @@ Keys read here (others in ``runtime.json`` are kept in the settings and ignored)
   ``SkipLayerNormFusion``: its fused CPU kernel took 18 us on 9 x 384 rows where the Add and
   LayerNormalization it replaces took 7 us (onnxruntime 1.31, x86-64, one thread), and edgepack's
   graphs keep that pair on purpose (``edgepack.bert_onnx``). ``[]`` runs every transformer.
+- ``session_api``: ``auto`` (default), ``c`` or ``python``: whether the session is made through ONNX
+  Runtime's C API (``runtime_shim.capi``: the wheel's own C library, without importing the package or
+  numpy, 17 MB less peak memory on the CLINC150 bundle; docs/memory.md) or through the Python package.
+  ``auto`` takes the C API on Linux when the wheel has the library (``session.use_c_api``).
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import onnxruntime as ort
-
+from . import capi, csession
 from .manifest import BundleError
 
-GRAPH_LEVELS = {
-    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
-if hasattr(ort.GraphOptimizationLevel, "ORT_ENABLE_LAYOUT"):  # onnxruntime >= 1.22
-    GRAPH_LEVELS["layout"] = ort.GraphOptimizationLevel.ORT_ENABLE_LAYOUT
-EXECUTION_MODES = {"sequential": ort.ExecutionMode.ORT_SEQUENTIAL, "parallel": ort.ExecutionMode.ORT_PARALLEL}
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+# The setting names and ONNX Runtime's values for them (GraphOptimizationLevel, ExecutionMode): the same
+# integers in the Python package and the C API. "layout" needs onnxruntime >= 1.22.
+GRAPH_LEVELS = capi.GRAPH_LEVELS
+EXECUTION_MODES = capi.EXECUTION_MODES
+SESSION_APIS = ("auto", "c", "python")
 
 DEFAULTS: dict[str, Any] = {
     "intra_op_num_threads": 1,
@@ -88,6 +91,46 @@ def _choice(settings: Mapping[str, Any], key: str, choices: Mapping[str, Any]) -
     return choices[value]
 
 
+def checked_options(settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The session settings of a ``runtime.json`` dict (missing keys take ``DEFAULTS``), checked, with
+    ONNX Runtime's integers for the named choices: what both session APIs are built from.
+
+    Raises ``BundleError`` naming the key and the valid values when a setting is wrong.
+
+    Example:
+        >>> o = checked_options({"graph_optimization_level": "basic"})
+        >>> o["graph_optimization_level"], o["intra_op_num_threads"], o["disabled_optimizers"]
+        (1, 1, ['SkipLayerNormFusion'])
+    """
+    s = effective_settings(settings)
+    out: dict[str, Any] = {
+        "intra_op_num_threads": _int(s, "intra_op_num_threads", 0),
+        "inter_op_num_threads": _int(s, "inter_op_num_threads", 0),
+        "execution_mode": _choice(s, "execution_mode", EXECUTION_MODES),
+        "graph_optimization_level": _choice(s, "graph_optimization_level", GRAPH_LEVELS),
+        "log_severity_level": _int(s, "log_severity_level", 0, 4),
+    }
+    for key in ("enable_cpu_mem_arena", "enable_mem_pattern"):
+        if key in s:
+            if not isinstance(s[key], bool):
+                raise BundleError(f"runtime.json: {key}={s[key]!r} is not valid; use true or false")
+            out[key] = s[key]
+    config = s["session_config"]
+    if not isinstance(config, Mapping):
+        raise BundleError(f"runtime.json: session_config={config!r} is not valid; use a table of string entries")
+    out["session_config"] = {str(k): str(v) for k, v in config.items()}
+    disabled = s.get("disabled_optimizers") or []
+    if not isinstance(disabled, list) or not all(isinstance(d, str) for d in disabled):
+        raise BundleError(f"runtime.json: disabled_optimizers={disabled!r} is not valid; use a list of "
+                          "ORT graph transformer names, e.g. [\"SkipLayerNormFusion\"], or []")
+    out["disabled_optimizers"] = list(disabled)
+    api = s.get("session_api", "auto")
+    if api not in SESSION_APIS:
+        raise BundleError(f"runtime.json: session_api={api!r} is not valid; choose one of: {', '.join(SESSION_APIS)}")
+    out["session_api"] = api
+    return out
+
+
 def session_options(settings: Mapping[str, Any] | None = None) -> ort.SessionOptions:
     """``onnxruntime.SessionOptions`` for a ``runtime.json`` dict (missing keys take ``DEFAULTS``).
 
@@ -98,33 +141,59 @@ def session_options(settings: Mapping[str, Any] | None = None) -> ort.SessionOpt
         >>> so.intra_op_num_threads, so.get_session_config_entry("session.intra_op.allow_spinning")
         (2, '0')
     """
-    s = effective_settings(settings)
+    import onnxruntime as ort
+
+    o = checked_options(settings)
     so = ort.SessionOptions()
-    so.intra_op_num_threads = _int(s, "intra_op_num_threads", 0)
-    so.inter_op_num_threads = _int(s, "inter_op_num_threads", 0)
-    so.execution_mode = _choice(s, "execution_mode", EXECUTION_MODES)
-    so.graph_optimization_level = _choice(s, "graph_optimization_level", GRAPH_LEVELS)
-    so.log_severity_level = _int(s, "log_severity_level", 0, 4)
+    so.intra_op_num_threads = o["intra_op_num_threads"]
+    so.inter_op_num_threads = o["inter_op_num_threads"]
+    so.execution_mode = ort.ExecutionMode(o["execution_mode"])
+    try:
+        so.graph_optimization_level = ort.GraphOptimizationLevel(o["graph_optimization_level"])
+    except ValueError:  # "layout" before onnxruntime 1.22
+        raise BundleError(f"runtime.json: graph_optimization_level={effective_settings(settings).get('graph_optimization_level')!r} is "
+                          f"not offered by onnxruntime {ort.__version__}; use disable, basic, extended or all") from None
+    so.log_severity_level = o["log_severity_level"]
     for key in ("enable_cpu_mem_arena", "enable_mem_pattern"):
-        if key in s:
-            if not isinstance(s[key], bool):
-                raise BundleError(f"runtime.json: {key}={s[key]!r} is not valid; use true or false")
-            setattr(so, key, s[key])
-    config = s["session_config"]
-    if not isinstance(config, Mapping):
-        raise BundleError(f"runtime.json: session_config={config!r} is not valid; use a table of string entries")
-    for key, value in config.items():
+        if key in o:
+            setattr(so, key, o[key])
+    for key, value in o["session_config"].items():
         try:
-            so.add_session_config_entry(str(key), str(value))
+            so.add_session_config_entry(key, value)
         except Exception as e:  # ORT raises a bare RuntimeError/Fail for a bad entry
             raise BundleError(f"runtime.json: session_config entry {key}={value!r} was refused by onnxruntime "
                               f"({str(e).splitlines()[0]}); fix or remove it") from None
     return so
 
 
+def use_c_api(choice: str) -> capi._Api | None:
+    """The C API handle when a session should be made through it (``runtime_shim.capi``), else None.
+
+    ``"python"``: never. ``"c"``: always (``BundleError`` when the wheel has no usable C library).
+    ``"auto"``: on Linux (where it is tested) when the library is there, also in a process that has
+    imported the ``onnxruntime`` package (edgepack's own: its timings then measure the path a device
+    serves). Such a process holds both copies of the runtime; ``"python"`` keeps it to one.
+
+    Example:
+        >>> use_c_api("python") is None
+        True
+    """
+    if choice == "python":
+        return None
+    if choice == "auto" and not sys.platform.startswith("linux"):
+        return None
+    api = capi.library()
+    if api is None and choice == "c":
+        raise BundleError(f"runtime.json: session_api='c' but the onnxruntime wheel's C library "
+                          f"({capi.library_path() or 'capi/libonnxruntime.*'}) is missing or older than ORT "
+                          f"{'.'.join(map(str, capi.MIN_ORT))}; set session_api to 'auto' or 'python'")
+    return api
+
+
 def make_session(model_path: str | os.PathLike, settings: Mapping[str, Any] | None = None,
-                 overrides: Mapping[str, Any] | None = None) -> ort.InferenceSession:
-    """A CPU ``InferenceSession`` for an ``.onnx`` or ``.ort`` model with the given settings.
+                 overrides: Mapping[str, Any] | None = None) -> ort.InferenceSession | csession.CSession:
+    """A CPU session for an ``.onnx`` or ``.ort`` model with the given settings: an ``InferenceSession``,
+    or a ``runtime_shim.csession.CSession`` when ``session_api`` picks the C API (``use_c_api``).
 
     Example:
         >>> sess = make_session("bundle/model.quant.onnx", {"intra_op_num_threads": 1})  # doctest: +SKIP
@@ -132,17 +201,32 @@ def make_session(model_path: str | os.PathLike, settings: Mapping[str, Any] | No
         ['input_ids', 'attention_mask', 'token_type_ids']
     """
     s = effective_settings(settings, overrides)
-    so = session_options(s)
-    disabled = s.get("disabled_optimizers") or []
-    if not isinstance(disabled, list) or not all(isinstance(d, str) for d in disabled):
-        raise BundleError(f"runtime.json: disabled_optimizers={disabled!r} is not valid; use a list of "
-                          "ORT graph transformer names, e.g. [\"SkipLayerNormFusion\"], or []")
+    o = checked_options(s)
     path = os.fspath(model_path)
     if not os.path.isfile(path):
         raise BundleError(f"{path}: missing; check the 'model' entry of runtime.json or re-run `edgepack pack`")
+    api = use_c_api(o["session_api"])
+    if api is not None:
+        if o["disabled_optimizers"]:
+            o["session_config"] = {"optimization.disable_specified_optimizers": ",".join(o["disabled_optimizers"]),
+                                   **o["session_config"]}
+        try:
+            return csession.CSession(path, o, api)
+        except capi.OrtError as e:
+            raise BundleError(f"{path}: onnxruntime {api.version} (C API) cannot load it "
+                              f"({_first_line(e)[:200]}); re-run `edgepack pack` or install the onnxruntime "
+                              "version in manifest.json") from None
+    import onnxruntime as ort
+
+    so = session_options(s)
     try:
-        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=o["disabled_optimizers"])
     except Exception as e:  # ORT raises InvalidGraph, Fail, NotImplemented... for a file it cannot load
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BundleError(f"{path}: onnxruntime {ort.__version__} cannot load it ({first[:200]}); "
+        raise BundleError(f"{path}: onnxruntime {ort.__version__} cannot load it ({_first_line(e)[:200]}); "
                           "re-run `edgepack pack` or install the onnxruntime version in manifest.json") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -32,14 +32,13 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import dataclasses
 import json
 import os
 import re
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import manifest as _manifest
 from .manifest import MANIFEST, SIGNATURE, BundleError
@@ -429,10 +428,10 @@ def _check_and_record(name: str, version: int, digest: str, keyid: str, *, allow
 # ------------------------------------------------------------------------------------- verification
 
 
-@dataclasses.dataclass(frozen=True)
-class Verified:
+class Verified(NamedTuple):
     """What ``verify_bundle`` established. ``signed`` is False when no trusted keys were configured:
-    then only the checksums were checked.
+    then only the checksums were checked. A ``NamedTuple`` (immutable), not a dataclass: ``dataclasses``
+    imports ``inspect``, 1.4 MB of a device process's peak memory (docs/memory.md).
 
     Example:
         >>> verify_bundle("bundle", keys="keys").key_id  # doctest: +SKIP

@@ -127,21 +127,21 @@ class _Runner:
     """A session for one candidate, sharing the pipeline's tokenizer."""
 
     def __init__(self, pipe, cand: Candidate, base: Mapping[str, Any]):
-        import onnxruntime as ort
-
         from .session import make_session
 
         self.pipe, self.cand = pipe, cand
         if cand.settings is None:
-            so = ort.SessionOptions()  # every knob at ONNX Runtime's default
-            so.log_severity_level = 3
-            self.session = ort.InferenceSession(str(pipe.model_path), so, providers=["CPUExecutionProvider"])
+            # Every knob at ONNX Runtime's default (SessionOptions(): threads 0, every optimizer), through
+            # the same session API as the other candidates, so the comparison is of settings only.
+            self.session = make_session(pipe.model_path, {
+                "intra_op_num_threads": 0, "inter_op_num_threads": 0, "disabled_optimizers": [],
+                "session_api": base.get("session_api", "auto")})
         else:
             self.session = make_session(pipe.model_path, _settings(base, cand))
         self.output = pipe.output_name
 
     def __call__(self, text: str):
-        from .pipeline import softmax
+        from .scores import softmax
 
         enc = self.pipe.encode([text])
         logits = self.session.run([self.output], {n: enc[n] for n in self.pipe.input_names})[0]

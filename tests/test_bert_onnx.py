@@ -86,23 +86,31 @@ def test_unsupported_models_fall_back_to_torch_export(tiny_model, corpus, tmp_pa
     assert fused["parity_max_abs_diff"] < 1e-4 and torch_["parity_max_abs_diff"] < 1e-4
 
 
-def test_session_keeps_add_layernorm_unfused(tiny_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("api", ["python", "c"])
+def test_session_keeps_add_layernorm_unfused(tiny_model, tmp_path, monkeypatch, api):
+    """Through either session API (the C API takes the list as ORT's
+    ``optimization.disable_specified_optimizers`` config entry)."""
     import runtime_shim.session as session_mod
 
     model = modeling.load_classifier(tiny_model, attn_implementation="eager").eval()
     path = write_bert_onnx(model, tmp_path / "m.onnx")
     opt = tmp_path / "optimized.onnx"
-    real = session_mod.session_options
+    real_so, real_checked = session_mod.session_options, session_mod.checked_options
 
     def saving(settings):  # the same options, plus: write the graph ORT actually runs
-        so = real(settings)
+        so = real_so(settings)
         so.optimized_model_filepath = str(opt)
         return so
 
+    def saving_c(settings):
+        return {**real_checked(settings), "optimized_model_filepath": str(opt)}
+
     monkeypatch.setattr(session_mod, "session_options", saving)
-    session_mod.make_session(path, {})
+    monkeypatch.setattr(session_mod, "checked_options", saving_c)
+    session_mod.make_session(path, {"session_api": api})
     kept = [n.op_type for n in onnx.load(str(opt)).graph.node]
-    session_mod.make_session(path, {"disabled_optimizers": []})
+    opt.unlink()
+    session_mod.make_session(path, {"disabled_optimizers": [], "session_api": api})
     fused = [n.op_type for n in onnx.load(str(opt)).graph.node]
     assert "SkipLayerNormalization" not in kept and "LayerNormalization" in kept
     assert "SkipLayerNormalization" in fused  # what the default setting prevents

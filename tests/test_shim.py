@@ -236,15 +236,19 @@ def test_session_settings_from_runtime_json(bundle_copy: Path):
     _edit_json(bundle_copy / "runtime.json", intra_op_num_threads=2, graph_optimization_level="basic",
                session_config={"session.intra_op.allow_spinning": "0"})
     update_manifest(bundle_copy)
-    pipe = OnnxPipeline(bundle_copy)
+    pipe = OnnxPipeline(bundle_copy, overrides={"session_api": "python"})
     so = pipe.session.get_session_options()
     assert so.intra_op_num_threads == 2
     assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert str(so.graph_optimization_level).endswith("ORT_ENABLE_BASIC")
 
-    over = OnnxPipeline(bundle_copy, overrides={"intra_op_num_threads": 1})
+    over = OnnxPipeline(bundle_copy, overrides={"intra_op_num_threads": 1, "session_api": "python"})
     assert over.session.get_session_options().intra_op_num_threads == 1
     assert over.settings["intra_op_num_threads"] == 1
+    # The C API session (the default on Linux) is made from the same checked settings.
+    c = OnnxPipeline(bundle_copy, overrides={"session_api": "c"}).session
+    assert c.options["intra_op_num_threads"] == 2 and c.options["graph_optimization_level"] == 1
+    assert c.options["session_config"]["session.intra_op.allow_spinning"] == "0"
 
 
 def test_settings_merge_and_validation():

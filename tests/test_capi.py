@@ -1,0 +1,148 @@
+"""The C API session (``runtime_shim.capi``): the same answers as ONNX Runtime's Python package on real
+bundles and graphs, the same settings checks, threads, and the choice between the two."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from runtime_shim import BundleError, OnnxPipeline, capi
+from runtime_shim import session as session_mod
+from runtime_shim.csession import CSession
+
+pytestmark = pytest.mark.skipif(capi.library() is None, reason="this onnxruntime wheel has no C library")
+
+TEXTS = ["what is my balance", "set an alarm for 7 am please", "hi", "caf\u00e9 balance",
+         "transfer fifty dollars from checking to savings right now"]
+
+
+def _pair(bundle: Path) -> tuple[OnnxPipeline, OnnxPipeline]:
+    c = OnnxPipeline(bundle, verify=False, overrides={"session_api": "c"})
+    py = OnnxPipeline(bundle, verify=False, overrides={"session_api": "python"})
+    assert isinstance(c.session, CSession) and isinstance(py.session, ort.InferenceSession)
+    return c, py
+
+
+def test_same_logits_and_answers_as_the_python_package(tiny_bundle: Path):
+    c, py = _pair(tiny_bundle)
+    assert [(i.name, i.type) for i in c.session.get_inputs()] == [(i.name, i.type) for i in py.session.get_inputs()]
+    assert c.session.get_outputs()[0].shape[-1] == len(c.label_names)
+    for batch in (TEXTS[:1], TEXTS):  # one unpadded row; rows padded to the longest
+        enc = py.encode(batch)
+        want = py.forward(enc)
+        assert np.array_equal(c.forward(enc), want)  # numpy feeds through the C API: bit for bit
+        rows = c.session.run_rows([c._ids(t) for t in batch], c.pad_id, c.output_name)
+        assert np.array_equal(np.array([list(r) for r in rows], dtype=np.float32), want)
+    # The serving calls: single texts, a list, top_k, the threshold off; the non-ASCII text goes
+    # through tokenizers on both. Scores are float64 sums of the same float32 logits in another order
+    # (math.fsum against numpy's pairwise sum): equal labels, scores within 1e-12.
+    for text in TEXTS:
+        _same(c(text), py(text))
+        _same(c(text, apply_threshold=False), py(text, apply_threshold=False))
+    _same(c(TEXTS), py(TEXTS))
+    _same(c(TEXTS, batch_size=2), py(TEXTS, batch_size=2))
+    assert c(TEXTS, top_k=3) == py(TEXTS, top_k=3)  # top_k takes the numpy path on both
+    assert c([]) == py([]) == []
+
+
+def _same(a: list[dict], b: list[dict]) -> None:
+    assert [x["label"] for x in a] == [x["label"] for x in b]
+    assert all(abs(x["score"] - y["score"]) < 1e-12 for x, y in zip(a, b, strict=True)), (a, b)
+
+
+def _sum_graph(path: Path, elem: int) -> Path:
+    """logits[b] = [sum of input_ids row, sum of attention_mask row]: shows what was fed, padding included."""
+    nodes = [helper.make_node("Cast", ["input_ids"], ["idf"], to=TensorProto.FLOAT),
+             helper.make_node("Cast", ["attention_mask"], ["mf"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceSum", ["idf", "axes"], ["a"], keepdims=1),
+             helper.make_node("ReduceSum", ["mf", "axes"], ["b"], keepdims=1),
+             helper.make_node("Concat", ["a", "b"], ["logits"], axis=1)]
+    graph = helper.make_graph(
+        nodes, "sums",
+        [helper.make_tensor_value_info(n, elem, ["batch", "seq"]) for n in ("input_ids", "attention_mask")],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])],
+        initializer=[helper.make_tensor("axes", TensorProto.INT64, [1], [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("elem", [TensorProto.INT32, TensorProto.INT64])
+def test_rows_padded_on_the_right(tmp_path: Path, elem: int):
+    path = _sum_graph(tmp_path / "sums.onnx", elem)
+    sess = session_mod.make_session(path, {"session_api": "c"})
+    assert sess.get_inputs()[0].type == ("tensor(int32)" if elem == TensorProto.INT32 else "tensor(int64)")
+    rows = [[5, 7], [1, 2, 3, 4], [9]]
+    out = [list(r) for r in sess.run_rows(rows, pad_id=100)]
+    assert out == [[12 + 200, 2], [10, 4], [9 + 300, 1]]  # pad id counted, mask 0 on the padding
+    big = [[2**32]] if elem == TensorProto.INT64 else [[7]]  # int64 ids are not cut to 32 bits (2**32 -> 0)
+    assert sess.run_rows(big)[0][0] == float(big[0][0])
+    ids = np.array([[1, 2], [3, 4]], dtype=np.int64 if elem == TensorProto.INT64 else np.int32)
+    got = sess.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
+    assert got.tolist() == [[3.0, 2.0], [7.0, 2.0]] and got.flags.writeable
+
+
+def test_threads_share_one_session(tiny_bundle: Path):
+    c, _ = _pair(tiny_bundle)
+    want = {t: c(t) for t in TEXTS}
+    want_batch = c(TEXTS)  # not the singles' scores: dynamic int8 scales activations over the batch
+    bad: list[str] = []
+
+    def work():
+        for _ in range(30):
+            for t in TEXTS:
+                if c(t) != want[t]:
+                    bad.append(t)
+            if c(TEXTS) != want_batch:
+                bad.append("batch")
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert bad == []
+
+
+def test_bad_inputs_name_the_file_or_the_key(tmp_path: Path):
+    junk = tmp_path / "model.onnx"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(BundleError, match=r"model\.onnx: onnxruntime .* \(C API\) cannot load it"):
+        session_mod.make_session(junk, {"session_api": "c"})
+    with pytest.raises(BundleError, match="session_api='fast' is not valid; choose one of: auto, c, python"):
+        session_mod.make_session(junk, {"session_api": "fast"})
+    with pytest.raises(BundleError, match="intra_op_num_threads"):
+        session_mod.make_session(_sum_graph(tmp_path / "s.onnx", TensorProto.INT32),
+                                 {"session_api": "c", "intra_op_num_threads": -1})
+
+
+def test_auto_takes_the_c_api_on_linux_only(monkeypatch):
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert session_mod.use_c_api("auto") is capi.library()
+    assert session_mod.use_c_api("python") is None
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert session_mod.use_c_api("auto") is None and session_mod.use_c_api("c") is capi.library()
+    monkeypatch.setattr(capi, "library", lambda: None)
+    with pytest.raises(BundleError, match="session_api='c' but the onnxruntime wheel's C library"):
+        session_mod.use_c_api("c")
+
+
+def test_the_function_table_is_the_one_in_the_header():
+    """Positions in OrtApi checked through calls whose answers are known: the version string through the
+    base, an error message through CreateStatus' neighbour (GetErrorMessage on a refused call), and the
+    default allocator's pointer being stable across calls."""
+    api = capi.library()
+    assert api.version == ort.__version__
+    with pytest.raises(capi.OrtError, match="load model|No such file|does not exist|Load model"):
+        api.out("CreateSession", api.env, b"/nonexistent/model.onnx", api.out("CreateSessionOptions"))
+    assert api.out("GetAllocatorWithDefaultOptions").value == api.out("GetAllocatorWithDefaultOptions").value
+    assert json.dumps(capi.GRAPH_LEVELS) and capi.GRAPH_LEVELS["all"] == int(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
