@@ -89,7 +89,7 @@ FLOAT, INT32, INT64 = 1, 6, 7
 TYPE_NAMES = {FLOAT: "tensor(float)", INT32: "tensor(int32)", INT64: "tensor(int64)"}
 GRAPH_LEVELS = {"disable": 0, "basic": 1, "extended": 2, "all": 99, "layout": 3}
 EXECUTION_MODES = {"sequential": 0, "parallel": 1}
-_LOG_WARNING = 2
+_LOG_ERROR = 3  # the environment logs errors only, like the sessions (log_severity_level 3)
 
 
 class OrtError(RuntimeError):
@@ -135,7 +135,7 @@ class _Api:
     def env(self) -> Any:
         with self._lock:  # one OrtEnv per process (ORT's rule), made on first use
             if self._env is None:
-                self._env = self.out("CreateEnv", _LOG_WARNING, b"edgepack")
+                self._env = self.out("CreateEnv", _LOG_ERROR, b"edgepack")
                 self._cpu = self.out("CreateCpuMemoryInfo", 0, 0)  # device allocator, default memory
             return self._env
 

@@ -62,6 +62,11 @@ class OnnxPipeline:
     Scores of a text can differ in the third decimal between calls with different batch-mates: dynamic
     int8 quantization scales activations over the whole batch (padding included).
 
+    On Linux the session is made through ONNX Runtime's C API (``runtime_shim.capi``, the installed wheel's
+    own C library; ``session_api`` in ``runtime.json`` or ``overrides`` chooses): single texts and lists
+    (without ``top_k``) are then answered without importing numpy or the ``onnxruntime`` package, 14-15 MB
+    less peak memory (docs/memory.md); ``encode``, ``forward`` and ``predict`` still speak numpy.
+
     Loading a bundle on a CPU that lacks its target's flags issues one ``runtime_shim.cpu.CpuTargetWarning``
     per process (ONNX Runtime then runs other int8 kernels, and answers may differ from the build's).
 
