@@ -85,15 +85,20 @@ class CSession:
         api.check(f["AllocatorFree"](allocator, C.cast(raw, _P)))
         info = api.out(f"SessionGet{kind}TypeInfo", self._ptr, index)
         try:
-            tensor = api.out("CastTypeInfoToTensorInfo", info)  # owned by info
-            elem, ndim = C.c_int(), _SZ()
-            api.check(f["GetTensorElementType"](tensor, C.byref(elem)))
-            api.check(f["GetDimensionsCount"](tensor, C.byref(ndim)))
-            dims = (C.c_int64 * max(ndim.value, 1))()
-            api.check(f["GetDimensions"](tensor, dims, ndim.value))
+            elem, dims = self._type_and_dims(api.out("CastTypeInfoToTensorInfo", info))  # owned by info
         finally:
             f["ReleaseTypeInfo"](info)
-        return NodeArg(name, elem.value, [d if d >= 0 else None for d in dims[:ndim.value]])
+        return NodeArg(name, elem, [d if d >= 0 else None for d in dims])
+
+    def _type_and_dims(self, tensor_info: Any) -> tuple[int, list[int]]:
+        """An ``OrtTensorTypeAndShapeInfo``'s element type and dimensions (-1 where symbolic)."""
+        api, f = self.api, self.api.f
+        elem, ndim = C.c_int(), _SZ()
+        api.check(f["GetTensorElementType"](tensor_info, C.byref(elem)))
+        api.check(f["GetDimensionsCount"](tensor_info, C.byref(ndim)))
+        dims = (C.c_int64 * max(ndim.value, 1))()
+        api.check(f["GetDimensions"](tensor_info, dims, ndim.value))
+        return elem.value, list(dims[:ndim.value])
 
     def get_inputs(self) -> list[NodeArg]:
         return list(self._inputs)
@@ -184,19 +189,14 @@ class CSession:
 
     def _shape(self, value: Any) -> list[int]:
         """A float output's shape, asked of ORT (an output whose width the model leaves symbolic)."""
-        api, f = self.api, self.api.f
-        info = api.out("GetTensorTypeAndShape", value)
+        info = self.api.out("GetTensorTypeAndShape", value)
         try:
-            elem, ndim = C.c_int(), _SZ()
-            api.check(f["GetTensorElementType"](info, C.byref(elem)))
-            api.check(f["GetDimensionsCount"](info, C.byref(ndim)))
-            dims = (C.c_int64 * max(ndim.value, 1))()
-            api.check(f["GetDimensions"](info, dims, ndim.value))
+            elem, dims = self._type_and_dims(info)
         finally:
-            f["ReleaseTensorTypeAndShapeInfo"](info)
-        if elem.value != FLOAT:
-            raise OrtError(f"the output is {TYPE_NAMES.get(elem.value, elem.value)}, not float logits")
-        return list(dims[:ndim.value])
+            self.api.f["ReleaseTensorTypeAndShapeInfo"](info)
+        if elem != FLOAT:
+            raise OrtError(f"the output is {TYPE_NAMES.get(elem, elem)}, not float logits")
+        return dims
 
     def run_rows(self, rows: Sequence[Sequence[int]], pad_id: int = 0, output: str | None = None) -> list[array]:
         """Logits rows (``array('f')``) for token id rows, padded on the right with ``pad_id`` (mask 0)

@@ -58,7 +58,7 @@ def _same(a: list[dict], b: list[dict]) -> None:
     assert all(abs(x["score"] - y["score"]) < 1e-12 for x, y in zip(a, b, strict=True)), (a, b)
 
 
-def _sum_graph(path: Path, elem: int) -> Path:
+def _sum_graph(path: Path, elem: int, width: int | str = 2) -> Path:
     """logits[b] = [sum of input_ids row, sum of attention_mask row]: shows what was fed, padding included."""
     nodes = [helper.make_node("Cast", ["input_ids"], ["idf"], to=TensorProto.FLOAT),
              helper.make_node("Cast", ["attention_mask"], ["mf"], to=TensorProto.FLOAT),
@@ -68,7 +68,7 @@ def _sum_graph(path: Path, elem: int) -> Path:
     graph = helper.make_graph(
         nodes, "sums",
         [helper.make_tensor_value_info(n, elem, ["batch", "seq"]) for n in ("input_ids", "attention_mask")],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", width])],
         initializer=[helper.make_tensor("axes", TensorProto.INT64, [1], [1])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -76,14 +76,16 @@ def _sum_graph(path: Path, elem: int) -> Path:
     return path
 
 
+@pytest.mark.parametrize("width", [2, "n"])  # a static output width, and one ORT is asked for per run
 @pytest.mark.parametrize("elem", [TensorProto.INT32, TensorProto.INT64])
-def test_rows_padded_on_the_right(tmp_path: Path, elem: int):
-    path = _sum_graph(tmp_path / "sums.onnx", elem)
+def test_rows_padded_on_the_right(tmp_path: Path, elem: int, width: int | str):
+    path = _sum_graph(tmp_path / "sums.onnx", elem, width)
     sess = session_mod.make_session(path, {"session_api": "c"})
     assert sess.get_inputs()[0].type == ("tensor(int32)" if elem == TensorProto.INT32 else "tensor(int64)")
     rows = [[5, 7], [1, 2, 3, 4], [9]]
     out = [list(r) for r in sess.run_rows(rows, pad_id=100)]
     assert out == [[12 + 200, 2], [10, 4], [9 + 300, 1]]  # pad id counted, mask 0 on the padding
+    assert [list(sess.run_rows([r])[0]) for r in rows] == [[12, 2], [10, 4], [9, 1]]  # one row: no padding
     big = [[2**32]] if elem == TensorProto.INT64 else [[7]]  # int64 ids are not cut to 32 bits (2**32 -> 0)
     assert sess.run_rows(big)[0][0] == float(big[0][0])
     ids = np.array([[1, 2], [3, 4]], dtype=np.int64 if elem == TensorProto.INT64 else np.int32)
