@@ -9,8 +9,9 @@ For each API, alternating, in the same run:
 - a 4-thread soak in a fresh process: four threads classifying ``eval.jsonl`` one text at a time, a batch
   of 32 every 50 texts, for ``--soak-s`` seconds; the process's peak;
 - latency in one process holding both pipelines, ``--rounds`` interleaved rounds of 1,000 single texts
-  after 200 warm-ups: end to end as an application calls it (``pipe(text)``), and as ``bench``'s harness
-  times it (``forward(encode([text]))``); medians over the rounds, the spread the rounds' range.
+  after 200 warm-ups, each API first in every other round: end to end as an application calls it
+  (``pipe(text)``), and as ``bench``'s harness times it (``forward(encode([text]))``); medians over the
+  rounds, the spread the rounds' range.
 
 Prints a table (Markdown) and draws the plot. Names the CPU. Standard library, the shim and matplotlib.
 """
@@ -110,8 +111,9 @@ def latency(bundle: Path, rounds: int, n: int = 1000, warmup: int = 200) -> dict
             ts.append(clock() - t0)
         return statistics.median(ts) / 1e6
 
-    for _ in range(rounds):
-        for api, pipe in pipes.items():
+    for r in range(rounds):
+        for api in (APIS if r % 2 == 0 else APIS[::-1]):  # each API first in every other round
+            pipe = pipes[api]
             out[api]["call"].append(p50(pipe))
             out[api]["harness"].append(p50(lambda t, p=pipe: p.forward(p.encode([t]))))
     return out
@@ -151,7 +153,7 @@ def plot(results: dict, path: Path, cpu: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundle", type=Path)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--rss-runs", type=int, default=3)
     ap.add_argument("--soak-s", type=float, default=8.0)
     ap.add_argument("--plot", type=Path, default=None)

@@ -148,3 +148,19 @@ def test_the_function_table_is_the_one_in_the_header():
         api.out("CreateSession", api.env, b"/nonexistent/model.onnx", api.out("CreateSessionOptions"))
     assert api.out("GetAllocatorWithDefaultOptions").value == api.out("GetAllocatorWithDefaultOptions").value
     assert json.dumps(capi.GRAPH_LEVELS) and capi.GRAPH_LEVELS["all"] == int(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+
+
+def test_scores_without_numpy_match_numpys():
+    """``top_of_list`` (the C API path's scoring, no numpy) against ``top_of_row`` on random rows and
+    at exp's limits: the same label, the same top probability to 1e-13."""
+    from runtime_shim.scores import top_of_list, top_of_row
+
+    rng = np.random.default_rng(0)
+    rows = [rng.normal(0, 4, 151).astype(np.float32) for _ in range(300)]
+    rows += [np.array(r, dtype=np.float32) for r in ([1000.0, 999.0, -5.0], [-800.0, -801.0], [3.0, 3.0, 1.0],
+                                                      [20.0, -760.0, 19.0])]
+    for row in rows:
+        k1, top1 = top_of_list(row.tolist())
+        k2, top2 = top_of_row(row)
+        assert k1 == k2 and abs(top1 - top2) < 1e-13, (row[:5], top1, top2)
+    assert top_of_list([0.0, 2.0, 0.0], oos_id=2, threshold=0.9)[0] == 2
