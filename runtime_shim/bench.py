@@ -180,6 +180,13 @@ def throughput(backend: Backend, texts: Sequence[str], batch_size: int, *, batch
 # ------------------------------------------------------------------------------------------- harness
 
 
+def _session_api(backend: Backend) -> str | None:
+    session = getattr(backend, "session", None)
+    if session is None:
+        return None
+    return "c" if hasattr(session, "run_rows") else "python"
+
+
 def _versions() -> dict[str, str]:
     from importlib import metadata  # not at import: it pulls in email, zipfile and csv (3.8 MB resident)
 
@@ -293,6 +300,9 @@ def run_benchmark(
         "bundle_bytes": int(backend.bundle_bytes),
         "threads": settings.get("intra_op_num_threads"),
         "settings": settings,
+        # Which ONNX Runtime API made the figures: "c" (runtime_shim.capi), "python" (the package), or
+        # None for a backend without an ONNX Runtime session (edgepack's PyTorch one).
+        "session_api": _session_api(backend),
         "warmup": warmup,
         "runs": runs,
         "gap_ms": gap_ms,

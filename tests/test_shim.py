@@ -298,6 +298,7 @@ def test_harness_metrics_are_exact():
     assert r["oos_recall"] == pytest.approx(1.0) and r["oos_recall_raw"] == pytest.approx(0.5)
     assert r["agreement"] == pytest.approx(0.6)
     assert r["peak_rss_mb"] is None and set(r["throughput_qps"]) == {"1", "4"}
+    assert r["session_api"] is None  # no ONNX Runtime session behind this backend
     assert accuracy_metrics(["a"], ["a"], None) == {"accuracy": 1.0, "in_scope_accuracy": None, "oos_recall": None}
 
 
@@ -333,6 +334,7 @@ def test_harness_on_the_bundle(pipe: OnnxPipeline, tiny_bundle: Path):
     assert set(r["throughput_qps"]) == {"1", "32"} and all(q > 0 for q in r["throughput_qps"].values())
     assert r["peak_rss_mb"] is not None and 10 < r["peak_rss_mb"] < 4000, r.get("peak_rss_error")
     assert r["threads"] == pipe.settings["intra_op_num_threads"]
+    assert r["session_api"] == ("c" if hasattr(pipe.session, "run_rows") else "python")
     assert r["model_bytes"] == pipe.model_bytes and r["bundle_bytes"] == pipe.bundle_bytes
     json.dumps(r)  # the --json output is plain JSON
 
