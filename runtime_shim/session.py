@@ -19,7 +19,7 @@ Keys read here (others in ``runtime.json`` are kept in the settings and ignored)
   graphs keep that pair on purpose (``edgepack.bert_onnx``). ``[]`` runs every transformer.
 - ``session_api``: ``auto`` (default), ``c`` or ``python``: whether the session is made through ONNX
   Runtime's C API (``runtime_shim.capi``: the wheel's own C library, without importing the package or
-  numpy, 17 MB less peak memory on the CLINC150 bundle; docs/memory.md) or through the Python package.
+  numpy, 14-15 MB less peak memory on every bundle measured; docs/memory.md) or through the package.
   ``auto`` takes the C API on Linux when the wheel has the library (``session.use_c_api``).
 """
 
