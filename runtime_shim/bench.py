@@ -29,7 +29,7 @@ from .datafiles import DataError
 
 # The memory probe lives in runtime_shim.memory (standard library only: the probe's process must not load
 # numpy for itself); re-exported here, where the harness and edgepack have always found it.
-from .memory import measure_peak_rss, peak_rss_mb, rss_report  # noqa: F401
+from .memory import measure_peak_rss, peak_rss_mb, rss_report, session_api  # noqa: F401
 from .metrics import agreement, label_metrics
 from .scores import softmax, thresholded, top_of_row
 
@@ -180,13 +180,6 @@ def throughput(backend: Backend, texts: Sequence[str], batch_size: int, *, batch
 # ------------------------------------------------------------------------------------------- harness
 
 
-def _session_api(backend: Backend) -> str | None:
-    session = getattr(backend, "session", None)
-    if session is None:
-        return None
-    return "c" if hasattr(session, "run_rows") else "python"
-
-
 def _versions() -> dict[str, str]:
     from importlib import metadata  # not at import: it pulls in email, zipfile and csv (3.8 MB resident)
 
@@ -300,9 +293,7 @@ def run_benchmark(
         "bundle_bytes": int(backend.bundle_bytes),
         "threads": settings.get("intra_op_num_threads"),
         "settings": settings,
-        # Which ONNX Runtime API made the figures: "c" (runtime_shim.capi), "python" (the package), or
-        # None for a backend without an ONNX Runtime session (edgepack's PyTorch one).
-        "session_api": _session_api(backend),
+        "session_api": session_api(backend),  # which ONNX Runtime API made the figures
         "warmup": warmup,
         "runs": runs,
         "gap_ms": gap_ms,

@@ -9,7 +9,7 @@ serves a bundle this way never loads numpy or the extension. Same package, same 
 the logits equal ``InferenceSession``'s bit for bit (tests/test_capi.py).
 
 Hand-written, not a library: no maintained Python binding of ORT's C API exists on PyPI, and the shim
-needs twelve calls of it. The function table (``OrtApi``) is append-only across ORT releases, so the
+needs about forty entries of it. The function table (``OrtApi``) is append-only across ORT releases, so the
 positions below, taken from ``onnxruntime_c_api.h``, hold for every version that has them (API 13 =
 ORT 1.13 has all of them); ``CSession`` asks for API 13. The one later feature used,
 ``optimization.disable_specified_optimizers`` (the shim's ``disabled_optimizers``), is a session config
@@ -100,7 +100,6 @@ class _Api:
     """The C library and its function table, opened once per process (``library()``)."""
 
     def __init__(self, path: str):
-        self.path = path
         self.lib = C.CDLL(path)
 
         class _Base(C.Structure):

@@ -45,7 +45,6 @@ class CSession:
         if api is None:
             raise OrtError("the onnxruntime wheel's C library was not found")
         self.api, f = api, api.f
-        self.version = api.version
         self.options = dict(options)  # what it was made with (session.checked_options' keys)
         so = api.out("CreateSessionOptions")
         try:
@@ -215,8 +214,7 @@ class CSession:
                 entry.ids[:] = array(entry.ids.typecode, rows[0])
                 return [self._run_single(entry)]
         buffers, keep = [], []
-        for arg in self._inputs:
-            code = "q" if arg.elem == INT64 else "i"
+        for arg, code in zip(self._inputs, self._codes, strict=True):
             if arg.name == "input_ids":
                 if n == 1:
                     buf = array(code, rows[0])

@@ -16,6 +16,14 @@ from typing import Any
 _SHIM_PARENT = str(Path(__file__).resolve().parent.parent)
 
 
+def session_api(backend: Any) -> str | None:
+    """Which ONNX Runtime API a backend's figures come from: ``"c"`` (``runtime_shim.csession``),
+    ``"python"`` (the package), or None for a backend without a session (edgepack's PyTorch one)."""
+    session = getattr(backend, "session", None)
+    if session is None:
+        return None
+    return "c" if hasattr(session, "run_rows") else "python"
+
 
 def peak_rss_mb() -> float | None:
     """Peak resident memory of this process so far, in MiB (``None`` where it cannot be read).
@@ -62,10 +70,9 @@ def rss_report(backend: Any, texts: Sequence[str], *, warmup: int = 10, singles:
         backend(texts[i % n])
     for b in range(batches + 1):
         backend([texts[(b * batch_size + j) % n] for j in range(batch_size)], batch_size=batch_size)
-    session = getattr(backend, "session", None)
     return {"peak_rss_mb": peak_rss_mb(), "name": backend.name,
             "threads": backend.settings.get("intra_op_num_threads"),
-            "session_api": "c" if hasattr(session, "run_rows") else "python",
+            "session_api": session_api(backend),
             "numpy_loaded": "numpy" in sys.modules}
 
 
