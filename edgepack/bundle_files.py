@@ -99,3 +99,18 @@ def write_skeleton(dest: Path, *, model_name: str, info: Any, max_length: int, o
     write_json_atomic(dest / "runtime.json", default_runtime(
         model_name, max_length=max_length, inputs=tuple(info.input_names), pad_id=pad_id(dest / "tokenizer.json"),
         session_config=session_config))
+
+
+def eval_slice_reference(stage: Path) -> dict[str, Any]:
+    """The bundle's answers on its own ``eval.jsonl``, computed by the shim's harness exactly as
+    ``python -m runtime_shim bench`` computes them on a device: the build-time figure and predictions
+    the fleet report compares every device with (accuracy within a tolerance, label agreement)."""
+    import runtime_shim
+    from runtime_shim.bench import run_benchmark
+    from runtime_shim.datafiles import read_labelled
+
+    texts, gold = read_labelled(stage / "eval.jsonl")
+    r = run_benchmark(runtime_shim.OnnxPipeline(stage, verify=False), texts, gold, warmup=0, runs=1,
+                      batch_sizes=(1,), rss_argv=[], throughput_batches=1)
+    return {"rows": len(texts), **{k: r[k] for k in ("accuracy", "accuracy_raw", "in_scope_accuracy", "oos_recall")},
+            "predictions": r["predictions"]}

@@ -273,6 +273,31 @@ class BundleConfig(ConfigBase):
 
 
 @dataclasses.dataclass(frozen=True)
+class CascadeConfig(ConfigBase):
+    """The cascade stage (``edgepack.stages.cascade``): the bundle answers the texts it is sure of and
+    hands the others to a second, more accurate model shipped inside it (``fallback/``): a text goes on
+    when the first model's top probability is below ``below``. Off unless ``fallback`` is set."""
+
+    section: ClassVar[str] = "cascade"
+    # "teacher": the build's teacher, exported and quantized by the build's own stages into
+    # BUILD/fallback/ (its int8 bundle). "": no cascade.
+    fallback: str = ""
+    # Escalate under this top probability. None: the lowest on a 0.01 grid (at or above both models'
+    # out-of-scope thresholds) whose validation accuracy reaches ``min_accuracy``; without a budget, the
+    # most accurate one.
+    below: float | None = None
+    # Set by the build, not by hand: the fallback bundle's directory and, with --max-drop, the teacher's
+    # validation accuracy minus the budget (points).
+    fallback_bundle: str = ""
+    min_accuracy: float | None = None
+
+    def __post_init__(self) -> None:
+        _choice("cascade.fallback", self.fallback, ("", "teacher"))
+        if self.below is not None:
+            _in_range("cascade.below", self.below, 0.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
 class PackConfig(ConfigBase):
     """``edgepack pack``: the quantize and bundle stages after an export (its options are flat on the
     command line and in an old recipe's ``[pack]`` table: :meth:`of` routes each to its stage)."""
@@ -481,7 +506,7 @@ class PruneConfig(ConfigBase):
         return out
 
 
-BUILD_STAGES = ("distill", "prune", "export", "quantize", "bundle", "tune", "verify")
+BUILD_STAGES = ("distill", "prune", "export", "quantize", "bundle", "cascade", "tune", "verify")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -559,7 +584,8 @@ DEFAULT_RECIPE = "default"
 
 # A shape's keys and the config fields they set (stage table, field).
 SHAPE_KEYS = {"layers": ("distill", "num_layers"), "heads": ("prune", "heads_fraction"),
-              "ffn": ("prune", "ffn_fraction"), "embedding_bits": ("quantize", "embedding_bits")}
+              "ffn": ("prune", "ffn_fraction"), "embedding_bits": ("quantize", "embedding_bits"),
+              "fallback": ("cascade", "fallback")}
 
 
 def parse_shape(text: str) -> dict[str, Any]:
@@ -580,6 +606,11 @@ def parse_shape(text: str) -> dict[str, Any]:
         if key == "recipe":
             if not re.fullmatch(r"[A-Za-z0-9_.-]+", value):
                 raise ValueError(f"shape {text!r}: recipe={value!r} is not a recipe name")
+            out[key] = value
+            continue
+        if key == "fallback":  # a cascade: the shape's bundle, then the teacher's int8 for what it is unsure of
+            if value != "teacher":
+                raise ValueError(f"shape {text!r}: fallback={value!r} is not known; write fallback=teacher")
             out[key] = value
             continue
         try:
@@ -608,8 +639,9 @@ def shape_name(text: str) -> str:
     """
     letters = {"layers": "L", "heads": "h", "ffn": "f", "embedding_bits": "e"}
     shape = parse_shape(text)
-    return "-".join(([shape["recipe"]] if "recipe" in shape else []) + [f"{letters[k]}{shape[k]:.2g}" if isinstance(shape[k], float) else f"{letters[k]}{shape[k]}"
-                    for k in SHAPE_KEYS if k in shape])  # one order, however the shape was written
+    name = "-".join(([shape["recipe"]] if "recipe" in shape else []) + [f"{letters[k]}{shape[k]:.2g}" if isinstance(shape[k], float) else f"{letters[k]}{shape[k]}"
+                    for k in letters if k in shape])  # one order, however the shape was written
+    return name + (f"+{shape['fallback']}" if "fallback" in shape else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -651,7 +683,7 @@ class SearchConfig(ConfigBase):
 
     def candidate(self, build: BuildConfig, shape: str) -> BuildConfig:
         """``build`` with ``shape``'s fields set."""
-        tables = {"distill": build.distill, "prune": build.prune, "quantize": build.quantize}
+        tables = {"distill": build.distill, "prune": build.prune, "quantize": build.quantize, "cascade": build.cascade}
         changes: dict[str, dict[str, Any]] = {}
         for key, value in parse_shape(shape).items():
             if key == "recipe":
@@ -683,6 +715,7 @@ class BuildConfig(ConfigBase):
     export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
     quantize: QuantizeConfig = dataclasses.field(default_factory=QuantizeConfig)
     bundle: BundleConfig = dataclasses.field(default_factory=BundleConfig)
+    cascade: CascadeConfig = dataclasses.field(default_factory=CascadeConfig)
     tune: TuneConfig = dataclasses.field(default_factory=TuneConfig)
     verify: VerifyConfig = dataclasses.field(default_factory=VerifyConfig)
     sign: SignConfig = dataclasses.field(default_factory=SignConfig)

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import cascade as _cascade
 from . import manifest as _manifest
 from . import trust as _trust
 from .cpu import warn_target_once
@@ -66,6 +67,9 @@ class OnnxPipeline:
     own C library; ``session_api`` in ``runtime.json`` or ``overrides`` chooses): single texts and lists
     (without ``top_k``) are then answered without importing numpy or the ``onnxruntime`` package, 14-15 MB
     less peak memory (docs/memory.md); ``encode``, ``forward`` and ``predict`` still speak numpy.
+
+    A cascade bundle (``runtime.json`` ``cascade``, ``runtime_shim.cascade``) answers a text whose top
+    probability is under ``escalate_below`` with its ``fallback`` pipeline, on every path above.
 
     Loading a bundle on a CPU that lacks its target's flags issues one ``runtime_shim.cpu.CpuTargetWarning``
     per process (ONNX Runtime then runs other int8 kernels, and answers may differ from the build's).
@@ -156,6 +160,22 @@ class OnnxPipeline:
         self.bundle_bytes: int = _manifest.bundle_bytes(root)
         self.name: str = str(self.manifest.get("name") or root.resolve().name)
 
+        # A cascade (runtime.json "cascade"): texts this model is less sure of than ``escalate_below``
+        # are answered by the fallback bundle inside this one, under the fallback's out-of-scope threshold.
+        self.fallback: OnnxPipeline | None = None
+        self.escalate_below: float | None = None
+        if self.settings.get("cascade") is not None:
+            self._load_fallback(self.settings["cascade"])
+
+    def _load_fallback(self, setting: Any) -> None:
+        """The cascade's second model (``runtime_shim.cascade``: the setting, the rule, its checks)."""
+        sub, below = _cascade.read_setting(self.bundle_dir, setting)
+        fallback = OnnxPipeline(sub, verify=False, overrides={k: v for k, v in self.overrides.items() if k != "cascade"})
+        _cascade.check_pair(self.bundle_dir, self, fallback, below)
+        self.fallback, self.escalate_below = fallback, below
+        self.oos_threshold = fallback.oos_threshold  # the cascade answers under the fallback's threshold
+        self.model_bytes += fallback.model_bytes
+
     @property
     def tokenizer(self):
         """The bundle's ``tokenizers.Tokenizer``, truncating to ``max_length`` and padding to the longest
@@ -216,10 +236,15 @@ class OnnxPipeline:
             >>> enc["input_ids"].shape  # doctest: +SKIP
             (2, 7)
         """
-        import numpy as np
-
         if isinstance(texts, str):
             texts = [texts]
+        if self.fallback is not None:  # forward() hands the texts it is unsure of to the fallback
+            return _cascade.Encoded(self._encode(texts), texts=list(texts))
+        return self._encode(texts)
+
+    def _encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        import numpy as np
+
         types = self._input_types  # the model's own integer types (int32 for edgepack's fused graphs)
         if len(texts) == 1:  # unpadded: the mask and token types are constant rows
             ids = self.fast_wordpiece.encode(texts[0]) if self.fast_wordpiece is not None else None
@@ -271,7 +296,15 @@ class OnnxPipeline:
             (1, 5)
         """
         feed = {name: encoded[name] for name in self.input_names}
-        return self.session.run([self.output_name], feed)[0]
+        logits = self.session.run([self.output_name], feed)[0]
+        texts = getattr(encoded, "texts", None)
+        if self.fallback is None or texts is None:
+            return logits
+        # A cascade: the rows under ``escalate_below`` get the fallback's logits.
+        unsure = _cascade.unsure_rows(logits, self.escalate_below)
+        if not unsure:
+            return logits
+        return _cascade.merged(logits, unsure, self.fallback.forward(self.fallback.encode([texts[i] for i in unsure])))
 
     def predict(self, texts: Sequence[str], *, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
         """Raw predictions: ``(label_ids [n], probs [n, num_labels])``, argmax only, no threshold.
@@ -317,7 +350,9 @@ class OnnxPipeline:
             k, top = top_of_list(self._run_rows([self._ids(text)], self.pad_id, self.output_name)[0],
                                  self.oos_id, threshold)
         else:
-            k, top = top_of_row(self.forward(self.encode([text]))[0], self.oos_id, threshold)
+            k, top = top_of_row(self.forward(self._encode([text]))[0], self.oos_id, threshold)
+        if self.fallback is not None and top < self.escalate_below:
+            return self.fallback._classify_one(text, apply_threshold)
         return {"label": self.label_names[k], "score": top}
 
     def _ids(self, text: str) -> list[int]:
@@ -329,12 +364,19 @@ class OnnxPipeline:
         """Top label of each text through ``run_rows`` (a C API session): ``__call__``'s answer for a list
         without ``top_k``, and no numpy. Each batch is padded to its longest text, as ``encode`` pads."""
         threshold = self.oos_threshold if apply_threshold else None
-        out = []
+        out: list[dict[str, Any]] = []
+        unsure: list[int] = []
         for start in range(0, len(texts), batch_size):
             rows = [self._ids(t) for t in texts[start:start + batch_size]]
             for logits in self._run_rows(rows, self.pad_id, self.output_name):
                 k, top = top_of_list(logits, self.oos_id, threshold)
+                if self.fallback is not None and top < self.escalate_below:
+                    unsure.append(len(out))
                 out.append({"label": self.label_names[k], "score": top})
+        if unsure:  # a cascade: the fallback answers these, batched among themselves
+            answers = self.fallback([texts[i] for i in unsure], apply_threshold=apply_threshold, batch_size=batch_size)
+            for j, i in enumerate(unsure):
+                out[i] = answers[j]
         return out
 
     def __call__(self, inputs: str | Sequence[str], *, top_k: int | None = None, apply_threshold: bool = True,

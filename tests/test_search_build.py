@@ -162,3 +162,49 @@ def test_bad_shape_is_one_clear_line(tmp_path, tiny_model, clinc_json, capsys):
     assert main(["build", str(recipe)]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "head=1" in err[0] and "layers" in err[0]
+
+
+CASCADE_SEARCH = """
+[search]
+max_drop = 100.0
+explore = 1
+order = "declared"
+latency_runs = 20
+latency_rounds = 2
+shapes = ["layers=1 heads=1/2 ffn=1/2", "layers=1 heads=1/2 ffn=1/2 fallback=teacher"]
+"""
+
+
+def test_cascade_shape_reuses_its_student_and_ships_the_teacher(tmp_path, tiny_model, clinc_json):
+    """A shape with fallback=teacher: the plain shape's bundle (taken from its ledger, not retrained) with
+    the teacher's int8 bundle (built once, BUILD/fallback) inside it, escalating under the lowest point
+    of the grid (a 100-point budget is reached by every point), and publishable with --pick."""
+    from edgepack.stages.cascade import grid
+    from runtime_shim import OnnxPipeline
+
+    text = RECIPE.split("[search]")[0].format(teacher=tiny_model, out=tmp_path / "bundle", data=clinc_json,
+                                              profile=loose_profile(tmp_path), recover_epochs=1, quantize_extra="")
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(text + CASCADE_SEARCH)
+    assert main(["build", str(recipe)]) == 0
+    build = tmp_path / "bundle.build"
+    f = frontier(tmp_path)
+    plain, casc = f["candidates"]
+    assert (plain["name"], casc["name"]) == ("L1-h0.5-f0.5", "L1-h0.5-f0.5+teacher")
+    assert plain["status"] == casc["status"] == "built" and plain["sent_on"] is None
+    cdir = build / "candidates" / casc["name"]
+    # the student was distilled once: the cascade's distill output is the plain shape's (shared files)
+    a, b = (build / "candidates" / plain["name"] / "distill" / "model.safetensors"), cdir / "distill" / "model.safetensors"
+    assert a.stat().st_ino == b.stat().st_ino
+    fast, slow = OnnxPipeline(cdir / "bundle"), OnnxPipeline(build / "fallback" / "bundle")
+    floor = max(t for t in (fast.oos_threshold, slow.oos_threshold, 0.0) if t is not None)
+    runtime = json.loads((cdir / "cascade" / "runtime.json").read_text())
+    assert runtime["cascade"] == {"fallback": "fallback", "below": grid(floor)[0]}
+    manifest = json.loads((cdir / "cascade" / "manifest.json").read_text())
+    assert casc["sent_on"] == manifest["metrics"]["cascade"]["sent_on_validation"]
+    assert (cdir / "cascade" / "fallback" / "model.quant.onnx").read_bytes() == (
+        build / "fallback" / "bundle" / "model.quant.onnx").read_bytes()
+    assert main(["build", str(recipe), "--pick", casc["name"]]) == 0
+    pipe = OnnxPipeline(tmp_path / "bundle")
+    assert pipe.fallback is not None and pipe.escalate_below == grid(floor)[0]
+    assert frontier(tmp_path)["chosen"] == casc["name"]

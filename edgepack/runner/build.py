@@ -86,6 +86,13 @@ def _build(cfg: BuildConfig, *, force: bool, log: Log) -> dict[str, Any]:
     src, src_hash = teacher, _sha(hash_tree(teacher), data.fingerprint())
     domains = json.loads(Path(cfg.domains).read_text()) if cfg.domains else None
     verify_kwargs = {"domains": domains, "title": f"edgepack build: {teacher.name} for {profile.name}"}
+    if cfg.cascade.fallback and not (cfg.search.shapes and "distill" in names):
+        from edgepack.runner import cascade
+        from edgepack.runner.search import teacher_accuracy
+
+        fallback = cascade.fallback_bundle(cfg, ctx, root, src, src_hash, log=log)
+        acc = teacher_accuracy(ctx, root, src_hash, log) if cfg.search.max_drop is not None else None
+        cfg = cascade.with_fallback(cfg, fallback, teacher_accuracy=acc, max_drop=cfg.search.max_drop)
     links = chain(cfg, profile)
     if cfg.search.shapes and "distill" in names:
         from edgepack.runner.search import search

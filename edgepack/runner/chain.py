@@ -12,7 +12,7 @@ from edgepack.runner.ledger import Ledger, output_hash
 
 def chain(cfg: BuildConfig, profile) -> list[tuple[str, Any, Any, dict[str, Any]]]:
     """The build's links: (stage name, its module, its config, what else its ledger key holds)."""
-    from edgepack.stages import bundle, distill, export, prune, quantize, tune, verify
+    from edgepack.stages import bundle, cascade, distill, export, prune, quantize, tune, verify
 
     quant_cfg = cfg.quantize if cfg.quantize.target != "auto" else cfg.quantize.replace(target=profile.target)
     export_cfg = cfg.export
@@ -32,12 +32,20 @@ def chain(cfg: BuildConfig, profile) -> list[tuple[str, Any, Any, dict[str, Any]
         prune_cfg = prune_cfg.replace(recover=False)
     if prune_cfg.recovery.qat and prune_cfg.recovery.qat_target == "auto":
         prune_cfg = prune_cfg.replace(recovery=prune_cfg.recovery.replace(qat_target=quant_cfg.target))
+    # A cascade (a shape's fallback=teacher, or [cascade] fallback): the build makes the fallback bundle
+    # first (runner.cascade) and names it here; its content is in the key, not only its path.
+    cascade_links = []
+    if cfg.cascade.fallback:
+        fallback = Path(cfg.cascade.fallback_bundle)
+        cascade_links = [("cascade", cascade, cfg.cascade,
+                          {"fallback": output_hash(fallback) if (fallback / "manifest.json").is_file() else None})]
     return [
         ("distill", distill, distill_cfg, {}),
         ("prune", prune, prune_cfg, {}),
         ("export", export, export_cfg, {}),
         ("quantize", quantize, quant_cfg, {}),
         ("bundle", bundle, cfg.bundle.replace(archive=False), {}),
+        *cascade_links,
         ("tune", tune, cfg.tune, {"profile": profile.to_dict()}),
         ("verify", verify, cfg.verify, {"profile": profile.to_dict(), "domains": cfg.domains}),
     ]

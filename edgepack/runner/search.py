@@ -32,11 +32,11 @@ from typing import Any
 from edgepack.config import BuildConfig, parse_shape, shape_name
 from edgepack.errors import EdgepackError
 from edgepack.records import hash_config, write_json_atomic
-from edgepack.runner import probe
+from edgepack.runner import cascade, probe
 from edgepack.runner.ledger import Ledger
 
 Log = Callable[[str], None]
-CANDIDATE_STAGES = ("distill", "prune", "export", "quantize", "bundle")
+CANDIDATE_STAGES = ("distill", "prune", "export", "quantize", "bundle", "cascade")
 
 
 @dataclasses.dataclass
@@ -56,13 +56,18 @@ class Candidate:
     probe_p50_ms: float | None = None
     probe_error: float | None = None
     bundle_bytes: int | None = None
+    # A cascade (fallback=teacher): the share of validation texts its first model sends on, so its p50 is
+    # the first model's and its p95 the fallback's when the share is above 5%.
+    sent_on: float | None = None
     inside: bool | None = None
     status: str = "not built"  # built | skipped (why) | not built
     seconds: float = 0.0
 
+    last_stage: str = "bundle"  # "cascade" for a shape with a fallback: its bundle is that stage's output
+
     @property
     def bundle(self) -> Path:
-        return self.dir / "bundle"
+        return self.dir / self.last_stage
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -125,6 +130,8 @@ def search(cfg: BuildConfig, ctx, root: Path, src: Path, src_hash: str, *, log: 
         raise EdgepackError(f"--pick {s.pick}: not a shape of this search; shapes: {', '.join(c.name for c in cands)}")
     # a shape naming an unknown recipe fails now, not after the cheaper ones trained
     configs = {c.name: s.candidate(_from_recipe(cfg, parse_shape(c.shape).get("recipe")), c.shape) for c in cands}
+    for c in cands:
+        c.last_stage = "cascade" if configs[c.name].cascade.fallback else "bundle"
     probes: dict[str, Path] = {}
     if probe.wanted(s):
         log(f"[search] cost model: {len(cands)} shapes built untrained (the teacher's weights cut to each) and "
@@ -138,6 +145,7 @@ def search(cfg: BuildConfig, ctx, root: Path, src: Path, src_hash: str, *, log: 
         log("[search] order, fastest untrained graph first: " + ", ".join(
             f"{c.name} {c.predicted_p50_ms:.3f} ms" for c in cands))
     inside_seen, after_inside, missed_far = False, 0, []
+    fallback: Path | None = None  # the teacher's int8 bundle, made for the first cascade shape
     log(f"[search] {len(cands)} shapes, cheap first; budget: "
         + (f"at most {budget:g} points below the teacher's {teacher_acc:.2f}% (validation)" if budget is not None
            else "none (--max-drop not set): the first shape is kept"))
@@ -155,10 +163,16 @@ def search(cfg: BuildConfig, ctx, root: Path, src: Path, src_hash: str, *, log: 
             continue
         t0 = time.time()
         ccfg = configs[c.name]
-        ledger = Ledger(c.dir, log, total=len(CANDIDATE_STAGES), prefix=f"{c.name} {i + 1}/{len(cands)}", share=dirs)
-        run_links([link for link in chain(ccfg, profile) if link[0] in CANDIDATE_STAGES], CANDIDATE_STAGES,
-                  ledger, ctx, src, src_hash)
+        if ccfg.cascade.fallback:
+            if fallback is None:
+                fallback = cascade.fallback_bundle(cfg, ctx, root, src, src_hash, log=log)
+            ccfg = cascade.with_fallback(ccfg, fallback, teacher_accuracy=teacher_acc, max_drop=budget)
+        links = [link for link in chain(ccfg, profile) if link[0] in CANDIDATE_STAGES]
+        ledger = Ledger(c.dir, log, total=len(links), prefix=f"{c.name} {i + 1}/{len(cands)}", share=dirs)
+        run_links(links, CANDIDATE_STAGES, ledger, ctx, src, src_hash)
         pipe = OnnxPipeline(c.bundle)
+        if pipe.fallback is not None:
+            c.sent_on = ((pipe.manifest.get("metrics") or {}).get("cascade") or {}).get("sent_on_validation")
         c.validation_accuracy = accuracy_points(pipe, val, ctx.data.label_names)
         c.teacher_drop = teacher_acc - c.validation_accuracy
         c.inside = budget is None or c.teacher_drop <= budget
@@ -178,7 +192,8 @@ def search(cfg: BuildConfig, ctx, root: Path, src: Path, src_hash: str, *, log: 
     chosen, why = _choose(built, s.pick)
     for c in built:
         log(f"[search] {c.name:<16} {c.validation_accuracy:6.2f}%  {c.teacher_drop:+6.2f} pt  p50 {c.p50_ms:.3f} ms "
-            f"(±{c.noise_ms:.3f})  {c.bundle_bytes / 1e6:5.2f} MB{'  <- chosen' if c is chosen else ''}")
+            f"(±{c.noise_ms:.3f}) p95 {c.p95_ms:.3f} ms  {c.bundle_bytes / 1e6:5.2f} MB"
+            + (f"  {c.sent_on:.0%} sent on" if c.sent_on is not None else "") + ("  <- chosen" if c is chosen else ""))
     log(f"[search] chose {chosen.name}: {why}")
     errors = [c.probe_error for c in built if c.probe_error is not None]
     model_error = probe.error_summary(errors)

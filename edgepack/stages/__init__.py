@@ -12,6 +12,7 @@ previous stage's output, or the user's model), ``out`` the directory it writes, 
     export    fp32 ONNX, parity-checked against PyTorch           stages/export/
     quantize  int8 for the target (variants, accuracy gate)       stages/quantize/
     bundle    threshold, eval slice, shim, manifest               stages/bundle/
+    cascade   a fallback model inside the bundle for unsure texts  stages/cascade.py
     tune      thread settings measured on this CPU                stages/tune.py
     verify    benchmark beside the teacher, budgets, report       stages/verify.py
 
@@ -31,7 +32,7 @@ from edgepack.config import DataConfig
 from edgepack.errors import EdgepackError
 from edgepack.records import STAGE_RECORD
 
-STAGES = ("finetune", "distill", "prune", "export", "quantize", "bundle", "tune", "verify")
+STAGES = ("finetune", "distill", "prune", "export", "quantize", "bundle", "cascade", "tune", "verify")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -78,7 +78,7 @@ def run(cfg: BundleConfig, src: Path, out: Path, ctx, *, manifest_extra: dict | 
             **({"variants": quant.metrics["variants"]} if quant.metrics.get("variants") else {}),
             **({"unreachable_trimmed": trim} if trim else {}),
         }
-        metrics["eval"] = eval_slice_reference(stage)
+        metrics["eval"] = bundle_files.eval_slice_reference(stage)
         if cfg.ort_format:
             from edgepack.stages.bundle.ortformat import write_ort
 
@@ -102,18 +102,3 @@ def run(cfg: BundleConfig, src: Path, out: Path, ctx, *, manifest_extra: dict | 
         )
     log(f"[bundle] written: {out} ({sum(f['bytes'] for f in manifest['files'].values()) / 1e6:.2f} MB)")
     return StageRecord(out, {"stage": "bundle", "config": cfg.to_dict(), "metrics": metrics, "manifest": manifest})
-
-
-def eval_slice_reference(stage: Path) -> dict:
-    """The bundle's answers on its own ``eval.jsonl``, computed by the shim's harness exactly as
-    ``python -m runtime_shim bench`` computes them on a device: the build-time figure and predictions
-    the fleet report compares every device with (accuracy within a tolerance, label agreement)."""
-    import runtime_shim
-    from runtime_shim.bench import run_benchmark
-    from runtime_shim.datafiles import read_labelled
-
-    texts, gold = read_labelled(stage / "eval.jsonl")
-    r = run_benchmark(runtime_shim.OnnxPipeline(stage, verify=False), texts, gold, warmup=0, runs=1,
-                      batch_sizes=(1,), rss_argv=[], throughput_batches=1)
-    return {"rows": len(texts), **{k: r[k] for k in ("accuracy", "accuracy_raw", "in_scope_accuracy", "oos_recall")},
-            "predictions": r["predictions"]}
