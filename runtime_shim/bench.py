@@ -119,7 +119,7 @@ def time_single_queries(backend: Backend, texts: Sequence[str], *, warmup: int =
                         gap_ms: float = 0.0) -> dict[str, dict[str, float]]:
     """End-to-end single-query latency (tokenize + run + softmax/threshold), split into its parts.
 
-    ``runs`` queries cycle through ``texts`` after ``warmup`` untimed ones; ``gap_ms`` sleeps between
+    ``runs`` queries cycle through ``texts`` (in ``spread_order``) after ``warmup`` untimed ones; ``gap_ms`` sleeps between
     queries (a device answering requests as they come, not back to back: thread pools that spin
     between calls look better back to back than they serve).
 
@@ -129,8 +129,9 @@ def time_single_queries(backend: Backend, texts: Sequence[str], *, warmup: int =
         ['latency_ms', 'model_ms', 'tokenize_ms']
     """
     names, oos_id, thr = backend.label_names, _oos_id(backend), getattr(backend, "oos_threshold", None)
+    order = spread_order(len(texts), warmup + runs)
     for i in range(warmup):
-        _answer(backend.forward(backend.encode([texts[i % len(texts)]])), names, oos_id, thr)
+        _answer(backend.forward(backend.encode([texts[order[i % len(order)]]])), names, oos_id, thr)
     tok, model, total = [], [], []
     clock = time.perf_counter_ns
     gap_s = gap_ms / 1000.0
@@ -140,7 +141,7 @@ def time_single_queries(backend: Backend, texts: Sequence[str], *, warmup: int =
     gc.disable()
     try:
         for i in range(runs):
-            text = texts[(warmup + i) % len(texts)]
+            text = texts[order[(warmup + i) % len(order)]]
             if gap_s:
                 time.sleep(gap_s)
             t0 = clock()
@@ -159,6 +160,21 @@ def time_single_queries(backend: Backend, texts: Sequence[str], *, warmup: int =
     return {"latency_ms": _stats(total), "tokenize_ms": _stats(tok), "model_ms": _stats(model)}
 
 
+def spread_order(n: int, count: int) -> list[int]:
+    """The order timed queries take the ``n`` texts in: every ``n // count``-th first, so the first
+    ``count`` queries sample the whole split (a labelled file is often sorted by label; a cascade's
+    latency depends on which texts it sends on), then the rest, so cycling still covers every text.
+
+    Example:
+        >>> spread_order(10, 3)
+        [0, 3, 6, 9, 1, 4, 7, 2, 5, 8]
+        >>> spread_order(3, 5)
+        [0, 1, 2]
+    """
+    step = max(1, n // max(1, count))
+    return [i for start in range(step) for i in range(start, n, step)]
+
+
 def throughput(backend: Backend, texts: Sequence[str], batch_size: int, *, batches: int) -> float:
     """Queries per second, end to end, over ``batches`` batches of ``batch_size`` (after one warm-up batch).
 
@@ -167,8 +183,9 @@ def throughput(backend: Backend, texts: Sequence[str], batch_size: int, *, batch
         4120.5
     """
     names, oos_id, thr = backend.label_names, _oos_id(backend), getattr(backend, "oos_threshold", None)
-    n = len(texts)
-    chunks = [[texts[(b * batch_size + j) % n] for j in range(batch_size)] for b in range(batches + 1)]
+    order = spread_order(len(texts), batch_size * (batches + 1))
+    n = len(order)
+    chunks = [[texts[order[(b * batch_size + j) % n]] for j in range(batch_size)] for b in range(batches + 1)]
     _answer(backend.forward(backend.encode(chunks[0])), names, oos_id, thr)
     t0 = time.perf_counter_ns()
     for chunk in chunks[1:]:

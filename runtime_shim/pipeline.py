@@ -304,7 +304,7 @@ class OnnxPipeline:
         unsure = _cascade.unsure_rows(logits, self.escalate_below)
         if not unsure:
             return logits
-        return _cascade.merged(logits, unsure, self.fallback.forward(self.fallback.encode([texts[i] for i in unsure])))
+        return _cascade.merged(logits, unsure, [self.fallback.forward(self.fallback.encode([texts[i]]))[0] for i in unsure])
 
     def predict(self, texts: Sequence[str], *, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
         """Raw predictions: ``(label_ids [n], probs [n, num_labels])``, argmax only, no threshold.
@@ -373,10 +373,8 @@ class OnnxPipeline:
                 if self.fallback is not None and top < self.escalate_below:
                     unsure.append(len(out))
                 out.append({"label": self.label_names[k], "score": top})
-        if unsure:  # a cascade: the fallback answers these, batched among themselves
-            answers = self.fallback([texts[i] for i in unsure], apply_threshold=apply_threshold, batch_size=batch_size)
-            for j, i in enumerate(unsure):
-                out[i] = answers[j]
+        for i in unsure:  # a cascade: the fallback answers these, each alone (as in forward)
+            out[i] = self.fallback._classify_one(texts[i], apply_threshold)
         return out
 
     def __call__(self, inputs: str | Sequence[str], *, top_k: int | None = None, apply_threshold: bool = True,

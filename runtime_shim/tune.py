@@ -287,6 +287,9 @@ def tune(pipe, texts: Sequence[str], *, max_threads: int, runs: int = 200, warmu
         >>> result.winner, result.ratios["gap_p95"] <= 1.0  # doctest: +SKIP
         ('t1', True)
     """
+    from .bench import spread_order
+
+    texts = [texts[i] for i in spread_order(len(texts), warmup + runs)]  # the whole split, not its first rows
     base = {k: v for k, v in pipe.settings.items()}
     cores = physical_cores()
     if max_threads > cores:

@@ -527,3 +527,27 @@ def test_bundled_shim_runs_without_torch(tiny_bundle: Path):
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["heavy"] == []
     assert Path(report["shim"]).resolve().parent == (tiny_bundle / "runtime_shim").resolve()
+
+
+def test_timed_queries_sample_the_whole_split():
+    """A labelled file sorted by label (CLINC150's test split starts with 1,000 out-of-scope queries)
+    must not be timed on its first rows only: the harness takes every n // runs-th text first."""
+    from runtime_shim.bench import spread_order, time_single_queries
+
+    seen: list[str] = []
+
+    class Recorder:
+        label_names = ["a", "b"]
+        oos_threshold = None
+
+        def encode(self, texts):
+            seen.extend(texts)
+            return {}
+
+        def forward(self, enc):
+            return np.zeros((1, 2), dtype=np.float32)
+
+    texts = [f"t{i}" for i in range(100)]
+    time_single_queries(Recorder(), texts, warmup=0, runs=10)
+    assert seen == [f"t{i}" for i in range(0, 100, 10)]
+    assert sorted(spread_order(7, 3)) == list(range(7))  # a permutation: cycling covers every text

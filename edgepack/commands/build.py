@@ -40,6 +40,10 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--shapes", default=None, metavar="'SHAPE; SHAPE'",
                    help="the shapes to search, ';'-separated (e.g. 'layers=0; layers=1 heads=1/3 ffn=1/2'); "
                    "'none': build the recipe's one shape")
+    p.add_argument("--fallback", default=None, choices=("teacher",),
+                   help="a cascade: the bundle also carries the teacher's int8 model and sends it the texts its own "
+                   "model is unsure of, under a confidence chosen on validation for --max-drop (every shape of a "
+                   "search becomes one; a shape can ask for it alone with fallback=teacher)")
     p.add_argument("--skip", action="append", default=None, choices=("distill", "prune", "tune"),
                    help="leave a stage out (repeatable)")
     p.add_argument("--limit", type=int, default=None, help="verify on at most this many test rows")
@@ -100,6 +104,8 @@ def resolve(args: argparse.Namespace):
         base.setdefault("search", {})["shapes"] = shapes
     if args.layers is not None and args.shapes is None:
         base.setdefault("search", {})["shapes"] = []  # --layers: that depth, not a search
+    if args.fallback is not None:
+        base.setdefault("cascade", {})["fallback"] = args.fallback
     if args.archive:
         base.setdefault("bundle", {})["archive"] = True
     if args.recipe is not None:

@@ -97,7 +97,8 @@ class _Parts:
 
 def frontier_rows(frontier: Mapping[str, Any]) -> list[list[str]]:
     """The shape search as table rows: shape, status, validation accuracy, points below the teacher,
-    p50 (its spread), size, whether it is inside the budget, chosen."""
+    p50 (its spread), p95, mean, a cascade's share of validation texts sent to its fallback, the cost
+    model's figure, size, whether it is inside the budget, chosen."""
     def num(c: Mapping[str, Any], key: str, fmt: str) -> str:
         return fmt.format(c[key]) if c.get("status") == "built" and c.get(key) is not None else ""
 
@@ -107,13 +108,15 @@ def frontier_rows(frontier: Mapping[str, Any]) -> list[list[str]]:
         out.append([c["name"], c.get("shape", ""), c.get("status", ""), num(c, "validation_accuracy", "{:.2f}%"),
                     num(c, "teacher_drop", "{:+.2f}"),
                     (f"{c['p50_ms']:.3f} ± {c['noise_ms']:.3f}" if built and c.get("p50_ms") else ""),
+                    num(c, "p95_ms", "{:.3f}"), num(c, "mean_ms", "{:.3f}"), num(c, "sent_on", "{:.1%}"),
                     _probe_cell(c), num(c, "bundle_bytes", "{:,}"), ("yes" if c.get("inside") else "no") if built else "",
                     "chosen" if c["name"] == frontier.get("chosen") else ""])
     return out
 
 
 FRONTIER_HEADERS = ("Shape", "Spec", "Status", "Validation accuracy", "Points below teacher", "p50 ms (± spread)",
-                    "Untrained p50 ms (error)", "Bundle bytes", "Inside budget", "")
+                    "p95 ms", "mean ms", "Sent to the fallback", "Untrained p50 ms (error)", "Bundle bytes",
+                    "Inside budget", "")
 
 
 def _probe_cell(c: Mapping[str, Any]) -> str:
@@ -129,8 +132,16 @@ def frontier_caption(frontier: Mapping[str, Any]) -> str:
     return (f"Teacher {t:.2f}% on validation; budget: " + (f"at most {b:g} points below it" if b is not None else "none")
             + f". Chosen: {frontier.get('chosen')} ({frontier.get('why', '')}). Latency measured on "
             f"{frontier.get('cpu', 'this CPU')}, interleaved rounds; the spread is that of the round medians. "
-            + _order_sentence(frontier)
+            + _order_sentence(frontier) + _cascade_sentence(frontier)
             + "`edgepack build --pick SHAPE` publishes another built shape without retraining.")
+
+
+def _cascade_sentence(frontier: Mapping[str, Any]) -> str:
+    if not any(c.get("sent_on") is not None for c in frontier.get("candidates", [])):
+        return ""
+    return ("A shape ending in +teacher is a cascade: its model answers the texts it is sure of and sends the others "
+            "to the teacher's int8 model inside the bundle, so its p50 is the first model's while its mean and p95 "
+            "carry the share sent on. ")
 
 
 def _order_sentence(frontier: Mapping[str, Any]) -> str:

@@ -253,7 +253,7 @@ def frontier_points(frontier: Mapping[str, Any]) -> list[Mapping[str, Any]]:
 def plot_frontier(frontier: Mapping[str, Any]) -> bytes | None:
     """Every candidate of the shape search: validation accuracy against end-to-end p50 on this CPU,
     the frontier drawn through the ones nothing beats, the teacher and its budget as lines, the chosen
-    shape ringed. None when fewer than one candidate was built."""
+    shape ringed; a cascade's mean latency drawn beside its p50. None when fewer than one candidate was built."""
     built = [c for c in frontier.get("candidates", []) if c.get("status") == "built" and c.get("p50_ms")]
     if not built:
         return None
@@ -272,6 +272,12 @@ def plot_frontier(frontier: Mapping[str, Any]) -> bytes | None:
                    linewidths=2.0 if chosen else 0.8)
         ax.annotate(c["name"] + ("  (chosen)" if chosen else ""), (c["p50_ms"], c["validation_accuracy"]),
                     xytext=(6, 6), textcoords="offset points", fontsize=8.5)
+        if c.get("sent_on") is not None and c.get("mean_ms"):  # a cascade: its mean, where the fallback shows
+            ax.plot([c["p50_ms"], c["mean_ms"]], [c["validation_accuracy"]] * 2, color="#6B7280", linewidth=1.0,
+                    linestyle="--", zorder=1)
+            ax.scatter([c["mean_ms"]], [c["validation_accuracy"]], marker="|", s=120, color="#6B7280", zorder=2)
+            ax.annotate(f"mean ({c['sent_on']:.0%} to the teacher)", (c["mean_ms"], c["validation_accuracy"]),
+                        xytext=(6, -12), textcoords="offset points", fontsize=7.5, color="#4B5563")
     if teacher is not None:
         ax.axhline(teacher, color="#111827", linestyle="--", linewidth=1.0, label=f"teacher {teacher:.2f}%")
         if budget is not None:

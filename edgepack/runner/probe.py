@@ -67,12 +67,14 @@ def time_dirs(dirs: Mapping[str, Path], texts: Sequence[str], *, runs: int, roun
     directories), interleaved in rounds: name -> {p50_ms, p95_ms, noise_ms} (``variants.round_summary``)."""
     from edgepack.stages.quantize.variants import round_summary, time_interleaved
     from runtime_shim import OnnxPipeline
+    from runtime_shim.bench import spread_order
 
     if not dirs:
         return {}
     pipes = {name: OnnxPipeline(d, verify=(Path(d) / "manifest.json").is_file()) for name, d in dirs.items()}
     runners = {name: (lambda text, p=p: p(text)) for name, p in pipes.items()}
-    times = time_interleaved(runners, list(texts), warmup=50, runs=runs * rounds, rounds=rounds)
+    feeds = [texts[i] for i in spread_order(len(texts), 50 + runs * rounds)]  # the whole split, not its first rows
+    times = time_interleaved(runners, feeds, warmup=50, runs=runs * rounds, rounds=rounds)
     return {name: round_summary(times[name]) for name in dirs}
 
 
