@@ -264,20 +264,21 @@ def plot_frontier(frontier: Mapping[str, Any]) -> bytes | None:
     front = frontier_points(frontier)
     ax.plot([c["p50_ms"] for c in front], [c["validation_accuracy"] for c in front], color="#0072B2",
             linewidth=1.5, zorder=2, label="frontier")
+    means = 0
     for c in built:
         inside = c.get("inside")
         chosen = c["name"] == frontier.get("chosen")
         ax.scatter([c["p50_ms"]], [c["validation_accuracy"]], s=140 if chosen else 60, zorder=3,
                    color="#009E73" if inside else "#D55E00", edgecolors="#111827" if chosen else "white",
                    linewidths=2.0 if chosen else 0.8)
-        ax.annotate(c["name"] + ("  (chosen)" if chosen else ""), (c["p50_ms"], c["validation_accuracy"]),
-                    xytext=(6, 6), textcoords="offset points", fontsize=8.5)
-        if c.get("sent_on") is not None and c.get("mean_ms"):  # a cascade: its mean, where the fallback shows
+        cascade = c.get("sent_on") is not None and c.get("mean_ms")
+        ax.annotate(c["name"] + (f" ({c['sent_on']:.0%} sent on)" if cascade else "") + ("  (chosen)" if chosen else ""),
+                    (c["p50_ms"], c["validation_accuracy"]), xytext=(6, 6), textcoords="offset points", fontsize=8.5)
+        if cascade:  # a cascade: its mean, which carries the texts sent to the fallback
             ax.plot([c["p50_ms"], c["mean_ms"]], [c["validation_accuracy"]] * 2, color="#6B7280", linewidth=1.0,
-                    linestyle="--", zorder=1)
+                    linestyle="--", zorder=1, label=None if means else "a cascade's mean latency")
             ax.scatter([c["mean_ms"]], [c["validation_accuracy"]], marker="|", s=120, color="#6B7280", zorder=2)
-            ax.annotate(f"mean ({c['sent_on']:.0%} to the teacher)", (c["mean_ms"], c["validation_accuracy"]),
-                        xytext=(6, -12), textcoords="offset points", fontsize=7.5, color="#4B5563")
+            means += 1
     if teacher is not None:
         ax.axhline(teacher, color="#111827", linestyle="--", linewidth=1.0, label=f"teacher {teacher:.2f}%")
         if budget is not None:

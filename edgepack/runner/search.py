@@ -124,7 +124,10 @@ def search(cfg: BuildConfig, ctx, root: Path, src: Path, src_hash: str, *, log: 
     profile = ctx.profile
     teacher_acc = teacher_accuracy(ctx, root, src_hash, log)
     val = ctx.data["validation"]
-    cands = [Candidate(shape, shape_name(shape), root / "candidates" / shape_name(shape)) for shape in s.shapes]
+    # --fallback teacher ([cascade] fallback): every shape is a cascade, and is named as one
+    shapes = [shape + (f" fallback={cfg.cascade.fallback}" if cfg.cascade.fallback and "fallback" not in parse_shape(shape)
+                       else "") for shape in s.shapes]
+    cands = [Candidate(shape, shape_name(shape), root / "candidates" / shape_name(shape)) for shape in shapes]
     dirs = [c.dir for c in cands] + [root]
     budget = s.max_drop
     if s.pick is not None and s.pick not in {c.name for c in cands}:
