@@ -36,9 +36,9 @@ def chain(cfg: BuildConfig, profile) -> list[tuple[str, Any, Any, dict[str, Any]
     # first (runner.cascade) and names it here; its content is in the key, not only its path.
     cascade_links = []
     if cfg.cascade.fallback:
-        fallback = Path(cfg.cascade.fallback_bundle)
-        cascade_links = [("cascade", cascade, cfg.cascade,
-                          {"fallback": output_hash(fallback) if (fallback / "manifest.json").is_file() else None})]
+        fallback = Path(cfg.cascade.fallback_bundle) if cfg.cascade.fallback_bundle else None
+        known = fallback is not None and (fallback / "manifest.json").is_file()
+        cascade_links = [("cascade", cascade, cfg.cascade, {"fallback": output_hash(fallback) if known else None})]
     return [
         ("distill", distill, distill_cfg, {}),
         ("prune", prune, prune_cfg, {}),
