@@ -9,7 +9,8 @@ The fallback answers each text it gets alone, whatever batch the text came in: d
 quantization scales activations over a batch, so an answer that depended on which other texts were
 sent on would differ between the build's measurement and a device's traffic (on CLINC150 two
 cascades' validation accuracy moved by 0.03 and 0.06 points that way). The texts sent on are the unsure
-few; the first model still runs batches.
+few; the first model still runs batches, so a text whose score sits at ``below`` can be sent on in a
+batch and kept alone (or the reverse): the batch-mate effect the pipeline's scores have, on the route.
 ``runtime_shim.OnnxPipeline`` loads the fallback and routes every call; this module holds the rule.
 """
 

@@ -56,8 +56,11 @@ def made(tmp_path_factory, fast_bundle, tiny_bundle, clinc_json, corpus):
     for src, dst in ((fast_bundle, fast), (tiny_bundle, slow)):
         shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
     texts = [t for t, _ in corpus["test"]]
-    fast_tops = np.sort(OnnxPipeline(fast).predict(texts)[1].max(axis=1))
-    slow_tops = OnnxPipeline(slow).predict(texts)[1].max(axis=1)
+    # each text alone, as the single-text path the first test reads the rule from
+    fast_pipe, slow_pipe = OnnxPipeline(fast), OnnxPipeline(slow)
+    fast_tops = np.sort([fast_pipe(t, apply_threshold=False)[0]["score"] for t in texts])
+    slow_tops = np.array([slow_pipe(t, apply_threshold=False)[0]["score"] for t in texts])
+    del fast_pipe, slow_pipe
     middle = fast_tops[len(fast_tops) // 4: 3 * len(fast_tops) // 4 + 1]
     i = int(np.argmax(np.diff(middle)))
     below = round(float(middle[i] + middle[i + 1]) / 2, 6)
@@ -82,8 +85,11 @@ def test_each_text_answered_by_the_model_the_rule_names(made):
         assert pipe(text) == [expected]
         assert pipe(text, top_k=1)[0]["label"] == expected["label"]
     assert sent > 0 and kept > 0  # both models answered
-    # a list goes the same way (the fast model's batches, then the fallback's for the texts sent on)
-    assert [a["label"] for a in pipe(made["texts"])] == [pipe(t)[0]["label"] for t in made["texts"]]
+    # a list goes the same way: the fast model's batches (whose padding can move a score a little, so the
+    # rule is read from the fast model's own batched answers), then the fallback's for the texts sent on
+    batched = fast(made["texts"], apply_threshold=False)
+    assert pipe(made["texts"]) == [slow(t)[0] if b["score"] < made["below"] else b
+                                   for t, b in zip(made["texts"], batched, strict=True)]
     # the numpy pieces too: predict's rows are the fallback's probabilities for the texts sent on
     ids, probs = pipe.predict(made["texts"][:8], batch_size=8)
     f_ids, f_probs = fast.predict(made["texts"][:8], batch_size=8)
@@ -102,8 +108,12 @@ def test_stage_records_what_it_measured(made):
     assert m["model_bytes"] == pipe.model_bytes == (made["fast"] / "model.quant.onnx").stat().st_size + (
         made["slow"] / "model.quant.onnx").stat().st_size
     # the eval slice's reference answers are the cascade's, as a device's bench computes them
-    assert m["eval"]["predictions"] == [pipe(t)[0]["label"] for t in
-                                        [json.loads(line)["text"] for line in (made["out"] / "eval.jsonl").open()]]
+    from runtime_shim.bench import run_benchmark
+    from runtime_shim.datafiles import read_labelled
+
+    texts, gold = read_labelled(made["out"] / "eval.jsonl")
+    device = run_benchmark(pipe, texts, gold, warmup=0, runs=1, batch_sizes=(1,), rss_argv=[], throughput_batches=1)
+    assert m["eval"]["predictions"] == device["predictions"]
     assert json.loads((made["out"] / "manifest.json").read_text())["cascade"]["below"] == made["below"]
     # the grid's accuracy at ``below`` is the bundle's, measured as the search and verify measure it
     from edgepack.metrics import accuracy_points
@@ -193,3 +203,22 @@ def test_one_shape_build_with_fallback_flag(tmp_path, tiny_model, clinc_json, ca
     capsys.readouterr()
     assert main(["build", str(recipe), "--fallback", "teacher"]) == 0
     assert "ran nothing" in capsys.readouterr().out
+
+
+def test_serving_a_cascade_loads_no_numpy(made, tmp_path):
+    """The rss probe serves the cascade through pipe() (C API sessions), here with every text sent to the
+    fallback (below 1.0): neither numpy nor the onnxruntime package gets imported, as for a one-model
+    bundle (tests/test_memory.py)."""
+    from tests.test_memory import NOT_LOADED_C, _modules_after
+
+    copy = tmp_path / "b"
+    shutil.copytree(made["out"], copy)
+    runtime = json.loads((copy / "runtime.json").read_text())
+    runtime["cascade"]["below"] = 1.0
+    (copy / "runtime.json").write_text(json.dumps(runtime))
+    update_manifest(copy)
+    assert all(OnnxPipeline(copy)(t) == OnnxPipeline(made["slow"])(t) for t in made["texts"][:5])
+    modules, out = _modules_after(["rss", str(copy)])
+    report = json.loads(out.strip().splitlines()[0])
+    assert report["session_api"] == "c" and report["numpy_loaded"] is False
+    assert [m for m in NOT_LOADED_C if m in modules] == []
