@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .manifest import BundleError
-from .scores import top_of_row
+from .scores import softmax, top_of_row
 
 
 class Encoded(dict):
@@ -68,11 +68,7 @@ def unsure_rows(logits: Any, below: float) -> list[int]:
     """
     if len(logits) == 1:
         return [0] if top_of_row(logits[0])[1] < below else []
-    import numpy as np
-
-    z = np.asarray(logits, dtype=np.float64)
-    tops = 1.0 / np.exp(z - z.max(axis=-1, keepdims=True)).sum(axis=-1)
-    return np.flatnonzero(tops < below).tolist()
+    return [i for i, top in enumerate(softmax(logits).max(axis=-1)) if top < below]
 
 
 def merged(logits: Any, rows: Sequence[int], fallback_rows: Sequence[Any]) -> Any:

@@ -12,7 +12,8 @@ or above both out-of-scope thresholds (so the fast model never answers "out of s
 whose validation accuracy reaches ``cfg.min_accuracy``, i.e. the fewest texts sent on for the
 budget. Chosen and measured on the same rows, like the threshold itself: read it as optimistic, and
 the test split as the check. The fallback's probabilities are its answers to each text alone, as the
-shim runs it, so the grid's accuracy at ``below`` is the bundle's (the stage measures it again). Latency is not modelled here: the search times the cascade end to end.
+shim runs it, so the grid's accuracy at ``below`` is the bundle's (the stage measures it again).
+Latency is not modelled here: the search times the cascade end to end.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def grid(floor: float) -> list[float]:
     >>> grid(0.475)[:3], grid(0.475)[-1]
     ([0.48, 0.49, 0.5], 1.0)
     """
-    return [round(b, 2) for b in np.arange(np.ceil(round(floor * 100, 6)) / 100, 1.0001, 0.01)]
+    return [round(float(b), 2) for b in np.arange(np.ceil(round(floor * 100, 6)) / 100, 1.0001, 0.01)]
 
 
 def points(p_fast: np.ndarray, p_fallback: np.ndarray, labels: np.ndarray, oos_id: int | None,
@@ -86,16 +87,10 @@ def choose_below(rows: list[dict], min_accuracy: float | None) -> float:
     return next(r["below"] for r in rows if r["accuracy"] == best)
 
 
-def alone(pipe, texts) -> np.ndarray:
-    """Softmax probabilities of ``pipe`` on each text by itself (batches of one)."""
-    from runtime_shim.scores import softmax
-
-    return np.concatenate([softmax(pipe.forward(pipe.encode([t]))) for t in texts]) if len(texts) else np.zeros((0, 0))
-
-
 def run(cfg: CascadeConfig, src: Path, out: Path, ctx) -> StageRecord:
     """The stage: ``src`` (a bundle) -> ``out`` (the cascade bundle, replaced atomically)."""
     import runtime_shim
+    from runtime_shim.bench import predict_probs
     from runtime_shim.manifest import read_manifest, write_manifest
 
     started = time.time()
@@ -114,7 +109,7 @@ def run(cfg: CascadeConfig, src: Path, out: Path, ctx) -> StageRecord:
     oos_id = data.oos_id
     # the fast model batched as every measurement batches it; the fallback one text at a time, as the
     # shim runs it in a cascade (runtime_shim.cascade): so the grid's accuracies are the bundle's
-    p_fast, p_slow = evaluate(fast, val), alone(slow, val.texts)
+    p_fast, p_slow = evaluate(fast, val), predict_probs(slow, val.texts, batch_size=1)
     floor = max([t for t in (fast.oos_threshold, slow.oos_threshold) if t is not None] + [0.0])
     if cfg.below is not None and cfg.below < floor:
         raise EdgepackError(f"[cascade] below = {cfg.below}: under an out-of-scope threshold ({floor:.3f}); "
