@@ -84,9 +84,12 @@ _SIGNATURES: dict[str, tuple[Any, ...]] = {  # (restype, *argtypes); restype _P 
                                      "ReleaseSessionOptions")},
 }
 
-# ONNXTensorElementDataType: the ones a classifier's inputs and logits use.
+# ONNXTensorElementDataType: the ones a classifier's inputs and logits use, and names for the rest
+# (what a message says a model declares or returned).
 FLOAT, INT32, INT64 = 1, 6, 7
-TYPE_NAMES = {FLOAT: "tensor(float)", INT32: "tensor(int32)", INT64: "tensor(int64)"}
+TYPE_NAMES = {i: f"tensor({name})" for i, name in enumerate(
+    ("undefined", "float", "uint8", "int8", "uint16", "int16", "int32", "int64", "string", "bool", "float16",
+     "double", "uint32", "uint64", "complex64", "complex128", "bfloat16"))}
 GRAPH_LEVELS = {"disable": 0, "basic": 1, "extended": 2, "all": 99, "layout": 3}
 EXECUTION_MODES = {"sequential": 0, "parallel": 1}
 _LOG_ERROR = 3  # the environment logs errors only, like the sessions (log_severity_level 3)

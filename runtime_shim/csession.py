@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .capi import _P, _PTR, _SZ, FLOAT, INT32, INT64, TYPE_NAMES, OrtError, _Api, library
+from .manifest import BundleError
 
 
 class NodeArg:
@@ -45,6 +46,7 @@ class CSession:
         if api is None:
             raise OrtError("the onnxruntime wheel's C library was not found")
         self.api, f = api, api.f
+        self.path = os.fspath(path)
         self.options = dict(options)  # what it was made with (session.checked_options' keys)
         so = api.out("CreateSessionOptions")
         try:
@@ -125,30 +127,43 @@ class CSession:
         self._local = threading.local()  # per thread: the single-query tensors below, by length
 
     def _single_entry(self, width: int, output: str, fed: bool = False) -> _Single | None:
-        """This thread's tensors for one unpadded row of ``width`` tokens: input buffers with OrtValues
-        over them (mask ones, token types zeros, written once) and a float output buffer ORT writes into.
-        A single query then costs one ``Run`` call and two copies: without it, creating and releasing the
-        tensors took ~10 us a query, more than ``InferenceSession.run``'s whole overhead."""
+        """This thread's tensors for one unpadded row of ``width`` tokens (``_Single``), once a row of that
+        width went through the checked path (``_keep_single``); else None."""
+        cache = getattr(self._local, "single", None)
+        return None if cache is None else cache.get((width, output, fed))
+
+    def _keep_single(self, width: int, output: str, fed: bool = False) -> None:
+        """After a row of ``width`` tokens came back with the declared shape (``_checked_shape``): keep input
+        buffers with OrtValues over them (mask ones, token types zeros, written once) and a float output
+        buffer ORT writes into. A single query then costs one ``Run`` call and two copies: without it,
+        creating and releasing the tensors took ~10 us a query, more than ``InferenceSession.run``'s whole
+        overhead. ``fed``: ``run()``'s copies of every input, kept apart from ``run_rows``' constants."""
         cache = getattr(self._local, "single", None)
         if cache is None:
             cache = self._local.single = {}
-        key = (width, output, fed)  # fed: run()'s copies of every input, kept apart from run_rows' constants
-        entry = cache.get(key)
-        if entry is None:
-            cols = self._width.get(output)
-            if not cols or len(cache) >= _SINGLE_CACHE:
-                return None
-            entry = cache[key] = _Single(self, width, output, cols)
-        return entry
+        cols = self._width.get(output)
+        if cols and len(cache) < _SINGLE_CACHE:
+            cache[(width, output, fed)] = _Single(self, width, output, cols)
 
     def _run_single(self, entry: _Single) -> array:
         status = self._run_c(self._ptr, None, self._in_c, entry.values, len(self._inputs), entry.out_name, 1,
                              entry.outs)
         if status:
-            self.api.check(status)
+            self._single_failed(entry, status)
         flat = array("f")
         flat.frombytes(entry.out_bytes)
         return flat
+
+    def _single_failed(self, entry: _Single, status: Any) -> None:
+        """Raise for a failed single run. ORT writes into the entry's output only when the shape and type it
+        computed are those of the buffer it was handed (a model whose output shape depends on the values
+        fed can change it after the checked first run); the general path then names the mismatch."""
+        try:
+            self.api.check(status)
+        except OrtError:
+            self._run(entry.output, 1, entry.width, [(b.buffer_info()[0], b.buffer_info()[1] * b.itemsize)
+                                                     for b in entry.buffers])
+            raise
 
     def _run(self, output: str, n: int, width: int, buffers: Sequence[tuple[int, int]]) -> tuple[bytes, list[int]]:
         """Run on every model input (``buffers``: address and byte size, in ``get_inputs()`` order, each
@@ -170,31 +185,34 @@ class CSession:
             status = self._run_c(self._ptr, None, self._in_c, values, k, out_c, 1, outs)
             if status:
                 api.check(status)
-            cols = self._width[output]
-            shape = [n, cols] if cols else self._shape(outs[0])
-            count = 1
-            for d in shape:
-                count *= d
+            shape = self._checked_shape(outs[0], output, n)
             data = _P()
             status = self._data(outs[0], C.byref(data))
             if status:
                 api.check(status)
-            return C.string_at(data, 4 * count), shape
+            return C.string_at(data, 4 * shape[0] * shape[1]), shape
         finally:
             release = self._release
             for v in (*values, outs[0]):
                 if v:
                     release(v)
 
-    def _shape(self, value: Any) -> list[int]:
-        """A float output's shape, asked of ORT (an output whose width the model leaves symbolic)."""
+    def _checked_shape(self, value: Any, output: str, n: int) -> list[int]:
+        """The output's type and shape as ONNX Runtime reports them for this run, refused unless float
+        ``[n, declared width]``: the declared shape is the model's claim, and reading by it reads past the
+        buffer ORT allocated when the model computes fewer values."""
         info = self.api.out("GetTensorTypeAndShape", value)
         try:
             elem, dims = self._type_and_dims(info)
         finally:
             self.api.f["ReleaseTensorTypeAndShapeInfo"](info)
-        if elem != FLOAT:
-            raise OrtError(f"the output is {TYPE_NAMES.get(elem, elem)}, not float logits")
+        cols = self._width.get(output)
+        if elem != FLOAT or len(dims) != 2 or dims[0] != n or dims[1] < 1 or (cols and dims[1] != cols):
+            declared = next(o for o in self._outputs if o.name == output)
+            raise BundleError(
+                f"{self.path}: output {output!r} came back as {TYPE_NAMES.get(elem, f'tensor(type {elem})')} "
+                f"{dims} for {n} row(s) where the model declares {declared.type} {declared.shape}; the model "
+                "does not compute what it declares: re-export it or re-run `edgepack pack`")
         return dims
 
     def run_rows(self, rows: Sequence[Sequence[int]], pad_id: int = 0, output: str | None = None) -> list[array]:
@@ -238,6 +256,8 @@ class CSession:
         flat = array("f")
         flat.frombytes(raw)
         if n == 1:
+            if width:
+                self._keep_single(width, output)
             return [flat]
         cols = shape[-1]
         return [flat[i * cols:(i + 1) * cols] for i in range(n)]
@@ -273,6 +293,8 @@ class CSession:
             return [np.frombuffer(self._run_single(entry), dtype=np.float32).reshape(1, -1)]
         buffers = [(a.ctypes.data, a.nbytes) for a in arrays]
         raw, shape = self._run(output, n, width, buffers)
+        if n == 1 and width:
+            self._keep_single(width, output, fed=True)
         return [np.frombuffer(raw, dtype=np.float32).reshape(shape).copy()]
 
     def __del__(self):
@@ -288,7 +310,8 @@ _SINGLE_CACHE = 256  # lengths kept per thread and output (max_length is at most
 class _Single:
     """One thread's tensors for single rows of one length (``CSession._single_entry``)."""
 
-    __slots__ = ("buffers", "views", "ids", "values", "out", "out_bytes", "outs", "out_name", "_release")
+    __slots__ = ("buffers", "views", "ids", "values", "out", "out_bytes", "outs", "out_name", "output", "width",
+                 "_release")
 
     def __init__(self, sess: CSession, width: int, output: str, cols: int):
         api = sess.api
@@ -313,6 +336,7 @@ class _Single:
         api.check(sess._create(api._cpu, C.addressof(self.out), 4 * cols, out_dims, 2, FLOAT,
                                C.addressof(self.outs)))
         self.out_name = sess._out_c[output]
+        self.output, self.width = output, width
 
     def __del__(self):
         for v in (*getattr(self, "values", ()), *getattr(self, "outs", ())):

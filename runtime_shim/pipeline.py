@@ -148,10 +148,14 @@ class OnnxPipeline:
                               "token_type_ids; this is not a text classifier edgepack packed")
         outputs = {o.name: o for o in self.session.get_outputs()}
         self.output_name = "logits" if "logits" in outputs else next(iter(outputs))
-        width = (outputs[self.output_name].shape or [None])[-1]
-        if isinstance(width, int) and width != len(self.label_names):
-            raise BundleError(f"{self.model_path}: outputs {width} logits but labels.json names "
-                              f"{len(self.label_names)} labels; re-run `edgepack pack`")
+        out = outputs[self.output_name]
+        width = (out.shape or [None])[-1]
+        if out.type != "tensor(float)" or len(out.shape or ()) != 2 or width != len(self.label_names):
+            # Both sessions refuse a run whose logits differ from this declaration (the C API one asks ORT
+            # for each run's shape), so the width checked here is the width every answer has.
+            raise BundleError(f"{self.model_path}: declares {self.output_name!r} as {out.type} {out.shape}, but "
+                              f"labels.json names {len(self.label_names)} labels: expected tensor(float) "
+                              f"[batch, {len(self.label_names)}]; re-run `edgepack pack`")
 
         # Once per process: the bundle was checked on its target's int8 kernels, not on this CPU's.
         warn_target_once(self.manifest)
@@ -297,6 +301,10 @@ class OnnxPipeline:
         """
         feed = {name: encoded[name] for name in self.input_names}
         logits = self.session.run([self.output_name], feed)[0]
+        if logits.shape != (len(next(iter(feed.values()))), len(self.label_names)):  # InferenceSession only warns
+            raise BundleError(f"{self.model_path}: {self.output_name!r} came back with shape {list(logits.shape)} "
+                              f"where it declares [batch, {len(self.label_names)}]; the model does not compute "
+                              "what it declares: re-run `edgepack pack`")
         texts = getattr(encoded, "texts", None)
         if self.fallback is None or texts is None:
             return logits
