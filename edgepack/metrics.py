@@ -13,13 +13,17 @@ class itself. On the shared teacher a threshold of 0.32 lifted CLINC150 test acc
 
 from __future__ import annotations
 
+from math import comb
+from statistics import NormalDist
+
 import numpy as np
 
 from runtime_shim.metrics import agreement, label_metrics
 from runtime_shim.pipeline import softmax, thresholded
 
 # softmax, label_metrics and agreement: the runtime's, re-exported
-__all__ = ["accuracy_points", "accuracy_report", "agreement", "evaluate", "apply_threshold", "calibrate_threshold", "label_metrics", "softmax"]
+__all__ = ["accuracy_points", "accuracy_report", "agreement", "evaluate", "apply_threshold", "calibrate_threshold", "label_metrics",
+           "softmax", "paired_bootstrap", "mcnemar", "budget_verdict", "choose_shape", "rows_for_budget", "LATENCY_OBJECTIVES"]
 
 
 def evaluate(pipe, split) -> np.ndarray:
@@ -132,3 +136,169 @@ def calibrate_threshold(probs: np.ndarray, labels: np.ndarray, oos_id: int, *,
     if k == len(top_sorted):
         return float(np.nextafter(top_sorted[-1], np.inf))
     return float((top_sorted[k - 1] + top_sorted[k]) / 2)
+
+
+# ------------------------------------------------------------------------------------------ decisions
+# Every accuracy comparison a build makes is between two models' predictions on the same rows, so its
+# uncertainty is that of a paired difference: rows both get right (or wrong) carry no information,
+# and the interval's width is set by the rows they disagree on.
+
+CONFIDENCE = 0.95
+LATENCY_OBJECTIVES = ("p50", "mean", "p95")
+
+
+def _correct(x) -> np.ndarray:
+    a = np.asarray(x)
+    if a.dtype != bool and not np.isin(a, (0, 1)).all():
+        raise ValueError("expected per-row correctness (booleans or 0/1), one per row")
+    return a.astype(bool)
+
+
+def paired_bootstrap(correct_a, correct_b, *, confidence: float = CONFIDENCE, n_boot: int = 4000,
+                     seed: int = 0) -> dict[str, float | int | str]:
+    """Accuracy of ``a`` minus accuracy of ``b``, in points, on the same rows, with a percentile interval
+    from resampling the rows (the same resample for both models: a paired bootstrap). Seeded, so the
+    same predictions give the same interval.
+
+    >>> a = np.array([1] * 90 + [0] * 10)          # 90% right
+    >>> b = np.array([1] * 80 + [0] * 20)          # 80% right, wrong wherever a is
+    >>> r = paired_bootstrap(a, b)
+    >>> round(r["diff"], 1), r["low"] > 0, r["n"]
+    (10.0, True, 100)
+    """
+    a, b = _correct(correct_a), _correct(correct_b)
+    if a.shape != b.shape or a.ndim != 1 or not len(a):
+        raise ValueError(f"paired predictions must be two equal, non-empty rows of results ({a.shape} vs {b.shape})")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence={confidence!r}: choose a level in (0, 1), e.g. 0.95")
+    d = a.astype(np.int8) - b.astype(np.int8)  # +1, 0, -1 per row
+    n = len(d)
+    rng = np.random.default_rng(seed)
+    # Only the discordant rows move the mean: resampling their counts is the whole bootstrap, and
+    # costs n_boot multinomial draws instead of n_boot x n indices.
+    counts = rng.multinomial(n, [np.mean(d == 1), np.mean(d == -1), np.mean(d == 0)], size=n_boot)
+    diffs = 100.0 * (counts[:, 0] - counts[:, 1]) / n
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(diffs, [tail, 1 - tail])
+    return {"diff": 100.0 * float(d.mean()), "low": float(low), "high": float(high), "confidence": confidence,
+            "n": n, "discordant": int(np.count_nonzero(d)), "method": "paired bootstrap"}
+
+
+def mcnemar(correct_a, correct_b) -> dict[str, float | int | str]:
+    """McNemar's exact test that two models are equally accurate on the same rows: ``a_only`` rows only
+    ``a`` gets right, ``b_only`` the reverse, and the two-sided binomial p-value of that split (rows both
+    get right or wrong say nothing about which is better).
+
+    >>> r = mcnemar([1, 1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 0, 1])
+    >>> r["a_only"], r["b_only"], r["p_value"]
+    (1, 1, 1.0)
+    >>> mcnemar([1] * 20, [0] * 20)["p_value"] < 1e-5
+    True
+    """
+    a, b = _correct(correct_a), _correct(correct_b)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired predictions must be two equal rows of results ({a.shape} vs {b.shape})")
+    a_only, b_only = int(np.count_nonzero(a & ~b)), int(np.count_nonzero(~a & b))
+    k, m = min(a_only, b_only), a_only + b_only
+    # Exact: P(X <= k) for X ~ Binomial(m, 1/2), doubled (Python's integers keep comb exact).
+    tail = sum(comb(m, i) for i in range(k + 1)) / 2 ** m if m else 1.0
+    return {"a_only": a_only, "b_only": b_only, "p_value": min(1.0, 2.0 * tail), "method": "McNemar exact"}
+
+
+def budget_verdict(teacher_correct, shape_correct, max_drop: float | None, *, confidence: float = CONFIDENCE,
+                   seed: int = 0) -> dict[str, object]:
+    """How far a shape is below the teacher on the same rows (``drop``, points, with its paired-bootstrap
+    interval ``low``..``high``) and what that says about the budget ``max_drop``:
+
+    - ``inside``: the whole interval is at or under the budget;
+    - ``outside``: the whole interval is above it;
+    - ``inside, not significant`` / ``outside, not significant``: the point estimate's side, while the
+      interval straddles the budget (more validation rows would be needed to tell).
+
+    ``inside_point`` is the point estimate's answer, ``significant`` whether the interval agrees.
+
+    >>> t = np.ones(1000, bool)
+    >>> budget_verdict(t, np.r_[np.ones(995, bool), np.zeros(5, bool)], 1.0)["verdict"]
+    'inside'
+    >>> budget_verdict(t, np.r_[np.ones(990, bool), np.zeros(10, bool)], 1.0)["verdict"]
+    'inside, not significant'
+    """
+    r = paired_bootstrap(teacher_correct, shape_correct, confidence=confidence, seed=seed)
+    out: dict[str, object] = {"drop": r["diff"], "low": r["low"], "high": r["high"], "confidence": confidence,
+                              "n": r["n"], "method": r["method"], "max_drop": max_drop}
+    if max_drop is None:
+        out.update(verdict="inside", inside_point=True, significant=True)
+        return out
+    inside_point = r["diff"] <= max_drop + 1e-9
+    significant = r["high"] <= max_drop + 1e-9 if inside_point else r["low"] > max_drop + 1e-9
+    verdict = ("inside" if inside_point else "outside") + ("" if significant else ", not significant")
+    out.update(verdict=verdict, inside_point=inside_point, significant=significant)
+    return out
+
+
+def _latency(row, objective: str) -> float:
+    return float(row[f"{objective}_ms"])
+
+
+def choose_shape(rows, *, objective: str = "p95", alpha: float = 1 - CONFIDENCE, tie_pct: float = 3.0) -> tuple[str, str]:
+    """The shape to publish and why, from ``rows`` with ``name``, ``p50_ms``/``mean_ms``/``p95_ms``,
+    ``noise_ms`` (the spread of its round medians, optional), ``correct`` (per validation row) and
+    ``verdict`` (``budget_verdict``'s).
+
+    Shapes inside the budget with significance come first, then those inside on the point estimate;
+    among them the fastest by ``objective`` wins, a faster one only by a lead larger than its noise and
+    ``tie_pct`` percent (ties: the more accurate). With none inside, the most accurate is the
+    reference, and every shape McNemar cannot tell from it (p >= ``alpha``) is as good: the fastest of
+    those wins, since a faster shape whose accuracy the rows cannot tell apart costs nothing.
+
+    >>> y = np.ones(400, bool)
+    >>> a = dict(name="fast", p50_ms=0.1, mean_ms=0.1, p95_ms=0.2, correct=np.r_[y[:390], ~y[:10]], verdict="outside")
+    >>> b = dict(name="slow", p50_ms=0.5, mean_ms=0.5, p95_ms=0.9, correct=np.r_[y[:392], ~y[:8]], verdict="outside")
+    >>> choose_shape([a, b])[0]
+    'fast'
+    """
+    if objective not in LATENCY_OBJECTIVES:
+        raise ValueError(f"objective={objective!r}; choose one of: {', '.join(LATENCY_OBJECTIVES)}")
+    rows = list(rows)
+    if not rows:
+        raise ValueError("no shapes to choose from")
+
+    def acc(r) -> float:
+        return float(np.mean(_correct(r["correct"])))
+
+    def fastest(group) -> dict:
+        def beats(x, y) -> bool:
+            margin = max(x.get("noise_ms") or 0.0, y.get("noise_ms") or 0.0, _latency(y, objective) * tie_pct / 100)
+            return _latency(y, objective) - _latency(x, objective) > margin
+        front = [r for r in group if not any(beats(o, r) for o in group if o is not r)] or group
+        return min(front, key=lambda r: (-acc(r), _latency(r, objective), r["name"]))
+
+    for tier, why in (("inside", "inside the budget (significant at the interval's confidence)"),
+                      ("inside, not significant", "inside the budget on the point estimate, not significant")):
+        group = [r for r in rows if r.get("verdict") == tier]
+        if group:
+            pick = fastest(group)
+            return pick["name"], f"the fastest by {objective} of the shapes {why}"
+    best = max(rows, key=lambda r: (acc(r), -_latency(r, objective)))
+    tied = [r for r in rows if r is best or mcnemar(r["correct"], best["correct"])["p_value"] >= alpha]
+    pick = fastest(tied)
+    if pick is best:
+        return pick["name"], "no shape is inside the budget: the most accurate one"
+    return pick["name"], (f"no shape is inside the budget: the fastest by {objective} of those McNemar cannot tell "
+                          f"from the most accurate ({best['name']}) at p >= {alpha:g}")
+
+
+def rows_for_budget(max_drop: float, *, discordance: float = 0.08, confidence: float = CONFIDENCE) -> int:
+    """Validation rows a carved split needs so that the paired interval of a shape's drop against the
+    teacher is at most ``max_drop`` points wide on each side: n = z^2 * d / (max_drop / 100)^2, with
+    ``d`` the share of rows the two models disagree on in correctness (``discordance``; about 0.06-0.10
+    between CLINC150's teacher and its students). A budget of 1 point at 95% needs ~3,100 rows, of
+    0.5 points four times that.
+
+    >>> rows_for_budget(1.0)
+    3074
+    """
+    if max_drop <= 0:
+        raise ValueError(f"max_drop={max_drop!r}: a budget in points must be positive")
+    z = NormalDist().inv_cdf(1 - (1 - confidence) / 2)
+    return int(np.ceil(z * z * discordance / (max_drop / 100.0) ** 2))
