@@ -42,20 +42,17 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def build_all(args, data) -> dict[str, Path]:
-    from edgepack import recipes, stages
-    from edgepack.config import DataConfig, DistillConfig, ExportConfig, PackConfig
-    from edgepack.runner.build import build
+def build_reference(w: Path, teacher: Path, dcfg, data, *, log=log, epochs: int = 5, lr: float = 1e-4) -> dict[str, Path]:
+    """The reference recipe's models in WORK ``w``, built when missing: the teacher in ORT int8 (its last
+    step without distillation) and its half-depth student in ORT int8 (``benchmarks/peers.py`` uses them too)."""
+    from edgepack import stages
+    from edgepack.config import DistillConfig, ExportConfig, PackConfig
     from edgepack.runner.pack import pack
     from edgepack.stages import distill
-    from edgepack.stages.export import export_onnx
 
-    w = args.work
     w.mkdir(parents=True, exist_ok=True)
-    dcfg = DataConfig(source=str(args.data))
-    paths = {"teacher_int8": w / "teacher-int8", "teacher_fp32_onnx": w / "teacher-fp32",
-             "reference_student": w / "reference-student", "reference_int8": w / "reference-int8",
-             "edgepack": w / "edgepack-bundle"}
+    paths = {"teacher_int8": w / "teacher-int8", "reference_student": w / "reference-student",
+             "reference_int8": w / "reference-int8"}
     # The recipe's export, row for row: torch.onnx.export, nothing trimmed, no fused writer.
     plain = ExportConfig(trim_unreachable=False, writer="torch")
     book_target = w / "book-ort-int8.toml"
@@ -65,22 +62,34 @@ def build_all(args, data) -> dict[str, Path]:
     book = PackConfig.of(target=str(book_target), max_accuracy_drop=100.0, min_agreement=0.0)
     if not paths["teacher_int8"].is_dir():
         log("[bench] teacher -> ORT int8 (the recipe's last step without distillation)")
-        pack(book, args.teacher, dcfg, paths["teacher_int8"], export_cfg=plain,
-             data=data)
-    if not (paths["teacher_fp32_onnx"] / "model.onnx").is_file():
-        log("[bench] teacher -> ONNX fp32")
-        export_onnx(plain, args.teacher, paths["teacher_fp32_onnx"], data["validation"].texts)
+        pack(book, teacher, dcfg, paths["teacher_int8"], export_cfg=plain, data=data)
     if not paths["reference_student"].is_dir():
         log("[bench] reference recipe: half-depth student, every other layer, alpha 0.12, T 7")
-        depth = json.loads((args.teacher / "config.json").read_text())["num_hidden_layers"]
+        depth = json.loads((teacher / "config.json").read_text())["num_hidden_layers"]
         distill.run(DistillConfig(layers=tuple(range(0, depth, 2)), alpha=0.12, temperature=7.0,
-                                  epochs=args.reference_epochs, learning_rate=args.reference_lr, ablation=False),
-                    args.teacher, paths["reference_student"], stages.Context(data=data, data_config=dcfg,
-                                                                             cache=w / "cache"))
+                                  epochs=epochs, learning_rate=lr, ablation=False),
+                    teacher, paths["reference_student"], stages.Context(data=data, data_config=dcfg, cache=w / "cache"))
     if not paths["reference_int8"].is_dir():
         log("[bench] reference recipe: student -> ORT int8 (plain quantize_dynamic)")
-        pack(book, paths["reference_student"], dcfg, paths["reference_int8"],
-             export_cfg=plain, data=data)
+        pack(book, paths["reference_student"], dcfg, paths["reference_int8"], export_cfg=plain, data=data)
+    return paths
+
+
+def build_all(args, data) -> dict[str, Path]:
+    from edgepack import recipes
+    from edgepack.config import DataConfig, ExportConfig
+    from edgepack.runner.build import build
+    from edgepack.stages.export import export_onnx
+
+    w = args.work
+    dcfg = DataConfig(source=str(args.data))
+    paths = {**build_reference(w, args.teacher, dcfg, data, log=log, epochs=args.reference_epochs,
+                               lr=args.reference_lr),
+             "teacher_fp32_onnx": w / "teacher-fp32", "edgepack": w / "edgepack-bundle"}
+    if not (paths["teacher_fp32_onnx"] / "model.onnx").is_file():
+        log("[bench] teacher -> ONNX fp32")
+        export_onnx(ExportConfig(trim_unreachable=False, writer="torch"), args.teacher, paths["teacher_fp32_onnx"],
+                    data["validation"].texts)
     log("[bench] edgepack build (resumes when already built)")
     t0 = time.time()
     try:

