@@ -298,6 +298,35 @@ def _floor_model(path: Path) -> Path:
     return path
 
 
+def _answer_in_graph(model: Path, path: Path) -> Path:
+    """The bundle's graph with the answer computed inside it: ``logits`` becomes a [1, 2] float of the
+    top softmax probability and the top label's id (Softmax, ReduceMax, ArgMax, Cast, Concat appended).
+    A measurement of what moving the answer into ONNX Runtime would cost, not a bundle format."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    m = onnx.load(model)
+    g = m.graph
+    out = next(o for o in g.output if o.name == "logits")
+    for node in g.node:
+        node.output[:] = ["raw_logits" if o == "logits" else o for o in node.output]
+    opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [1])
+    g.initializer.append(axes)
+    g.node.extend([
+        helper.make_node("Softmax", ["raw_logits"], ["probs"], axis=-1),
+        helper.make_node("ReduceMax", ["probs", "axes"] if opset >= 18 else ["probs"], ["top"], keepdims=1,
+                         **({} if opset >= 18 else {"axes": [1]})),
+        helper.make_node("ArgMax", ["raw_logits"], ["top_id"], axis=1, keepdims=1),
+        helper.make_node("Cast", ["top_id"], ["top_id_f"], to=TensorProto.FLOAT),
+        helper.make_node("Concat", ["top", "top_id_f"], ["logits"], axis=1),
+    ])
+    g.output.remove(out)
+    g.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 2]))
+    onnx.save(m, path)
+    return path
+
+
 def breakdown(bundle: Path, texts: list[str], *, rounds: int, per_round: int, warmup: int, work: Path) -> dict:
     """A bundle's single query, part by part, every part in the same interleaved rounds."""
     from edgepack.stages.quantize.variants import round_summary, time_interleaved
@@ -313,6 +342,7 @@ def breakdown(bundle: Path, texts: list[str], *, rounds: int, per_round: int, wa
     ids = {t: pipe._ids(t) for t in feeds}
     logits = {t: pipe._run_rows([ids[t]], pipe.pad_id, pipe.output_name)[0] for t in feeds}
     floor = CSession(_floor_model(work / "floor.onnx"), {**pipe.session.options})
+    in_graph = CSession(_answer_in_graph(pipe.model_path, work / "answer_in_graph.onnx"), {**pipe.session.options})
     oos, th = pipe.oos_id, pipe.oos_threshold
     runners = {
         "whole call: pipe(text)": lambda t: pipe(t),
@@ -320,6 +350,7 @@ def breakdown(bundle: Path, texts: list[str], *, rounds: int, per_round: int, wa
         "session run (C API, bound buffers)": lambda t: pipe._run_rows([ids[t]], pipe.pad_id, pipe.output_name),
         "answer from logits (top_of_list)": lambda t: top_of_list(logits[t], oos, th),
         "ONNX Runtime floor: a 2-node graph, same call": lambda t: floor.run_rows([ids[t]], 0, "logits"),
+        "session run with the answer in the graph (a measurement)": lambda t: in_graph.run_rows([ids[t]], 0, "logits"),
     }
     if pipe.fast_wordpiece is not None:
         tok = pipe.tokenizer
