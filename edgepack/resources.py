@@ -13,6 +13,11 @@ def data_dir(kind: str) -> Path:
     here = Path(__file__).resolve().parents[1] / kind
     if here.is_dir():
         return here
+    # An installed wheel: the directory beside this module. (resources.files() of these folders, which have
+    # no __init__.py, is a MultiplexedPath, whose str() is no path at all.)
+    installed = Path(__file__).resolve().parent / f"{kind[:-1]}_files"
+    if installed.is_dir():
+        return installed
     return Path(str(resources.files(f"edgepack.{kind[:-1]}_files")))
 
 

@@ -82,3 +82,35 @@ def test_recipes_that_start_from_each_other_in_a_circle_are_refused(tmp_path, mo
     monkeypatch.setenv(recipes.SEARCH_PATH_ENV, str(tmp_path))
     with pytest.raises(EdgepackError, match="circle"):
         recipes.load("a")
+
+
+@pytest.mark.slow
+def test_an_installed_wheel_finds_its_recipes_targets_and_profiles(tmp_path):
+    """A non-editable install (a user's ``pip install edgepack``) carries recipes, targets and profiles
+    inside the package; ``edgepack build`` found none of them there ("unknown recipe 'default'; known
+    recipes: "), as edgepack.resources read a namespace package's MultiplexedPath as a path."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    src, site = tmp_path / "src", tmp_path / "site"
+    # A copy: pip builds in the source tree, and the test writes nothing into the checkout.
+    shutil.copytree(root, src, ignore=shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__",
+                                                             ".venv*", "runs"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--target", str(site), str(src)], check=True, capture_output=True, timeout=600,
+                   env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    probe = ("import edgepack, json; from edgepack.resources import data_files; "
+             "print(json.dumps([edgepack.__file__] + [sorted(data_files(k, 'NONE')) for k in "
+             "('recipes', 'targets', 'profiles')]))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(site)}, check=True).stdout
+    where, found_recipes, found_targets, found_profiles = json.loads(out)
+    assert where.startswith(str(site))  # the installed copy, not this checkout
+    assert found_recipes == sorted(p.stem for p in (root / "recipes").glob("*.toml"))
+    assert found_targets == sorted(p.stem for p in (root / "targets").glob("*.toml"))
+    assert found_profiles == sorted(p.stem for p in (root / "profiles").glob("*.toml"))
