@@ -146,10 +146,16 @@ def train_model2vec(data, out: Path, base: Path) -> Path:
     """model2vec's recipe: each token's embedding is the base encoder's mean output for it alone, PCA to
     256 and SIF weighting (``distill``), then its classifier (``StaticModelForClassification.fit``: a
     one-hidden-layer head, the table fine-tuned, early stopping on validation)."""
+    from model2vec import StaticModel
     from model2vec.distill import distill
     from model2vec.train import StaticModelForClassification
 
-    static = distill(str(base), pca_dims=256)
+    distilled = out.parent / "model2vec-distilled"  # kept: the distillation is a pass per token
+    if (distilled / "model.safetensors").is_file():
+        static = StaticModel.from_pretrained(str(distilled))
+    else:
+        static = distill(str(base), pca_dims=256)
+        static.save_pretrained(str(distilled))
     clf = StaticModelForClassification.from_static_model(model=static)
     names = data.label_names
     clf.fit(data["train"].texts, [names[i] for i in data["train"].labels],
