@@ -44,6 +44,10 @@ VARIANTS = {
     "teacher outputs init, seed 1": {"learning_rate": 5e-3, "epochs": 5, "seed": 1, "_init": "teacher"},
     "base outputs init, seed 0": {"learning_rate": 5e-3, "epochs": 5, "_init": "base"},
     "base outputs init, seed 1": {"learning_rate": 5e-3, "epochs": 5, "seed": 1, "_init": "base"},
+    # Towards a single model near the teacher at the static student's latency: mean and max pooled.
+    "static shape, mean_max, seed 0": {"learning_rate": 5e-3, "epochs": 5, "static_pooling": "mean_max"},
+    "teacher outputs init, mean_max, seed 0": {"learning_rate": 5e-3, "epochs": 5, "static_pooling": "mean_max",
+                                               "_init": "teacher"},
 }
 
 
