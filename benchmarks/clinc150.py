@@ -51,8 +51,10 @@ def build_reference(w: Path, teacher: Path, dcfg, data, *, log=log, epochs: int 
     from edgepack.stages import distill
 
     w.mkdir(parents=True, exist_ok=True)
-    paths = {"teacher_int8": w / "teacher-int8", "reference_student": w / "reference-student",
-             "reference_int8": w / "reference-int8"}
+    # A shortened schedule is kept apart (same graph and latency, not the recipe's accuracy).
+    tag = "" if epochs == 5 else f"-{epochs}ep"
+    paths = {"teacher_int8": w / "teacher-int8", "reference_student": w / f"reference-student{tag}",
+             "reference_int8": w / f"reference-int8{tag}"}
     # The recipe's export, row for row: torch.onnx.export, nothing trimmed, no fused writer.
     plain = ExportConfig(trim_unreachable=False, writer="torch")
     book_target = w / "book-ort-int8.toml"
