@@ -42,9 +42,12 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def build_reference(w: Path, teacher: Path, dcfg, data, *, log=log, epochs: int = 5, lr: float = 1e-4) -> dict[str, Path]:
+def build_reference(w: Path, teacher: Path, dcfg, data, *, log=log, epochs: int = 5, lr: float = 1e-4,
+                    trained: bool = True) -> dict[str, Path]:
     """The reference recipe's models in WORK ``w``, built when missing: the teacher in ORT int8 (its last
-    step without distillation) and its half-depth student in ORT int8 (``benchmarks/peers.py`` uses them too)."""
+    step without distillation) and its half-depth student in ORT int8 (``benchmarks/peers.py`` uses them too).
+    ``trained=False``: the student's graph without its training (the teacher's layers cut to it), for its
+    latency alone."""
     from edgepack import stages
     from edgepack.config import DistillConfig, ExportConfig, PackConfig
     from edgepack.runner.pack import pack
@@ -52,7 +55,7 @@ def build_reference(w: Path, teacher: Path, dcfg, data, *, log=log, epochs: int 
 
     w.mkdir(parents=True, exist_ok=True)
     # A shortened schedule is kept apart (same graph and latency, not the recipe's accuracy).
-    tag = "" if epochs == 5 else f"-{epochs}ep"
+    tag = "-untrained" if not trained else "" if epochs == 5 else f"-{epochs}ep"
     paths = {"teacher_int8": w / "teacher-int8", "reference_student": w / f"reference-student{tag}",
              "reference_int8": w / f"reference-int8{tag}"}
     # The recipe's export, row for row: torch.onnx.export, nothing trimmed, no fused writer.
@@ -68,9 +71,10 @@ def build_reference(w: Path, teacher: Path, dcfg, data, *, log=log, epochs: int 
     if not paths["reference_student"].is_dir():
         log("[bench] reference recipe: half-depth student, every other layer, alpha 0.12, T 7")
         depth = json.loads((teacher / "config.json").read_text())["num_hidden_layers"]
-        distill.run(DistillConfig(layers=tuple(range(0, depth, 2)), alpha=0.12, temperature=7.0,
-                                  epochs=epochs, learning_rate=lr, ablation=False),
-                    teacher, paths["reference_student"], stages.Context(data=data, data_config=dcfg, cache=w / "cache"))
+        cfg = DistillConfig(layers=tuple(range(0, depth, 2)), alpha=0.12, temperature=7.0, epochs=epochs,
+                            learning_rate=lr, ablation=False)
+        ctx = stages.Context(data=data, data_config=dcfg, cache=w / "cache")
+        (distill.run if trained else distill.untrained)(cfg, teacher, paths["reference_student"], ctx)
     if not paths["reference_int8"].is_dir():
         log("[bench] reference recipe: student -> ORT int8 (plain quantize_dynamic)")
         pack(book, paths["reference_student"], dcfg, paths["reference_int8"], export_cfg=plain, data=data)

@@ -193,10 +193,10 @@ def build(args, data) -> dict[str, tuple[str, Path]]:
     if args.teacher is not None:
         from clinc150 import build_reference
 
-        paths = build_reference(w, args.teacher, args.data_config, data, log=log,
-                                epochs=args.reference_epochs, lr=args.reference_lr)
+        paths = build_reference(w, args.teacher, args.data_config, data, log=log, epochs=args.reference_epochs,
+                                lr=args.reference_lr, trained=not args.reference_untrained)
         rows["teacher, ORT int8"] = ("bundle", paths["teacher_int8"])
-        rows["reference recipe: half-depth student, ORT int8"] = ("bundle", paths["reference_int8"])
+        rows[reference_name(args)] = ("bundle", paths["reference_int8"])
     for name, path in args.bundle:
         rows[name] = ("bundle", Path(path))
     return rows
@@ -238,6 +238,11 @@ def accuracy(peer: Peer, data) -> dict:
 
 
 MODEL_ALONE = "reference recipe: its model alone (encoded inputs in, logits out)"
+REFERENCE = "reference recipe: half-depth student, ORT int8"
+
+
+def reference_name(args) -> str:
+    return REFERENCE + (" (untrained: its latency only)" if getattr(args, "reference_untrained", False) else "")
 
 
 def timing(peers: dict[str, Peer], texts: list[str], *, rounds: int, per_round: int, warmup: int,
@@ -448,6 +453,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--reference-epochs", type=int, default=5)
     p.add_argument("--reference-lr", type=float, default=1e-4)
+    p.add_argument("--reference-untrained", action="store_true",
+                   help="the reference student's graph untrained (the teacher's layers cut to it): its latency, "
+                        "not its accuracy (a teacher pass and a 3-layer distillation saved)")
     p.add_argument("--breakdown", type=Path, default=None, metavar="BUNDLE")
     p.add_argument("--build-only", action="store_true", help="train what is missing and stop")
     args = p.parse_args(argv)
@@ -496,7 +504,7 @@ def main(argv=None) -> int:
                      "files_bytes": sum(f.stat().st_size for f in peer.files)})
     log(f"[peers] timing {len(peers)} models: {args.rounds} interleaved rounds of {args.per_round} single queries, "
         "one thread each")
-    ref_name = "reference recipe: half-depth student, ORT int8"
+    ref_name = reference_name(args)
     times = timing(peers, texts, rounds=args.rounds, per_round=args.per_round, warmup=args.warmup,
                    model_alone=peers[ref_name].path if ref_name in peers else None)
     model_mean = times[MODEL_ALONE]["mean_ms"] if MODEL_ALONE in times else None
