@@ -223,7 +223,10 @@ class OnnxPipeline:
             >>> OnnxPipeline("bundle").rss_argv  # doctest: +SKIP
             ['/usr/bin/python3', '-m', 'runtime_shim', 'rss', 'bundle']
         """
-        argv = [sys.executable, "-m", "runtime_shim", "rss", str(self.bundle_dir.resolve())]
+        # An isolated parent (the installed runtime: -I, -B) starts an isolated child, so the probe too
+        # imports nothing from the working directory and writes no byte code.
+        flags = [f for f, on in (("-I", sys.flags.isolated), ("-B", sys.flags.dont_write_bytecode)) if on]
+        argv = [sys.executable, *flags, "-m", "runtime_shim", "rss", str(self.bundle_dir.resolve())]
         if self.overrides:
             argv += ["--overrides", json.dumps(self.overrides)]
         return argv
