@@ -22,6 +22,10 @@ manifest. Signatures move the trust to keys kept outside the bundle:
   Unlike DSSE the payload is not embedded: it is the file beside the envelope.
 - **State**: the highest version accepted per bundle name, in ``EDGEPACK_STATE`` (a file path) or
   ``$XDG_STATE_HOME/edgepack/accepted.json`` (default ``~/.local/state/edgepack/accepted.json``).
+- **An installed runtime's anchors**: ``edgepack deploy --setup`` installs the runtime into a virtual
+  environment and writes ``<sys.prefix>/edgepack-runtime.json`` (``runtime_anchors``), naming the
+  device's keys directory and state file outside every bundle; the runtime there uses them when
+  neither the caller nor the environment names others.
 
 ``cryptography`` is imported only when a signature is checked, so a device serving unsigned bundles
 needs onnxruntime, tokenizers and numpy only. Standard library otherwise.
@@ -35,6 +39,7 @@ import contextlib
 import json
 import os
 import re
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -126,10 +131,40 @@ def load_public_key(path: str | os.PathLike):
     return key
 
 
+RUNTIME_FILE = "edgepack-runtime.json"
+RUNTIME_FORMAT = "edgepack-runtime/1"
+
+
+def runtime_anchors() -> dict[str, Any]:
+    """The trust anchors of the installed runtime running now: ``<sys.prefix>/edgepack-runtime.json``
+    (``{"keys": DIR or null, "state": FILE, ...}``, written by ``edgepack deploy --setup``, owned by
+    the deploying account); ``{}`` where there is none (a development install, a bundle's own shim).
+
+    Example:
+        >>> runtime_anchors().get("keys")  # doctest: +SKIP
+        '/opt/edgepack-runtime/keys'
+    """
+    path = Path(sys.prefix) / RUNTIME_FILE
+    try:
+        raw = path.read_bytes()[:_MAX_SIG_BYTES]
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise BundleError(f"{path}: cannot read the runtime's trust anchors ({e.strerror}); re-run "
+                          "`edgepack deploy --setup` for this device") from None
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        data = None
+    if not isinstance(data, dict) or data.get("format") != RUNTIME_FORMAT:
+        raise BundleError(f"{path}: not an {RUNTIME_FORMAT} file; re-run `edgepack deploy --setup` for this device")
+    return data
+
+
 def trusted_keys_dir(explicit: str | os.PathLike | bool | None = None) -> Path | None:
-    """The trusted keys directory: ``explicit``, else ``$EDGEPACK_TRUSTED_KEYS``, else ``None``
-    (signatures are not checked). ``False`` means none whatever the environment says (the build
-    machine's own checks of the unsigned bundles it is making).
+    """The trusted keys directory: ``explicit``, else ``$EDGEPACK_TRUSTED_KEYS``, else the installed
+    runtime's (``runtime_anchors``), else ``None`` (signatures are not checked). ``False`` means none
+    whatever the environment says (the build machine's own checks of the unsigned bundles it is making).
 
     Example:
         >>> trusted_keys_dir("/etc/edgepack/keys")
@@ -140,6 +175,8 @@ def trusted_keys_dir(explicit: str | os.PathLike | bool | None = None) -> Path |
     if explicit is False:
         return None
     value = explicit if explicit not in (None, "") else os.environ.get(KEYS_ENV, "")
+    if not str(value):
+        value = runtime_anchors().get("keys") or ""
     return Path(value) if str(value) else None
 
 
@@ -304,15 +341,21 @@ def _walk(root: Path, rel: str = "") -> Iterator[tuple[str, os.DirEntry]]:
                 yield from _walk(root, path)
 
 
-def running_shim_pycache(root: Path) -> str | None:
-    """``runtime_shim/__pycache__`` when the shim running now is the bundle's own copy: Python wrote (and
-    already used) that cache before any check could run, so refusing it would only refuse the second run.
-    ``None`` when the shim comes from elsewhere: then a cache in the bundle is an unlisted file."""
+def check_not_own_shim(root: Path) -> None:
+    """Refuse to vouch for a bundle whose own ``runtime_shim`` is the code running now (``python -m
+    runtime_shim`` started inside the bundle): that code ran before any check could.
+
+    Example:
+        >>> check_not_own_shim(Path("bundle"))  # doctest: +SKIP
+    """
     try:
         own = (root / "runtime_shim").resolve() == _SHIM_DIR
     except OSError:
-        return None
-    return "runtime_shim/__pycache__" if own else None
+        own = False
+    if own:
+        raise BundleError(f"{root / 'runtime_shim'}: the shim checking this bundle is the bundle's own copy, which ran "
+                          "before any check; run the installed runtime from another directory (`edgepack runtime "
+                          "wheel`, then `edgepack-runtime verify BUNDLE` or `python -I -m runtime_shim ...`)")
 
 
 def check_tree(root: str | os.PathLike, listed: set[str] | Mapping[str, Any]) -> None:
@@ -324,7 +367,6 @@ def check_tree(root: str | os.PathLike, listed: set[str] | Mapping[str, Any]) ->
     """
     root = Path(root)
     listed = set(listed)
-    allowed_cache = running_shim_pycache(root)
     for rel, entry in _walk(root):
         path = root / rel
         if entry.is_symlink():
@@ -336,10 +378,8 @@ def check_tree(root: str | os.PathLike, listed: set[str] | Mapping[str, Any]) ->
             raise BundleError(f"{path}: not a regular file (a device, pipe or socket); delete it")
         if rel in listed or rel in (MANIFEST, SIGNATURE):
             continue
-        if allowed_cache and rel.startswith(allowed_cache + "/"):
-            continue
         hint = (" (Python compiled it when the bundle's own shim ran; a .pyc there runs instead of the verified "
-                ".py: run an installed shim, see docs/TRUST.md)" if "__pycache__" in rel.split("/") else "")
+                ".py: run the installed runtime, see docs/TRUST.md)" if "__pycache__" in rel.split("/") else "")
         raise BundleError(f"{path}: not listed in {MANIFEST}{hint}; delete it, or restore the bundle from its "
                           "signed .tar.gz")
 
@@ -348,8 +388,9 @@ def check_tree(root: str | os.PathLike, listed: set[str] | Mapping[str, Any]) ->
 
 
 def state_path() -> Path:
-    """Where the versions accepted on this device are kept: ``$EDGEPACK_STATE``, else
-    ``$XDG_STATE_HOME/edgepack/accepted.json``, else ``~/.local/state/edgepack/accepted.json``.
+    """Where the versions accepted on this device are kept: ``$EDGEPACK_STATE``, else the installed
+    runtime's (``runtime_anchors``), else ``$XDG_STATE_HOME/edgepack/accepted.json``, else
+    ``~/.local/state/edgepack/accepted.json``.
 
     Example:
         >>> state_path()  # doctest: +SKIP
@@ -357,6 +398,9 @@ def state_path() -> Path:
     """
     if os.environ.get(STATE_ENV):
         return Path(os.environ[STATE_ENV])
+    installed = runtime_anchors().get("state")
+    if installed:
+        return Path(installed)
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return Path(base) / "edgepack" / "accepted.json"
 
@@ -370,8 +414,18 @@ def _locked(path: Path) -> Iterator[None]:
     except ImportError:  # not POSIX: no lock (one process at a time is the caller's business)
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as f:
+    lock = path.with_name(path.name + ".lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(lock, "a")  # noqa: SIM115 (closed below)
+    except PermissionError:
+        # An account that may read the device's state but not write it (the serving user): flock needs
+        # no write access, so it still waits for a deploy writing the file.
+        f = open(lock) if lock.exists() else None  # noqa: SIM115
+    if f is None:
+        yield
+        return
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -421,8 +475,9 @@ def _check_and_record(name: str, version: int, digest: str, keyid: str, *, allow
         try:
             _manifest.write_json_atomic(state, {"format": STATE_FORMAT, "bundles": bundles})
         except OSError as e:
-            raise BundleError(f"{state}: cannot record the accepted version ({e.strerror}); make it writable or point "
-                              f"{STATE_ENV} at a writable file") from None
+            raise BundleError(f"{state}: cannot record {name} version {version} as accepted ({e.strerror}); a new "
+                              "version is accepted by the account that owns the device's state (`edgepack deploy`), "
+                              f"or point {STATE_ENV} at a writable file") from None
 
 
 # ------------------------------------------------------------------------------------- verification
@@ -444,7 +499,6 @@ class Verified(NamedTuple):
     key_file: Path | None = None
     name: str | None = None
     version: int | None = None
-    own_shim: bool = False  # checked by the bundle's own copy of the shim (see docs/TRUST.md)
 
 
 def signed_fields(root: Path, manifest: Mapping[str, Any]) -> tuple[str, int]:
@@ -482,6 +536,7 @@ def verify_bundle(bundle_dir: str | os.PathLike, *, keys: str | os.PathLike | bo
         return Verified(manifest=_manifest.verify(root))
     if not root.is_dir():
         raise BundleError(f"{root}: no such bundle directory; pass the directory `edgepack pack` wrote")
+    check_not_own_shim(root)
     trusted = load_trusted_keys(keys_dir)
     manifest_path = root / MANIFEST
     if manifest_path.is_symlink() or not manifest_path.is_file():
@@ -499,5 +554,4 @@ def verify_bundle(bundle_dir: str | os.PathLike, *, keys: str | os.PathLike | bo
     check_onnx_files(root, manifest["files"])
     _check_and_record(name, version, hashlib.sha256(data).hexdigest(), keyid, allow_downgrade=allow_downgrade,
                       state=Path(state) if state else state_path(), write=record)
-    return Verified(manifest=manifest, signed=True, key_id=keyid, key_file=key_file, name=name, version=version,
-                    own_shim=running_shim_pycache(root) is not None)
+    return Verified(manifest=manifest, signed=True, key_id=keyid, key_file=key_file, name=name, version=version)

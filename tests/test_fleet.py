@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,12 +25,12 @@ from pathlib import Path
 import pytest
 from conftest import NETWORK_ERRORS as _NETWORK_ERRORS
 from conftest import clean_env, make_venv
+from sshlab import SSHD, Sshd, free_port, start_sshd
 
 from edgepack.cli import main
 
 pytestmark = pytest.mark.slow
 
-SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 QEMU = shutil.which("qemu-x86_64-static")
 RUNTIME = ("onnxruntime", "tokenizers", "numpy")
 HASWELL_FLAGS = ("sse4_2", "avx", "avx2", "fma", "bmi2", "f16c", "popcnt")
@@ -39,12 +38,6 @@ HASWELL_FLAGS = ("sse4_2", "avx", "avx2", "fma", "bmi2", "f16c", "popcnt")
 
 def _env() -> dict[str, str]:
     return clean_env()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _venv(path: Path, packages: list[str]) -> Path:
@@ -64,62 +57,6 @@ def _copy_venv(src: Path, dest: Path) -> Path:
 
 
 @dataclass
-class Sshd:
-    port: int
-    host_key: Path
-    proc: subprocess.Popen
-
-    def fingerprint(self) -> str:
-        import asyncssh
-
-        return asyncssh.read_private_key(str(self.host_key)).get_fingerprint("sha256")
-
-    def known_hosts_line(self) -> str:
-        import asyncssh
-
-        pub = asyncssh.read_private_key(str(self.host_key)).export_public_key("openssh").decode().split()
-        return f"[127.0.0.1]:{self.port} {pub[0]} {pub[1]}\n"
-
-
-def _start_sshd(root: Path, authorized_keys: Path) -> Sshd:
-    import asyncssh
-
-    root.mkdir(parents=True)
-    host_key = root / "ssh_host_ed25519_key"
-    asyncssh.generate_private_key("ssh-ed25519").write_private_key(str(host_key))
-    host_key.chmod(0o600)
-    port = _free_port()
-    config = root / "sshd_config"
-    config.write_text(f"""Port {port}
-ListenAddress 127.0.0.1
-HostKey {host_key}
-PidFile {root / 'sshd.pid'}
-AuthorizedKeysFile {authorized_keys}
-UsePAM no
-StrictModes no
-PermitRootLogin prohibit-password
-PubkeyAuthentication yes
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-AllowTcpForwarding yes
-Subsystem sftp internal-sftp
-LogLevel ERROR
-""")
-    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
-    log = open(root / "sshd.log", "w")  # noqa: SIM115 (closed with the process)
-    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT)
-    for _ in range(100):
-        if proc.poll() is not None:
-            raise AssertionError(f"sshd exited {proc.returncode}: {(root / 'sshd.log').read_text()[-1000:]}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return Sshd(port, host_key, proc)
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError("sshd did not start listening")
-
-
-@dataclass
 class Lab:
     root: Path
     key: Path
@@ -130,6 +67,11 @@ class Lab:
     python_local: Path
     known_hosts: Path
     profiles: Path
+    runtime: Path  # the installed runtime the lab's devices share (one machine): set up once
+
+    @property
+    def runtime_python(self) -> Path:
+        return self.runtime / "venv" / "bin" / "python"
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +89,7 @@ def lab(tmp_path_factory, runtime_venv) -> Lab:
     key.chmod(0o600)
     authorized = root / "authorized_keys"
     authorized.write_bytes(user_key.export_public_key("openssh"))
-    a, b = _start_sshd(root / "sshd-a", authorized), _start_sshd(root / "sshd-b", authorized)
+    a, b = start_sshd(root / "sshd-a", authorized), start_sshd(root / "sshd-b", authorized)
     known_hosts = root / "known_hosts"
     known_hosts.write_text(a.known_hosts_line() + b.known_hosts_line())
     # Two profiles: one for the target this CPU is detected as, one for another (a mismatch to report).
@@ -160,14 +102,15 @@ def lab(tmp_path_factory, runtime_venv) -> Lab:
             f'target = "{target}"\nphysical_cores = 1\nmemory_mb = 1024\n\n[budgets]\np95_latency_ms = 1000.0\n'
             "peak_memory_mb = 4000.0\nbundle_size_mb = 100.0\nmax_accuracy_drop = 100.0\n")
     lab = Lab(root, key, a, b, _copy_venv(runtime_venv, root / "venv-a"), _copy_venv(runtime_venv, root / "venv-b"),
-              _copy_venv(runtime_venv, root / "venv-local"), known_hosts, profiles)
+              _copy_venv(runtime_venv, root / "venv-local"), known_hosts, profiles, root / "runtime")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGEPACK_PROFILES_PATH", str(profiles))
+        code = main(["devices", "--setup", "--to", "a", "--inventory", str(write_inventory(lab, root, ("a",)))])
+    if code != 0:
+        pytest.fail("devices --setup of the lab's runtime failed (see the captured output)")
     yield lab
     for s in (a, b):
-        s.proc.terminate()
-        try:
-            s.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            s.proc.kill()
+        s.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -184,14 +127,15 @@ def write_inventory(lab: Lab, tmp_path: Path, names=("a", "b", "local"), *, know
     """devices.toml for the lab's devices; each device's remote directory is fresh under ``tmp_path``."""
     ssh = {"host": "127.0.0.1", "user": "root", "key_file": str(lab.key),
            "known_hosts": str(known_hosts or lab.known_hosts), "connect_timeout": 10}
+    rt = str(lab.runtime)
     tables = {
         "a": {**ssh, "port": lab.a.port, "python": str(lab.python_a), "remote_dir": str(tmp_path / "dev-a"),
-              "profile": "fleet-a"},
+              "profile": "fleet-a", "runtime_dir": rt},
         "b": {**ssh, "port": lab.b.port, "python": str(lab.python_b), "remote_dir": str(tmp_path / "dev-b"),
-              "profile": "fleet-b"},
+              "profile": "fleet-b", "runtime_dir": rt},
         "local": {"transport": "local", "python": str(lab.python_local), "remote_dir": str(tmp_path / "dev-local"),
-                  "profile": "fleet-a"},
-        "down": {**ssh, "port": _free_port(), "python": "python3", "remote_dir": "/tmp/unused", "profile": "fleet-a",
+                  "profile": "fleet-a", "runtime_dir": rt},
+        "down": {**ssh, "port": free_port(), "python": "python3", "remote_dir": "/tmp/unused", "profile": "fleet-a",
                  "connect_timeout": 5},
     }
     text = ""
@@ -220,8 +164,9 @@ def _bundle_copy(src: Path, dest: Path, **manifest_fields) -> Path:
 
 
 def _loads_on_device(python: Path, bundle_dir: Path) -> str:
-    proc = subprocess.run([str(python), "-m", "runtime_shim", "predict", ".", "set an alarm for 7 am"], cwd=bundle_dir,
-                          capture_output=True, text=True, env=_env(), timeout=300)
+    """The bundle loads with the device's installed runtime, run from another directory."""
+    proc = subprocess.run([str(python), "-I", "-B", "-m", "runtime_shim", "predict", str(bundle_dir),
+                           "set an alarm for 7 am"], cwd="/", capture_output=True, text=True, env=_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -274,7 +219,8 @@ def test_devices_list_and_check(lab, tmp_path, capsys):
         d = found[name]
         assert d["reachable"] and d["python"] == f"{sys.version_info.major}.{sys.version_info.minor}." \
             f"{sys.version_info.micro}"
-        assert d["packages"] == {n: metadata.version(n) for n in RUNTIME}
+        assert {n: d["packages"][n] for n in RUNTIME} == {n: metadata.version(n) for n in RUNTIME}
+        assert d["runtime"]["version"] == metadata.version("edgepack") and d["runtime_python"]
         assert d["detected_target"] == here and d["physical_cores"] >= 1 and d["arch"] == "x86_64"
     assert found["a"]["target_match"] is True and found["b"]["target_match"] is False
     assert f"b: the CPU reads as target '{here}' but profile 'fleet-b'" in out
@@ -287,11 +233,12 @@ def test_deploy_bench_report_rollback(lab, tmp_path, capsys, tiny_bundle):
     assert code == 0, out
     assert out.count("deployed tiny") == 3 and "deploy: 3/3 devices done" in out
     release = json.loads((tmp_path / "dev-a" / "tiny" / "current" / "manifest.json").read_text())
-    for dev, python in (("dev-a", lab.python_a), ("dev-b", lab.python_b), ("dev-local", lab.python_local)):
+    for dev in ("dev-a", "dev-b", "dev-local"):
         current = tmp_path / dev / "tiny" / "current"
         assert current.is_symlink() and not (tmp_path / dev / "tiny" / "previous").exists()
         assert json.loads((current / "manifest.json").read_text()) == release
-        _loads_on_device(python, current)
+        assert not list(current.resolve().rglob("__pycache__"))  # the device wrote nothing into the release
+        _loads_on_device(lab.runtime_python, current)
     code, out = cli(capsys, "deploy", tiny_bundle, "--to", "a", "--inventory", inv)
     assert code == 0 and "a: already current tiny" in out and "nothing sent" in out
 
@@ -414,7 +361,7 @@ def test_upload_cut_off_keeps_the_previous_bundle(lab, tmp_path, capsys, tiny_bu
     code, out = cli(capsys, "deploy", v2, "--to", "b", "--inventory", inv)
     assert code == 4 and "FAILED b:" in out, out
     assert os.readlink(root / "current") == before  # untouched
-    _loads_on_device(lab.python_b, root / "current")
+    _loads_on_device(lab.runtime_python, root / "current")
     assert [p.name for p in (root / "releases").iterdir() if p.name.startswith(".incoming-")]
     monkeypatch.undo()
     monkeypatch.setenv("EDGEPACK_PROFILES_PATH", str(lab.profiles))
@@ -424,31 +371,46 @@ def test_upload_cut_off_keeps_the_previous_bundle(lab, tmp_path, capsys, tiny_bu
     assert os.readlink(root / "previous") == before
 
 
-def test_device_without_onnxruntime_then_setup(lab, tmp_path, capsys, tiny_bundle):
+def test_device_without_the_runtime_then_setup(lab, tmp_path, capsys, tiny_bundle):
+    """A device with a bare Python: refused before a byte is sent, naming --setup; --setup installs this
+    machine's runtime wheel and the three packages into runtime_dir, and the bundle runs from there."""
     bare = _venv(tmp_path / "bare-venv", [])
-    inv = write_inventory(lab, tmp_path, ("a", "local"), a={"python": str(bare)})
+    rt = tmp_path / "fresh-runtime"
+    inv = write_inventory(lab, tmp_path, ("a", "local"), a={"python": str(bare), "runtime_dir": str(rt)})
     code, out = cli(capsys, "deploy", tiny_bundle, "--to", "all", "--inventory", inv)
     assert code == 4, out
-    assert f"FAILED a: {bare} has no onnxruntime, tokenizers, numpy, so the bundle cannot run there; re-run " \
-           "with --setup" in out
+    assert f"FAILED a: no edgepack runtime in {rt} on the device; run `edgepack devices --setup --to a`" in out
     assert "local: deployed tiny" in out and not (tmp_path / "dev-a" / "tiny").exists()
     code, out = cli(capsys, "deploy", tiny_bundle, "--to", "a", "--inventory", inv, "--setup")
     if code != 0 and any(m in out for m in _NETWORK_ERRORS):
         pytest.skip("--setup could not reach a package index")
     assert code == 0 and "a: deployed tiny" in out, out
-    venv_python = tmp_path / "dev-a" / "venv" / "bin" / "python"
-    _loads_on_device(venv_python, tmp_path / "dev-a" / "tiny" / "current")
+    assert f"a: --setup: installing edgepack-runtime {metadata.version('edgepack')} into {rt / 'venv'}" in out
+    assert f"a: --setup: {rt} is root's: serving accounts can read" in out
+    _loads_on_device(rt / "venv" / "bin" / "python", tmp_path / "dev-a" / "tiny" / "current")
     code, out = cli(capsys, "devices", "--check", "--to", "a", "--inventory", inv, "--json", tmp_path / "c.json")
     found = json.loads((tmp_path / "c.json").read_text())[0]
-    assert code == 0 and found["setup_python"] == str(venv_python) and all(found["packages"].values())
+    assert code == 0 and found["runtime_python"] == str(rt / "venv" / "bin" / "python")
+    assert all(found["packages"][n] for n in RUNTIME) and found["runtime"]["keys"] is None
+    # The runtime is this machine's own runtime_shim, file for file.
+    import runtime_shim
+
+    installed = next((rt / "venv" / "lib").glob("python3*/site-packages/runtime_shim"))
+    ours = Path(runtime_shim.__file__).parent
+    assert sorted(p.name for p in installed.glob("*.py")) == sorted(p.name for p in ours.glob("*.py"))
+    assert all((installed / p.name).read_bytes() == p.read_bytes() for p in ours.glob("*.py"))
 
 
 def test_signed_only_device_refuses_an_unsigned_bundle(lab, tmp_path, capsys, tiny_bundle):
-    inv = write_inventory(lab, tmp_path, ("a", "local"), local={"signed_only": True})
+    assert main(["keys", "new", "--out", str(tmp_path / "k")]) == 0
+    inv = write_inventory(lab, tmp_path, ("a", "local"),
+                          local={"signed_only": True, "trusted_keys": str(tmp_path / "k" / "signing.pub")})
     code, out = cli(capsys, "deploy", tiny_bundle, "--inventory", inv)
-    assert code == 4 and "a: deployed tiny" in out, out
-    assert f"FAILED local: accepts signed bundles only (signed_only = true) and {tiny_bundle} has no manifest.sig" in out
-    assert not (tmp_path / "dev-local" / "tiny").exists()
+    assert code == 2, out
+    assert out.strip().splitlines()[-1] == (f"edgepack deploy: error: local: accepts signed bundles only (signed_only "
+                                            f"= true) and {tiny_bundle} has no manifest.sig; sign it with `edgepack "
+                                            "sign` first")
+    assert not (tmp_path / "dev-local").exists() and not (tmp_path / "dev-a").exists()
 
 
 def test_cpu_without_the_targets_flags_is_warned_and_checked(lab, tmp_path, capsys, tiny_bundle):
@@ -494,7 +456,7 @@ def test_accuracy_regression_fails_the_fleet(lab, tmp_path, capsys, tiny_bundle)
 def test_fleet_tune(lab, tmp_path, capsys, tiny_bundle):
     inv = write_inventory(lab, tmp_path, ("a", "local", "haswell"), haswell={
         "transport": "local", "python": str(lab.python_local), "remote_dir": str(tmp_path / "dev-haswell"),
-        "profile": "fleet-a", "command_prefix": "qemu-x86_64-static -cpu Haswell"})
+        "profile": "fleet-a", "runtime_dir": str(lab.runtime), "command_prefix": "qemu-x86_64-static -cpu Haswell"})
     runtime = tmp_path / "dev-a" / "tiny" / "current" / "runtime.json"
     code, out = cli(capsys, "fleet", "tune", tiny_bundle, "--to", "a,local", "--inventory", inv, "--out", tmp_path / "t",
                     "--runs", "10", "--rounds", "1", "--dry-run")
@@ -516,7 +478,7 @@ def test_fleet_tune(lab, tmp_path, capsys, tiny_bundle):
 def test_emulated_device_reports_accuracy_not_latency(lab, tmp_path, capsys, tiny_bundle):
     inv = write_inventory(lab, tmp_path, ("haswell",), haswell={
         "transport": "local", "python": str(lab.python_local), "remote_dir": str(tmp_path / "dev-haswell"),
-        "profile": "fleet-a", "command_prefix": f"{QEMU} -cpu Haswell", "cpu_flags": list(HASWELL_FLAGS)})
+        "profile": "fleet-a", "runtime_dir": str(lab.runtime), "command_prefix": f"{QEMU} -cpu Haswell", "cpu_flags": list(HASWELL_FLAGS)})
     code, out = cli(capsys, "fleet", "bench", tiny_bundle, "--inventory", inv, "--out", tmp_path / "r")
     assert code == 0, out
     r = json.loads((tmp_path / "r" / "fleet.json").read_text())["devices"][0]
@@ -527,29 +489,54 @@ def test_emulated_device_reports_accuracy_not_latency(lab, tmp_path, capsys, tin
     assert "emulated: accuracy only" in out
 
 
-def test_signed_only_device_verifies_with_the_keys_setup_pushed(lab, tmp_path, capsys, tiny_bundle, monkeypatch):
-    import shutil
-    import sys
-
-    monkeypatch.setenv("EDGEPACK_STATE", str(tmp_path / "device-state.json"))
+def test_signed_only_device_checks_with_the_keys_setup_installed(lab, tmp_path, capsys, tiny_bundle):
     for name in ("good", "other"):
         assert main(["keys", "new", "--out", str(tmp_path / name)]) == 0
     signed = tmp_path / "signed" / "tiny"
     shutil.copytree(tiny_bundle, signed)
     assert main(["sign", str(signed), "--key", str(tmp_path / "good" / "signing.key")]) == 0
-    # The device's Python has cryptography (a signed bundle's requirements.txt names it).
-    inv = write_inventory(lab, tmp_path, ("local",), local={"signed_only": True, "python": sys.executable,
+    rt = tmp_path / "signed-runtime"
+    inv = write_inventory(lab, tmp_path, ("local",), local={"signed_only": True, "runtime_dir": str(rt),
                                                             "trusted_keys": str(tmp_path / "good" / "signing.pub")})
     capsys.readouterr()
+    code, out = cli(capsys, "deploy", signed, "--inventory", inv)
+    assert code == 4 and f"FAILED local: no edgepack runtime in {rt}" in out, out
     code, out = cli(capsys, "deploy", signed, "--inventory", inv, "--setup")
-    assert code == 0 and "local: deployed tiny" in out and "1 trusted public key(s)" in out, out
-    # A bundle signed by a key the device does not trust is refused on the device, before it goes live.
+    assert code == 0 and "local: deployed tiny" in out and f"1 trusted public key(s) in {rt / 'keys'}" in out, out
+    assert "signature checked here and on the device" in out
+    assert [p.name for p in (rt / "keys").iterdir()] == ["signing.pub"]
+    assert not (tmp_path / "dev-local" / "trusted-keys").exists()  # nothing of the trust lives beside the releases
+    accepted = json.loads((rt / "state" / "accepted.json").read_text())["bundles"]
+    assert accepted["tiny"]["version"] == json.loads((signed / "manifest.json").read_text())["version"]
+    # A bundle signed by a key the device does not trust is refused here, before a byte is sent.
     forged = tmp_path / "forged" / "tiny"
     shutil.copytree(tiny_bundle, forged)
-    (forged / "labels.json").write_text((forged / "labels.json").read_text())  # same bytes: re-signed below
     assert main(["sign", str(forged), "--key", str(tmp_path / "other" / "signing.key"), "--version", "99999999999999"]) == 0
     capsys.readouterr()
     code, out = cli(capsys, "deploy", forged, "--inventory", inv)
-    assert code == 4 and "verify failed on the device" in out, out
-    current = json.loads((tmp_path / "dev-local" / "tiny" / "current" / "manifest.json").read_text())
-    assert current["version"] == json.loads((signed / "manifest.json").read_text())["version"]
+    assert code == 2 and "refused before upload" in out and "which is not in" in out, out
+    assert len(list((tmp_path / "dev-local" / "tiny" / "releases").iterdir())) == 1
+    # The slot accepted the name "tiny": a validly signed bundle of another name is refused there.
+    renamed = tmp_path / "renamed" / "tiny"
+    shutil.copytree(tiny_bundle, renamed)
+    assert main(["sign", str(renamed), "--key", str(tmp_path / "good" / "signing.key"), "--name", "older"]) == 0
+    capsys.readouterr()
+    code, out = cli(capsys, "deploy", renamed, "--inventory", inv, "--name", "tiny")
+    assert code == 4 and "holds bundle 'tiny', and this bundle is 'older': pass --rename" in out, out
+    code, out = cli(capsys, "deploy", renamed, "--inventory", inv, "--name", "tiny", "--rename")
+    assert code == 0 and "local: deployed tiny" in out, out
+    slots = json.loads((rt / "state" / "slots.json").read_text())["slots"]
+    assert slots == {str(tmp_path / "dev-local" / "tiny"): "older"}
+
+
+def test_python_older_than_the_runtime_is_refused_in_one_line():
+    from edgepack.fleet.inventory import Device
+    from edgepack.fleet.session import Session
+
+    session = Session(Device(name="old", profile="fleet-a", transport="local", python="/usr/bin/python3.8"), None,
+                      {"python": "3.8.10", "remote_dir": "/tmp/x", "runtime_dir": "/tmp/rt"})
+    assert session.python_too_old() == ("old: Python 3.8.10 (/usr/bin/python3.8) is older than 3.10, the oldest the "
+                                        "edgepack runtime supports; set python = \"...\" in the inventory to a newer "
+                                        "Python on the device")
+    session.info["python"] = "3.10.0"
+    assert session.python_too_old() is None

@@ -301,7 +301,7 @@ ATTACKS = {
                 ["runtime_shim/passwd", "symlink", "/etc/passwd"]),
     "pycache": (lambda b, k, o: ((b / "runtime_shim" / "__pycache__").mkdir(),
                                  (b / "runtime_shim" / "__pycache__" / "trust.cpython-311.pyc").write_bytes(b"x")),
-                ["__pycache__/trust.cpython-311.pyc", "not listed", "installed shim"]),
+                ["__pycache__/trust.cpython-311.pyc", "not listed", "installed runtime"]),
     "external_data": (lambda b, k, o: (_external_data_model(b), update_manifest(b), _resign_raw(b, k)),
                       ["model.quant.onnx", "external data file", "re-export"]),
     "duplicated_key": (lambda b, k, o: ((b / "manifest.json").write_bytes(
@@ -514,16 +514,18 @@ def test_cli_in_a_subprocess(signed, keypair, tmp_path):
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "extra.txt" in bad.stderr
 
 
-def test_bundles_own_shim_checks_itself_and_says_so(signed, keypair):
-    """Run from inside the bundle, Python writes runtime_shim/__pycache__ there: tolerated only for the
-    shim that is running (it was loaded before any check), and the output says what that means."""
+def test_bundles_own_shim_cannot_vouch_for_its_bundle(signed, keypair):
+    """Run from inside the bundle, ``python -m runtime_shim`` is the bundle's own code, which ran before any
+    check: with keys it refuses to vouch for the bundle (one line naming the installed runtime)."""
     run = [sys.executable, "-m", "runtime_shim", "verify", ".", "--keys", str(keypair[1])]
     env = {k: v for k, v in _env().items() if k not in ("PYTHONPATH", "PYTHONDONTWRITEBYTECODE")}  # as on a device
-    for _ in range(2):
-        proc = subprocess.run(run, capture_output=True, text=True, env=env, cwd=signed, timeout=120)
-        assert proc.returncode == 0, proc.stderr
-        assert "bundle's own shim" in proc.stdout
-    assert (signed / "runtime_shim" / "__pycache__").is_dir()
+    proc = subprocess.run(run, capture_output=True, text=True, env=env, cwd=signed, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "the bundle's own copy" in lines[0] and "installed runtime" in lines[0]
+    # Without keys (checksums only, nothing trusted) it runs as before.
+    proc = subprocess.run(run[:-2], capture_output=True, text=True, env=env, cwd=signed, timeout=120)
+    assert proc.returncode == 0 and "signature not checked" in proc.stdout, proc.stderr
 
 
 _BLOCK_CRYPTOGRAPHY = """
@@ -613,7 +615,7 @@ def test_signed_bundle_verifies_in_a_runtime_only_venv(device_python, signed, ke
     unpacked = run("-m", "runtime_shim", "unpack", str(archive(signed)), str(dest), "--keys", str(keypair[1]))
     assert unpacked.returncode == 0 and dest.is_dir(), unpacked.stderr
     own = run("-m", "runtime_shim", "verify", ".", "--keys", str(keypair[1]), cwd=dest, PYTHONPATH="")
-    assert own.returncode == 0 and "bundle's own shim" in own.stdout, own.stderr
+    assert own.returncode == 2 and "the bundle's own copy" in own.stderr, own.stderr
 
     _bump_a_bias(signed)
     assert run("-m", "runtime_shim", "verify", str(signed), "--update").returncode == 0

@@ -1,8 +1,10 @@
-"""``edgepack deploy BUNDLE --to NAME[,NAME]|all [--setup]`` and ``edgepack deploy --rollback NAME``.
+"""``edgepack deploy BUNDLE --to NAME[,NAME]|all [--setup] [--rename]`` and ``edgepack deploy --rollback NAME``.
 
-Copies the bundle to each device in parallel, atomically: upload beside the releases, verify every
-checksum on the device with the bundle's own shim, load it once, then switch ``current`` with a
-rename; the release it replaces stays as ``previous`` for ``--rollback``. See ``edgepack.fleet.deploy``.
+Checks a signed_only device's bundle here against the inventory's keys before a byte is sent, then
+copies it to each device in parallel, atomically: upload beside the releases, check it there with the
+device's installed runtime (its own keys on a signed_only device), load it once, then switch
+``current`` with a rename; the release it replaces stays as ``previous`` for ``--rollback``. See
+``edgepack.fleet.deploy`` and ``edgepack.fleet.runtime``.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--name", default=None,
                    help="the bundle's name on the device (default: the manifest's name, else the directory's)")
     p.add_argument("--setup", action="store_true",
-                   help="when the device's Python lacks onnxruntime/tokenizers/numpy: create <remote_dir>/venv "
-                        "from the bundle's requirements.txt (python -m venv + pip install)")
+                   help="install this machine's runtime (edgepack-runtime, with onnxruntime, tokenizers, numpy, and "
+                        "cryptography on signed_only devices) and the inventory's trusted keys into the device's "
+                        "runtime_dir first (as `edgepack devices --setup`)")
+    p.add_argument("--rename", action="store_true",
+                   help="put a bundle of another name into a slot that accepted a different one")
     add_inventory_args(p)
     return p
 
@@ -41,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..errors import EdgepackError
-    from ..fleet.deploy import deploy_one, load_bundle, rollback_one
+    from ..fleet.deploy import check_before_upload, deploy_one, load_bundle, rollback_one
     from ..fleet.inventory import load_inventory
     from ..fleet.session import run_devices
 
@@ -68,12 +73,14 @@ def run(args: argparse.Namespace) -> int:
         raise EdgepackError("deploy needs BUNDLE (a bundle directory) or --rollback NAME")
     bundle = load_bundle(args.bundle, args.name)
     devices = inv.select(args.to)
+    check_before_upload(bundle, devices)
     bars = progress_bars(devices, bundle.total_bytes)
 
     async def job(session):
         bar = bars[session.device.name]
         try:
-            return await deploy_one(session, bundle, setup=args.setup, progress=bar.update, log=log)
+            return await deploy_one(session, bundle, setup=args.setup, rename=args.rename, progress=bar.update,
+                                    log=log)
         finally:
             bar.close()
 
@@ -86,7 +93,9 @@ def run(args: argparse.Namespace) -> int:
         if o.ok:
             v = o.value
             sent = f"{v['bytes_sent'] / 1e6:.2f} MB sent" if v["bytes_sent"] else "nothing sent"
-            print(f"{o.device.name}: {v['action']} {bundle.name} {v['release']} ({sent}, verified on the device, "
+            checked = ("signature checked here and on the device" if v["signed"] else
+                       "checksums only: the device has no trusted keys, so a rewritten bundle would pass")
+            print(f"{o.device.name}: {v['action']} {bundle.name} {v['release']} ({sent}, {checked}, "
                   f"{v['seconds']:.1f} s); previous {v['previous'] or 'none'}")
         else:
             print(f"FAILED {o.error}")

@@ -1,6 +1,9 @@
-"""``edgepack devices [--check]``: list the inventory (``devices.toml``); with ``--check``, connect to
-each device in parallel and report what is there: reachable, Python, the runtime packages, the CPU
-as read on the device, the target edgepack detects from it and whether the profile says the same."""
+"""``edgepack devices [--check | --setup | --trust-key FILE]``: list the inventory (``devices.toml``);
+with ``--check``, connect to each device in parallel and report what is there: reachable, Python, the
+runtime packages, the CPU as read on the device, the target edgepack detects from it and whether the
+profile says the same. ``--setup`` installs this machine's runtime and the inventory's trusted keys
+into each device's runtime directory; ``--trust-key`` adds one public key there (the only ways a
+device's keys change)."""
 
 from __future__ import annotations
 
@@ -26,6 +29,11 @@ def register(sub) -> argparse.ArgumentParser:
                                    "detected target and whether it matches the device's profile.")
     p.add_argument("--check", action="store_true", help="connect to each device and report what is there")
     p.add_argument("--json", default=None, metavar="OUT", help="with --check: also write the findings as JSON")
+    p.add_argument("--setup", action="store_true",
+                   help="install this machine's runtime (edgepack-runtime and its packages) and the inventory's "
+                        "trusted_keys into each device's runtime_dir")
+    p.add_argument("--trust-key", default=None, metavar="FILE",
+                   help="add this public key (.pub, from `edgepack keys new`) to each device's trusted keys")
     add_inventory_args(p)
     return p
 
@@ -42,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
 
     inv = load_inventory(args.inventory)
     devices = inv.select(args.to)
+    if args.setup or args.trust_key:
+        return _provision(args, devices)
     if not args.check:
         print(format_devices(devices))
         return FleetExit.OK
@@ -49,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     from ..fleet.session import run_devices
 
     async def check(session):
-        return {**session.target_check(), "missing": session.missing_packages(), "python_used": session.python[-1]}
+        return {**session.target_check(), "missing": session.missing_packages(), "python_used": session.python[-1],
+                "too_old": session.python_too_old()}
 
     outcomes = run_devices(devices, check, jobs=args.jobs, trust_new_host=args.trust_new_host)
     known = _identifying_flags()
@@ -70,9 +81,14 @@ def run(args: argparse.Namespace) -> int:
                      pk.get("tokenizers") or "MISSING", pk.get("numpy") or "MISSING", str(info.get("arch")),
                      str(info.get("physical_cores")), " ".join(flags) or "-", v.get("detected_target") or "-",
                      v.get("profile_target") or "-", "yes" if v.get("target_match") else "NO"))
-        if v["missing"]:
-            notes.append(f"{d.name}: {v['python_used']} has no {', '.join(v['missing'])}: the bundle cannot run there; "
-                         f"`edgepack deploy BUNDLE --to {d.name} --setup` creates a venv from its requirements.txt")
+        if v.get("too_old"):
+            notes.append(v["too_old"])
+        elif not info.get("runtime_python"):
+            notes.append(f"{d.name}: no edgepack runtime in {info.get('runtime_dir')}: `edgepack devices --setup --to "
+                         f"{d.name}` installs it (bundles are run only through it)")
+        elif v["missing"]:
+            notes.append(f"{d.name}: the runtime in {info.get('runtime_dir')} lacks {', '.join(v['missing'])}: "
+                         f"`edgepack devices --setup --to {d.name}` installs them")
         if not v.get("target_match"):
             notes.append(f"{d.name}: the CPU reads as target '{v.get('detected_target')}' but profile "
                          f"'{d.profile}' is for '{v.get('profile_target')}'; bundles built for the profile may lack "
@@ -94,3 +110,41 @@ def run(args: argparse.Namespace) -> int:
 
         write_json_atomic(args.json, found)
     return FleetExit.PARTIAL if down else FleetExit.OK
+
+
+def _provision(args: argparse.Namespace, devices) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from ..errors import EdgepackError
+    from ..fleet import FleetExit
+    from ..fleet.runtime import install_keys, protection, require_runtime, setup_runtime, trusted_key_files
+    from ..fleet.session import run_devices
+
+    key = Path(args.trust_key).expanduser() if args.trust_key else None
+    if key is not None:
+        from runtime_shim import BundleError
+        from runtime_shim.trust import load_public_key
+
+        try:
+            load_public_key(key)
+        except BundleError as e:
+            raise EdgepackError(str(e)) from None
+        trusted_key_files("--trust-key", str(key))
+
+    async def job(session):
+        if args.setup:
+            await setup_runtime(session, tqdm.write)
+        else:
+            require_runtime(session, setup=False)
+        if key is not None:
+            await install_keys(session, [key], tqdm.write)
+        return protection(session)
+
+    outcomes = run_devices(devices, job, jobs=args.jobs, trust_new_host=args.trust_new_host, log=tqdm.write)
+    for o in outcomes:
+        print(f"FAILED {o.error}" if not o.ok else f"{o.device.name}: runtime ready in {o.info.get('runtime_dir')}")
+    failed = [o.device.name for o in outcomes if not o.ok]
+    print(f"devices: {len(outcomes) - len(failed)}/{len(outcomes)} set up" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return FleetExit.PARTIAL if failed else FleetExit.OK

@@ -33,7 +33,7 @@ def register(sub) -> argparse.ArgumentParser:
                    help="accuracy points a device may lose against the build-time figure (default: 1.0)")
     b.add_argument("--runs", type=int, default=200, help="timed single queries per device (default: 200)")
     b.add_argument("--warmup", type=int, default=50, help="untimed queries first (default: 50)")
-    b.add_argument("--setup", action="store_true", help="create a venv on devices that lack the runtime packages")
+    b.add_argument("--setup", action="store_true", help="install this machine's runtime on the devices first (as deploy)")
     b.add_argument("--name", default=None, help="the bundle's name on the devices (as for deploy)")
     add_inventory_args(b)
     t = fs.add_parser("tune", help="run the shim's tune on each device (writes the winner into its runtime.json)",
@@ -43,7 +43,7 @@ def register(sub) -> argparse.ArgumentParser:
     t.add_argument("--runs", type=int, default=None, help="timed queries per candidate (shim default: 200)")
     t.add_argument("--rounds", type=int, default=None, help="interleaved blocks per candidate (shim default: 4)")
     t.add_argument("--dry-run", action="store_true", help="measure only; leave runtime.json on the devices unchanged")
-    t.add_argument("--setup", action="store_true", help="create a venv on devices that lack the runtime packages")
+    t.add_argument("--setup", action="store_true", help="install this machine's runtime on the devices first (as deploy)")
     t.add_argument("--name", default=None, help="the bundle's name on the devices (as for deploy)")
     add_inventory_args(t)
     c = fs.add_parser("compare", help="compare two fleet bench result sets device by device")
@@ -71,7 +71,7 @@ def _setup(args: argparse.Namespace):
     from tqdm import tqdm
 
     from ..errors import EdgepackError
-    from ..fleet.deploy import load_bundle
+    from ..fleet.deploy import check_before_upload, load_bundle
     from ..fleet.inventory import load_inventory
 
     if getattr(args, "runs", None) is not None and args.runs < 1:
@@ -79,6 +79,7 @@ def _setup(args: argparse.Namespace):
     inv = load_inventory(args.inventory)
     devices = inv.select(args.to)
     bundle = load_bundle(args.bundle, args.name)
+    check_before_upload(bundle, devices)
     out = Path(args.out) if args.out else Path("fleet-results") / f"{bundle.name}-{bundle.release}"
     return tqdm.write, devices, bundle, out
 

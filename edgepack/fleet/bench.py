@@ -25,7 +25,8 @@ from runtime_shim.cpu import target_warning
 from runtime_shim.manifest import write_json_atomic
 
 from . import DeviceError, FleetExit
-from .deploy import LocalBundle, deploy_one, setup_venv
+from .deploy import LocalBundle, deploy_one, keys_args
+from .runtime import require_runtime
 from .session import Outcome, Session, target_check
 
 FORMAT = "edgepack-fleet/1"
@@ -70,18 +71,16 @@ def _host_predictions(bundle: LocalBundle, keep_accuracy: bool) -> dict[str, Any
 
 
 async def ensure_deployed(session: Session, bundle: LocalBundle, *, setup: bool, log: Callable[[str], None]) -> str:
-    """The directory of ``bundle`` on the device, deploying it first when it is not current there."""
+    """The directory of ``bundle`` on the device, deploying it first when it is not current there
+    (or when ``setup`` asks for the runtime to be installed)."""
     root = session.root(bundle.name)
     state = await session.layout("state", root)
-    if state["current"] != bundle.release:
-        log(f"{session.device.name}: {bundle.name} {bundle.release} is not current there: deploying it first")
+    if state["current"] != bundle.release or setup:
+        if state["current"] != bundle.release:
+            log(f"{session.device.name}: {bundle.name} {bundle.release} is not current there: deploying it first")
         await deploy_one(session, bundle, setup=setup, log=log)
-    elif session.missing_packages():
-        if not setup:
-            raise DeviceError(f"{session.device.name}: {session.python[-1]} has no "
-                              f"{', '.join(session.missing_packages())}, so the bundle cannot run there; re-run "
-                              "with --setup (a venv from the bundle's requirements.txt) or install them")
-        await setup_venv(session, posixpath.join(root, "current", "requirements.txt"), log)
+    else:
+        require_runtime(session, setup=False)
     return posixpath.join(root, "current")
 
 
@@ -94,12 +93,12 @@ async def bench_one(session: Session, bundle: LocalBundle, out_dir: Path, *, run
     """Run ``python -m runtime_shim bench --json`` on the device; return its result (pulled back)."""
     current = await ensure_deployed(session, bundle, setup=setup, log=log)
     remote = posixpath.join(session.root(bundle.name), "results", f"bench-{bundle.release}-{_stamp()}.json")
-    args = ["-m", "runtime_shim", "bench", ".", "--json", remote]
+    args = ["bench", current, "--json", remote, *keys_args(session)]
     if session.device.emulated:  # the emulator's timings mean nothing: one query, no memory probe
         args += ["--runs", "1", "--warmup", "0", "--no-rss", "--batch-sizes", "1"]
     else:
         args += ["--runs", str(runs), "--warmup", str(warmup)]
-    done = await session.py(*args, cwd=current, timeout=7200)
+    done = await session.runtime(*args, timeout=7200)
     if done.returncode != 0:
         raise DeviceError(f"{session.device.name}: bench failed on the device: {done.last_error()}")
     local = out_dir / "devices" / session.device.name / "bench.json"
@@ -119,7 +118,7 @@ async def tune_one(session: Session, bundle: LocalBundle, out_dir: Path, *, extr
         return {"skipped": "emulated: the emulator's timings are not the device's; tune on the device itself"}
     current = await ensure_deployed(session, bundle, setup=setup, log=log)
     remote = posixpath.join(session.root(bundle.name), "results", f"tune-{bundle.release}-{_stamp()}.json")
-    done = await session.py("-m", "runtime_shim", "tune", ".", "--json", remote, *extra, cwd=current, timeout=7200)
+    done = await session.runtime("tune", current, "--json", remote, *extra, timeout=7200)
     if done.returncode != 0:
         raise DeviceError(f"{session.device.name}: tune failed on the device: {done.last_error()}")
     local = out_dir / "devices" / session.device.name / "tune.json"

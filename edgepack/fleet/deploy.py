@@ -1,18 +1,21 @@
-"""Deploy a bundle to a device, atomically, keeping the previous one; roll back; set up a venv.
+"""Deploy a bundle to a device, atomically, keeping the previous one; roll back.
 
-On each device (layout in ``remote``):
+For a ``signed_only`` device the bundle is first checked here, against the inventory's
+``trusted_keys``, exactly as the device will check it (signature, unlisted files, checksums): a bad
+bundle stops before a byte is sent. Then, on each device (layout in ``remote``):
 
-1. refuse an unsigned bundle for a ``signed_only`` device; refuse early (before any byte is sent) a
-   device whose Python lacks onnxruntime, tokenizers or numpy, unless ``--setup``;
-2. upload every file into ``releases/.incoming-*`` beside the releases (same file system);
-3. ``python -m runtime_shim verify`` there, with the device's Python: every sha256 of the manifest;
-4. rename it to ``releases/<digest16>``; with ``--setup``, create ``<remote_dir>/venv`` from the
-   bundle's ``requirements.txt`` if packages are missing;
-5. load it once (``predict`` on a row of its eval slice), then point ``current`` at it with a rename
-   and ``previous`` at the release it replaces.
+1. refuse a Python older than the runtime supports, and a device whose installed runtime (``runtime``)
+   is missing or not this machine's, unless ``--setup`` (which installs it);
+2. refuse a slot (``<remote_dir>/<bundle>``) bound to another bundle name, unless ``rename``;
+3. upload the files the manifest lists (nothing else) into ``releases/.incoming-*``;
+4. check them there with the installed runtime, isolated (``Session.runtime``): ``verify`` (with the
+   device's own keys and rollback state on a ``signed_only`` device) and ``predict`` on a row of the
+   eval slice; nothing of the bundle is imported;
+5. rename to ``releases/<digest16>``, bind the slot to the bundle's name, point ``current`` at it with
+   a rename and ``previous`` at the release it replaces.
 
 An upload cut off at any point leaves ``current`` as it was; the stray ``.incoming-*`` directory is
-removed by the next deploy. A bundle already current is verified, not sent again.
+removed by the next deploy. A bundle already current is checked again on the device, not sent again.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import shutil
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,11 +34,11 @@ from typing import Any
 from runtime_shim.manifest import BundleError, read_manifest
 
 from . import DeviceError
-from .remote import SETUP_VENV
+from .inventory import Device
+from .runtime import require_runtime, runtime_of, setup_runtime, trusted_key_files
 from .session import Session
 
-SIGNATURE = "manifest.sig"  # written by `edgepack sign` (the signing issue)
-_SKIP = ("__pycache__",)
+SIGNATURE = "manifest.sig"  # written by `edgepack sign`
 
 
 @dataclass
@@ -44,8 +49,9 @@ class LocalBundle:
     name: str
     manifest: dict[str, Any]
     digest: str  # sha256 of manifest.json's bytes: names the bundle in every result
-    files: list[tuple[str, int]]  # (relative POSIX path, bytes), manifest.json last
+    files: list[tuple[str, int]]  # (relative POSIX path, bytes): the listed files, manifest.sig, manifest.json last
     _reference: dict[str, Any] | None = field(default=None, repr=False)
+    _checked: dict[str, str | None] = field(default_factory=dict, repr=False)
 
     @property
     def release(self) -> str:
@@ -59,6 +65,11 @@ class LocalBundle:
     def signed(self) -> bool:
         return (self.path / SIGNATURE).is_file()
 
+    @property
+    def signed_name(self) -> str:
+        """The name the manifest gives the bundle (signed, on a signed bundle): what a slot binds to."""
+        return str(self.manifest.get("name") or self.name)
+
     def first_text(self) -> str:
         try:
             with open(self.path / "eval.jsonl") as f:
@@ -68,8 +79,10 @@ class LocalBundle:
 
 
 def load_bundle(path: str | Path, name: str | None = None) -> LocalBundle:
-    """Read and check a bundle on this machine (manifest and checksums) before sending it anywhere."""
+    """Read and check a bundle on this machine (manifest and checksums) before sending it anywhere.
+    Only what the manifest lists is shipped (with ``manifest.sig``): a file beside them stays here."""
     from runtime_shim.manifest import verify
+    from runtime_shim.trust import check_manifest_paths
 
     from ..errors import EdgepackError
 
@@ -77,13 +90,11 @@ def load_bundle(path: str | Path, name: str | None = None) -> LocalBundle:
     try:
         verify(root)
         manifest = read_manifest(root)
+        check_manifest_paths(root, manifest)
     except BundleError as e:
         raise EdgepackError(str(e)) from None
-    files = []
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root)
-        if p.is_file() and not any(part in _SKIP for part in rel.parts) and rel.as_posix() != "manifest.json":
-            files.append((rel.as_posix(), p.stat().st_size))
+    listed = sorted(manifest["files"]) + ([SIGNATURE] if (root / SIGNATURE).is_file() else [])
+    files = [(rel, (root / rel).stat().st_size) for rel in listed]
     # manifest.json goes last: a directory holding it was uploaded whole (verify checks anyway).
     files.append(("manifest.json", (root / "manifest.json").stat().st_size))
     digest = hashlib.sha256((root / "manifest.json").read_bytes()).hexdigest()
@@ -91,6 +102,47 @@ def load_bundle(path: str | Path, name: str | None = None) -> LocalBundle:
     if not bundle_name or bundle_name.startswith(".") or "/" in bundle_name:
         raise EdgepackError(f"{root}: cannot name the bundle on the device ({bundle_name!r}); pass --name NAME")
     return LocalBundle(root, bundle_name, manifest, digest, files)
+
+
+def signature_problem(bundle: LocalBundle, device: Device) -> str | None:
+    """Check ``bundle`` here as a ``signed_only`` device will, against the inventory's ``trusted_keys``
+    (signature, names, unlisted files, checksums, external data; the version is the device's to judge):
+    ``None`` when it passes, else one line. Cached per key set."""
+    if not device.signed_only:
+        return None
+    keys = str(Path(device.trusted_keys or "").expanduser().resolve())
+    if keys not in bundle._checked:
+        from runtime_shim.trust import verify_bundle
+
+        if not bundle.signed:
+            problem = (f"accepts signed bundles only (signed_only = true) and {bundle.path} has no {SIGNATURE}; "
+                       "sign it with `edgepack sign` first")
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                trusted = Path(tmp) / "keys"
+                trusted.mkdir()
+                try:
+                    for p in trusted_key_files(device.name, device.trusted_keys or ""):
+                        shutil.copy(p, trusted / p.name)
+                    verify_bundle(bundle.path, keys=trusted, allow_downgrade=True, state=Path(tmp) / "state.json",
+                                  record=False)
+                    problem = None
+                except (BundleError, DeviceError) as e:
+                    problem = f"refused before upload (checked against trusted_keys = {device.trusted_keys}): {e}"
+        bundle._checked[keys] = problem
+    problem = bundle._checked[keys]
+    return f"{device.name}: {problem}" if problem else None
+
+
+def check_before_upload(bundle: LocalBundle, devices: Sequence[Device]) -> None:
+    """``EdgepackError`` (one line) when ``bundle`` fails the check of any ``signed_only`` device among
+    ``devices``: the command stops before connecting to any of them."""
+    from ..errors import EdgepackError
+
+    for device in devices:
+        problem = signature_problem(bundle, device)
+        if problem:
+            raise EdgepackError(problem)
 
 
 async def _upload(session: Session, bundle: LocalBundle, incoming: str, progress: Callable[[int], None]) -> None:
@@ -101,93 +153,60 @@ async def _upload(session: Session, bundle: LocalBundle, incoming: str, progress
         await session.transport.put(bundle.path / rel, posixpath.join(incoming, rel), progress)
 
 
-TRUSTED_KEYS_DIR = "trusted-keys"
+def keys_args(session: Session) -> list[str]:
+    """``--keys <runtime_dir>/keys`` on a ``signed_only`` device: its runtime checks with its own keys."""
+    return ["--keys", runtime_of(session).keys] if session.device.signed_only else []
 
 
-def keys_dir(session: Session) -> str:
-    """Where a device keeps the public keys it verifies signed bundles with (``deploy --setup`` fills it)."""
-    return posixpath.join(session.remote_dir, TRUSTED_KEYS_DIR)
-
-
-async def push_trusted_keys(session: Session, log: Callable[[str], None]) -> int:
-    """Copy the inventory's ``trusted_keys`` (``*.pub``) to the device's key directory."""
-    src = Path(session.device.trusted_keys).expanduser()
-    pubs = sorted(src.glob("*.pub")) if src.is_dir() else [src]
-    if not pubs or not all(p.is_file() and p.suffix == ".pub" for p in pubs):
-        raise DeviceError(f"{session.device.name}: trusted_keys = {src}: no public key (*.pub) there; "
-                          "point it at the .pub file `edgepack keys new` wrote, or a directory of them")
-    dest = keys_dir(session)
-    await session.transport.makedirs(dest)
-    for p in pubs:
-        await session.transport.put(p, posixpath.join(dest, p.name))
-    log(f"{session.device.name}: --setup: {len(pubs)} trusted public key(s) in {dest}")
-    return len(pubs)
-
-
-async def verify_on_device(session: Session, release_dir: str, *, load: str | None = None,
-                           python: list[str] | None = None, signatures: bool = False,
-                           allow_downgrade: bool = False) -> None:
-    """The shim's checksum check of ``release_dir`` on the device (with ``signatures``, also the
-    signature against the device's trusted keys and its rollback record); with ``load``, also
-    classify one text."""
-    argv = [*(python or session.python), "-m", "runtime_shim", "verify", "."]
-    if signatures:
-        argv += ["--keys", keys_dir(session), *(["--allow-downgrade"] if allow_downgrade else [])]
-    done = await session.transport.run(argv, cwd=release_dir, timeout=600)
-    if done.returncode != 0:
-        raise DeviceError(f"{session.device.name}: verify failed on the device: {done.last_error()}")
-    if load is not None:
-        done = await session.py("-m", "runtime_shim", "predict", ".", load, "--json", "--no-verify",
-                                cwd=release_dir, timeout=900)
-        if done.returncode != 0:
-            raise DeviceError(f"{session.device.name}: the bundle does not load on the device: {done.last_error()}")
-
-
-async def setup_venv(session: Session, requirements: str, log: Callable[[str], None]) -> None:
-    """``python -m venv <remote_dir>/venv`` and ``pip install -r requirements.txt`` on the device."""
-    venv = posixpath.join(session.remote_dir, SETUP_VENV)
+async def verify_on_device(session: Session, bundle_dir: str, *, load: str | None = None,
+                           allow_downgrade: bool = False) -> str:
+    """The installed runtime's ``verify`` of ``bundle_dir`` on the device (on a ``signed_only`` device
+    with its keys and rollback state); with ``load``, also classify one text. Returns verify's line."""
     name = session.device.name
-    log(f"{name}: --setup: creating {venv} and installing {', '.join(session.missing_packages())}")
-    base = [*session.device.command_prefix, session.device.python]
-    done = await session.transport.run([*base, "-m", "venv", venv], timeout=600)
+    done = await session.runtime("verify", bundle_dir, *keys_args(session),
+                                 *(["--allow-downgrade"] if allow_downgrade else []), timeout=600)
     if done.returncode != 0:
-        raise DeviceError(f"{name}: --setup: python -m venv {venv} failed ({done.last_error()}); install the "
-                          "device's python3-venv package")
-    vpy = [*session.device.command_prefix, posixpath.join(venv, "bin", "python")]
-    done = await session.transport.run([*vpy, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                                        "-r", requirements], timeout=3600)
-    if done.returncode != 0:
-        raise DeviceError(f"{name}: --setup: pip install -r {requirements} failed on the device: {done.last_error()}")
-    await session.probe()
-    if session.missing_packages():
-        raise DeviceError(f"{name}: --setup: still missing {', '.join(session.missing_packages())} in {venv}")
+        raise DeviceError(f"{name}: verify failed on the device: {done.last_error()}")
+    if load is not None:
+        loaded = await session.runtime("predict", bundle_dir, load, "--json", *keys_args(session),
+                                       *(["--allow-downgrade"] if allow_downgrade else []), timeout=900)
+        if loaded.returncode != 0:
+            raise DeviceError(f"{name}: the bundle does not load on the device: {loaded.last_error()}")
+    return (done.stdout.strip().splitlines() or [""])[-1]
 
 
 def _check_ready(session: Session, bundle: LocalBundle, setup: bool) -> None:
-    name = session.device.name
-    if session.device.signed_only and not bundle.signed:
-        raise DeviceError(f"{name}: accepts signed bundles only (signed_only = true) and {bundle.path} has no "
-                          f"{SIGNATURE}; sign it with `edgepack sign` first")
-    missing = session.missing_packages()
-    if missing and not setup:
-        raise DeviceError(f"{name}: {session.python[-1]} has no {', '.join(missing)}, so the bundle cannot run "
-                          "there; re-run with --setup (a venv from the bundle's requirements.txt) or install them")
+    too_old = session.python_too_old()
+    if too_old:
+        raise DeviceError(too_old)
+    problem = signature_problem(bundle, session.device)
+    if problem:
+        raise DeviceError(problem)
+    require_runtime(session, setup=setup)
 
 
-async def deploy_one(session: Session, bundle: LocalBundle, *, setup: bool = False,
+async def _bind(session: Session, root: str, bundle: LocalBundle, *, write: bool, rename: bool) -> dict[str, Any]:
+    return await session.layout("slot", root, runtime_of(session).slots, bundle.signed_name,
+                                "1" if write else "0", "1" if rename else "0")
+
+
+async def deploy_one(session: Session, bundle: LocalBundle, *, setup: bool = False, rename: bool = False,
                      progress: Callable[[int], None] | None = None,
                      log: Callable[[str], None] = print) -> dict[str, Any]:
     """Deploy ``bundle`` to one connected device; returns what was done and the layout after."""
     _check_ready(session, bundle, setup)
+    if setup:
+        await setup_runtime(session, log)
     started = time.monotonic()
     root = session.root(bundle.name)
+    await _bind(session, root, bundle, write=False, rename=rename)
     state = await session.layout("state", root)
     release_dir = posixpath.join(root, "releases", bundle.release)
-    sent, action = 0, "deployed"
+    sent, action, incoming = 0, "deployed", None
     if state["current"] == bundle.release:
         action = "already current"
     elif bundle.release in state["releases"]:
-        action = "re-activated"  # e.g. the previous release, deployed again: verified below, not re-sent
+        action = "re-activated"  # e.g. the previous release, deployed again: checked below, not re-sent
     else:
         incoming = (await session.layout("incoming", root, bundle.release))["path"]
         counted = [0]
@@ -197,30 +216,28 @@ async def deploy_one(session: Session, bundle: LocalBundle, *, setup: bool = Fal
             if progress:
                 progress(n)
 
-        try:
+    try:
+        if incoming is not None:
             await _upload(session, bundle, incoming, on_bytes)
-            # Checksums with the inventory's Python: verify needs only the standard library.
-            await verify_on_device(session, incoming, python=[*session.device.command_prefix, session.device.python])
-        except BaseException:
+            sent = counted[0]
+        # Checked where it lies, before it can go live: a signed_only device with its own keys (and its
+        # record of versions, so an older bundle cannot come back without deploy --rollback).
+        checked = await verify_on_device(session, incoming or release_dir, load=bundle.first_text())
+    except BaseException:
+        if incoming is not None:
             try:
                 await session.layout("rmtree", root, incoming)
             except Exception:  # the connection is gone: the next deploy prunes it
                 pass
-            raise
-        sent = counted[0]
+        raise
+    if incoming is not None:
         await session.layout("commit", root, incoming, bundle.release)
-    if setup and session.missing_packages():
-        await setup_venv(session, posixpath.join(release_dir, "requirements.txt"), log)
-    if setup and session.device.trusted_keys:
-        await push_trusted_keys(session, log)
-    # A signed_only device checks the signature with its own keys (and remembers the version, so an
-    # older bundle cannot be put back without deploy --rollback) before the bundle goes live.
-    await verify_on_device(session, release_dir, load=bundle.first_text(), signatures=session.device.signed_only)
+    await _bind(session, root, bundle, write=True, rename=rename)
     after = await session.layout("activate", root, bundle.release)
     return {"device": session.device.name, "action": action, "bundle": bundle.name, "release": bundle.release,
             "manifest_digest": bundle.digest, "root": root, "current": after["current"],
             "previous": after["previous"], "bytes_sent": sent, "seconds": round(time.monotonic() - started, 2),
-            "python": session.python[-1]}
+            "python": session.python[-1], "checked": checked, "signed": session.device.signed_only}
 
 
 async def find_bundle_name(session: Session, name: str | None) -> str:
@@ -234,14 +251,15 @@ async def find_bundle_name(session: Session, name: str | None) -> str:
 
 
 async def rollback_one(session: Session, name: str | None = None) -> dict[str, Any]:
-    """Point ``current`` back at ``previous`` (and ``previous`` at what was current), then verify it."""
+    """Check ``previous`` on the device (a downgrade on purpose), then point ``current`` back at it
+    (and ``previous`` at what was current)."""
+    require_runtime(session, setup=False)
     bundle_name = await find_bundle_name(session, name)
     root = session.root(bundle_name)
+    state = await session.layout("state", root)
+    if not state["previous"]:
+        raise DeviceError(f"{session.device.name}: no previous release under {root}; nothing to roll back to")
+    await verify_on_device(session, posixpath.join(root, "releases", state["previous"]), allow_downgrade=True)
     after = await session.layout("rollback", root)
-    current = posixpath.join(root, "current")
-    if session.device.signed_only:  # a rollback is a downgrade on purpose
-        await verify_on_device(session, current, signatures=True, allow_downgrade=True)
-    else:
-        await verify_on_device(session, current, python=[*session.device.command_prefix, session.device.python])
     return {"device": session.device.name, "action": "rolled back", "bundle": bundle_name, "root": root,
             "current": after["current"], "previous": after["previous"]}

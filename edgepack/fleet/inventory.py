@@ -62,10 +62,14 @@ class Device:
     remote_dir: str = "~/edgepack"
     command_prefix: tuple[str, ...] = ()  # argv put before the Python (an emulator)
     cpu_flags: tuple[str, ...] = ()  # flags to use instead of the device's /proc/cpuinfo (emulated CPUs)
-    signed_only: bool = False  # refuse unsigned bundles; verify signatures on the device against its keys
-    # Public keys (a .pub file or a directory of them, on this machine) the device trusts: `deploy
-    # --setup` pushes them to REMOTE_DIR/trusted-keys, where a signed_only device verifies with them.
+    signed_only: bool = False  # refuse unsigned bundles; verify signatures here and on the device
+    # Public keys (a .pub file or a directory of them, on this machine) the device trusts: deploy checks
+    # a signed_only device's bundles against them before sending a byte, and `--setup` (or `devices
+    # --trust-key`) installs them into the runtime directory, where the device checks again.
     trusted_keys: str | None = None
+    # The installed runtime, its keys and its rollback state, outside remote_dir and every release
+    # (None: /opt/edgepack-runtime when deploy logs in as root, else ~/.local/share/edgepack-runtime).
+    runtime_dir: str | None = None
     connect_timeout: float = 15.0
 
     def __post_init__(self) -> None:
@@ -84,6 +88,9 @@ class Device:
             raise ValueError("python must name the device's Python (e.g. \"/usr/bin/python3\")")
         if not self.remote_dir:
             raise ValueError("remote_dir must name a directory on the device")
+        if self.signed_only and not self.trusted_keys:
+            raise ValueError("signed_only = true needs trusted_keys = \"...\" (the .pub file or directory of the "
+                             "keys this device trusts): deploy checks signatures against them before sending a byte")
         if self.connect_timeout <= 0:
             raise ValueError(f"connect_timeout={self.connect_timeout} must be > 0 seconds")
 
@@ -133,7 +140,8 @@ def _field_types() -> dict[str, tuple[type, ...]]:
     hints = {"name": (str,), "profile": (str,), "transport": (str,), "host": (str,), "port": (int,),
              "user": (str,), "key_file": (str,), "jump": (str,), "known_hosts": (str,), "ssh_config": (str,),
              "python": (str,), "remote_dir": (str,), "command_prefix": (str, list), "cpu_flags": (list,),
-             "signed_only": (bool,), "trusted_keys": (str,), "connect_timeout": (int, float)}
+             "signed_only": (bool,), "trusted_keys": (str,), "runtime_dir": (str,),
+             "connect_timeout": (int, float)}
     assert set(hints) == {f.name for f in dataclasses.fields(Device)}
     return hints
 

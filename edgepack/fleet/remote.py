@@ -1,10 +1,10 @@
-"""Small programs run with the device's own Python (``python -c PROGRAM ARGS``), standard library only:
-they work before onnxruntime is installed, under an emulator's command prefix, and the same way over
-SSH and locally.
+"""Small programs run with the device's own Python (``python -I -c PROGRAM ARGS``), standard library
+only: they work before the runtime is installed, under an emulator's command prefix, and the same way
+over SSH and locally. ``-I``: nothing is imported from the working directory or the user's site.
 
 - ``PROBE``: Python version, runtime packages, CPU architecture, flags and physical cores as read on
-  the device. The CPU functions are ``runtime_shim.tune``'s own source, sent along, so the device
-  detects exactly as the shim does.
+  the device, the account, and the installed runtime (``runtime``). The CPU functions are
+  ``runtime_shim.cpu``'s own source, sent along, so the device detects exactly as the shim does.
 - ``LAYOUT``: the release layout of a bundle on the device, switched atomically::
 
       <remote_dir>/<bundle>/releases/<digest16>/   one directory per deployed manifest
@@ -15,6 +15,9 @@ SSH and locally.
 
   A symlink replaced with ``rename(2)`` is atomic: a reader sees the old release or the new one,
   never a half-copied directory, and an upload cut off half-way leaves ``current`` untouched.
+  ``slot`` binds ``<remote_dir>/<bundle>`` to the bundle name it accepted, in the runtime's state.
+- ``ANCHORS``: creates the runtime directory (``runtime.RuntimeDir``) and sets its modes: readable by
+  every account, writable only by the one that deploys.
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ import textwrap
 from runtime_shim import cpu as _shim_cpu
 
 RUNTIME_PACKAGES = ("onnxruntime", "tokenizers", "numpy")
-SETUP_VENV = "venv"  # <remote_dir>/venv: created by `deploy --setup`, used from then on
+PROBED_PACKAGES = (*RUNTIME_PACKAGES, "cryptography")  # cryptography: what a signed_only device also needs
+RUNTIME_VENV = "venv"  # <runtime_dir>/venv: the installed runtime
+ROOT_RUNTIME_DIR = "/opt/edgepack-runtime"  # deploying as root: outside every account's home
+USER_RUNTIME_DIR = "~/.local/share/edgepack-runtime"  # deploying as an ordinary account: its own (unprotected)
 
 
 def _probe_source() -> str:
@@ -44,16 +50,39 @@ def _probe_source() -> str:
             except metadata.PackageNotFoundError:
                 return None
 
+        def _exposed(path):
+            # Who else could replace the runtime: any directory from it up to / that an account other
+            # than root owns, or that others may write (a sticky /tmp excepted).
+            out, p = [], path
+            while True:
+                if os.path.exists(p):
+                    st = os.stat(p)
+                    if st.st_uid != 0 or (st.st_mode & 0o022 and not st.st_mode & 0o1000):
+                        out.append(p)
+                parent = os.path.dirname(p)
+                if parent == p:
+                    return out
+                p = parent
+
         root = os.path.abspath(os.path.expanduser(sys.argv[1]))
-        setup = os.path.join(root, {SETUP_VENV!r}, "bin", "python")
+        uid = os.geteuid() if hasattr(os, "geteuid") else None
+        rt = os.path.abspath(os.path.expanduser(sys.argv[2] or ({ROOT_RUNTIME_DIR!r} if uid == 0 else {USER_RUNTIME_DIR!r})))
+        rt_python = os.path.join(rt, {RUNTIME_VENV!r}, "bin", "python")
+        try:
+            with open(os.path.join(rt, {RUNTIME_VENV!r}, "edgepack-runtime.json")) as f:
+                installed = json.load(f)
+        except (OSError, ValueError):
+            installed = None
         arch, flags = cpu_flags()
         print(json.dumps({{
             "python": platform.python_version(), "executable": sys.executable,
             "implementation": platform.python_implementation(),
             "machine": platform.machine(), "system": platform.system(), "node": platform.node(),
-            "packages": {{n: _version(n) for n in {RUNTIME_PACKAGES!r}}},
+            "packages": {{n: _version(n) for n in {PROBED_PACKAGES!r}}},
             "arch": arch, "flags": sorted(flags), "physical_cores": physical_cores(), "cpus": os.cpu_count(),
-            "remote_dir": root, "setup_python": setup if os.path.exists(setup) else None,
+            "remote_dir": root, "uid": uid, "runtime_dir": rt,
+            "runtime_python": rt_python if os.path.exists(rt_python) else None, "runtime": installed,
+            "runtime_exposed": _exposed(rt),
         }}))
         ''')
 
@@ -124,6 +153,27 @@ LAYOUT = textwrap.dedent('''
         if cur:
             point(root, "previous", cur)
         out = state(root)
+    elif cmd == "slot":
+        # The bundle name a slot accepted, kept in the runtime's state (outside every release).
+        slots_file, name, write, rename = args
+        try:
+            with open(slots_file) as f:
+                slots = json.load(f).get("slots", {})
+        except FileNotFoundError:
+            slots = {}
+        bound = slots.get(root)
+        if bound and bound != name and rename != "1":
+            print(json.dumps({"error": "holds bundle %r, and this bundle is %r: pass --rename to put it in "
+                                       "this slot, or deploy it under its own --name" % (bound, name)}))
+            sys.exit(3)
+        if write == "1" and bound != name:
+            slots[root] = name
+            tmp = "%s.%s" % (slots_file, uuid.uuid4().hex)
+            with open(tmp, "w") as f:
+                json.dump({"format": "edgepack-slots/1", "slots": slots}, f, indent=1, sort_keys=True)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, slots_file)
+        out = {"slot": root, "name": name, "was": bound}
     elif cmd == "rmtree":
         target = os.path.abspath(args[0])
         if os.path.dirname(os.path.dirname(target)) == root:  # only inside <root>/releases
@@ -132,4 +182,24 @@ LAYOUT = textwrap.dedent('''
     else:
         raise SystemExit("unknown layout command %r" % cmd)
     print(json.dumps(out))
+''')
+
+ANCHORS = textwrap.dedent('''
+    import json, os, sys
+
+    # mkdir the runtime directory, its keys/ state/ wheels/, and give every part of it the modes a
+    # reader needs and no more: directories 0755, files 0644 (keys, state, the anchors file).
+    rt = os.path.abspath(os.path.expanduser(sys.argv[1]))
+    for d in (rt, *(os.path.join(rt, n) for n in ("keys", "state", "wheels"))):
+        os.makedirs(d, exist_ok=True)
+        os.chmod(d, 0o755)
+    for d in ("keys", "state", "wheels"):
+        for n in os.listdir(os.path.join(rt, d)):
+            p = os.path.join(rt, d, n)
+            if os.path.isfile(p) and not os.path.islink(p):
+                os.chmod(p, 0o644)
+    anchors = os.path.join(rt, "venv", "edgepack-runtime.json")
+    if os.path.isfile(anchors):
+        os.chmod(anchors, 0o644)
+    print(json.dumps({"runtime_dir": rt}))
 ''')

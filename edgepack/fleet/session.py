@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..runtime_dist import MIN_PYTHON
 from . import DeviceError
 from .inventory import Device
 from .remote import LAYOUT, PROBE, RUNTIME_PACKAGES
@@ -42,17 +43,21 @@ class Session:
             raise
 
     async def probe(self) -> dict[str, Any]:
-        """Read Python, packages, CPU and the release layout's home on the device (again after --setup)."""
+        """Read Python, packages, CPU, the account, the release layout's home and the installed runtime
+        on the device (again after --setup)."""
         self.info = await self._probe(self.device.python)
-        if self.info.get("setup_python"):  # the venv `deploy --setup` made: its packages are what counts
-            self.info = {**await self._probe(self.info["setup_python"]), "base_python": self.device.python}
+        if self.info.get("runtime_python"):  # the installed runtime: its packages are what counts
+            base = self.info
+            self.info = {**await self._probe(base["runtime_python"]), "base_python": self.device.python,
+                         "base_version": base["python"], "base_packages": base.get("packages") or {}}
         if self.device.cpu_flags:  # an emulated CPU: /proc/cpuinfo under the emulator is the host's
             self.info["flags_read"] = self.info["flags"]
             self.info["flags"] = sorted(self.device.cpu_flags)
         return self.info
 
     async def _probe(self, python: str) -> dict[str, Any]:
-        argv = [*self.device.command_prefix, python, "-c", PROBE, self.device.remote_dir]
+        argv = [*self.device.command_prefix, python, "-I", "-c", PROBE, self.device.remote_dir,
+                self.device.runtime_dir or ""]
         done = await self.transport.run(argv, timeout=300)
         if done.returncode != 0:
             raise DeviceError(f"{self.device.name}: {python} did not run on the device "
@@ -66,19 +71,37 @@ class Session:
 
     @property
     def python(self) -> list[str]:
-        """The argv that starts the device's Python: the --setup venv once it exists."""
-        return [*self.device.command_prefix, self.info.get("setup_python") or self.device.python]
+        """The argv that starts the device's Python: the installed runtime's once it exists."""
+        return [*self.device.command_prefix, self.info.get("runtime_python") or self.device.python]
 
     @property
     def remote_dir(self) -> str:
         return str(self.info["remote_dir"])
 
+    @property
+    def runtime_dir(self) -> str:
+        """Where the runtime, the trusted keys and the rollback state live on the device (``RuntimeDir``)."""
+        return str(self.info["runtime_dir"])
+
+    def python_too_old(self) -> str | None:
+        """One line when the device's Python is older than the runtime supports, else ``None``."""
+        version = str(self.info.get("base_version") or self.info.get("python") or "0")
+        parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+        if parts >= MIN_PYTHON:
+            return None
+        return (f"{self.device.name}: Python {version} ({self.device.python}) is older than "
+                f"{MIN_PYTHON[0]}.{MIN_PYTHON[1]}, the oldest the edgepack runtime supports; set python = \"...\" "
+                "in the inventory to a newer Python on the device")
+
     def root(self, bundle_name: str) -> str:
         return posixpath.join(self.remote_dir, bundle_name)
 
     def missing_packages(self) -> list[str]:
+        """Runtime packages the device's Python (the installed runtime's, once there) lacks; with
+        ``signed_only``, ``cryptography`` too."""
         packages = self.info.get("packages") or {}
-        return [n for n in RUNTIME_PACKAGES if not packages.get(n)]
+        needed = (*RUNTIME_PACKAGES, "cryptography") if self.device.signed_only else RUNTIME_PACKAGES
+        return [n for n in needed if not packages.get(n)]
 
     def cpu(self) -> tuple[str, set[str]]:
         return str(self.info.get("arch")), set(self.info.get("flags") or ())
@@ -88,13 +111,31 @@ class Session:
 
     # ------------------------------------------------------------------------------------ commands
 
-    async def py(self, *args: str, cwd: str | None = None, timeout: float | None = 600) -> Completed:
-        return await self.transport.run([*self.python, *args], cwd=cwd, timeout=timeout)
+    async def runtime(self, *args: str, timeout: float | None = 600) -> Completed:
+        """Run ``python -m runtime_shim ARGS`` on the device with its installed runtime, isolated.
+
+        The Python is ``<runtime_dir>/venv/bin/python`` (installed by ``deploy --setup`` from this
+        machine's own ``runtime_shim``, never from a bundle), started with ``-I`` (no working
+        directory, ``PYTHON*`` variables or user site on ``sys.path``) and ``-B`` (no byte code written
+        anywhere, a release included), in the runtime directory: no file of a bundle can be imported,
+        whatever the bundle holds. Pass bundle paths as absolute paths. ``DeviceError`` when no
+        runtime is installed there; the caller reads ``returncode``, ``stdout`` and ``last_error()``.
+
+        Example:
+            >>> await session.runtime("verify", "/srv/edgepack/tiny/current", "--keys", keys)  # doctest: +SKIP
+            Completed(returncode=0, stdout='ok: 27 files match ...', stderr='')
+        """
+        python = self.info.get("runtime_python")
+        if not python:
+            raise DeviceError(f"{self.device.name}: no edgepack runtime in {self.runtime_dir} on the device; run "
+                              f"`edgepack devices --setup --to {self.device.name}` (or deploy with --setup)")
+        argv = [*self.device.command_prefix, python, "-I", "-B", "-m", "runtime_shim", *args]
+        return await self.transport.run(argv, cwd=self.runtime_dir, timeout=timeout)
 
     async def layout(self, command: str, root: str, *args: str) -> dict[str, Any]:
         # The layout program needs only the standard library: the inventory's Python runs it even
         # where the runtime packages are missing.
-        argv = [*self.device.command_prefix, self.device.python, "-c", LAYOUT, command, root, *args]
+        argv = [*self.device.command_prefix, self.device.python, "-I", "-c", LAYOUT, command, root, *args]
         done = await self.transport.run(argv, timeout=300)
         try:
             out = json.loads(done.stdout.strip().splitlines()[-1])
