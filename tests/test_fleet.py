@@ -490,6 +490,8 @@ def test_emulated_device_reports_accuracy_not_latency(lab, tmp_path, capsys, tin
 
 
 def test_signed_only_device_checks_with_the_keys_setup_installed(lab, tmp_path, capsys, tiny_bundle):
+    from edgepack.signing import key_id_of
+
     for name in ("good", "other"):
         assert main(["keys", "new", "--out", str(tmp_path / name)]) == 0
     signed = tmp_path / "signed" / "tiny"
@@ -504,7 +506,8 @@ def test_signed_only_device_checks_with_the_keys_setup_installed(lab, tmp_path, 
     code, out = cli(capsys, "deploy", signed, "--inventory", inv, "--setup")
     assert code == 0 and "local: deployed tiny" in out and f"1 trusted public key(s) in {rt / 'keys'}" in out, out
     assert "signature checked here and on the device" in out
-    assert [p.name for p in (rt / "keys").iterdir()] == ["signing.pub"]
+    good_id = key_id_of(tmp_path / "good" / "signing.pub")
+    assert [p.name for p in (rt / "keys").iterdir()] == [f"{good_id}.pub"]
     assert not (tmp_path / "dev-local" / "trusted-keys").exists()  # nothing of the trust lives beside the releases
     accepted = json.loads((rt / "state" / "accepted.json").read_text())["bundles"]
     assert accepted["tiny"]["version"] == json.loads((signed / "manifest.json").read_text())["version"]
@@ -527,6 +530,29 @@ def test_signed_only_device_checks_with_the_keys_setup_installed(lab, tmp_path, 
     assert code == 0 and "local: deployed tiny" in out, out
     slots = json.loads((rt / "state" / "slots.json").read_text())["slots"]
     assert slots == {str(tmp_path / "dev-local" / "tiny"): "older"}
+    # Keys change by an explicit command only: --trust-key adds one, read-only for other accounts.
+    code, out = cli(capsys, "devices", "--trust-key", tmp_path / "other" / "signing.pub", "--inventory", inv)
+    assert code == 0 and f"local: 1 trusted public key(s) in {rt / 'keys'}" in out, out
+    other_id = key_id_of(tmp_path / "other" / "signing.pub")  # the same file name: kept apart by key id
+    assert sorted(p.name for p in (rt / "keys").iterdir()) == sorted([f"{good_id}.pub", f"{other_id}.pub"])
+    assert (rt / "keys" / f"{other_id}.pub").read_bytes() == (tmp_path / "other" / "signing.pub").read_bytes()
+    assert (rt / "keys" / f"{other_id}.pub").stat().st_mode & 0o777 == 0o644
+    code, out = cli(capsys, "devices", "--trust-key", tmp_path / "other" / "signing.key", "--inventory", inv)
+    assert code == 2 and "no public key (*.pub)" in out, out
+
+
+def test_setup_says_when_the_device_is_not_protected():
+    from edgepack.fleet.inventory import Device
+    from edgepack.fleet.runtime import protection
+    from edgepack.fleet.session import Session
+
+    device = Device(name="pi", profile="fleet-a", transport="local", python="python3")
+    user = Session(device, None, {"uid": 1000, "runtime_dir": "/home/pi/.local/share/edgepack-runtime"})
+    assert protection(user).startswith("pi: NOT PROTECTED against its own user: deploy logs in as a non-root account")
+    assert "deploy as root (user = \"root\")" in protection(user)
+    exposed = Session(device, None, {"uid": 0, "runtime_dir": "/srv/rt", "runtime_exposed": ["/srv"]})
+    assert protection(exposed).startswith("pi: NOT PROTECTED: /srv is owned by or writable by an account other than root")
+    assert protection(Session(device, None, {"uid": 0, "runtime_dir": "/opt/edgepack-runtime"})) is None
 
 
 def test_python_older_than_the_runtime_is_refused_in_one_line():

@@ -124,14 +124,12 @@ def _provision(args: argparse.Namespace, devices) -> int:
 
     key = Path(args.trust_key).expanduser() if args.trust_key else None
     if key is not None:
-        from runtime_shim import BundleError
-        from runtime_shim.trust import load_public_key
+        from ..fleet import DeviceError
 
         try:
-            load_public_key(key)
-        except BundleError as e:
+            trusted_key_files("--trust-key", str(key))
+        except DeviceError as e:
             raise EdgepackError(str(e)) from None
-        trusted_key_files("--trust-key", str(key))
 
     async def job(session):
         if args.setup:

@@ -5,7 +5,7 @@ release::
     <runtime_dir>/venv/                        the runtime: edgepack-runtime + onnxruntime, tokenizers, numpy
                                                (+ cryptography on a signed_only device)
     <runtime_dir>/venv/edgepack-runtime.json   its anchors: where its keys and state are, which wheel it is
-    <runtime_dir>/keys/*.pub                   the keys the device trusts (only --setup and --trust-key add any)
+    <runtime_dir>/keys/<key id>.pub            the keys the device trusts (only --setup and --trust-key add any)
     <runtime_dir>/state/accepted.json          the highest version accepted per bundle name (rollback)
     <runtime_dir>/state/slots.json             the bundle name each <remote_dir>/<bundle> slot accepted
     <runtime_dir>/wheels/                      the wheel last installed
@@ -90,12 +90,21 @@ def local_wheel() -> tuple[Path, str]:
 
 
 def trusted_key_files(device_name: str, trusted_keys: str) -> list[Path]:
-    """The ``*.pub`` files ``trusted_keys`` names on this machine (a file or a directory of them)."""
+    """The ``*.pub`` files ``trusted_keys`` names on this machine (a file or a directory of them), each
+    checked to be an Ed25519 public key."""
+    from ..errors import EdgepackError
+    from ..signing import key_id_of
+
     src = Path(trusted_keys).expanduser()
     pubs = sorted(src.glob("*.pub")) if src.is_dir() else [src]
     if not pubs or not all(p.is_file() and p.suffix == ".pub" for p in pubs):
         raise DeviceError(f"{device_name}: trusted_keys = {src}: no public key (*.pub) there; point it at the .pub "
                           "file `edgepack keys new` wrote, or a directory of them")
+    for p in pubs:
+        try:
+            key_id_of(p)
+        except EdgepackError as e:
+            raise DeviceError(f"{device_name}: {e}") from None
     return pubs
 
 
@@ -128,8 +137,10 @@ async def install_keys(session: Session, pubs: list[Path], log: Log) -> None:
     rt = runtime_of(session)
     base = [*session.device.command_prefix, session.device.python, "-I"]
     await _check(session, [*base, "-c", ANCHORS, rt.root], "creating the runtime directory", "check runtime_dir")
-    for p in pubs:
-        await session.transport.put(p, posixpath.join(rt.keys, p.name))
+    from ..signing import key_id_of
+
+    for p in pubs:  # named by key id: a new key never replaces another one of the same file name
+        await session.transport.put(p, posixpath.join(rt.keys, f"{key_id_of(p)}.pub"))
     await _check(session, [*base, "-c", ANCHORS, rt.root], "setting the key files' modes", "check runtime_dir")
     log(f"{session.device.name}: {len(pubs)} trusted public key(s) in {rt.keys}")
 

@@ -46,11 +46,17 @@ class Device:
     runtime: Path  # runtime_dir: root's
     markers: Path  # where a module of a bundle would leave its mark (anyone may write there)
     good: Path  # the signing key the device trusts
-    good_pub: Path
+    good_pub: Path  # installed on the device as <key id>.pub
     attacker: Path  # a key the device does not trust
     attacker_pub: Path
     profiles: Path
     base_python: Path  # the device's own Python (the inventory's python)
+
+    @property
+    def good_installed(self) -> Path:
+        from edgepack.signing import key_id_of
+
+        return self.runtime / "keys" / f"{key_id_of(self.good_pub)}.pub"
 
     @property
     def python(self) -> Path:
@@ -328,10 +334,10 @@ def test_no_module_of_a_bundle_is_imported(device, genuine, tmp_path, capsys):
         assert proc.returncode == 0 and "signed by key" in proc.stdout, proc.stderr
     # The serving account, from inside the release, through the runtime's script: keys from the runtime.
     proc = as_serving([device.runtime / "venv" / "bin" / "edgepack-runtime", "verify", "."], cwd=current)
-    assert proc.returncode == 0 and f"({keys}/good.pub)" in proc.stdout, proc.stderr
+    assert proc.returncode == 0 and f"({device.good_installed})" in proc.stdout, proc.stderr
 
     assert device.marks() == []
-    assert sorted(p.name for p in (device.runtime / "keys").iterdir()) == keys_before == ["good.pub"]
+    assert sorted(p.name for p in (device.runtime / "keys").iterdir()) == keys_before == [device.good_installed.name]
     assert not list(device.remote.rglob("__pycache__"))  # nothing was written into a release
 
     # Byte code planted beside the shim is never listed (so never shipped) and never run by a check.
@@ -356,8 +362,8 @@ def test_serving_account_cannot_change_the_trust_anchors(device, genuine, tmp_pa
     site = next((rt / "venv" / "lib").glob("python3*/site-packages"))
     attempts = {
         "add a trusted key": ["cp", device.attacker_pub, rt / "keys" / "attacker.pub"],
-        "replace a trusted key": ["cp", device.attacker_pub, rt / "keys" / "good.pub"],
-        "remove a trusted key": ["rm", "-f", rt / "keys" / "good.pub"],
+        "replace a trusted key": ["cp", device.attacker_pub, device.good_installed],
+        "remove a trusted key": ["rm", "-f", device.good_installed],
         "rewrite the rollback state": ["sh", "-c", f"echo '{{}}' > {rt / 'state' / 'accepted.json'}"],
         "remove the rollback state": ["rm", "-f", rt / "state" / "accepted.json"],
         "rebind a slot": ["sh", "-c", f"echo '{{}}' > {rt / 'state' / 'slots.json'}"],
