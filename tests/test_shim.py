@@ -447,7 +447,7 @@ def test_cli_verify_and_rss(bundle_copy: Path, capsys):
     # the memory probe of a run with --threads loads the bundle with the same override
     argv = OnnxPipeline(bundle_copy, overrides={"intra_op_num_threads": 2}).rss_argv
     assert argv[argv.index("--overrides") + 1] == '{"intra_op_num_threads": 2}'
-    assert main(argv[3:]) == 0
+    assert main(argv[argv.index("runtime_shim") + 1:]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["threads"] == 2
     _edit_json(bundle_copy / "runtime.json", intra_op_num_threads=2)
     assert main(["verify", str(bundle_copy)]) == ExitCode.USAGE
