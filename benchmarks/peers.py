@@ -403,6 +403,10 @@ def table(rows: list[dict], baseline: str | None) -> str:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Test accuracy against latency: a dot at the p50, a bar to the p95, an x at the mean; a row
+    measured for its latency only (untrained) is a vertical line at its p50."""
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -411,15 +415,22 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in rows:
         t = r["timing"]
+        if "untrained" in r["name"]:
+            ax.axvline(t["p50_ms"], color="0.5", ls="--", lw=1)
+            ax.annotate(f"{r['name'].split(' (')[0]}: p50 (untrained graph)", (t["p50_ms"], 0.02),
+                        xycoords=("data", "axes fraction"), rotation=90, fontsize=7, ha="right", va="bottom")
+            continue
         y = 100 * r["test"]["accuracy"]
         ax.plot([t["p50_ms"], t["p95_ms"]], [y, y], "-", color="0.6", lw=2, zorder=1)
-        ax.scatter([t["mean_ms"]], [y], s=30 + 4 * r["files_bytes"] / 1e6, zorder=2, label=r["name"])
-        ax.annotate(r["name"], (t["p50_ms"], y), textcoords="offset points", xytext=(0, 6), fontsize=7)
+        dot = ax.scatter([t["p50_ms"]], [y], s=20 + 25 * math.log10(1 + r["files_bytes"] / 1e6), zorder=3)
+        ax.scatter([t["mean_ms"]], [y], marker="x", color=dot.get_facecolor()[0], zorder=3)
+        ax.annotate(f"{r['name']} ({r['files_bytes'] / 1e6:.1f} MB)", (t["p50_ms"], y), textcoords="offset points",
+                    xytext=(0, 7), fontsize=7)
     ax.set_xscale("log")
-    ax.set_xlabel("single-query latency, ms (bar: p50 to p95; dot: mean; dot size: files)")
+    ax.set_xlabel("single-query latency, ms (dot: p50, bar: to p95, x: mean; dot area grows with the files)")
     ax.set_ylabel("test accuracy, %" + (" (calibrated out-of-scope threshold)" if rows[0]["validation"].get("oos_recall")
                                         is not None else ""))
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
@@ -458,6 +469,7 @@ def main(argv=None) -> int:
                         "not its accuracy (a teacher pass and a 3-layer distillation saved)")
     p.add_argument("--breakdown", type=Path, default=None, metavar="BUNDLE")
     p.add_argument("--build-only", action="store_true", help="train what is missing and stop")
+    p.add_argument("--plot-only", action="store_true", help="redraw WORK/peers.png from WORK/peers.json")
     args = p.parse_args(argv)
     if not args.data.is_file():
         print(f"skipped: {args.data} is absent (CLINC150 needs ../shared beside the checkout)")
@@ -490,6 +502,10 @@ def main(argv=None) -> int:
             log(f"| {name} | {1000 * r['p50_ms']:.1f} | {1000 * r['mean_ms']:.1f} | {p95} |")
         write_json_atomic(args.work / "breakdown.json", {"bundle": str(args.breakdown), "cpu": cpu, "parts": parts,
                                                          "rounds": args.rounds, "per_round": args.per_round})
+        return 0
+    if args.plot_only:
+        saved = json.loads((args.work / "peers.json").read_text())
+        plot(saved["rows"], args.work / "peers.png", saved["header"].split(";", 1)[-1].strip()[:150])
         return 0
     specs = build(args, data)
     if args.build_only:
@@ -528,7 +544,8 @@ def main(argv=None) -> int:
                  "(same rounds); the last column divides its mean by each row's end-to-end mean.")
     log("\n" + header + "\n\n" + text)
     (args.work / "peers.md").write_text(header + "\n\n" + text + "\n")
-    plot(rows, args.work / "peers.png", header[:160])
+    plot(rows, args.work / "peers.png", f"{Path(data.source).name}: {cpu}, {time.strftime('%Y-%m-%d')}, one thread, "
+                                        f"{args.rounds} interleaved rounds of {args.per_round}")
     slim = [{k: v for k, v in r.items() if not k.endswith("_correct")} for r in rows]
     write_json_atomic(args.work / "peers.json", {"cpu": cpu, "header": header, "rows": slim,
                                                  "args": {k: str(v) for k, v in vars(args).items()}})
