@@ -42,9 +42,10 @@ def _arch(machine: str) -> str:
 def faked_cpu(value: str | None = None) -> tuple[str, set[str]] | None:
     """The CPU ``EDGEPACK_CPU_FLAGS`` (or ``value``) describes, or None when it is unset or empty.
 
-    Example:
-        >>> faked_cpu("arm64:asimd, asimddp")
-        ('arm64', {'asimd', 'asimddp'})
+    Examples:
+        >>> arch, flags = faked_cpu("arm64:asimd, asimddp")
+        >>> arch, sorted(flags)
+        ('arm64', ['asimd', 'asimddp'])
         >>> faked_cpu("avx2")[1]
         {'avx2'}
     """
@@ -61,7 +62,7 @@ def cpu_flags() -> tuple[str, set[str]]:
     """This CPU's architecture family (``x86_64``/``arm64``) and flags, from the standard library
     (``EDGEPACK_CPU_FLAGS`` overrides both).
 
-    Example:
+    Examples:
         >>> arch, flags = cpu_flags()  # doctest: +SKIP
         >>> arch, "avx2" in flags  # doctest: +SKIP
         ('x86_64', True)
@@ -99,7 +100,7 @@ def physical_cores() -> int:
     Linux: the ``core_id``/``physical_package_id`` pairs of the CPUs in this process's affinity mask;
     macOS: ``hw.physicalcpu``; else ``os.cpu_count()``.
 
-    Example:
+    Examples:
         >>> physical_cores()  # doctest: +SKIP
         2
     """
@@ -145,7 +146,7 @@ def _risk(target: Mapping[str, Any], arch: str, flags: set[str]) -> str:
 def target_warning(manifest: Mapping[str, Any], arch: str | None = None, flags: set[str] | None = None) -> str | None:
     """One line when this CPU lacks the flags of the target the bundle was built for, else None.
 
-    Example:
+    Examples:
         >>> target_warning({"target": {"name": "x86-64-vnni", "arch": "x86_64",
         ...                            "any_flags": ["avx512_vnni", "avx_vnni"]}}, "x86_64", {"avx2"})
         ... # doctest: +ELLIPSIS
@@ -180,7 +181,7 @@ def warn_target_once(manifest: Mapping[str, Any], *, stacklevel: int = 3) -> str
     """Issue ``target_warning`` as a ``CpuTargetWarning`` the first time this process sees it; return
     the message (None when this CPU has the target's flags). Called when a bundle is loaded.
 
-    Example:
+    Examples:
         >>> warn_target_once({})  # no target recorded: nothing to say
     """
     msg = target_warning(manifest)

@@ -31,7 +31,7 @@ OPENSSL_PAST = 16 << 20
 class BundleError(ValueError):
     """A bundle that cannot be used as it is. ``str(err)`` is one line naming the file and the fix.
 
-    Example:
+    Examples:
         >>> try:
         ...     verify("bundle")
         ... except BundleError as e:
@@ -62,7 +62,7 @@ def sha256_file(path: str | os.PathLike, *, total_bytes: int | None = None) -> s
     """Hex sha256 of a file, read in 1 MiB chunks (a model never sits in memory twice). ``total_bytes``:
     how much the caller hashes in all (default: this file's size), which picks the implementation.
 
-    Example:
+    Examples:
         >>> sha256_file("bundle/model.quant.onnx")  # doctest: +SKIP
         '3f5a...'
     """
@@ -76,7 +76,7 @@ def sha256_file(path: str | os.PathLike, *, total_bytes: int | None = None) -> s
 def bundle_files(bundle_dir: str | os.PathLike) -> list[str]:
     """Relative POSIX paths of the files a manifest covers, sorted.
 
-    Example:
+    Examples:
         >>> bundle_files("bundle")  # doctest: +SKIP
         ['eval.jsonl', 'labels.json', 'model.quant.onnx', 'requirements.txt', 'runtime.json', ...]
     """
@@ -96,7 +96,7 @@ def bundle_files(bundle_dir: str | os.PathLike) -> list[str]:
 def hash_files(bundle_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """``{relpath: {"sha256", "bytes"}}`` for every file of the bundle.
 
-    Example:
+    Examples:
         >>> hash_files("bundle")["labels.json"]  # doctest: +SKIP
         {'sha256': '9c1e...', 'bytes': 105}
     """
@@ -114,9 +114,14 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", *, suffix: str = "", p
     write never leaves a half file that looks whole, and the file stays readable to a service user
     (``mkstemp`` alone would leave it 0600).
 
-    Example:
-        >>> with atomic_file("results/bench.txt") as f:  # doctest: +SKIP
-        ...     f.write("p50 0.1 ms\n")
+    Examples:
+        >>> import pathlib, tempfile
+        >>> out = pathlib.Path(tempfile.mkdtemp()) / "bench.txt"
+        >>> with atomic_file(out) as f:
+        ...     _ = f.write("p50 0.1 ms")
+        >>> out.read_text()
+        'p50 0.1 ms'
+
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,7 +142,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", *, suffix: str = "", p
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` through :func:`atomic_file`.
 
-    Example:
+    Examples:
         >>> write_bytes_atomic("report/plot.png", png)  # doctest: +SKIP
     """
     with atomic_file(path, "wb") as f:
@@ -147,7 +152,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     """Write JSON (indented, one trailing newline) through :func:`atomic_file`.
 
-    Example:
+    Examples:
         >>> write_json_atomic("results/bench.json", {"accuracy": 0.9})  # doctest: +SKIP
     """
     with atomic_file(path, "w") as f:
@@ -161,7 +166,7 @@ def write_manifest(bundle_dir: str | os.PathLike, **fields: Any) -> dict[str, An
     ``fields`` (versions, target, metrics, ...) are stored beside ``format`` and ``files``; a field
     named ``files`` or ``format`` is ignored, since those are computed here.
 
-    Example:
+    Examples:
         >>> m = write_manifest("bundle", versions={"onnxruntime": "1.31.1"}, metrics={"accuracy": 0.9})
         ... # doctest: +SKIP
         >>> sorted(m)  # doctest: +SKIP
@@ -180,7 +185,7 @@ def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """``json`` ``object_pairs_hook`` refusing a repeated key: parsers disagree on which copy wins, so a
     manifest with two ``files`` tables could read one way where it was signed and another here.
 
-    Example:
+    Examples:
         >>> json.loads('{"a": 1, "a": 2}', object_pairs_hook=no_duplicates)
         Traceback (most recent call last):
         ...
@@ -197,7 +202,7 @@ def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def parse_manifest(data: bytes, path: str | os.PathLike = MANIFEST) -> dict[str, Any]:
     """Parse and check the bytes of a ``manifest.json`` (``path`` only names it in errors).
 
-    Example:
+    Examples:
         >>> parse_manifest(b'{"format": "edgepack-bundle/1", "files": {}}')["files"]
         {}
     """
@@ -218,7 +223,7 @@ def parse_manifest(data: bytes, path: str | os.PathLike = MANIFEST) -> dict[str,
 def read_manifest(bundle_dir: str | os.PathLike) -> dict[str, Any]:
     """The parsed ``manifest.json`` of a bundle, without checking any file.
 
-    Example:
+    Examples:
         >>> read_manifest("bundle")["format"]  # doctest: +SKIP
         'edgepack-bundle/1'
     """
@@ -237,7 +242,7 @@ def verify(bundle_dir: str | os.PathLike) -> dict[str, Any]:
 
     Raises ``BundleError`` naming the first file that is missing or differs.
 
-    Example:
+    Examples:
         >>> verify("bundle")["format"]  # doctest: +SKIP
         'edgepack-bundle/1'
         >>> Path("bundle/labels.json").write_text("{}")  # doctest: +SKIP
@@ -256,7 +261,7 @@ def check_files(root: str | os.PathLike, manifest: dict[str, Any], *, fix: str |
 
     ``fix`` replaces the advice given with a refusal.
 
-    Example:
+    Examples:
         >>> check_files("bundle", read_manifest("bundle"))  # doctest: +SKIP
     """
     root = Path(root)
@@ -285,7 +290,7 @@ def update_manifest(bundle_dir: str | os.PathLike, **fields: Any) -> dict[str, A
 
     ``fields`` replace the top-level fields of the same name; nested tables are replaced, not merged.
 
-    Example:
+    Examples:
         >>> update_manifest("bundle", tuned={"intra_op_num_threads": 2})  # doctest: +SKIP
         {'format': 'edgepack-bundle/1', ..., 'tuned': {'intra_op_num_threads': 2}, 'files': {...}}
     """
@@ -304,7 +309,7 @@ def update_manifest(bundle_dir: str | os.PathLike, **fields: Any) -> dict[str, A
 def bundle_bytes(bundle_dir: str | os.PathLike) -> int:
     """Bytes on disk of the whole bundle: every covered file plus ``manifest.json`` (and ``manifest.sig``).
 
-    Example:
+    Examples:
         >>> bundle_bytes("bundle")  # doctest: +SKIP
         1874231
     """

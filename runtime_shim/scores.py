@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax, stable for large logits (the row maximum is subtracted first).
 
-    Example:
+    Examples:
+        >>> import numpy as np
         >>> softmax(np.array([[1000.0, 1000.0]])).tolist()
         [[0.5, 0.5]]
     """
@@ -31,7 +32,8 @@ def thresholded(label_ids: np.ndarray, top_probs: np.ndarray, oos_id: int | None
                     threshold: float | None) -> np.ndarray:
     """Replace a prediction by ``oos_id`` where its top probability is below ``threshold``.
 
-    Example:
+    Examples:
+        >>> import numpy as np
         >>> thresholded(np.array([0, 2]), np.array([0.9, 0.2]), oos_id=1, threshold=0.32).tolist()
         [0, 1]
     """
@@ -51,7 +53,8 @@ def top_of_row(logits_row: np.ndarray, oos_id: int | None = None,
     scalars). For one query this takes ~2.5 us where ``softmax`` and ``thresholded`` on a [1, 151] array
     take ~12 us.
 
-    Example:
+    Examples:
+        >>> import numpy as np
         >>> k, top = top_of_row(np.array([0.0, 2.0, 0.0], dtype=np.float32))
         >>> k, round(top, 4)
         (1, 0.787)
@@ -76,7 +79,7 @@ def top_of_list(logits_row: Sequence[float], oos_id: int | None = None,
     far below exp's overflow, and a row whose maximum is not
     (beyond +-700) takes the subtracting form. Its scores equal ``top_of_row``'s to ~1e-15.
 
-    Example:
+    Examples:
         >>> k, top = top_of_list([0.0, 2.0, 0.0])
         >>> k, round(top, 4)
         (1, 0.787)
