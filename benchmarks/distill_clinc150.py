@@ -1,4 +1,4 @@
-"""Distillation on CLINC150 ('plus') with the shared MiniLM-L6 teacher: the figures of issue 3.
+"""Distillation on CLINC150 ('plus') with the shared MiniLM-L6 teacher: the figures of docs/results.md, "Distillation".
 
     nice -n 5 python benchmarks/distill_clinc150.py --work /tmp/distill-bench            # 2 and 3 layers
     nice -n 5 python benchmarks/distill_clinc150.py --work /tmp/distill-bench --layers 2 --no-ablation

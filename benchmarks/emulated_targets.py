@@ -3,7 +3,7 @@ machine natively and under QEMU emulation (``edgepack.emulate``).
 
 For the CLINC150 teacher (``../shared/models/clinc150-minilm-l6``) this script exports fp32 ONNX once
 per writer (``fused``: edgepack's fused-operator graph, what ``edgepack pack`` writes by default;
-``torch``: a plain ``torch.onnx.export`` graph, unfused), quantizes it with ``edgepack.quantize``
+``torch``: a plain ``torch.onnx.export`` graph, unfused), quantizes it with ``edgepack.stages.quantize``
 over the grid
 
     weight type (U8S8 = qint8 weights, U8U8 = quint8) x per-tensor/per-channel x 8-bit/7-bit weights
@@ -40,8 +40,8 @@ from _shared import DATA, TEACHER  # offline settings, this checkout on sys.path
 
 # ../shared beside the checkout (or beside the worktrees' directory)
 WEIGHTS = {"u8s8": "qint8", "u8u8": "quint8"}
-BAR_AGREEMENT = 0.99  # issue 14: agreement with fp32 on validation
-BAR_DROP_POINTS = 0.3  # issue 14: raw test accuracy within 0.3 points of fp32
+BAR_AGREEMENT = 0.99  # the bar: agreement with fp32 on validation
+BAR_DROP_POINTS = 0.3  # the bar: raw test accuracy within 0.3 points of fp32
 
 
 def log(msg: str) -> None:
@@ -343,7 +343,7 @@ def markdown(args, table: list[dict], rows) -> str:
         f"test rows, fp32 checked on {len(rows['fp32-sub'][1])} (a teacher query takes ~1 s under QEMU here).",
         "- Agreement: int8 argmax label = fp32 argmax label of the same graph, validation (emulated rows: against "
         "the host's fp32 on the same rows). Test accuracy is raw (argmax, no out-of-scope threshold). The bar "
-        "(issue 14): agreement >= 99% and a raw test drop <= 0.3 points.",
+        ": agreement >= 99% and a raw test drop <= 0.3 points.",
         "- Names: graph (`fused`: edgepack's fused-operator export, `pack`'s default; `torch`: plain "
         "torch.onnx.export, unfused) - weights (`u8s8`: qint8, `u8u8`: quint8) - scales (`pt` per-tensor, "
         "`pc` per-channel) - weight bits (`7bit` = reduce_range) - `x64qp`: session.x64quantprecision=1.",

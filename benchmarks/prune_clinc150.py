@@ -1,4 +1,4 @@
-"""Pruning on CLINC150 with the shared MiniLM-L6 teacher: the figures of issue 4.
+"""Pruning on CLINC150 with the shared MiniLM-L6 teacher: the figures of docs/results.md, "Pruning".
 
     nice -n 5 python benchmarks/prune_clinc150.py vocab --work /tmp/prune-bench
     nice -n 5 python benchmarks/prune_clinc150.py small --work /tmp/prune-bench --param-budget 3880000

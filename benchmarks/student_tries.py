@@ -1,4 +1,4 @@
-"""Better 1-layer students at the same latency (issue 17, item 3): each training change alone, over seeds.
+"""Better 1-layer students at the same latency: each training change alone, over seeds.
 
     nice -n 5 python benchmarks/student_tries.py --work /tmp/tries                       # all, seeds 0 1
     nice -n 5 python benchmarks/student_tries.py --work /tmp/tries --variants base att1 --seeds 0

@@ -1,6 +1,6 @@
 """The bundle: everything a device needs to run and verify the model, and nothing that needs torch.
 
-Layout (``../shared/docs/DESIGN.md``): ``model.quant.onnx``, ``tokenizer.json``, ``labels.json``,
+Layout: ``model.quant.onnx``, ``tokenizer.json``, ``labels.json``,
 ``runtime.json``, ``manifest.json``, ``runtime_shim/``, ``eval.jsonl``, ``requirements.txt`` and a
 ``config.json`` so Hugging Face Optimum can load the model too.
 """
@@ -25,7 +25,7 @@ RUNTIME_PACKAGES = ("onnxruntime", "tokenizers", "numpy")
 def default_runtime(model_name: str, *, max_length: int, inputs: tuple[str, ...], pad_id: int,
                     session_config: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Session settings before tuning. One intra-op thread: for short queries thread hand-off costs
-    more than it saves (FACTS.md); ``edgepack tune`` measures the alternatives on the device."""
+    more than it saves; ``edgepack tune`` measures the alternatives on the device."""
     return {
         "model": model_name,
         "max_length": max_length,

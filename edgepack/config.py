@@ -340,7 +340,7 @@ class DistillConfig(ConfigBase):
     # (2 layers, 5 epochs, calibrated test: alpha 0.5 87.58%, 0.1 88.80%, 0 89.56%, labels only 88.16%).
     alpha: float = 0.0  # weight of the cross-entropy on gold labels; 1 - alpha goes to the teacher
     # T = 1: students trained hot come out under-confident and gain less from the out-of-scope
-    # threshold (FACTS.md). lr 5e-4: a 2-3 layer student cut from a fine-tuned teacher moves far from
+    # threshold. lr 5e-4: a 2-3 layer student cut from a fine-tuned teacher moves far from
     # its init; at 1e-4 and 5 epochs the 2-layer student reached 87.9% calibrated, at 5e-4 88.7%.
     temperature: float = 1.0
     epochs: int = 5
@@ -552,7 +552,7 @@ class SignConfig(ConfigBase):
     ``edgepack keys new``; empty: leave the bundle unsigned). ``name`` is the bundle's name on the
     devices (empty: the output directory's name).
 
-    Example:
+    Examples:
         >>> SignConfig(key="keys/signing.key").enabled
         True
         >>> SignConfig(key="keys/signing.pub")

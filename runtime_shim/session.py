@@ -16,7 +16,7 @@ Keys read here (others in ``runtime.json`` are kept in the settings and ignored)
 - ``disabled_optimizers``: names of ORT graph transformers not to run at load. The default turns off
   ``SkipLayerNormFusion``: its fused CPU kernel took 18 us on 9 x 384 rows where the Add and
   LayerNormalization it replaces took 7 us (onnxruntime 1.31, x86-64, one thread), and edgepack's
-  graphs keep that pair on purpose (``edgepack.bert_onnx``). ``[]`` runs every transformer.
+  graphs keep that pair on purpose (``edgepack.stages.export.bert_onnx``). ``[]`` runs every transformer.
 - ``session_api``: ``auto`` (default), ``c`` or ``python``: whether the session is made through ONNX
   Runtime's C API (``runtime_shim.capi``: the wheel's own C library, without importing the package or
   numpy, 14-15 MB less peak memory on every bundle measured; docs/memory.md) or through the package.
@@ -60,7 +60,7 @@ def effective_settings(settings: Mapping[str, Any] | None, overrides: Mapping[st
 
     ``session_config`` tables are merged entry by entry; every other key is replaced.
 
-    Example:
+    Examples:
         >>> s = effective_settings({"intra_op_num_threads": 1, "session_config": {"a": "1"}},
         ...                        {"intra_op_num_threads": 2, "session_config": {"b": "0"}})
         >>> s["intra_op_num_threads"], s["session_config"]
@@ -97,7 +97,7 @@ def checked_options(settings: Mapping[str, Any] | None = None) -> dict[str, Any]
 
     Raises ``BundleError`` naming the key and the valid values when a setting is wrong.
 
-    Example:
+    Examples:
         >>> o = checked_options({"graph_optimization_level": "basic"})
         >>> o["graph_optimization_level"], o["intra_op_num_threads"], o["disabled_optimizers"]
         (1, 1, ['SkipLayerNormFusion'])
@@ -136,7 +136,7 @@ def session_options(settings: Mapping[str, Any] | None = None) -> ort.SessionOpt
 
     Raises ``BundleError`` naming the key and the valid values when a setting is wrong.
 
-    Example:
+    Examples:
         >>> so = session_options({"intra_op_num_threads": 2, "session_config": {"session.intra_op.allow_spinning": "0"}})
         >>> so.intra_op_num_threads, so.get_session_config_entry("session.intra_op.allow_spinning")
         (2, '0')
@@ -174,7 +174,7 @@ def use_c_api(choice: str) -> capi._Api | None:
     imported the ``onnxruntime`` package (edgepack's own: its timings then measure the path a device
     serves). Such a process holds both copies of the runtime; ``"python"`` keeps it to one.
 
-    Example:
+    Examples:
         >>> use_c_api("python") is None
         True
     """
@@ -195,7 +195,7 @@ def make_session(model_path: str | os.PathLike, settings: Mapping[str, Any] | No
     """A CPU session for an ``.onnx`` or ``.ort`` model with the given settings: an ``InferenceSession``,
     or a ``runtime_shim.csession.CSession`` when ``session_api`` picks the C API (``use_c_api``).
 
-    Example:
+    Examples:
         >>> sess = make_session("bundle/model.quant.onnx", {"intra_op_num_threads": 1})  # doctest: +SKIP
         >>> [i.name for i in sess.get_inputs()]  # doctest: +SKIP
         ['input_ids', 'attention_mask', 'token_type_ids']

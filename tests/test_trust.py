@@ -1,5 +1,5 @@
 """Signed bundles on a real packed tiny bundle: ``edgepack keys``/``sign``, ``runtime_shim verify --keys``,
-``unpack``, and the attack matrix of issue 16, each refused with one line and a non-zero exit."""
+``unpack``, and the attack matrix of docs/TRUST.md, each refused with one line and a non-zero exit."""
 
 from __future__ import annotations
 

@@ -223,7 +223,7 @@ def claim_lock(storage, url: str, study_name: str):
 
 def suggest(trial, base: DistillConfig, *, max_layers: int | None) -> DistillConfig:
     """The search space. Low temperatures are favoured on purpose: students trained hot come out
-    under-confident and gain less from the out-of-scope threshold (FACTS.md)."""
+    under-confident and gain less from the out-of-scope threshold."""
     changes: dict[str, Any] = {
         "alpha": trial.suggest_float("alpha", 0.0, 0.9),
         "temperature": trial.suggest_float("temperature", 1.0, 4.0, log=True),
