@@ -61,7 +61,7 @@ def new_keypair(out_dir: str | os.PathLike, *, name: str = "signing", force: boo
     """Write ``OUT/NAME.key`` (private, 0600, encrypted when ``$EDGEPACK_KEY_PASSPHRASE`` is set) and
     ``OUT/NAME.pub``; return both paths and the key id.
 
-    Example:
+    Examples:
         >>> new_keypair("keys")  # doctest: +SKIP
         (PosixPath('keys/signing.key'), PosixPath('keys/signing.pub'), '3c1f0a9d5e2b7c44')
     """
@@ -87,7 +87,7 @@ def new_keypair(out_dir: str | os.PathLike, *, name: str = "signing", force: boo
 def load_private_key(path: str | os.PathLike) -> ed25519.Ed25519PrivateKey:
     """The Ed25519 private key of ``path`` (decrypted with ``$EDGEPACK_KEY_PASSPHRASE`` when encrypted).
 
-    Example:
+    Examples:
         >>> load_private_key("keys/signing.key")  # doctest: +SKIP
         <cryptography.hazmat.bindings._rust.openssl.ed25519.Ed25519PrivateKey object at ...>
     """
@@ -116,7 +116,7 @@ def load_private_key(path: str | os.PathLike) -> ed25519.Ed25519PrivateKey:
 def key_id_of(path: str | os.PathLike) -> str:
     """The key id of a public (``.pub``) or private key file.
 
-    Example:
+    Examples:
         >>> key_id_of("keys/signing.pub")  # doctest: +SKIP
         '3c1f0a9d5e2b7c44'
     """
@@ -136,7 +136,7 @@ def default_version(previous: Any = None, now: float | None = None) -> int:
     """The UTC time as ``YYYYMMDDHHMMSS``, or one above ``previous`` when that is not lower: versions
     only increase for a name, even when two signatures fall in the same second.
 
-    Example:
+    Examples:
         >>> default_version(now=0)
         19700101000000
         >>> default_version(previous=20990101000000, now=0)
@@ -160,7 +160,7 @@ def default_name(bundle_dir: Path, manifest: dict[str, Any]) -> str:
 def signed_requirements(text: str) -> str:
     """``requirements.txt`` with a ``cryptography>=VERSION`` line (the version installed here), once.
 
-    Example:
+    Examples:
         >>> signed_requirements("onnxruntime>=1.20\\n").splitlines()[-1].startswith("cryptography>=")
         True
     """
@@ -172,7 +172,7 @@ def signed_requirements(text: str) -> str:
 def write_signature(bundle_dir: str | os.PathLike, key: ed25519.Ed25519PrivateKey) -> Path:
     """Sign the exact bytes ``manifest.json`` holds now; write ``manifest.sig`` atomically; return it.
 
-    Example:
+    Examples:
         >>> write_signature("bundle", load_private_key("keys/signing.key"))  # doctest: +SKIP
         PosixPath('bundle/manifest.sig')
     """
@@ -199,7 +199,7 @@ def sign_bundle(bundle_dir: Path, key_path: Path, *, name: str | None = None, ve
     pass the name); ``version`` to ``default_version``; ``profile`` to the manifest's ``profile``, else
     the ``verified.profile`` that ``edgepack build`` records (``None`` if neither).
 
-    Example:
+    Examples:
         >>> sign_bundle(Path("bundle"), Path("keys/signing.key"), profile="pi5")  # doctest: +SKIP
         PosixPath('bundle/manifest.sig')
     """
@@ -234,7 +234,7 @@ def sign_bundle(bundle_dir: Path, key_path: Path, *, name: str | None = None, ve
 def describe(bundle_dir: str | os.PathLike) -> dict[str, Any]:
     """Name, version, profile and key id of a signed bundle (for messages and the fleet).
 
-    Example:
+    Examples:
         >>> describe("bundle")  # doctest: +SKIP
         {'name': 'clinc150', 'version': 20261201071800, 'profile': 'pi5', 'key_id': '3c1f0a9d5e2b7c44'}
     """

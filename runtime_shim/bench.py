@@ -37,7 +37,7 @@ from .scores import softmax, thresholded, top_of_row
 class Backend(Protocol):
     """What ``run_benchmark`` needs of a model (``OnnxPipeline`` and edgepack's PyTorch backend fit).
 
-    Example:
+    Examples:
         >>> run_benchmark(OnnxPipeline("bundle"), texts, gold)  # doctest: +SKIP
         >>> run_benchmark(TorchBackend("teacher/"), texts, gold)  # edgepack's, same protocol  # doctest: +SKIP
     """
@@ -71,7 +71,7 @@ def predict_probs(backend: Backend, texts: Sequence[str], *, batch_size: int = 3
     Texts are batched by length so batches carry little padding: faster, and with dynamic int8
     quantization (activation ranges computed per batch) padding could nudge a borderline answer.
 
-    Example:
+    Examples:
         >>> probs = predict_probs(OnnxPipeline("bundle"), ["set an alarm", "hi"])  # doctest: +SKIP
         >>> probs.shape  # doctest: +SKIP
         (2, 5)
@@ -89,7 +89,7 @@ def accuracy_metrics(pred: Sequence[str], gold: Sequence[str], oos_label: str | 
     """``accuracy``, ``in_scope_accuracy`` and ``oos_recall`` of label names against gold label names
     (:func:`runtime_shim.metrics.label_metrics`).
 
-    Example:
+    Examples:
         >>> accuracy_metrics(["a", "oos", "b"], ["a", "oos", "oos"], "oos")
         {'accuracy': 0.6666666666666666, 'in_scope_accuracy': 1.0, 'oos_recall': 0.5}
     """
@@ -123,7 +123,7 @@ def time_single_queries(backend: Backend, texts: Sequence[str], *, warmup: int =
     queries (a device answering requests as they come, not back to back: thread pools that spin
     between calls look better back to back than they serve).
 
-    Example:
+    Examples:
         >>> t = time_single_queries(OnnxPipeline("bundle"), ["set an alarm"], warmup=5, runs=20)  # doctest: +SKIP
         >>> sorted(t)  # doctest: +SKIP
         ['latency_ms', 'model_ms', 'tokenize_ms']
@@ -165,7 +165,7 @@ def spread_order(n: int, count: int) -> list[int]:
     ``count`` queries sample the whole split (a labelled file is often sorted by label; a cascade's
     latency depends on which texts it sends on), then the rest, so cycling still covers every text.
 
-    Example:
+    Examples:
         >>> spread_order(10, 3)
         [0, 3, 6, 9, 1, 4, 7, 2, 5, 8]
         >>> spread_order(3, 5)
@@ -178,7 +178,7 @@ def spread_order(n: int, count: int) -> list[int]:
 def throughput(backend: Backend, texts: Sequence[str], batch_size: int, *, batches: int) -> float:
     """Queries per second, end to end, over ``batches`` batches of ``batch_size`` (after one warm-up batch).
 
-    Example:
+    Examples:
         >>> throughput(OnnxPipeline("bundle"), ["set an alarm", "hi"], 32, batches=5)  # doctest: +SKIP
         4120.5
     """
@@ -237,7 +237,7 @@ def run_benchmark(
     - ``peak_rss_mb``: from ``rss_argv`` (default: the backend's ``rss_argv``) run in a fresh
       process; ``[]`` skips it. A failure leaves ``None`` and the reason in ``peak_rss_error``.
 
-    Example:
+    Examples:
         >>> pipe = OnnxPipeline("bundle")  # doctest: +SKIP
         >>> texts, gold = read_labelled("bundle/eval.jsonl")  # doctest: +SKIP
         >>> r = run_benchmark(pipe, texts, gold, warmup=5, runs=20)  # doctest: +SKIP
@@ -341,7 +341,7 @@ def _num(x: Any, digits: int = 1) -> str:
 def result_value(result: Mapping[str, Any], dotted: str) -> Any:
     """A figure of a benchmark result by dotted path (``"latency_ms.p95"``); None when any part is missing.
 
-    Example:
+    Examples:
         >>> result_value({"latency_ms": {"p95": 1.3}}, "latency_ms.p95")
         1.3
     """
@@ -358,7 +358,7 @@ def result_value(result: Mapping[str, Any], dotted: str) -> Any:
 def format_table(results: Sequence[Mapping[str, Any]]) -> str:
     """A fixed-width table, one row per benchmarked model (accuracies in %, times in ms, sizes in MB).
 
-    Example:
+    Examples:
         >>> print(format_table([run_benchmark(pipe, texts, gold)]))  # doctest: +SKIP
         model   acc %  acc raw %  in-scope %  oos rec %  agree %  model MB  p50 ms ...
         bundle  95.00      90.00       100.0 ...

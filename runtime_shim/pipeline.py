@@ -74,7 +74,7 @@ class OnnxPipeline:
     Loading a bundle on a CPU that lacks its target's flags issues one ``runtime_shim.cpu.CpuTargetWarning``
     per process (ONNX Runtime then runs other int8 kernels, and answers may differ from the build's).
 
-    Example:
+    Examples:
         >>> pipe = OnnxPipeline("bundle")  # doctest: +SKIP
         >>> pipe("what is my checking balance")  # doctest: +SKIP
         [{'label': 'balance', 'score': 0.97}]
@@ -185,7 +185,7 @@ class OnnxPipeline:
         """The bundle's ``tokenizers.Tokenizer``, truncating to ``max_length`` and padding to the longest
         text; loaded on first use when the WordPiece fast path covers the texts so far.
 
-        Example:
+        Examples:
             >>> type(OnnxPipeline("bundle").tokenizer).__name__  # doctest: +SKIP
             'Tokenizer'
         """
@@ -219,7 +219,7 @@ class OnnxPipeline:
     def rss_argv(self) -> list[str]:
         """The command that measures this bundle's peak memory in a fresh process (used by ``bench``).
 
-        Example:
+        Examples:
             >>> OnnxPipeline("bundle").rss_argv  # doctest: +SKIP
             ['/usr/bin/python3', '-m', 'runtime_shim', 'rss', 'bundle']
         """
@@ -238,7 +238,7 @@ class OnnxPipeline:
 
         Only the inputs the ONNX model declares are returned; ``token_type_ids`` are zeros (one segment).
 
-        Example:
+        Examples:
             >>> enc = OnnxPipeline("bundle").encode(["hi there", "a longer query than that"])  # doctest: +SKIP
             >>> enc["input_ids"].shape  # doctest: +SKIP
             (2, 7)
@@ -297,7 +297,7 @@ class OnnxPipeline:
     def forward(self, encoded: Mapping[str, np.ndarray]) -> np.ndarray:
         """Run the model on encoded inputs; return the logits ``[batch, num_labels]``.
 
-        Example:
+        Examples:
             >>> pipe = OnnxPipeline("bundle")  # doctest: +SKIP
             >>> pipe.forward(pipe.encode(["set an alarm"])).shape  # doctest: +SKIP
             (1, 5)
@@ -320,7 +320,7 @@ class OnnxPipeline:
     def predict(self, texts: Sequence[str], *, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
         """Raw predictions: ``(label_ids [n], probs [n, num_labels])``, argmax only, no threshold.
 
-        Example:
+        Examples:
             >>> ids, probs = OnnxPipeline("bundle").predict(["set an alarm for 7 am"])  # doctest: +SKIP
             >>> ids.tolist(), probs.shape  # doctest: +SKIP
             ([0], (1, 5))
@@ -339,7 +339,7 @@ class OnnxPipeline:
     def label_ids(self, probs: np.ndarray, *, apply_threshold: bool = True) -> np.ndarray:
         """Label ids from probabilities: argmax, then the out-of-scope threshold when asked and set.
 
-        Example:
+        Examples:
             >>> pipe = OnnxPipeline("bundle")  # doctest: +SKIP
             >>> pipe.label_ids(np.array([[0.3, 0.25, 0.2, 0.15, 0.1]])).tolist()  # threshold 0.32, oos id 3
             ... # doctest: +SKIP
@@ -398,7 +398,7 @@ class OnnxPipeline:
           label (score: the top probability), followed by the k-1 most probable other labels.
         - ``apply_threshold=False`` -> plain argmax, as the model alone would answer.
 
-        Example:
+        Examples:
             >>> pipe = OnnxPipeline("bundle")  # doctest: +SKIP
             >>> pipe("check my savings balance")  # doctest: +SKIP
             [{'label': 'balance', 'score': 0.95}]

@@ -69,7 +69,7 @@ def pae(payload_type: str, payload: bytes) -> bytes:
     """DSSE's pre-authentication encoding: what is signed, so that a signature over one payload type
     can never be replayed as another.
 
-    Example:
+    Examples:
         >>> pae("t", b"ab")
         b'DSSEv1 1 t 2 ab'
     """
@@ -80,7 +80,7 @@ def pae(payload_type: str, payload: bytes) -> bytes:
 def key_id(raw_public_key: bytes) -> str:
     """The id of an Ed25519 public key: the first 16 hex digits of sha256 over its 32 raw bytes.
 
-    Example:
+    Examples:
         >>> key_id(bytes(32))
         '66687aadf862bd77'
     """
@@ -104,7 +104,7 @@ def _crypto():
 def raw_public_key(public_key) -> bytes:
     """The 32 raw bytes of an ``Ed25519PublicKey``.
 
-    Example:
+    Examples:
         >>> len(raw_public_key(load_public_key("keys/signing.pub")))  # doctest: +SKIP
         32
     """
@@ -115,7 +115,7 @@ def raw_public_key(public_key) -> bytes:
 def load_public_key(path: str | os.PathLike):
     """An ``Ed25519PublicKey`` from a PEM file; ``BundleError`` naming the file otherwise.
 
-    Example:
+    Examples:
         >>> load_public_key("keys/signing.pub")  # doctest: +SKIP
         <cryptography.hazmat.bindings._rust.openssl.ed25519.Ed25519PublicKey object at ...>
     """
@@ -166,7 +166,7 @@ def trusted_keys_dir(explicit: str | os.PathLike | bool | None = None) -> Path |
     runtime's (``runtime_anchors``), else ``None`` (signatures are not checked). ``False`` means none
     whatever the environment says (the build machine's own checks of the unsigned bundles it is making).
 
-    Example:
+    Examples:
         >>> trusted_keys_dir("/etc/edgepack/keys")
         PosixPath('/etc/edgepack/keys')
         >>> trusted_keys_dir(False) is None
@@ -183,7 +183,7 @@ def trusted_keys_dir(explicit: str | os.PathLike | bool | None = None) -> Path |
 def load_trusted_keys(directory: str | os.PathLike) -> dict[str, list[tuple[Path, Any]]]:
     """``{key id: [(file, Ed25519PublicKey)]}`` for every ``*.pub`` file of ``directory``.
 
-    Example:
+    Examples:
         >>> sorted(load_trusted_keys("/etc/edgepack/keys"))  # doctest: +SKIP
         ['3c1f0a9d5e2b7c44']
     """
@@ -212,7 +212,7 @@ def is_signed(bundle_dir: str | os.PathLike) -> bool:
     """Whether the bundle carries a well-formed ``manifest.sig``. Says nothing about whether the
     signature holds or whom it is by: only a device's trusted keys can say that (``verify_bundle``).
 
-    Example:
+    Examples:
         >>> is_signed("bundle")  # doctest: +SKIP
         True
     """
@@ -226,7 +226,7 @@ def is_signed(bundle_dir: str | os.PathLike) -> bool:
 def make_envelope(manifest_bytes: bytes, keyid: str, signature: bytes) -> dict[str, Any]:
     """The ``manifest.sig`` envelope for one Ed25519 signature over ``pae(PAYLOAD_TYPE, manifest_bytes)``.
 
-    Example:
+    Examples:
         >>> make_envelope(b"{}", "66687aadf862bd77", bytes(64))["signatures"][0]["alg"]
         'ed25519'
     """
@@ -240,7 +240,7 @@ def make_envelope(manifest_bytes: bytes, keyid: str, signature: bytes) -> dict[s
 def read_envelope(bundle_dir: str | os.PathLike) -> dict[str, Any]:
     """The parsed, structurally checked ``manifest.sig``; ``BundleError`` naming it otherwise.
 
-    Example:
+    Examples:
         >>> read_envelope("bundle")["signatures"][0]["keyid"]  # doctest: +SKIP
         '3c1f0a9d5e2b7c44'
     """
@@ -281,7 +281,7 @@ def check_signature(bundle_dir: str | os.PathLike, manifest_bytes: bytes,
     """``(key id, key file)`` of the trusted key whose signature in ``manifest.sig`` holds over
     ``manifest_bytes``; ``BundleError`` (unsigned, unknown key, mismatch, garbled) otherwise.
 
-    Example:
+    Examples:
         >>> root = Path("bundle")  # doctest: +SKIP
         >>> check_signature(root, (root / "manifest.json").read_bytes(), load_trusted_keys("keys"))  # doctest: +SKIP
         ('3c1f0a9d5e2b7c44', PosixPath('keys/signing.pub'))
@@ -318,7 +318,7 @@ def check_manifest_paths(root: Path, manifest: Mapping[str, Any]) -> None:
     """Refuse manifest entries that could point outside the bundle or at the manifest itself:
     absolute paths, ``..``, empty or ``.`` parts, backslashes, NUL.
 
-    Example:
+    Examples:
         >>> check_manifest_paths(Path("b"), {"files": {"../etc/passwd": {}}})
         Traceback (most recent call last):
         ...
@@ -362,7 +362,7 @@ def check_tree(root: str | os.PathLike, listed: set[str] | Mapping[str, Any]) ->
     """Refuse symlinks, special files and any file the manifest does not list (``manifest.json`` and
     ``manifest.sig`` aside). The bundle directory itself may be a symlink (``current -> bundle-v3``).
 
-    Example:
+    Examples:
         >>> check_tree("bundle", read_manifest("bundle")["files"])  # doctest: +SKIP
     """
     root = Path(root)
@@ -392,7 +392,7 @@ def state_path() -> Path:
     runtime's (``runtime_anchors``), else ``$XDG_STATE_HOME/edgepack/accepted.json``, else
     ``~/.local/state/edgepack/accepted.json``.
 
-    Example:
+    Examples:
         >>> state_path()  # doctest: +SKIP
         PosixPath('/home/pi/.local/state/edgepack/accepted.json')
     """
@@ -437,7 +437,7 @@ def read_state(path: str | os.PathLike | None = None) -> dict[str, Any]:
     """``{name: {"version", "manifest_sha256", "key_id", "accepted"}}`` from the state file (empty when
     there is none yet).
 
-    Example:
+    Examples:
         >>> read_state()  # doctest: +SKIP
         {'clinc150': {'version': 20261201071800, 'manifest_sha256': '...', 'key_id': '...', 'accepted': '...'}}
     """
@@ -488,7 +488,7 @@ class Verified(NamedTuple):
     then only the checksums were checked. A ``NamedTuple`` (immutable), not a dataclass: ``dataclasses``
     imports ``inspect``, 1.4 MB of a device process's peak memory (docs/memory.md).
 
-    Example:
+    Examples:
         >>> verify_bundle("bundle", keys="keys").key_id  # doctest: +SKIP
         '3c1f0a9d5e2b7c44'
     """
@@ -525,7 +525,7 @@ def verify_bundle(bundle_dir: str | os.PathLike, *, keys: str | os.PathLike | bo
     one accepted for the name (kept in ``state``, default ``state_path()``; ``record=False`` checks
     without writing it).
 
-    Example:
+    Examples:
         >>> v = verify_bundle("bundle", keys="/etc/edgepack/keys")  # doctest: +SKIP
         >>> v.name, v.version, v.key_id  # doctest: +SKIP
         ('clinc150', 20261201071800, '3c1f0a9d5e2b7c44')

@@ -34,7 +34,7 @@ _REPACK = "re-create the archive with `edgepack pack --archive` (or `tar czf` of
 def checked_members(tar: tarfile.TarFile, archive: str | os.PathLike) -> list[tarfile.TarInfo]:
     """The archive's entries, refusing links, special files, absolute paths and ``..``.
 
-    Example:
+    Examples:
         >>> with tarfile.open("bundle.tar.gz") as tar:  # doctest: +SKIP
         ...     [m.name for m in checked_members(tar, "bundle.tar.gz")][:2]
         ['bundle', 'bundle/config.json']
@@ -82,7 +82,7 @@ def unpack(archive: str | os.PathLike, dest: str | os.PathLike, *, keys: str | o
     """Extract ``archive`` beside ``dest``, verify the bundle, then rename it to ``dest``; return what
     the verification established. ``dest`` must not exist unless ``replace``.
 
-    Example:
+    Examples:
         >>> unpack("clinc150.tar.gz", "/opt/bundles/clinc150", keys="/etc/edgepack/keys").version  # doctest: +SKIP
         20261201071800
     """

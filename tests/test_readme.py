@@ -77,9 +77,24 @@ def test_readme_shows_commands():
     assert any(a[:4] == ["python", "-m", "runtime_shim", "bench"] for a in COMMANDS)
 
 
+def _scratch_paths(argv: list[str], root: Path) -> None:
+    """The paths a line names, made empty under ``root``: parsing checks that a teacher directory exists."""
+    for word in argv[1:]:
+        if word.startswith("-") or "/" not in word or word.startswith(("/", "..")):
+            continue
+        path = root / word
+        if path.suffix:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+
+
 @pytest.mark.parametrize("argv", COMMANDS, ids=[" ".join(a[:3]) for a in COMMANDS])
-def test_readme_command_parses(argv, monkeypatch):
+def test_readme_command_parses(argv, monkeypatch, tmp_path):
     """Parse (not run) each command with the CLI's own parser: subcommands and flags must exist."""
+    _scratch_paths(argv, tmp_path)
+    monkeypatch.chdir(tmp_path)
     if argv[0] == "edgepack":
         from edgepack.cli import make_parser
 
