@@ -287,6 +287,8 @@ def test_every_module_path_named_in_the_docs_exists():
     """In the docs, the data files' comments and the code's comments and docstrings."""
     named = {}
     for path in TEXTS + _tracked("recipes/*.toml", "targets/*.toml", "profiles/*.toml", "*.py", "**/*.py"):
+        if path == Path(__file__):  # its own examples of gone names
+            continue
         text = path.read_text()
         if path.suffix == ".py":  # comments and docstrings; an import statement is code, not a doc
             text = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith(("from ", "import ")))
