@@ -120,3 +120,9 @@ def test_readme_predict_runs_on_a_real_bundle(tiny_bundle, label_names, capsys):
     assert main(["predict", str(tiny_bundle), "what is my checking balance"]) == 0
     out = capsys.readouterr().out
     assert any(name in out for name in label_names)
+
+
+def test_readme_is_a_quickstart():
+    """Short enough to read before trying (figures live in docs/results.md, guides on the docs site)."""
+    assert len(README.splitlines()) <= 250
+    assert README.count("\n|---") <= 1, "one headline table at most; the rest belongs in docs/results.md"

@@ -49,8 +49,8 @@ def _options_table(parser: argparse.ArgumentParser) -> list[str]:
         help_text = formatter._expand_help(action) if action.help else ""
         default = action.default
         shown = "" if default in (None, False, argparse.SUPPRESS) or action.nargs == 0 or not action.option_strings \
-            else f"`{default}`"
-        rows.append(f"| `{_cell(flags)}` | {_cell(help_text)} | {shown} |")
+            or "default" in help_text else f"<code>{_cell(str(default))}</code>"
+        rows.append(f"| <code>{_cell(flags)}</code> | {_cell(help_text)} | {shown} |")
     if not rows:
         return []
     return ["| argument | what it does | default |", "|---|---|---|", *rows, ""]
