@@ -7,7 +7,7 @@
 
 Each run is ``edgepack distill`` with the DistillConfig defaults and only ``--layers`` changed, so the
 table is what a user gets without tuning. Every run writes WORK/l<N>/ (the student and its
-stage.json); the table printed at the end is the README's: test accuracy raw and with the
+stage.json); the table printed at the end is docs/results.md's: test accuracy raw and with the
 out-of-scope threshold calibrated on validation, for the teacher, each student and its labels-only
 ablation (alpha = 1, same student, same schedule), parameters and wall time.
 """

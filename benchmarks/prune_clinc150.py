@@ -12,7 +12,7 @@ then ONNX export (TorchScript exporter) and ORT dynamic int8 (QInt8 weights, per
 ``model.quant.onnx`` (and gzipped), test accuracy raw and with the out-of-scope threshold calibrated
 on validation, single-query latency (1 intra-op thread, tokenize + run).
 
-Every result goes to WORK/<name>.json; the lines printed are the README's table.
+Every result goes to WORK/<name>.json; the lines printed are docs/results.md's table.
 """
 
 from __future__ import annotations

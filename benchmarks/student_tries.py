@@ -10,7 +10,7 @@ with one change: ``--augment 3`` (more teacher-labelled text), ``--epochs 10`` (
 keeps all its heads and FFN here: these are distill-stage figures in PyTorch fp32, before the build's
 prune, recovery and int8 (which the frontier build measures). Runs one at a time: on the 2-core machine
 concurrent training jobs slow each other 4x. A finished run (WORK/<variant>-s<seed>/stage.json) is
-reused. Prints the table of the README's "Better students" paragraph and writes WORK/tries.png.
+reused. Prints the table of docs/results.md's "Better 1-layer students" and writes WORK/tries.png.
 """
 
 from __future__ import annotations

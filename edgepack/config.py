@@ -374,7 +374,7 @@ class DistillConfig(ConfigBase):
     # dynamic quantization rounds them at run time. Off by default and not offered by --variants: on
     # CLINC150 (1-layer pruned student, AVX2 and arm64 per-channel) PTQ already stayed within 0.05
     # points of fp32 and QAT changed agreement by +0.06..+0.19 points, test accuracy by -0.22..+0.12
-    # (README, "Quantization-aware training").
+    # (docs/results.md, "Quantization-aware training").
     qat: bool = False
     qat_target: str = "auto"
     seed: int = 0
