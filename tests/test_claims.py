@@ -86,8 +86,8 @@ def test_optimum_loads_a_bundle_and_gives_its_logits(optimum_python, tiny_bundle
     import subprocess
 
     import numpy as np
-
     from conftest import clean_env
+
     from runtime_shim import OnnxPipeline
 
     bundle = tmp_path / "bundle"

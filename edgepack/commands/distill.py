@@ -51,7 +51,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="on augmented rows the teacher's threshold calls out of scope, move this share of "
                         "the target to the out-of-scope label, in [0, 1] (default: 0.5; 0: off)")
     t.add_argument("--qat", action="store_true", default=None,
-                   help="quantization-aware training: the int8 rounding of --qat-target simulated (see the docs, "Emulated CPUs")")
+                   help="quantization-aware training: the int8 rounding of --qat-target simulated (see the docs, 'Emulated CPUs')")
     t.add_argument("--qat-target", default=None, metavar="TARGET",
                    help="the target in targets/ whose rounding --qat simulates (default: this CPU's)")
     t.add_argument("--no-ablation", dest="ablation", action="store_false", default=None,

@@ -66,7 +66,7 @@ def register(sub) -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=2.0, help="distillation temperature (default: 2)")
     g.add_argument("--qat", action="store_true",
                    help="quantization-aware recovery: train with the int8 rounding of --qat-target simulated "
-                        "(per-channel weights, uint8 inputs per tensor; see the docs, "Emulated CPUs")")
+                        "(per-channel weights, uint8 inputs per tensor; see the docs, 'Emulated CPUs')")
     g.add_argument("--qat-target", default="auto", metavar="TARGET",
                    help="the target in targets/ whose rounding --qat simulates (default: this CPU's)")
     g.add_argument("--sparsity", choices=("none", "magnitude", "movement"), default="none",
