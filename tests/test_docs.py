@@ -227,7 +227,7 @@ def _argv(line: str) -> list[str] | None:
     return None
 
 
-DOC_COMMANDS = [(path, a) for path in PAGES for a in (_argv(line) for line in _shell_lines(path.read_text())) if a]
+DOC_COMMANDS = [(path, a) for path in [ROOT / "README.md", *PAGES] for a in (_argv(line) for line in _shell_lines(path.read_text())) if a]
 
 
 @pytest.mark.parametrize("path, argv", DOC_COMMANDS, ids=[f"{_rel(p)}:{' '.join(a[:3])}" for p, a in DOC_COMMANDS])
