@@ -6,11 +6,13 @@ benchmarked there, and one report across the devices.
   against ``known_hosts``) and ``LocalTransport`` (a directory and a Python on this machine).
 - ``session``: a connected device (what the probe read there) and the runner that works on many
   devices at once.
-- ``remote``: the small standard-library programs run with the device's Python (probe the CPU and
-  packages, switch releases atomically).
-- ``deploy``: upload beside the destination, verify on the device, switch ``current`` atomically,
-  keep ``previous``; rollback; ``--setup`` of a virtual environment from ``requirements.txt``.
-- ``bench``: ``python -m runtime_shim bench|tune`` on each device, results pulled back and checked
+- ``remote``: the small standard-library programs run with the device's Python (probe the CPU,
+  packages and installed runtime, switch releases atomically, bind slots).
+- ``runtime``: the installed runtime on a device (``edgepack-runtime`` from this machine's
+  ``runtime_shim``) and the trust anchors beside it; ``--setup``; ``Session.runtime`` runs it, isolated.
+- ``deploy``: check a signed_only device's bundle here first, upload beside the destination, check it
+  on the device with the installed runtime, switch ``current`` atomically, keep ``previous``; rollback.
+- ``bench``: the installed runtime's ``bench|tune`` on each device, results pulled back and checked
   against the build-time figures of the manifest.
 - ``report``: ``fleet.html``, ``fleet.md``, ``fleet.json`` and ``fleet.png`` across devices;
   ``compare``: two result sets side by side, and the ``fleet tune`` table.
