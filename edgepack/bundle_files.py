@@ -36,7 +36,6 @@ def default_runtime(model_name: str, *, max_length: int, inputs: tuple[str, ...]
         "execution_mode": "sequential",  # a BERT graph is a chain: no parallel branches to run
         "graph_optimization_level": "all",
         "session_config": dict(session_config or {}),
-        "env": {},
     }
 
 

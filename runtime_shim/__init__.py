@@ -19,8 +19,8 @@ __all__ = ["BundleError", "OnnxPipeline", "__version__"]
 
 
 def __getattr__(name: str):
-    # OnnxPipeline is imported on first use, not with the package: ``python -m runtime_shim`` reads the
-    # bundle's runtime.json "env" (BLAS thread variables) before numpy is imported for the first time.
+    # OnnxPipeline is imported on first use, not with the package: ``python -m runtime_shim verify`` and
+    # ``unpack`` never load numpy.
     if name == "OnnxPipeline":
         from .pipeline import OnnxPipeline
 

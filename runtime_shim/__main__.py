@@ -10,10 +10,9 @@ Each command is a ``register(subparsers) -> parser`` and a ``run(args) -> int`` 
 commands living in their own module (``runtime_shim/tune.py`` with the same two functions) are
 picked up when present; see ``OPTIONAL_COMMANDS``.
 
-numpy (and so the pipeline) is imported inside the commands, after the bundle's ``runtime.json``
-``env`` table (BLAS thread variables) has been applied: BLAS reads them once, when numpy loads.
-With trusted keys (``--keys DIR`` or ``EDGEPACK_TRUSTED_KEYS``) the bundle is verified before that
-``env`` table is read (``runtime_shim/trust.py``).
+numpy (and so the pipeline) is imported inside the commands. With trusted keys (``--keys DIR`` or
+``EDGEPACK_TRUSTED_KEYS``) the bundle is verified before any of its files is read for use
+(``runtime_shim/trust.py``), and ``--no-verify`` is refused.
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .env import apply_bundle_env
 from .manifest import MANIFEST, SIGNATURE, BundleError, update_manifest, write_json_atomic
 
 PROG = "python -m runtime_shim"
@@ -56,7 +54,8 @@ def _bundle_arg(p: argparse.ArgumentParser) -> None:
 def _threads_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="intra-op threads for this run, instead of runtime.json's (0: one per physical core)")
-    p.add_argument("--no-verify", action="store_true", help="skip the checksum check of the bundle's files")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the checksum check of the bundle's files (refused where trusted keys are configured)")
     _trust_args(p)
 
 
@@ -82,14 +81,14 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load(args: argparse.Namespace):
-    from .trust import trusted_keys_dir, verify_bundle
+    from .trust import refuse_no_verify_with_keys, trusted_keys_dir, verify_bundle
 
     checked = None
+    if getattr(args, "no_verify", False):
+        refuse_no_verify_with_keys(getattr(args, "keys", None))
     keys = trusted_keys_dir(getattr(args, "keys", None))
-    if keys is not None and not getattr(args, "no_verify", False):
-        # Before runtime.json's env reaches os.environ (and the subprocesses bench starts).
+    if keys is not None:
         checked = verify_bundle(args.bundle, keys=keys, allow_downgrade=getattr(args, "allow_downgrade", False))
-    apply_bundle_env(args.bundle)
     from .pipeline import OnnxPipeline
 
     if checked is None:

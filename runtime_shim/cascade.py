@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .manifest import BundleError
+from .manifest import BundleError, bad_path
 from .scores import softmax, top_of_row
 
 
@@ -40,6 +40,10 @@ def read_setting(bundle_dir: Path, cascade: Any) -> tuple[Path, float]:
     below = cascade.get("below")
     if isinstance(below, bool) or not isinstance(below, (int, float)) or not 0.0 <= below <= 1.0:
         raise BundleError(f"{where}: cascade below={below!r} is not a probability; set a number in [0, 1]")
+    why = bad_path(cascade["fallback"])
+    if why:
+        raise BundleError(f"{where}: cascade fallback {cascade['fallback'][:120]!r} is not a directory inside the bundle "
+                          f"({why}); re-run `edgepack build`")
     sub = (bundle_dir / cascade["fallback"]).resolve()
     if bundle_dir.resolve() not in sub.parents:
         raise BundleError(f"{where}: cascade fallback {cascade['fallback']!r} is not a directory inside the bundle")

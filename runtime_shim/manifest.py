@@ -16,8 +16,22 @@ import importlib
 import json
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from .readers import (  # noqa: F401  (re-exported: the shim and edgepack import them from here)
+    JSON_LIMITS,
+    MAX_JSON_DEPTH,
+    BundleError,
+    bad_path,
+    no_duplicates,
+    open_regular,
+    parse_json,
+    read_json,
+    read_limited,
+    regular_size,
+)
 
 FORMAT = "edgepack-bundle/1"
 MANIFEST = "manifest.json"
@@ -26,21 +40,6 @@ _SKIP_DIRS = ("__pycache__",)
 _CHUNK = 1 << 20
 # Past this many bytes to hash, OpenSSL's sha256 is worth loading (see _sha256).
 OPENSSL_PAST = 16 << 20
-
-
-class BundleError(ValueError):
-    """A bundle that cannot be used as it is. ``str(err)`` is one line naming the file and the fix.
-
-    Examples:
-        >>> try:
-        ...     verify("bundle")
-        ... except BundleError as e:
-        ...     print(e)  # doctest: +SKIP
-        bundle/labels.json: sha256 differs from manifest.json (file changed after packing); ...
-    """
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
 
 
 def _sha256(total_bytes: int):
@@ -66,10 +65,14 @@ def sha256_file(path: str | os.PathLike, *, total_bytes: int | None = None) -> s
         >>> sha256_file("bundle/model.quant.onnx")  # doctest: +SKIP
         '3f5a...'
     """
-    h = _sha256(os.path.getsize(path) if total_bytes is None else total_bytes)
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
+    with open_regular(path) as f:
+        return _hash_open(f, os.fstat(f.fileno()).st_size if total_bytes is None else total_bytes)
+
+
+def _hash_open(f: Any, total_bytes: int) -> str:
+    h = _sha256(total_bytes)
+    while chunk := f.read(_CHUNK):
+        h.update(chunk)
     return h.hexdigest()
 
 
@@ -181,47 +184,50 @@ def write_manifest(bundle_dir: str | os.PathLike, **fields: Any) -> dict[str, An
     return manifest
 
 
-def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """``json`` ``object_pairs_hook`` refusing a repeated key: parsers disagree on which copy wins, so a
-    manifest with two ``files`` tables could read one way where it was signed and another here.
-
-    Examples:
-        >>> json.loads('{"a": 1, "a": 2}', object_pairs_hook=no_duplicates)
-        Traceback (most recent call last):
-        ...
-        ValueError: duplicated key 'a'
-    """
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicated key {key!r}")
-        out[key] = value
-    return out
-
-
 def parse_manifest(data: bytes, path: str | os.PathLike = MANIFEST) -> dict[str, Any]:
-    """Parse and check the bytes of a ``manifest.json`` (``path`` only names it in errors).
+    """Parse and check the bytes of a ``manifest.json`` (``path`` only names it in errors): its format, and
+    a ``files`` table whose every path stays inside the bundle (``check_paths``) with its size and sha256.
 
     Examples:
         >>> parse_manifest(b'{"format": "edgepack-bundle/1", "files": {}}')["files"]
         {}
     """
     path = Path(path)
-    try:
-        data = json.loads(data, object_pairs_hook=no_duplicates)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path}: not valid JSON ({e}); re-run `edgepack pack` or restore the file") from None
+    fix = "re-run `edgepack pack` or restore the file"
+    data = parse_json(data, path, fix)
     if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
-        raise BundleError(f"{path}: has no 'files' table; re-run `edgepack pack` or restore the file")
+        raise BundleError(f"{path}: has no 'files' table; {fix}")
     fmt = data.get("format")
     if fmt != FORMAT:
-        raise BundleError(f"{path}: format {fmt!r} is not {FORMAT!r}; repack the bundle with this edgepack "
+        raise BundleError(f"{path}: format {str(fmt)[:40]!r} is not {FORMAT!r}; repack the bundle with this edgepack "
                           "or use the runtime_shim copied inside it")
+    check_paths(path, data["files"])
+    for rel, entry in data["files"].items():
+        size, digest = (entry.get("bytes"), entry.get("sha256")) if isinstance(entry, dict) else (None, None)
+        if (isinstance(size, bool) or not isinstance(size, int) or size < 0 or not isinstance(digest, str)
+                or len(digest) != 64 or digest.strip("0123456789abcdef")):
+            raise BundleError(f"{path}: the entry of {rel!r} needs its 'bytes' (a size) and 'sha256' (64 hex digits); {fix}")
     return data
 
 
+def check_paths(manifest_path: str | os.PathLike, files: Mapping[str, Any]) -> None:
+    """Refuse a ``files`` table naming anything but files inside the bundle (``bad_path``).
+
+    Examples:
+        >>> check_paths("b/manifest.json", {"../etc/passwd": {}})
+        Traceback (most recent call last):
+        ...
+        runtime_shim.readers.BundleError: b/manifest.json: lists '../etc/passwd', a path outside the bundle; re-pack and re-sign the bundle
+    """
+    for rel in files:
+        why = bad_path(rel)
+        if why:
+            shown = repr(rel[:80] + "..." if isinstance(rel, str) and len(rel) > 80 else rel)
+            raise BundleError(f"{manifest_path}: lists {shown}, {why}; re-pack and re-sign the bundle")
+
+
 def read_manifest(bundle_dir: str | os.PathLike) -> dict[str, Any]:
-    """The parsed ``manifest.json`` of a bundle, without checking any file.
+    """The parsed ``manifest.json`` of a bundle (``parse_manifest``), without checking any file.
 
     Examples:
         >>> read_manifest("bundle")["format"]  # doctest: +SKIP
@@ -231,10 +237,10 @@ def read_manifest(bundle_dir: str | os.PathLike) -> dict[str, Any]:
     path = root / MANIFEST
     if not root.is_dir():
         raise BundleError(f"{root}: no such bundle directory; pass the directory `edgepack pack` wrote")
-    if not path.is_file():
+    if not path.exists():
         raise BundleError(f"{path}: missing, so this is not a packed bundle; re-run `edgepack pack` "
                           f"(or `python -m runtime_shim verify {root} --update` to trust the files as they are)")
-    return parse_manifest(path.read_bytes(), path)
+    return parse_manifest(read_limited(path, JSON_LIMITS[MANIFEST], "re-run `edgepack pack` or restore the file"), path)
 
 
 def verify(bundle_dir: str | os.PathLike) -> dict[str, Any]:
@@ -257,7 +263,8 @@ def verify(bundle_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def check_files(root: str | os.PathLike, manifest: dict[str, Any], *, fix: str | None = None) -> None:
-    """Check every file ``manifest`` lists under ``root`` (present, same size, same sha256).
+    """Check every file a parsed ``manifest`` (``parse_manifest``) lists under ``root``: a regular file
+    (``open_regular``), of the listed size and sha256.
 
     ``fix`` replaces the advice given with a refusal.
 
@@ -267,22 +274,16 @@ def check_files(root: str | os.PathLike, manifest: dict[str, Any], *, fix: str |
     root = Path(root)
     fix = fix or ("restore it from the packed bundle (or its .tar.gz), or if you changed it on purpose run "
                   f"`python -m runtime_shim verify {root} --update`")
-    total = sum(e.get("bytes") or 0 for e in manifest["files"].values() if isinstance(e, dict))
+    total = sum(e["bytes"] for e in manifest["files"].values())
     for rel, entry in sorted(manifest["files"].items()):
-        if not isinstance(entry, dict):
-            raise BundleError(f"{root / MANIFEST}: the entry of '{rel}' is not a table; re-run `edgepack pack`")
-        rel_path = Path(rel)
-        if rel_path.is_absolute() or ".." in rel_path.parts:
-            raise BundleError(f"{root / MANIFEST}: lists '{rel}', which is outside the bundle; re-run `edgepack pack`")
-        path = root / rel_path
-        if not path.is_file():
-            raise BundleError(f"{path}: missing from the bundle; {fix}")
-        size = path.stat().st_size
-        if entry.get("bytes") is not None and size != entry["bytes"]:
-            raise BundleError(f"{path}: {size} bytes, manifest.json says {entry['bytes']} (file changed after "
-                              f"packing); {fix}")
-        if sha256_file(path, total_bytes=total) != entry.get("sha256"):
-            raise BundleError(f"{path}: sha256 differs from manifest.json (file changed after packing); {fix}")
+        path = root / rel
+        with open_regular(path, fix) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != entry["bytes"]:
+                raise BundleError(f"{path}: {size} bytes, manifest.json says {entry['bytes']} (file changed after "
+                                  f"packing); {fix}")
+            if _hash_open(f, total) != entry["sha256"]:
+                raise BundleError(f"{path}: sha256 differs from manifest.json (file changed after packing); {fix}")
 
 
 def update_manifest(bundle_dir: str | os.PathLike, **fields: Any) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from . import trust as _trust
 from .cpu import warn_target_once
 from .manifest import BundleError
 from .scores import softmax, thresholded, top_of_list, top_of_row  # noqa: F401  (softmax, thresholded: re-exported)
-from .session import effective_settings, make_session
+from .session import check_runtime, check_values, effective_settings, make_session
 from .wordpiece import FastWordPiece
 
 if TYPE_CHECKING:
@@ -29,13 +29,8 @@ if TYPE_CHECKING:
 ORT_INT_TYPES = {"tensor(int64)": "int64", "tensor(int32)": "int32"}  # an input's numpy dtype name
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise BundleError(f"{path}: missing from the bundle; re-run `edgepack pack` or restore the file")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path}: not valid JSON ({e}); re-run `edgepack pack` or restore the file") from None
+def _read_json(path: Path, **kwargs: Any) -> dict[str, Any]:
+    data = _manifest.read_json(path, "re-run `edgepack pack` or restore the file", **kwargs)
     if not isinstance(data, dict):
         raise BundleError(f"{path}: expected a JSON object; re-run `edgepack pack` or restore the file")
     return data
@@ -94,10 +89,15 @@ class OnnxPipeline:
             self.trust = _trust.verify_bundle(root, keys=trusted_keys, allow_downgrade=allow_downgrade)
             self.manifest = self.trust.manifest
         else:
-            self.manifest = _manifest.read_manifest(root) if (root / _manifest.MANIFEST).is_file() else {}
+            self.manifest = _manifest.read_manifest(root) if os.path.lexists(root / _manifest.MANIFEST) else {}
         runtime = _read_json(root / "runtime.json")
         labels = _read_json(root / "labels.json")
         self.overrides = dict(overrides or {})
+        # Files named by runtime.json must be the bundle's own; ``overrides`` are the caller's (the build
+        # compares an fp32 model outside the bundle), its numbers checked as the file's are.
+        listed = self.manifest.get("files") if self.manifest else None
+        check_runtime(root / "runtime.json", runtime, listed)
+        check_values("overrides", self.overrides)
         self.settings: dict[str, Any] = effective_settings(runtime, self.overrides)
 
         names = labels.get("labels")
@@ -110,17 +110,16 @@ class OnnxPipeline:
             raise BundleError(f"{root / 'labels.json'}: oos_label {self.oos_label!r} is not among the labels; "
                               "fix it or set it to null")
         threshold = labels.get("oos_threshold")
-        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
-            raise BundleError(f"{root / 'labels.json'}: oos_threshold {threshold!r} is not a probability; "
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                      or not 0.0 <= threshold <= 1.0):
+            raise BundleError(f"{root / 'labels.json'}: oos_threshold {str(threshold)[:40]} is not a probability; "
                               "set a number in [0, 1] or null")
         self.oos_threshold: float | None = None if threshold is None or self.oos_label is None else float(threshold)
         self.oos_id: int | None = None if self.oos_label is None else self.label_names.index(self.oos_label)
 
-        self.max_length = int(self.settings.get("max_length", 128))
-        self.pad_id = int(self.settings.get("pad_id", 0))
+        self.max_length: int = self.settings.get("max_length", 128)
+        self.pad_id: int = self.settings.get("pad_id", 0)
         self.tokenizer_path = root / str(self.settings.get("tokenizer", "tokenizer.json"))
-        if not self.tokenizer_path.is_file():
-            raise BundleError(f"{self.tokenizer_path}: missing from the bundle; re-run `edgepack pack` or restore the file")
         self._tokenizer_file = self.tokenizer_path.resolve()
         self._tokenizer: Any = None
         self._tokenizer_lock = threading.Lock()
@@ -130,7 +129,9 @@ class OnnxPipeline:
         # ASCII traffic (docs/memory.md). runtime.json or overrides {"fast_wordpiece": false} turn it off.
         self.fast_wordpiece: FastWordPiece | None = None
         if self.settings.get("fast_wordpiece", True):
-            self.fast_wordpiece = FastWordPiece.from_json(_read_json(self.tokenizer_path), self.max_length)
+            # Parsed here for the fast path only (tokenizers parses the file itself when a text needs it).
+            self.fast_wordpiece = FastWordPiece.from_json(_read_json(self.tokenizer_path, unique=False, depth=None),
+                                                          self.max_length)
         if self.fast_wordpiece is None:
             self._load_tokenizer()  # needed for every text: load it now, so a bad file fails the load
 
@@ -198,6 +199,8 @@ class OnnxPipeline:
             from tokenizers import Tokenizer
 
             path = self.tokenizer_path
+            _manifest.regular_size(self._tokenizer_file, _manifest.JSON_LIMITS["tokenizer.json"],
+                                   "re-run `edgepack pack` or restore the file")
             try:
                 # The absolute path taken at load: a caller may change directory before the first text
                 # that needs the tokenizer (the static-QDQ quantizer calibrates inside a scratch directory).

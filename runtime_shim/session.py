@@ -2,7 +2,9 @@
 ``SessionOptions`` (never environment variables: the PyPI onnxruntime wheel has not used OpenMP since
 1.7, so ``OMP_NUM_THREADS`` does not reach it).
 
-Keys read here (others in ``runtime.json`` are kept in the settings and ignored):
+``check_runtime`` checks the keys the pipeline reads itself (``model`` and ``tokenizer``: files of the
+bundle its manifest lists; ``max_length``, ``pad_id``, ``fast_wordpiece``; ``env``, no longer applied).
+Session keys read here (others in ``runtime.json`` are kept in the settings and ignored):
 
 - ``intra_op_num_threads``: 0 lets ORT use one thread per physical core (pinned); N uses N-1
   workers plus the calling thread. For short sequences one thread often beats two.
@@ -27,12 +29,14 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import capi, csession
-from .manifest import BundleError
+from .manifest import MANIFEST, BundleError, bad_path
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -42,6 +46,8 @@ if TYPE_CHECKING:
 GRAPH_LEVELS = capi.GRAPH_LEVELS
 EXECUTION_MODES = capi.EXECUTION_MODES
 SESSION_APIS = ("auto", "c", "python")
+MAX_THREADS = 256  # more than any device's cores; an absurd count made ORT start that many threads and hang
+_FILE_KEY = re.compile(r"file|path|folder|dir", re.IGNORECASE)
 
 DEFAULTS: dict[str, Any] = {
     "intra_op_num_threads": 1,
@@ -76,11 +82,10 @@ def effective_settings(settings: Mapping[str, Any] | None, overrides: Mapping[st
     return out
 
 
-def _int(settings: Mapping[str, Any], key: str, lo: int, hi: int | None = None) -> int:
+def _int(settings: Mapping[str, Any], key: str, lo: int, hi: int) -> int:
     value = settings[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
-        bound = f"an integer >= {lo}" if hi is None else f"an integer {lo}..{hi}"
-        raise BundleError(f"runtime.json: {key}={value!r} is not valid; use {bound}")
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise BundleError(f"runtime.json: {key}={str(value)[:40]} is not valid; use an integer {lo}..{hi}")
     return value
 
 
@@ -104,8 +109,8 @@ def checked_options(settings: Mapping[str, Any] | None = None) -> dict[str, Any]
     """
     s = effective_settings(settings)
     out: dict[str, Any] = {
-        "intra_op_num_threads": _int(s, "intra_op_num_threads", 0),
-        "inter_op_num_threads": _int(s, "inter_op_num_threads", 0),
+        "intra_op_num_threads": _int(s, "intra_op_num_threads", 0, MAX_THREADS),
+        "inter_op_num_threads": _int(s, "inter_op_num_threads", 0, MAX_THREADS),
         "execution_mode": _choice(s, "execution_mode", EXECUTION_MODES),
         "graph_optimization_level": _choice(s, "graph_optimization_level", GRAPH_LEVELS),
         "log_severity_level": _int(s, "log_severity_level", 0, 4),
@@ -117,8 +122,15 @@ def checked_options(settings: Mapping[str, Any] | None = None) -> dict[str, Any]
             out[key] = s[key]
     config = s["session_config"]
     if not isinstance(config, Mapping):
-        raise BundleError(f"runtime.json: session_config={config!r} is not valid; use a table of string entries")
+        raise BundleError(f"runtime.json: session_config={str(config)[:80]} is not valid; use a table of string entries")
     out["session_config"] = {str(k): str(v) for k, v in config.items()}
+    for key, value in out["session_config"].items():
+        # ORT's limits on an entry; and no entry that names a file to read or write (external initializers'
+        # folder, a context or statistics file) or configures an execution provider: a bundle's files are
+        # those its manifest lists.
+        if len(key) > 128 or len(value) > 1024 or _FILE_KEY.search(key) or key.startswith("ep."):
+            raise BundleError(f"runtime.json: session_config entry {key[:128]!r} is not accepted (one naming a file "
+                              "or an execution provider, or longer than ORT allows); remove it")
     disabled = s.get("disabled_optimizers") or []
     if not isinstance(disabled, list) or not all(isinstance(d, str) for d in disabled):
         raise BundleError(f"runtime.json: disabled_optimizers={disabled!r} is not valid; use a list of "
@@ -129,6 +141,57 @@ def checked_options(settings: Mapping[str, Any] | None = None) -> dict[str, Any]
         raise BundleError(f"runtime.json: session_api={api!r} is not valid; choose one of: {', '.join(SESSION_APIS)}")
     out["session_api"] = api
     return out
+
+
+# runtime.json settings that are numbers: (lowest, highest). max_length beyond any encoder's positions,
+# pad_id within int32 ids.
+_INT_SETTINGS = {"max_length": (1, 1 << 15), "pad_id": (0, (1 << 31) - 1)}
+# ``env`` is no longer applied (ONNX Runtime's threads are SessionOptions, and numpy's BLAS does no work
+# in the shim): older tuned bundles' BLAS thread entries are accepted and ignored, anything else refused.
+_OLD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def check_runtime(path: Path, runtime: Mapping[str, Any], listed: Mapping[str, Any] | None) -> None:
+    """Refuse ``runtime.json`` settings that name a file outside the bundle (or one ``listed``, the
+    manifest's files, does not hold), numbers out of range, and an ``env`` table beyond old thread entries;
+    one line naming the file and the setting. The session's own settings are ``session.checked_options``'.
+
+    Examples:
+        >>> check_runtime(Path("b/runtime.json"), {"model": "/etc/passwd"}, None)
+        Traceback (most recent call last):
+        ...
+        runtime_shim.readers.BundleError: b/runtime.json: model='/etc/passwd' is a path outside the bundle; name a file of the bundle (default 'model.quant.onnx') and re-pack
+    """
+    for key, default in (("model", "model.quant.onnx"), ("tokenizer", "tokenizer.json")):
+        rel = runtime.get(key, default)
+        why = bad_path(rel) or (None if listed is None or rel in listed else f"not listed in {MANIFEST}")
+        if why:
+            raise BundleError(f"{path}: {key}={str(rel)[:120]!r} is {why}; name a file of the bundle (default {default!r}) "
+                              "and re-pack")
+    check_values(path, runtime)
+    env = runtime.get("env") or {}
+    if not isinstance(env, Mapping) or any(k not in _OLD_ENV or not str(v).isdigit() or len(str(v)) > 4
+                                           for k, v in env.items()):
+        raise BundleError(f"{path}: env={str(env)[:120]} is not applied by this runtime and may hold only "
+                          f"{', '.join(_OLD_ENV)} (old bundles'); remove it: thread settings are "
+                          "intra_op_num_threads and inter_op_num_threads")
+
+
+def check_values(where: str | os.PathLike, settings: Mapping[str, Any]) -> None:
+    """Refuse ``max_length``, ``pad_id`` or ``fast_wordpiece`` values that are not what they must be.
+
+    Examples:
+        >>> check_values("overrides", {"max_length": 0})
+        Traceback (most recent call last):
+        ...
+        runtime_shim.readers.BundleError: overrides: max_length=0 is not valid; use an integer 1..32768
+    """
+    for key, (lo, hi) in _INT_SETTINGS.items():
+        value = settings.get(key, lo)
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise BundleError(f"{where}: {key}={str(value)[:40]} is not valid; use an integer {lo}..{hi}")
+    if not isinstance(settings.get("fast_wordpiece", True), bool):
+        raise BundleError(f"{where}: fast_wordpiece={str(settings['fast_wordpiece'])[:40]} is not valid; use true or false")
 
 
 def session_options(settings: Mapping[str, Any] | None = None) -> ort.SessionOptions:

@@ -174,10 +174,30 @@ def trusted_keys_dir(explicit: str | os.PathLike | bool | None = None) -> Path |
     """
     if explicit is False:
         return None
-    value = explicit if explicit not in (None, "") else os.environ.get(KEYS_ENV, "")
+    named = explicit if explicit is not None else os.environ.get(KEYS_ENV)
+    if named is not None and not str(named):  # set, but to nothing: a typo must not turn the checks off
+        raise BundleError(f"{'--keys' if explicit is not None else KEYS_ENV} is empty; name the trusted keys "
+                          f"directory, or {'leave it out' if explicit is not None else 'unset it'} to check checksums only")
+    value = explicit if explicit is not None else os.environ.get(KEYS_ENV, "")
     if not str(value):
         value = runtime_anchors().get("keys") or ""
     return Path(value) if str(value) else None
+
+
+def refuse_no_verify_with_keys(explicit: str | os.PathLike | None) -> None:
+    """``--no-verify`` skips every check of the bundle: refused where trusted keys are configured
+    (``explicit`` or as ``trusted_keys_dir`` finds them), which say that this device checks signatures.
+
+    Examples:
+        >>> refuse_no_verify_with_keys("/etc/edgepack/keys")
+        Traceback (most recent call last):
+        ...
+        runtime_shim.readers.BundleError: --no-verify: trusted keys are configured (/etc/edgepack/keys), so this device checks every bundle it runs; drop --no-verify (or the keys)
+    """
+    keys = trusted_keys_dir(explicit)
+    if keys is not None:
+        raise BundleError(f"--no-verify: trusted keys are configured ({keys}), so this device checks every bundle it "
+                          "runs; drop --no-verify (or the keys)")
 
 
 def load_trusted_keys(directory: str | os.PathLike) -> dict[str, list[tuple[Path, Any]]]:
@@ -249,13 +269,7 @@ def read_envelope(bundle_dir: str | os.PathLike) -> dict[str, Any]:
     if path.is_symlink() or not path.is_file():
         raise BundleError(f"{path}: missing, so the bundle is unsigned and this device accepts signed bundles "
                           f"only; sign it with `edgepack sign {Path(bundle_dir)} --key KEY`")
-    raw = path.read_bytes()[:_MAX_SIG_BYTES + 1]
-    if len(raw) > _MAX_SIG_BYTES:
-        raise BundleError(f"{path}: larger than {_MAX_SIG_BYTES} bytes, not a signature envelope; {fix}")
-    try:
-        env = json.loads(raw, object_pairs_hook=_manifest.no_duplicates)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path}: not a valid signature envelope ({str(e)[:120]}); {fix}") from None
+    env = _manifest.read_json(path, fix)  # size and depth limits, before any signature is checked
     sigs = env.get("signatures") if isinstance(env, dict) else None
     if (not isinstance(env, dict) or env.get("format") != SIG_FORMAT or env.get("payloadType") != PAYLOAD_TYPE
             or env.get("payload") != MANIFEST or not isinstance(sigs, list) or not sigs):
@@ -314,24 +328,6 @@ def check_signature(bundle_dir: str | os.PathLike, manifest_bytes: bytes,
 # ---------------------------------------------------------------------------------- bundle layout
 
 
-def check_manifest_paths(root: Path, manifest: Mapping[str, Any]) -> None:
-    """Refuse manifest entries that could point outside the bundle or at the manifest itself:
-    absolute paths, ``..``, empty or ``.`` parts, backslashes, NUL.
-
-    Examples:
-        >>> check_manifest_paths(Path("b"), {"files": {"../etc/passwd": {}}})
-        Traceback (most recent call last):
-        ...
-        runtime_shim.manifest.BundleError: b/manifest.json: lists '../etc/passwd', a path outside the bundle; re-pack and re-sign the bundle
-    """
-    for rel in manifest["files"]:
-        parts = rel.split("/") if isinstance(rel, str) else [""]
-        if (not isinstance(rel, str) or rel.startswith("/") or "\\" in rel or "\0" in rel
-                or any(p in ("", ".", "..") for p in parts) or rel in (MANIFEST, SIGNATURE)):
-            raise BundleError(f"{root / MANIFEST}: lists {rel!r}, a path outside the bundle; re-pack and re-sign "
-                              "the bundle")
-
-
 def _walk(root: Path, rel: str = "") -> Iterator[tuple[str, os.DirEntry]]:
     with os.scandir(root / rel if rel else root) as it:
         for entry in sorted(it, key=lambda e: e.name):
@@ -376,6 +372,10 @@ def check_tree(root: str | os.PathLike, listed: set[str] | Mapping[str, Any]) ->
             continue
         if not entry.is_file(follow_symlinks=False):
             raise BundleError(f"{path}: not a regular file (a device, pipe or socket); delete it")
+        if entry.stat(follow_symlinks=False).st_nlink != 1:
+            # Another name for the same bytes, outside the bundle or in it, changes them after the check.
+            raise BundleError(f"{path}: has {entry.stat(follow_symlinks=False).st_nlink} hard links; bundles hold files "
+                              "of one link only: copy it (cp, not ln), or unpack the bundle again")
         if rel in listed or rel in (MANIFEST, SIGNATURE):
             continue
         hint = (" (Python compiled it when the bundle's own shim ran; a .pyc there runs instead of the verified "
@@ -543,11 +543,11 @@ def verify_bundle(bundle_dir: str | os.PathLike, *, keys: str | os.PathLike | bo
         raise BundleError(f"{manifest_path}: missing or not a regular file; restore the signed bundle (or its .tar.gz)")
     import hashlib
 
-    data = manifest_path.read_bytes()  # read once: the bytes checked are the bytes parsed
+    # Read once, within the size limit: the bytes checked are the bytes parsed.
+    data = _manifest.read_limited(manifest_path, _manifest.JSON_LIMITS[MANIFEST], "restore the signed bundle")
     keyid, key_file = check_signature(root, data, trusted, keys_dir=keys_dir)
-    manifest = _manifest.parse_manifest(data, manifest_path)
+    manifest = _manifest.parse_manifest(data, manifest_path)  # its paths too (check_paths)
     name, version = signed_fields(root, manifest)
-    check_manifest_paths(root, manifest)
     check_tree(root, manifest["files"])
     _manifest.check_files(root, manifest, fix="restore the signed bundle (or its .tar.gz); a file changed on purpose "
                           "needs the bundle re-signed with `edgepack sign`")

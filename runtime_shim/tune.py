@@ -20,10 +20,8 @@ by then). ONNX Runtime's own defaults (a bare ``SessionOptions()``) are measured
 be no worse than the defaults at p50 and p95 in both modes, else the defaults are kept.
 
 The winner goes into ``runtime.json`` (and ``manifest.json`` is re-hashed, with the table under
-``tuned``). ``runtime.json``'s ``env`` gets ``OMP_NUM_THREADS=1``: the shim sets it before numpy is
-imported, and only numpy's BLAS reads it (the onnxruntime wheel has not used OpenMP since 1.7, so
-ORT's threads come from ``SessionOptions`` alone); one BLAS thread keeps it from competing with
-ORT's pool on a small device.
+``tuned``). Threads are ``SessionOptions`` alone: the onnxruntime wheel has not used OpenMP since 1.7,
+and numpy's BLAS does no work in the shim (an older tune's ``env`` table is dropped).
 
     python -m runtime_shim tune BUNDLE [--max-threads N] [--runs 200] [--gap-ms 20] [--dry-run]
 """
@@ -52,7 +50,6 @@ SPINNING = {
     "force-stop": {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1"},
 }
 DEFAULTS = "ort-defaults"
-BLAS_ENV = {"OMP_NUM_THREADS": "1"}
 
 
 # ------------------------------------------------------------------------------------------ the CPU
@@ -359,7 +356,7 @@ def tune(pipe, texts: Sequence[str], *, max_threads: int, runs: int = 200, warmu
 
 def write_winner(bundle_dir: str | os.PathLike, result: TuneResult) -> dict[str, Any]:
     """Put the winner's settings into ``runtime.json`` (other keys and other session-config entries
-    kept), set ``env`` for numpy's BLAS, and re-hash ``manifest.json`` with the table under ``tuned``.
+    kept, ``env`` dropped) and re-hash ``manifest.json`` with the table under ``tuned``.
 
     Example:
         >>> write_winner("bundle", tune(OnnxPipeline("bundle"), texts, max_threads=2))  # doctest: +SKIP
@@ -370,8 +367,7 @@ def write_winner(bundle_dir: str | os.PathLike, result: TuneResult) -> dict[str,
     root = Path(bundle_dir)
     runtime = json.loads((root / "runtime.json").read_text())
     new = _settings(runtime, Candidate(result.winner, result.settings))
-    # OMP_* reach numpy's BLAS in the shim process only (applied before numpy loads); ORT ignores them.
-    new["env"] = {**(runtime.get("env") or {}), **BLAS_ENV}
+    new.pop("env", None)  # no longer applied (pipeline.check_runtime)
     write_json_atomic(root / "runtime.json", new)
     arch, _ = cpu_flags()
     update_manifest(root, tuned={"winner": result.winner, "settings": result.settings, "ratios_vs_ort_defaults": result.ratios,
@@ -417,12 +413,12 @@ def run(args: argparse.Namespace) -> int:
     if max_threads < 1 or max_threads > cores:
         raise BundleError(f"--max-threads {max_threads} is not valid on this CPU: it has {cores} physical cores "
                           "(hyperthreads excluded); pass 1.." + str(cores))
-    from .env import apply_bundle_env
-
-    apply_bundle_env(args.bundle)
     from .datafiles import read_labelled
     from .pipeline import OnnxPipeline
+    from .trust import refuse_no_verify_with_keys
 
+    if args.no_verify:
+        refuse_no_verify_with_keys(None)
     pipe = OnnxPipeline(args.bundle, verify=not args.no_verify)  # warns once if this CPU lacks the target's flags
     data = Path(args.data) if args.data else pipe.bundle_dir / "eval.jsonl"
     texts, _ = read_labelled(data)
@@ -443,8 +439,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {Path(args.bundle) / 'runtime.json'}: intra_op_num_threads={new['intra_op_num_threads']}, "
           f"graph_optimization_level={new['graph_optimization_level']}, session_config={new['session_config']}; "
           f"manifest.json re-hashed")
-    print(f"env {BLAS_ENV}: for numpy's BLAS in the shim process only (the onnxruntime wheel ignores OMP_*; "
-          "its threads are set through SessionOptions)")
     return 0
 
 

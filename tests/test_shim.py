@@ -17,7 +17,7 @@ import pytest
 
 import runtime_shim
 from runtime_shim import BundleError, OnnxPipeline
-from runtime_shim.__main__ import ExitCode, apply_bundle_env, main
+from runtime_shim.__main__ import ExitCode, main
 from runtime_shim.bench import _answer, accuracy_metrics, format_table, measure_peak_rss, run_benchmark
 from runtime_shim.datafiles import DataError, read_labelled, read_reference, read_rows
 from runtime_shim.manifest import bundle_files, read_manifest, update_manifest, verify, write_manifest
@@ -99,7 +99,7 @@ def test_pieces_agree_with_the_call(pipe: OnnxPipeline):
     assert [d["label"] for d in raw] == [pipe.label_names[i] for i in ids]
 
 
-@pytest.mark.parametrize("threshold", [None, 0.0, 0.5, 1.01])
+@pytest.mark.parametrize("threshold", [None, 0.0, 0.5, 1.0])
 def test_single_query_path_matches_the_batch_path(bundle_copy: Path, threshold):
     if threshold is not None:
         _edit_json(bundle_copy / "labels.json", oos_threshold=threshold)
@@ -132,7 +132,7 @@ def test_softmax_is_stable():
 
 
 def test_threshold_applied_and_documented_score(bundle_copy: Path):
-    _edit_json(bundle_copy / "labels.json", oos_threshold=1.01)  # no answer is that sure: always out-of-scope
+    _edit_json(bundle_copy / "labels.json", oos_threshold=1.0)  # no answer of the tiny model is that sure: always out-of-scope
     update_manifest(bundle_copy)
     pipe = OnnxPipeline(bundle_copy)
     raw = pipe(QUERIES, apply_threshold=False)
@@ -470,17 +470,6 @@ def test_cli_optional_command_hook(monkeypatch, tiny_bundle, capsys):
     monkeypatch.setitem(sys.modules, "runtime_shim.tune", tune)
     assert main(["tune", str(tiny_bundle)]) == 0
     assert capsys.readouterr().out.strip() == f"tuned {tiny_bundle}"
-
-
-def test_bundle_env_applied_only_before_numpy(bundle_copy: Path):
-    _edit_json(bundle_copy / "runtime.json", env={"OMP_NUM_THREADS": "1", "EDGEPACK_TEST_VAR": "x"})
-    assert apply_bundle_env(bundle_copy) == {}  # numpy is already loaded in this process: too late
-    code = ("import os, sys; from runtime_shim.__main__ import apply_bundle_env; "
-            f"applied = apply_bundle_env({str(bundle_copy)!r}); import numpy; "
-            "print(sorted(applied), os.environ['EDGEPACK_TEST_VAR'], os.environ['OMP_NUM_THREADS'])")
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(SHIM_DIR.parent), "OMP_NUM_THREADS": "3"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
-    assert out.split() == ["['EDGEPACK_TEST_VAR']", "x", "3"]  # the user's own setting wins
 
 
 # ------------------------------------------------------------------------------------ import hygiene

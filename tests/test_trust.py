@@ -292,7 +292,7 @@ ATTACKS = {
                       ["manifest.json", "does not match its signature", "re-sign"]),
     "other_key": (lambda b, k, o: sign_bundle(b, o), ["manifest.sig", "not in", "copy their .pub"]),
     "truncated_sig": (lambda b, k, o: (b / "manifest.sig").write_bytes((b / "manifest.sig").read_bytes()[:150]),
-                      ["manifest.sig", "not a valid signature envelope"]),
+                      ["manifest.sig", "not valid JSON"]),
     "garbled_sig_bits": (lambda b, k, o: _garble(b, flip=True), ["manifest.json", "does not match its signature"]),
     "garbled_sig_base64": (lambda b, k, o: _garble(b, flip=False), ["manifest.sig", "truncated or garbled"]),
     "unsigned": (lambda b, k, o: (b / "manifest.sig").unlink(), ["manifest.sig", "unsigned", "edgepack sign"]),

@@ -65,7 +65,6 @@ def test_tune_writes_winner_and_keeps_manifest_valid(bundle, capsys):
     assert main(["tune", str(bundle), *FAST]) == ExitCode.OK
     out = capsys.readouterr().out
     assert "ort-defaults" in out and "t1" in out and "confirmation" in out and "winner " in out
-    assert "numpy's BLAS" in out  # says what OMP_* is for
     runtime = json.loads((bundle / "runtime.json").read_text())
     manifest = verify(bundle)  # re-hashed: the tuned runtime.json passes the checksum check
     tuned = manifest["tuned"]
@@ -73,7 +72,7 @@ def test_tune_writes_winner_and_keeps_manifest_valid(bundle, capsys):
     # the winner is no worse than ORT's defaults in the confirmation round, or it is the defaults
     assert tuned["winner"] == "ort-defaults" or all(v <= 1.0 for v in tuned["ratios_vs_ort_defaults"].values())
     assert 0 <= runtime["intra_op_num_threads"] <= tune.physical_cores()
-    assert runtime["env"] == {"OMP_NUM_THREADS": "1"}
+    assert "env" not in runtime
     for key in ("model", "max_length", "inputs", "pad_id"):
         assert runtime[key] == before[key]
     # readable by a service user on the device, like every other bundle file (mkstemp alone gives 0600)

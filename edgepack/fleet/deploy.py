@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime_shim.manifest import BundleError, read_manifest
+from runtime_shim.manifest import BundleError
 
 from . import DeviceError
 from .inventory import Device
@@ -82,15 +82,12 @@ def load_bundle(path: str | Path, name: str | None = None) -> LocalBundle:
     """Read and check a bundle on this machine (manifest and checksums) before sending it anywhere.
     Only what the manifest lists is shipped (with ``manifest.sig``): a file beside them stays here."""
     from runtime_shim.manifest import verify
-    from runtime_shim.trust import check_manifest_paths
 
     from ..errors import EdgepackError
 
     root = Path(path)
     try:
-        verify(root)
-        manifest = read_manifest(root)
-        check_manifest_paths(root, manifest)
+        manifest = verify(root)  # its paths too: none outside the bundle (manifest.check_paths)
     except BundleError as e:
         raise EdgepackError(str(e)) from None
     listed = sorted(manifest["files"]) + ([SIGNATURE] if (root / SIGNATURE).is_file() else [])
