@@ -15,16 +15,24 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-# One implementation of hashing and atomic JSON, shared with the device runtime.
-from runtime_shim.manifest import atomic_file, sha256_file, write_bytes_atomic, write_json_atomic
+# One implementation of hashing, atomic JSON and the writer's lock, shared with the device runtime.
+from runtime_shim.manifest import (
+    BundleError,
+    atomic_file,
+    read_manifest,
+    sha256_file,
+    write_bytes_atomic,
+    write_json_atomic,
+    writer_lock,
+)
 
 __all__ = ["atomic_file", "write_bytes_atomic", "write_json_atomic", "sha256_file", "STAGE_RECORD", "hash_tree",
-           "hash_config", "versions", "staging_dir", "write_stage_record", "read_stage_record"]
+           "hash_config", "versions", "staging_dir", "claimed_output", "write_stage_record", "read_stage_record"]
 
 STAGE_RECORD = "stage.json"
 
@@ -90,6 +98,48 @@ def staging_dir(out: Path, *, force: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def claimed_output(out: Path, *, replace: bool, inputs: Sequence[Path] = (),
+                   refusal: str = "pass --force to replace it (kept until the new bundle is complete)") -> Iterator[None]:
+    """Hold the output directory of a ``pack`` or ``build`` for the whole run: ``writer_lock`` (a second
+    run writing ``out`` stops at once, with one line naming the first), and where ``out`` exists, replace
+    it only when ``replace`` (else ``refusal``), and even then only an edgepack bundle or an empty
+    directory, never an input of the run (``inputs``) or a directory holding one.
+
+    Examples:
+        >>> with claimed_output(Path("bundle"), replace=True, inputs=[Path("teacher")]):  # doctest: +SKIP
+        ...     pack_into(Path("bundle"))
+    """
+    from edgepack.errors import EdgepackError
+
+    out = Path(out)
+    lock = contextlib.ExitStack()
+    try:
+        lock.enter_context(writer_lock(out))
+    except BundleError as e:  # another run holds it (or its directory is not writable)
+        raise EdgepackError(str(e)) from None
+    with lock:
+        if out.exists() or out.is_symlink():
+            where = out.resolve()
+            for src in (Path(p).resolve() for p in inputs):
+                if where == src or where in src.parents:
+                    held = "an input of this run" if where == src else f"the directory holding {src}, an input of this run"
+                    raise EdgepackError(f"{out}: is {held}, so it is never replaced; pass another --out")
+            if not replace:
+                raise EdgepackError(f"{out}: already exists; {refusal}")
+            if out.is_symlink() or not out.is_dir():
+                raise EdgepackError(f"{out}: {'a symbolic link' if out.is_symlink() else 'a file'}, not a bundle "
+                                    "directory, so it is not replaced; remove it yourself or pass another --out")
+            if any(out.iterdir()):
+                try:
+                    read_manifest(out)
+                except BundleError:
+                    raise EdgepackError(f"{out}: holds files but no edgepack manifest, so it is not replaced (--force "
+                                        "replaces a bundle or an empty directory); remove it yourself or pass another "
+                                        "--out") from None
+        yield
 
 
 def write_stage_record(

@@ -8,10 +8,14 @@ Signing a bundle (``sign_bundle``):
 2. sets the manifest's ``name`` (default: the one it has, else the bundle directory's name), ``version``
    (default: the UTC time as an integer, ``20261201071800``, and always above the version it had) and
    ``profile``; ``target`` is already there from ``pack``;
-3. adds ``cryptography`` to ``requirements.txt`` (a device needs it only for signed bundles), re-hashes
-   ``manifest.json``;
-4. writes ``manifest.sig`` (format: ``runtime_shim/trust.py``) over the exact bytes of ``manifest.json``
+3. writes ``manifest.sig`` (format: ``runtime_shim/trust.py``) over the exact bytes of ``manifest.json``
    and checks it with the public half of the key.
+
+Only ``manifest.json`` and ``manifest.sig`` change, each replaced atomically, the old signature removed
+first and the new one written last: a kill at any point leaves every file as it was, the checksums
+holding, the bundle unsigned and ready to sign again (the temporary files of a killed run are removed
+by the next). A device checks signatures with ``cryptography`` (``edgepack-runtime[signed]``); the
+bundle's ``requirements.txt`` lists what its own copy of the shim needs to serve.
 
 Key files: the private key is PKCS#8 PEM, mode 0600, encrypted with ``$EDGEPACK_KEY_PASSPHRASE``
 when that is set (never read from the command line: arguments show in ``ps`` and shell history); the
@@ -25,7 +29,6 @@ import json
 import os
 import re
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +43,6 @@ from runtime_shim.manifest import MANIFEST, SIGNATURE, BundleError
 
 PASSPHRASE_ENV = "EDGEPACK_KEY_PASSPHRASE"
 PRIVATE_SUFFIX = ".key"
-REQUIREMENT = "cryptography"
 
 
 # ------------------------------------------------------------------------------------------- keys
@@ -157,18 +159,6 @@ def default_name(bundle_dir: Path, manifest: dict[str, Any]) -> str:
     return cleaned or "bundle"
 
 
-def signed_requirements(text: str) -> str:
-    """``requirements.txt`` with a ``cryptography>=VERSION`` line (the version installed here), once.
-
-    Examples:
-        >>> signed_requirements("onnxruntime>=1.20\\n").splitlines()[-1].startswith("cryptography>=")
-        True
-    """
-    lines = [ln for ln in text.splitlines() if re.split(r"[<>=!~;\[ ]", ln.strip(), maxsplit=1)[0].lower() != REQUIREMENT]
-    lines.append(f"{REQUIREMENT}>={metadata.version(REQUIREMENT)}")
-    return "\n".join(lines) + "\n"
-
-
 def write_signature(bundle_dir: str | os.PathLike, key: ed25519.Ed25519PrivateKey) -> Path:
     """Sign the exact bytes ``manifest.json`` holds now; write ``manifest.sig`` atomically; return it.
 
@@ -205,6 +195,9 @@ def sign_bundle(bundle_dir: Path, key_path: Path, *, name: str | None = None, ve
     """
     root = Path(bundle_dir)
     key = load_private_key(key_path)  # a wrong passphrase stops here, before anything is written
+    for leftover in root.glob(".manifest.*"):  # atomic_file's temporaries, from a sign killed mid-way
+        if leftover.name.startswith((f".{MANIFEST}.", f".{SIGNATURE}.")) and leftover.is_file():
+            leftover.unlink()
     try:
         manifest = _manifest.verify(root)
         trust.check_tree(root, manifest["files"])
@@ -220,8 +213,6 @@ def sign_bundle(bundle_dir: Path, key_path: Path, *, name: str | None = None, ve
               "profile": profile if profile is not None else _manifest_profile(manifest)}
     # A crash from here on leaves an unsigned bundle whose checksums hold, never a stale signature.
     (root / SIGNATURE).unlink(missing_ok=True)
-    req = root / "requirements.txt"
-    _write_bytes(req, signed_requirements(req.read_text() if req.is_file() else "").encode(), 0o644)
     _manifest.update_manifest(root, **fields)
     sig = write_signature(root, key)
     public = key.public_key()

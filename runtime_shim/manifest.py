@@ -89,8 +89,8 @@ def bundle_files(bundle_dir: str | os.PathLike) -> list[str]:
         rel = p.relative_to(root)
         if any(part in _SKIP_DIRS for part in rel.parts) or rel.as_posix() in (MANIFEST, SIGNATURE):
             continue
-        # A temporary manifest left by an interrupted write is not part of the bundle.
-        if rel.name.startswith(f".{MANIFEST}.") or not p.is_file():
+        # A temporary manifest or signature left by an interrupted write is not part of the bundle.
+        if rel.name.startswith((f".{MANIFEST}.", f".{SIGNATURE}.")) or not p.is_file():
             continue
         out.append(rel.as_posix())
     return sorted(out)
@@ -140,6 +140,54 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", *, suffix: str = "", p
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def writer_lock(target: str | os.PathLike):
+    """Hold ``target`` for this process alone while it is written: an exclusive lock on ``.NAME.lock``
+    beside it, taken at once or refused (one line naming the process that holds it). The lock file is
+    removed by its holder, still locked (a run killed outright leaves it, unlocked, to the next); a
+    lock taken on a file its holder removed meanwhile is given up and taken again.
+
+    Examples:
+        >>> with writer_lock("/opt/bundles/clinc150"):  # doctest: +SKIP
+        ...     pass  # no other writer of /opt/bundles/clinc150 runs meanwhile
+    """
+    target = Path(target)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: one writer at a time is the caller's business
+        yield
+        return
+    lock = target.with_name(f".{target.name}.lock")
+    for _ in range(8):
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise BundleError(f"{lock}: cannot create the lock for writing {target} ({e.strerror}); check the "
+                              "permissions of its directory") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise BundleError(f"{target}: another process (pid {holder}) is writing it now; wait for it to "
+                              "finish, or choose another destination") from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        os.close(fd)
+    else:
+        raise BundleError(f"{target}: its lock {lock} keeps changing hands; try again")
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+        os.close(fd)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

@@ -97,7 +97,7 @@ def _crypto():
         from cryptography.hazmat.primitives.asymmetric import ed25519
     except ImportError:
         raise BundleError("checking a signed bundle needs the `cryptography` package, which is not installed; "
-                          "pip install 'cryptography>=42' (the bundle's requirements.txt lists it)") from None
+                          "pip install 'cryptography>=42' (the installed runtime's extra: edgepack-runtime[signed])") from None
     return ed25519, serialization, InvalidSignature
 
 

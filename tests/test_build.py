@@ -226,7 +226,7 @@ def test_build_with_a_sign_key_writes_a_bundle_the_device_verifies(tmp_path, cap
     recipe.write_text(recipe.read_text() + f'\n[sign]\nkey = "{tmp_path / "keys" / "signing.key"}"\n')
     assert main(["build", str(recipe)]) == 0
     out = tmp_path / "signed"
-    assert (out / "manifest.sig").is_file() and "cryptography" in (out / "requirements.txt").read_text()
+    assert (out / "manifest.sig").is_file()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["name"] == "signed" and manifest["version"] > 0
     trusted = tmp_path / "trusted"

@@ -29,7 +29,6 @@ from edgepack.signing import (
     load_private_key,
     new_keypair,
     sign_bundle,
-    signed_requirements,
     write_signature,
 )
 from runtime_shim import BundleError, OnnxPipeline, onnxcheck
@@ -170,9 +169,7 @@ def test_sign_writes_a_documented_envelope_over_the_exact_manifest(unsigned, key
     on_disk = {p.relative_to(unsigned).as_posix() for p in unsigned.rglob("*") if p.is_file()}
     assert set(manifest["files"]) == on_disk - {"manifest.json", "manifest.sig"} == set(bundle_files(unsigned))
     assert {"runtime_shim/trust.py", "runtime_shim/manifest.py", "runtime_shim/__main__.py"} <= set(manifest["files"])
-    req = (unsigned / "requirements.txt").read_text().splitlines()
-    assert req[:-1] == before.splitlines() and re.fullmatch(r"cryptography>=\d+(\.\d+)*", req[-1])
-    assert signed_requirements("\n".join(req)) == "\n".join(req) + "\n"  # once, however often it is signed
+    assert (unsigned / "requirements.txt").read_text() == before  # sign changes the manifest and its signature only
 
     env = json.loads((unsigned / "manifest.sig").read_text())
     data = (unsigned / "manifest.json").read_bytes()

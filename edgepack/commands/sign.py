@@ -8,9 +8,9 @@ from pathlib import Path
 
 def register(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("sign", help="sign a bundle's manifest (manifest.sig) with an Ed25519 key",
-                       description="Check a bundle as a device would, set its name and version, add cryptography to "
-                       "its requirements.txt, re-hash manifest.json and sign it into manifest.sig. An encrypted key "
-                       "is opened with $EDGEPACK_KEY_PASSPHRASE.")
+                       description="Check a bundle as a device would, set its name and version in manifest.json "
+                       "and sign it into manifest.sig (atomically: a killed sign leaves the bundle unsigned and whole). "
+                       "An encrypted key is opened with $EDGEPACK_KEY_PASSPHRASE.")
     p.add_argument("bundle", type=Path, metavar="BUNDLE", help="the bundle directory")
     p.add_argument("--key", type=Path, required=True, metavar="KEY", help="the private key (.key) from `edgepack keys new`")
     p.add_argument("--name", default=None, help="the bundle's name on devices (default: the manifest's, else BUNDLE's "

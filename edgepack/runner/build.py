@@ -22,7 +22,7 @@ from typing import Any
 from edgepack.config import BUILD_STAGES, BuildConfig
 from edgepack.data import load_dataset
 from edgepack.errors import BudgetError, EdgepackError
-from edgepack.records import hash_tree, staging_dir, write_json_atomic
+from edgepack.records import claimed_output, hash_tree, staging_dir, write_json_atomic
 from edgepack.runner.chain import chain, run_links
 from edgepack.runner.ledger import Ledger, output_hash
 
@@ -45,11 +45,13 @@ def build(cfg: BuildConfig, *, force: bool = False, log: Log = print) -> dict[st
 
     if not cfg.teacher or not cfg.out:
         raise EdgepackError("a build needs a teacher directory and --out BUNDLE (or teacher/out in the recipe)")
-    with quiet(build_root(cfg) / "build.log"):
-        return _build(cfg, force=force, log=log)
+    out, root = Path(cfg.out), build_root(cfg)
+    with claimed_output(out, replace=force or _built_here(out, root), inputs=(Path(cfg.teacher), root),
+                        refusal=f"it was not built by {root}; pass --force to replace it"), quiet(root / "build.log"):
+        return _build(cfg, log=log)
 
 
-def _build(cfg: BuildConfig, *, force: bool, log: Log) -> dict[str, Any]:
+def _build(cfg: BuildConfig, *, log: Log) -> dict[str, Any]:
     from edgepack import profiles, stages
     from edgepack.modeling import read_model_info
 
@@ -59,8 +61,6 @@ def _build(cfg: BuildConfig, *, force: bool, log: Log) -> dict[str, Any]:
         raise EdgepackError(f"{teacher}: no such directory; pass a fine-tuned Hugging Face classifier")
     root = build_root(cfg)
     profile = profiles.load(cfg.profile)
-    if out.exists() and not force and not _built_here(out, root):
-        raise EdgepackError(f"{out}: already exists and was not built by {root}; pass --force to replace it")
     _check_disk(out.parent, teacher)
     root.mkdir(parents=True, exist_ok=True)
     info = read_model_info(teacher)

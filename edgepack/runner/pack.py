@@ -17,6 +17,7 @@ from edgepack.config import DataConfig, ExportConfig, PackConfig
 from edgepack.data import LabelledData, load_dataset
 from edgepack.errors import EdgepackError
 from edgepack.modeling import read_model_info
+from edgepack.records import claimed_output
 
 
 def pack(cfg: PackConfig, model_dir: Path, data_cfg: DataConfig, out: Path, *, export_cfg: ExportConfig | None = None,
@@ -30,35 +31,34 @@ def pack(cfg: PackConfig, model_dir: Path, data_cfg: DataConfig, out: Path, *, e
     export_cfg = export_cfg or ExportConfig()
     if not model_dir.is_dir():
         raise EdgepackError(f"{model_dir}: no such directory; pass a Hugging Face classifier directory")
-    if out.exists() and not force:
-        raise EdgepackError(f"{out}: already exists; pass --force to replace it (kept until the new bundle is complete)")
-    info = read_model_info(model_dir)
-    export.source_kind(model_dir)
-    target = quantize.target_for(cfg.quantize)
-    if target.quantize.embedding_bits == 4:
-        export_cfg = export_cfg.replace(embedding="gather")  # 4-bit blocks need a plain Gather on the table
-    data = data or load_dataset(data_cfg, dict(enumerate(info.label_names)))
-    ctx = stages.Context(data=data, data_config=data_cfg, log=log)
-    log(f"[pack] {model_dir} -> {out} (target {target.name}; {len(data['train'])}/{len(data['validation'])}/"
-        f"{len(data['test'])} rows)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".edgepack-pack-", dir=out.parent) as work_s:
-        work = Path(work_s)
-        exported = export.run(export_cfg, model_dir, work / "export", ctx)
-        m = exported.metrics
-        if m.get("unreachable_trimmed"):
-            trim = m["unreachable_trimmed"]
-            log(f"[pack] unreachable rows trimmed (exact): vocabulary {trim['vocab_before']} -> {trim['vocab_after']}, "
-                f"positions {trim['positions_before']} -> {trim['positions_after']}")
-        if m.get("parity_max_abs_diff") is not None:
-            log(f"[pack] exported fp32 ONNX ({m['writer']} writer, {m['onnx_bytes'] / 1e6:.1f} MB), "
-                f"max |logit diff| vs PyTorch {m['parity_max_abs_diff']:.1e}")
-        # "auto" becomes the detected target's name; a name or a target file (--target my.toml) stays as given
-        qcfg = cfg.quantize.replace(target=target.name) if cfg.quantize.target == "auto" else cfg.quantize
-        quantized = quantize.run(qcfg, exported.out, work / "quantize", ctx)
-        record = bundle.run(cfg.bundle.replace(archive=False), quantized.out, out, ctx)
-    if cfg.bundle.archive:
-        from edgepack.bundle_files import archive
+    with claimed_output(out, replace=force, inputs=(model_dir,)):
+        info = read_model_info(model_dir)
+        export.source_kind(model_dir)
+        target = quantize.target_for(cfg.quantize)
+        if target.quantize.embedding_bits == 4:
+            export_cfg = export_cfg.replace(embedding="gather")  # 4-bit blocks need a plain Gather on the table
+        data = data or load_dataset(data_cfg, dict(enumerate(info.label_names)))
+        ctx = stages.Context(data=data, data_config=data_cfg, log=log)
+        log(f"[pack] {model_dir} -> {out} (target {target.name}; {len(data['train'])}/{len(data['validation'])}/"
+            f"{len(data['test'])} rows)")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".edgepack-pack-", dir=out.parent) as work_s:
+            work = Path(work_s)
+            exported = export.run(export_cfg, model_dir, work / "export", ctx)
+            m = exported.metrics
+            if m.get("unreachable_trimmed"):
+                trim = m["unreachable_trimmed"]
+                log(f"[pack] unreachable rows trimmed (exact): vocabulary {trim['vocab_before']} -> {trim['vocab_after']}, "
+                    f"positions {trim['positions_before']} -> {trim['positions_after']}")
+            if m.get("parity_max_abs_diff") is not None:
+                log(f"[pack] exported fp32 ONNX ({m['writer']} writer, {m['onnx_bytes'] / 1e6:.1f} MB), "
+                    f"max |logit diff| vs PyTorch {m['parity_max_abs_diff']:.1e}")
+            # "auto" becomes the detected target's name; a name or a target file (--target my.toml) stays as given
+            qcfg = cfg.quantize.replace(target=target.name) if cfg.quantize.target == "auto" else cfg.quantize
+            quantized = quantize.run(qcfg, exported.out, work / "quantize", ctx)
+            record = bundle.run(cfg.bundle.replace(archive=False), quantized.out, out, ctx)
+        if cfg.bundle.archive:
+            from edgepack.bundle_files import archive
 
-        log(f"[pack] archive written: {archive(out)}")
-    return dict(record.record["manifest"])
+            log(f"[pack] archive written: {archive(out)}")
+        return dict(record.record["manifest"])
