@@ -60,11 +60,11 @@ def variant_name(export: str, weights: str, per_channel: bool, reduce_range: boo
 def prepare(args, data) -> dict[str, dict]:
     """Export, quantize and lay out a bundle-like directory per graph; return the models by name:
     ``{"export", "base" (the directory the shim loads), "path", "session_config", "fp32"}``."""
-    from edgepack import bundle as bundle_files
-    from edgepack.config import ExportConfig, QuantizeConfig
-    from edgepack.export import ModelInfo, export_onnx, read_model_info
-    from edgepack.pack import _pad_id
-    from edgepack.quantize import quantize_model
+    from edgepack import bundle_files
+    from edgepack.config import ExportConfig, QuantSettings
+    from edgepack.modeling import ModelInfo, read_model_info
+    from edgepack.stages.export import export_onnx
+    from edgepack.stages.quantize.formats import quantize_model
 
     info0 = read_model_info(args.teacher)
     models: dict[str, dict] = {}
@@ -80,7 +80,7 @@ def prepare(args, data) -> dict[str, dict]:
         (base / "tokenizer.json").write_bytes((out / "tokenizer.json").read_bytes())
         bundle_files.write_labels(base, list(data.label_names), data.oos_label, None)
         runtime = bundle_files.default_runtime("model.onnx", max_length=ExportConfig().max_length,
-                                               inputs=info.input_names, pad_id=_pad_id(base / "tokenizer.json"))
+                                               inputs=info.input_names, pad_id=bundle_files.pad_id(base / "tokenizer.json"))
         (base / "runtime.json").write_text(json.dumps(runtime, indent=2))
         models[f"{export}-fp32"] = {"export": export, "base": base, "path": out / "model.onnx", "session_config": {},
                                     "fp32": True}
@@ -91,7 +91,7 @@ def prepare(args, data) -> dict[str, dict]:
                 log(f"[models] quantizing {name}")
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(".tmp.onnx")
-                quantize_model(QuantizeConfig(weight_type=WEIGHTS[weights], per_channel=per_channel,
+                quantize_model(QuantSettings(weight_type=WEIGHTS[weights], per_channel=per_channel,
                                               reduce_range=reduce_range), out / "model.onnx", tmp, info=info)
                 os.replace(tmp, path)
             spec = {"export": export, "base": base, "path": path, "session_config": {}, "fp32": False,
@@ -462,7 +462,7 @@ def main(argv=None) -> int:
 
     from edgepack.config import DataConfig
     from edgepack.data import load_dataset
-    from edgepack.export import read_model_info
+    from edgepack.modeling import read_model_info
 
     info = read_model_info(args.teacher)
     data = load_dataset(DataConfig(source=str(args.data)), dict(enumerate(info.label_names)))
