@@ -15,7 +15,11 @@ BENCHMARKS = sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("*
 
 def _imports(path: Path):
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("edgepack", "runtime_shim"):
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.module.split(".")[0] in ("edgepack", "runtime_shim")
+        ):
             for alias in node.names:
                 yield node.module, alias.name
         elif isinstance(node, ast.Import):
