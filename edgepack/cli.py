@@ -20,7 +20,7 @@ from edgepack.errors import EdgepackError, ExitCode
 
 # Order is the order of --help: the pipeline first, then the tools around it.
 COMMANDS = ("build", "demo", "finetune", "distill", "prune", "pack", "quantize", "tune", "bench", "verify", "report",
-            "devices", "deploy", "fleet", "runtime", "keys", "sign", "emulate", "targets", "profiles", "recipes")
+            "devices", "deploy", "rollout", "fleet", "runtime", "keys", "sign", "emulate", "targets", "profiles", "recipes")
 
 
 def _load(name: str):

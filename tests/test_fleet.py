@@ -3,7 +3,8 @@ generated into a temporary directory) and one ``local`` device, each with its ow
 environment. ``edgepack devices --check``, ``deploy`` and ``fleet bench`` run against them, and the
 fault cases: a device that is down, a changed host key, an upload cut off half-way, a device without
 onnxruntime (``--setup``), a CPU that lacks the bundle target's flags, an accuracy regression, and an
-emulated CPU (QEMU, when installed).
+emulated CPU (QEMU, when installed); ``edgepack rollout`` through a group (a good bundle, one that stops
+at the canary, one that stops in a later wave) on the same devices.
 
 Needs ``/usr/sbin/sshd`` (Debian ``openssh-server``); skipped without it. The venvs are pip-installed
 once per session (from the pip cache or the package index), so the module is marked ``slow``.
@@ -566,3 +567,70 @@ def test_python_older_than_the_runtime_is_refused_in_one_line():
                                         "Python on the device")
     session.info["python"] = "3.10.0"
     assert session.python_too_old() is None
+
+
+# -------------------------------------------------------------------------- edgepack rollout
+
+ROLLOUT_FAST = ("--runs", "20", "--warmup", "2")
+
+
+def _current(tmp_path, dev: str) -> str:
+    return os.path.basename(os.readlink(tmp_path / f"dev-{dev}" / "tiny" / "current"))
+
+
+def _claims_more(tiny_bundle, dest):
+    def higher(manifest):  # the build claimed 5 points more than the bundle scores on its eval slice
+        ev = manifest["metrics"]["eval"]
+        return {**manifest["metrics"], "eval": {**ev, "accuracy": ev["accuracy"] + 0.05}}
+
+    return _bundle_copy(tiny_bundle, dest, metrics=higher)
+
+
+def test_rollout_good_passes_bad_stops_at_the_canary(lab, tmp_path, capsys, tiny_bundle):
+    kitchen = {"groups": ["kitchen"]}
+    inv = write_inventory(lab, tmp_path, ("a", "b", "local"), a=kitchen, b=kitchen, local=kitchen)
+    assert cli(capsys, "deploy", tiny_bundle, "--to", "all", "--inventory", inv)[0] == 0
+    v1 = _current(tmp_path, "a")
+
+    good = _bundle_copy(tiny_bundle, tmp_path / "good" / "tiny", note="second build")
+    code, out = cli(capsys, "rollout", good, "--to", "kitchen", "--inventory", inv, "--out", tmp_path / "r-good", *ROLLOUT_FAST)
+    assert code == 0, out
+    assert "canary: a\nwave 2/2: b, local" in out  # one device of each profile first: a (fleet-a), then b (fleet-b)
+    assert "rollout: 3/3 devices in 2 wave(s), every gate passed (exit 0)" in out
+    v2 = _current(tmp_path, "a")
+    assert v2 != v1 and all(_current(tmp_path, d) == v2 for d in ("b", "local"))
+    doc = json.loads((tmp_path / "r-good" / "rollout.json").read_text())
+    assert doc["completed"] and [w["devices"] for w in doc["waves"]] == [["a"], ["b", "local"]]
+    assert json.loads((tmp_path / "r-good" / "fleet.json").read_text())["summary"]["ok"] == ["a", "b", "local"]
+
+    bad = _claims_more(tiny_bundle, tmp_path / "bad" / "tiny")
+    code, out = cli(capsys, "rollout", bad, "--to", "kitchen", "--inventory", inv, "--out", tmp_path / "r-bad", *ROLLOUT_FAST)
+    assert code == 3, out
+    stop = next(ln for ln in out.splitlines() if ln.startswith("STOPPED"))
+    assert stop.startswith("STOPPED a: accuracy: accuracy ") and "5.00 points below the build-time" in stop, out
+    assert f"rolled back a: rolled back, current {v2}" in out
+    assert "rollout: stopped at canary (1/3 devices reached; 2 never touched), exit 3" in out
+    assert all(_current(tmp_path, d) == v2 for d in ("a", "b", "local"))  # the canary is back, the rest untouched
+    assert not (tmp_path / "dev-b" / "tiny" / "releases" / bad.name).exists()
+    assert len(list((tmp_path / "dev-b" / "tiny" / "releases").iterdir())) == 2
+    doc = json.loads((tmp_path / "r-bad" / "rollout.json").read_text())
+    assert doc["stopped_by"][0]["device"] == "a" and doc["stopped_by"][0]["figure"] == "accuracy"
+    assert doc["rolled_back"] == [{"device": "a", "ok": True, "before": v2, "action": "rolled back",
+                                   "current": v2}]
+
+
+def test_rollout_stops_in_a_later_wave_and_rolls_back_every_wave(lab, tmp_path, capsys, tiny_bundle):
+    tight = lab.profiles / "fleet-tight.toml"  # a device whose profile allows 1 MB of peak memory
+    tight.write_text((lab.profiles / "fleet-a.toml").read_text().replace("peak_memory_mb = 4000.0", "peak_memory_mb = 1.0"))
+    inv = write_inventory(lab, tmp_path, ("a", "local"), a={"groups": ["g"]}, local={"groups": ["g"], "profile": "fleet-tight"})
+    assert cli(capsys, "deploy", tiny_bundle, "--to", "g", "--inventory", inv)[0] == 0
+    v1 = {d: _current(tmp_path, d) for d in ("a", "local")}
+    good = _bundle_copy(tiny_bundle, tmp_path / "good" / "tiny", note="second build")
+    code, out = cli(capsys, "rollout", good, "--to", "g", "--inventory", inv, "--out", tmp_path / "r", *ROLLOUT_FAST)
+    assert code == 3, out
+    assert "canary: a\nwave 2/2: local" in out and "rollout: canary: a: pass" in out
+    stop = next(ln for ln in out.splitlines() if ln.startswith("STOPPED"))
+    assert stop.startswith("STOPPED local: peak_memory_mb: profile 'fleet-tight' budget missed:"), out
+    assert {d: _current(tmp_path, d) for d in ("a", "local")} == v1  # both waves rolled back
+    assert "rolled back a:" in out and "rolled back local:" in out
+    assert "rollout: stopped at wave 2/2 (2/2 devices reached; 0 never touched), exit 3" in out

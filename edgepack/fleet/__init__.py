@@ -14,6 +14,8 @@ benchmarked there, and one report across the devices.
   on the device with the installed runtime, switch ``current`` atomically, keep ``previous``; rollback.
 - ``bench``: the installed runtime's ``bench|tune`` on each device, results pulled back and checked
   against the build-time figures of the manifest.
+- ``rollout``: a bundle to a group in waves (a canary first), each wave deployed, benchmarked and gated
+  on the build-time accuracy and the profiles' budgets; a failed gate rolls back what it switched.
 - ``report``: ``fleet.html``, ``fleet.md``, ``fleet.json`` and ``fleet.png`` across devices;
   ``compare``: two result sets side by side, and the ``fleet tune`` table.
 

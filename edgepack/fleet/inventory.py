@@ -10,6 +10,7 @@
     key_file = "~/.ssh/id_ed25519"   # default: the SSH agent (and ~/.ssh/config's IdentityFile)
     python = "/usr/bin/python3"
     profile = "raspberry-pi-5"
+    groups = ["kitchen", "pi5"]      # optional: --to kitchen selects every device of the group
 
     [devices.haswell-emulated]
     transport = "local"              # a directory and a Python on this machine
@@ -71,6 +72,7 @@ class Device:
     # (None: /opt/edgepack-runtime when deploy logs in as root, else ~/.local/share/edgepack-runtime).
     runtime_dir: str | None = None
     connect_timeout: float = 15.0
+    groups: tuple[str, ...] = ()  # names --to accepts for every device of the group (edgepack rollout --to GROUP)
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name) or self.name == "all":
@@ -93,6 +95,10 @@ class Device:
                              "keys this device trusts): deploy checks signatures against them before sending a byte")
         if self.connect_timeout <= 0:
             raise ValueError(f"connect_timeout={self.connect_timeout} must be > 0 seconds")
+        bad = [g for g in self.groups if not _NAME.match(g) or g == "all"]
+        if bad:
+            raise ValueError(f"groups: {bad[0]!r} is not a valid group name: use letters, digits, '.', '_' and '-' "
+                             "(and not 'all')")
 
     @property
     def emulated(self) -> bool:
@@ -112,6 +118,7 @@ class Device:
         out = dataclasses.asdict(self)
         out["command_prefix"] = shlex.join(self.command_prefix) if self.command_prefix else ""
         out["cpu_flags"] = list(self.cpu_flags)
+        out["groups"] = list(self.groups)
         return {k: v for k, v in out.items() if v not in (None, "", [])}
 
 
@@ -123,17 +130,28 @@ class Inventory:
     def names(self) -> list[str]:
         return [d.name for d in self.devices]
 
+    def groups(self) -> dict[str, list[Device]]:
+        """``{group: [devices]}`` in inventory order."""
+        out: dict[str, list[Device]] = {}
+        for d in self.devices:
+            for g in d.groups:
+                out.setdefault(g, []).append(d)
+        return out
+
     def select(self, spec: str | None) -> list[Device]:
-        """``None``/``"all"``: every device; else comma-separated names, in the order given."""
+        """``None``/``"all"``: every device; else comma-separated device or group names, in the order
+        given (a group's devices in inventory order), each device once."""
         if spec is None or spec.strip() == "all":
             return list(self.devices)
-        by_name = {d.name: d for d in self.devices}
+        by_name = {d.name: [d] for d in self.devices}
+        by_name.update(self.groups())
         wanted = [s.strip() for s in spec.split(",") if s.strip()]
         unknown = [n for n in wanted if n not in by_name]
         if unknown or not wanted:
+            groups = f"; groups: {', '.join(self.groups())}" if self.groups() else ""
             raise EdgepackError(f"--to {spec!r}: unknown device {', '.join(unknown) or '(none given)'}; "
-                                f"{self.path} has: {', '.join(self.names()) or 'no devices'} (or pass --to all)")
-        return [by_name[n] for n in dict.fromkeys(wanted)]
+                                f"{self.path} has: {', '.join(self.names()) or 'no devices'}{groups} (or pass --to all)")
+        return list({d.name: d for n in wanted for d in by_name[n]}.values())
 
 
 def _field_types() -> dict[str, tuple[type, ...]]:
@@ -141,7 +159,7 @@ def _field_types() -> dict[str, tuple[type, ...]]:
              "user": (str,), "key_file": (str,), "jump": (str,), "known_hosts": (str,), "ssh_config": (str,),
              "python": (str,), "remote_dir": (str,), "command_prefix": (str, list), "cpu_flags": (list,),
              "signed_only": (bool,), "trusted_keys": (str,), "runtime_dir": (str,),
-             "connect_timeout": (int, float)}
+             "connect_timeout": (int, float), "groups": (list,)}
     assert set(hints) == {f.name for f in dataclasses.fields(Device)}
     return hints
 
@@ -174,6 +192,9 @@ def _device(name: str, table: Mapping[str, Any], defaults: Mapping[str, Any], wh
     prefix = data.get("command_prefix", ())
     data["command_prefix"] = tuple(shlex.split(prefix) if isinstance(prefix, str) else map(str, prefix))
     data["cpu_flags"] = tuple(str(f) for f in data.get("cpu_flags", ()))
+    if not all(isinstance(g, str) for g in data.get("groups", ())):
+        raise EdgepackError(f"{where}: groups must be a list of names, e.g. groups = [\"kitchen\", \"pi5\"]")
+    data["groups"] = tuple(dict.fromkeys(data.get("groups", ())))
     data["connect_timeout"] = float(data.get("connect_timeout", 15.0))
     data.pop("name", None)
     try:
@@ -221,6 +242,9 @@ def load_inventory(path: str | os.PathLike | None = None, *, check_profiles: boo
         if not isinstance(table, dict):
             raise EdgepackError(f"{where}: must be a table of keys (host, python, profile, ...)")
         out.append(_device(name, table, defaults, where))
+    clash = sorted({g for d in out for g in d.groups} & {d.name for d in out})
+    if clash:
+        raise EdgepackError(f"{file}: {clash[0]!r} names both a device and a group; rename one (--to would be ambiguous)")
     if check_profiles:
         from .. import profiles
 
@@ -245,6 +269,8 @@ def format_devices(devices: Sequence[Device]) -> str:
             notes.append("signed bundles only")
         if d.key_file:
             notes.append(f"key {d.key_file}")
+        if d.groups:
+            notes.append(f"groups {', '.join(d.groups)}")
         rows.append((d.name, d.transport, d.address, d.python, d.remote_dir, d.profile, "; ".join(notes)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
