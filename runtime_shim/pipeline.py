@@ -44,7 +44,8 @@ class OnnxPipeline:
     ``EDGEPACK_TRUSTED_KEYS``; ``trusted_keys=False`` ignores that variable) it also requires a signature by one of them, no unlisted file and a
     version not older than the last one accepted (``allow_downgrade=True`` to go back on purpose):
     ``runtime_shim.trust.verify_bundle``, whose result is kept as ``trust``; ``overrides`` replaces settings of ``runtime.json``
-    (``{"intra_op_num_threads": 2}``) without editing the bundle.
+    (``{"intra_op_num_threads": 2}``) without editing the bundle. The thread settings ``tune`` kept on this
+    device for this bundle (``runtime_shim.tuned``) apply under ``overrides``; ``device_settings=False`` ignores them.
 
     The out-of-scope threshold (``labels.json``) is applied by default: when the top softmax
     probability is below ``oos_threshold`` the answer is ``oos_label``, and its score stays that top
@@ -79,7 +80,7 @@ class OnnxPipeline:
 
     def __init__(self, bundle_dir: str | os.PathLike, *, verify: bool = True,
                  overrides: Mapping[str, Any] | None = None, trusted_keys: str | os.PathLike | bool | None = None,
-                 allow_downgrade: bool = False):
+                 allow_downgrade: bool = False, device_settings: bool = True):
         root = Path(bundle_dir)
         if not root.is_dir():
             raise BundleError(f"{root}: no such bundle directory; pass the directory `edgepack pack` wrote")
@@ -98,7 +99,14 @@ class OnnxPipeline:
         listed = self.manifest.get("files") if self.manifest else None
         check_runtime(root / "runtime.json", runtime, listed)
         check_values("overrides", self.overrides)
-        self.settings: dict[str, Any] = effective_settings(runtime, self.overrides)
+        # This device's own settings for this bundle (what `tune` kept here, beside the release, keyed by
+        # the manifest's sha256: ``runtime_shim.tuned``) go between runtime.json and the caller's overrides.
+        self.tuned: dict[str, Any] | None = None
+        if device_settings and self.manifest:
+            from . import tuned as _tuned
+
+            self.tuned = _tuned.read_tuned(_tuned.manifest_digest(root))
+        self.settings: dict[str, Any] = effective_settings(effective_settings(runtime, self.tuned), self.overrides)
 
         names = labels.get("labels")
         if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):

@@ -474,6 +474,26 @@ def test_fleet_tune(lab, tmp_path, capsys, tiny_bundle):
         assert code == 0 and "haswell: skipped (emulated" in out, out
     assert runtime.read_text() == before  # --dry-run left the device's runtime.json alone
 
+    # Tuned for real: the device keeps a winner in its runtime state, keyed by this bundle's manifest; no
+    # file of the release changes (a copy of the bundle, so other tests' devices never see its settings).
+    own = _bundle_copy(tiny_bundle, tmp_path / "own" / "tiny", note="tuned on the device")
+    code, out = cli(capsys, "fleet", "tune", own, "--to", "local", "--inventory", inv, "--out", tmp_path / "t3",
+                    "--runs", "10", "--rounds", "1")
+    assert code == 0, out
+    release = (tmp_path / "dev-local" / "tiny" / "current").resolve()
+    assert all((release / n).read_bytes() == (own / n).read_bytes() for n in ("runtime.json", "manifest.json"))
+    digest = __import__("hashlib").sha256((own / "manifest.json").read_bytes()).hexdigest()
+    kept = lab.runtime / "state" / "tuned" / f"{digest}.json"
+    t = json.loads((tmp_path / "t3" / "tune.json").read_text())["devices"][0]["tune"]
+    if t["winner"] == "current":
+        assert not kept.exists() and "local: winner current" in out
+    else:
+        assert json.loads(kept.read_text())["winner"] == t["winner"] and "kept there for this bundle" in out
+        kept.unlink()
+    md = (tmp_path / "t3" / "tune.md").read_text()
+    assert "## local" in md and "| search | current |" in md and "| confirmation | ort-defaults |" in md
+    assert md.count("| search |") == len(t["rows"])  # every candidate of the search is listed
+
 
 @pytest.mark.skipif(QEMU is None, reason="qemu-user-static is not installed")
 def test_emulated_device_reports_accuracy_not_latency(lab, tmp_path, capsys, tiny_bundle):

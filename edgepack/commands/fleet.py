@@ -36,13 +36,16 @@ def register(sub) -> argparse.ArgumentParser:
     b.add_argument("--setup", action="store_true", help="install this machine's runtime on the devices first (as deploy)")
     b.add_argument("--name", default=None, help="the bundle's name on the devices (as for deploy)")
     add_inventory_args(b)
-    t = fs.add_parser("tune", help="run the shim's tune on each device (writes the winner into its runtime.json)",
-                      description="Run `python -m runtime_shim tune` on each device (emulated devices are skipped).")
+    t = fs.add_parser("tune", help="run the shim's tune on each device; a winner is kept there, beside the release",
+                      description="Run `python -m runtime_shim tune` on each device (emulated devices are skipped): "
+                                  "every candidate against the device's current settings and ORT's defaults; one "
+                                  "faster on a figure and slower on none is kept as that device's settings for this "
+                                  "bundle, in its runtime state (the bundle's files are not changed).")
     t.add_argument("bundle", metavar="BUNDLE")
     t.add_argument("--out", default=None, metavar="DIR", help="where tune.json and tune.md go")
     t.add_argument("--runs", type=int, default=None, help="timed queries per candidate (shim default: 200)")
     t.add_argument("--rounds", type=int, default=None, help="interleaved blocks per candidate (shim default: 4)")
-    t.add_argument("--dry-run", action="store_true", help="measure only; leave runtime.json on the devices unchanged")
+    t.add_argument("--dry-run", action="store_true", help="measure only; change nothing on the devices")
     t.add_argument("--setup", action="store_true", help="install this machine's runtime on the devices first (as deploy)")
     t.add_argument("--name", default=None, help="the bundle's name on the devices (as for deploy)")
     add_inventory_args(t)
@@ -143,11 +146,15 @@ def _tune(args: argparse.Namespace) -> int:
         t = r.get("tune") or {}
         if t.get("skipped"):
             print(f"{r['device']}: skipped ({t['skipped']})")
+        elif r["status"] == "ok" and t.get("winner") == "current":
+            print(f"{r['device']}: winner current: no candidate was faster without being slower on a figure; "
+                  "its settings stay")
         elif r["status"] == "ok":
             ratios = t.get("ratios") or {}
             print(f"{r['device']}: winner {t.get('winner')} (p50 x{ratios.get('b2b_p50', 1):.2f} back to back, "
-                  f"x{ratios.get('gap_p50', 1):.2f} gapped vs ORT defaults)"
-                  + ("; dry run: runtime.json unchanged" if args.dry_run else "; written to runtime.json there"))
+                  f"x{ratios.get('gap_p50', 1):.2f} gapped, p95 x{ratios.get('b2b_p95', 1):.2f} / "
+                  f"x{ratios.get('gap_p95', 1):.2f} of its current settings)"
+                  + ("; dry run: nothing changed" if args.dry_run else "; kept there for this bundle"))
     for line in summary_lines(doc):
         print(line)
     print(f"wrote {out / 'tune.md'} and {out / 'tune.json'}")

@@ -113,7 +113,8 @@ async def bench_one(session: Session, bundle: LocalBundle, out_dir: Path, *, run
 
 async def tune_one(session: Session, bundle: LocalBundle, out_dir: Path, *, extra: list[str],
                    setup: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run ``python -m runtime_shim tune --json`` on the device (it writes the winner into runtime.json)."""
+    """Run ``python -m runtime_shim tune --json`` on the device: the installed runtime keeps a winner as the
+    device's own settings for this bundle, in its state beside the release (``runtime_shim.tuned``)."""
     if session.device.emulated:
         return {"skipped": "emulated: the emulator's timings are not the device's; tune on the device itself"}
     current = await ensure_deployed(session, bundle, setup=setup, log=log)

@@ -61,22 +61,47 @@ def compare(a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
 
 
 def tune_markdown(doc: Mapping[str, Any]) -> str:
+    """``tune.md``: per device, the winner, then every candidate it measured (the search and the
+    confirmation round) with its figures and its verdict against the settings the device ran with."""
     out = [f"# Fleet tune: {doc['bundle']['name']} `{doc['bundle']['manifest_digest'][:16]}`", "",
-           "| Device | Status | Winner | Threads | Spinning | Graph | p50 b2b | p95 b2b | p50 gap | p95 gap |",
-           "|---|---|---|---:|---|---|---:|---:|---:|---:|"]
+           "| Device | Status | Winner | Threads | Spinning | Graph | vs current (confirmation) |",
+           "|---|---|---|---:|---|---|---|"]
     for r in doc["devices"]:
         t = r.get("tune") or {}
         st = r.get("status")
         if st == "failed" or t.get("skipped"):
             out.append(f"| {r['device']} | {st if st == 'failed' else 'skipped'} | {r.get('error') or t.get('skipped')}"
-                       " | | | | | | | |")
+                       " | | | | |")
             continue
         desc = next((c.get("describe", {}) for c in t.get("confirm", []) if c.get("name") == t.get("winner")), {})
         ratios = t.get("ratios") or {}
+        vs = ", ".join(f"{k.replace('_', ' ')} x{v:.2f}" for k, v in ratios.items()) if t.get("winner") != "current" \
+            else "kept: no candidate faster and slower on nothing"
         out.append(f"| {r['device']} | ok | {t.get('winner')} | {desc.get('threads', DASH)} | "
-                   f"{desc.get('spinning', DASH)} | {desc.get('graph', DASH)} | "
-                   + " | ".join(f"x{ratios[k]:.2f}" if k in ratios else DASH
-                                for k in ("b2b_p50", "b2b_p95", "gap_p50", "gap_p95")) + " |")
-    out += ["", "Ratios: the winner's latency over ONNX Runtime's defaults in the confirmation round (below 1 is "
-            "faster). The winner is written into the device's runtime.json.", ""]
+                   f"{desc.get('spinning', DASH)} | {desc.get('graph', DASH)} | {vs} |")
+    figures = [f"{m} {f}" for m in ("b2b", "gap") for f in ("p50", "mean", "p95")]
+    for r in doc["devices"]:
+        t = r.get("tune") or {}
+        if r.get("status") == "failed" or t.get("skipped"):
+            continue
+        out += ["", f"## {r['device']}", "", "| Round | Candidate | Threads | Spinning | Graph | "
+                + " | ".join(figures) + " | vs current | Verdict |", "|---|---|---:|---|---|" + "---:|" * 7 + "---|"]
+        for section, rows in (("search", t.get("rows") or []), ("confirmation", t.get("confirm") or [])):
+            for c in rows:
+                d = c.get("describe") or {}
+                cells = [_num(c.get(m, {}).get(f)) for m in ("b2b", "gap") for f in ("p50", "mean", "p95")]
+                name = f"**{c['name']}**" if section == "confirmation" and c["name"] == t.get("winner") else c["name"]
+                out.append(f"| {section} | {name} | {d.get('threads', DASH)} | {d.get('spinning', DASH)} | "
+                           f"{d.get('graph', DASH)} | " + " | ".join(cells) + f" | {_num(c.get('score'))} | "
+                           f"{_verdict(c)} |")
+    out += ["", "Figures in ms, end to end (b2b: back to back; gap: with a pause between queries). vs current: the "
+            "geometric mean of the six ratios to the settings the device ran with (below 1 is faster). A candidate "
+            "replaces them only when it is faster on one figure and slower on none beyond the 95% bootstrap "
+            "interval; the winner is kept in the device's runtime state for this bundle, not in the bundle.", ""]
     return "\n".join(out)
+
+
+def _verdict(row: Mapping[str, Any]) -> str:
+    from runtime_shim.tune import verdict
+
+    return verdict(row) if row.get("name") else DASH
