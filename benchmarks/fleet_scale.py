@@ -33,6 +33,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -824,21 +825,51 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def per_device(work: Path, n: int, command: str) -> list[float]:
+    """Each device's own seconds where the command reports them: deploy's line per device (upload, check
+    on the device and switch, after connecting; fleet.json's per-device seconds include the queue)."""
+    if command == "deploy":
+        text = (
+            (work / f"n{n}" / "deploy.log").read_text(errors="replace")
+            if (work / f"n{n}" / "deploy.log").exists()
+            else ""
+        )
+        return [float(x) for x in re.findall(r": deployed .*?, ([0-9.]+) s\)", text)]
+    return []
+
+
+def spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    v = sorted(values)
+    pct = lambda q: v[min(len(v) - 1, round(q * (len(v) - 1)))]  # noqa: E731 (nearest rank)
+    return f"{pct(0.5):.1f} / {sum(v) / len(v):.1f} / {pct(0.95):.1f}"
+
+
 def write_report(work: Path, meta: dict, sizes: list[dict], upload: dict | None) -> None:
     md = [
         f"CPU: {meta['cpu']} ({meta['cores']} cores), {meta['date']}; link: {meta['link']}; "
         f"--jobs {meta['jobs']}; bundle {meta['bundle_mb']:.2f} MB; fleet bench --runs {meta['runs']} "
         f"--warmup {meta['warmup']}",
         "",
-        "| N | command | wall time (s) | per device (s) | exit | peak memory of edgepack (MB) |",
-        "|---|---|---|---|---|---|",
+        "| N | command | wall time (s) | wall time / N (s) | one device's own time, p50 / mean / p95 (s) | exit "
+        "| peak memory of edgepack (MB) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for s in sizes:
         for t in s["steps"]:
             per = t["seconds"] / s["n"] if t["seconds"] == t["seconds"] else float("nan")
             md.append(
                 f"| {s['n']} | {t['command']} | {t['seconds']:.1f}{' (timed out)' if t['timed_out'] else ''} "
-                f"| {per:.2f} | {t['exit']} | {t['peak_rss_mb']:.0f} |"
+                f"| {per:.2f} | {spread(per_device(work, s['n'], t['command']))} | {t['exit']} "
+                f"| {t['peak_rss_mb']:.0f} |"
+            )
+    for s in sizes:
+        b = s.get("bench") or {}
+        if b.get("measured"):
+            md.append(
+                f"\nN={s['n']}: fleet bench measured {b['measured']}/{s['n']} devices; their p50 latencies: "
+                f"median {b['p50_median_ms']} ms, slowest {b['p50_max_ms']} ms (devices sharing the cores)."
             )
     if upload:
         md += [
@@ -935,7 +966,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--cleanup", action="store_true", help="remove namespaces and directories a killed run left"
     )
+    p.add_argument("--report-only", action="store_true", help="rewrite the table and plot from --work's JSON")
     args = p.parse_args(argv)
+    if args.report_only:
+        saved = json.loads((args.work / "fleet_scale.json").read_text())
+        write_report(args.work.resolve(), saved["meta"], saved["sizes"], saved["upload"])
+        return 0
     if args.cleanup:
         cleanup()
         return 0
