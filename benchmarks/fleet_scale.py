@@ -261,6 +261,7 @@ class Lab:
         set_loss(d, self.link.loss_pct, create=True)
         (d.home / "ssh").mkdir(parents=True)
         (d.home / "edgepack").mkdir()
+        (d.home / "home").mkdir()  # the device's own home: not this machine's ~/.bashrc on every command
         host_key = d.home / "ssh" / "host_key"
         asyncssh.generate_private_key("ssh-ed25519").write_private_key(str(host_key))
         host_key.chmod(0o600)
@@ -278,7 +279,7 @@ PasswordAuthentication no
 KbdInteractiveAuthentication no
 MaxStartups 100:30:200
 Subsystem sftp internal-sftp
-SetEnv PIP_NO_INDEX=1
+SetEnv PIP_NO_INDEX=1 HOME={d.home / 'home'}
 LogLevel ERROR
 """)
         if self.template is not None:
