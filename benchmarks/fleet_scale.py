@@ -279,7 +279,7 @@ PasswordAuthentication no
 KbdInteractiveAuthentication no
 MaxStartups 100:30:200
 Subsystem sftp internal-sftp
-SetEnv PIP_NO_INDEX=1 HOME={d.home / 'home'}
+SetEnv PIP_NO_INDEX=1 HOME={d.home / "home"}
 LogLevel ERROR
 """)
         if self.template is not None:
@@ -920,6 +920,8 @@ def plot(work: Path, sizes: list[dict], meta: dict) -> None:
     ax_t.set(xlabel="devices (N)", ylabel="wall time (s)", title="time per command")
     ax_m.set(xlabel="devices (N)", ylabel="peak RSS of edgepack (MB)", title="memory of the edgepack process")
     for ax in (ax_t, ax_m):
+        ax.set_xticks([s["n"] for s in sizes])
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(
