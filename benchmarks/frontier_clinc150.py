@@ -40,7 +40,6 @@ def main() -> int:
         return 0
     from edgepack import recipes
     from edgepack.config import DataConfig
-    from edgepack.errors import BudgetError
     from edgepack.runner.build import build
 
     build_dir = args.build_dir or args.work / "edgepack-bundle.build"
@@ -50,10 +49,9 @@ def main() -> int:
                            "data": DataConfig(source=str(DATA)).to_dict(),
                            "search": {"max_drop": args.max_drop, "explore": args.explore,
                                       "shapes": [s.strip() for s in args.shapes.split(";") if s.strip()]}})
-    try:
-        build(cfg, force=True)
-    except BudgetError as e:
-        print(f"[frontier] {e}")
+    summary = build(cfg, force=True)
+    if summary["budget_failures"]:
+        print(f"[frontier] missed {'; '.join(summary['budget_failures'])}")
     frontier = json.loads((build_dir / "search" / "frontier.json").read_text())
     if frontier.get("latency_model"):
         m = frontier["latency_model"]

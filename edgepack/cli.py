@@ -50,14 +50,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return ExitCode.USAGE
-    from edgepack.console import quiet, set_verbose
-
-    set_verbose(args.verbose)
+    from edgepack.console import session
     from runtime_shim.cpu import one_line_warnings
 
     one_line_warnings()  # a bundle loaded on a CPU without its target's flags: one console line
     try:
-        with quiet(log_path(args.command)):
+        with session(log_path(args.command), verbose=args.verbose):
             return int(args._run(args) or ExitCode.OK)
     except EdgepackError as e:
         print(f"edgepack {args.command}: error: {e}", file=sys.stderr)

@@ -1,12 +1,17 @@
 """What reaches the user's console, and what goes to the log file instead.
 
-The console shows edgepack's own progress lines, progress bars and results. Library chatter goes to
-the log: Python warnings, ``transformers``/``optuna`` log records, the Trainer's raw metric dicts and
-ONNX Runtime's native warnings (``CleanUnusedInitializersAndNodeArgs`` and friends, which its C++
-logger writes straight to file descriptor 2, in colour). ``--verbose`` sends all of it to the console
-as well.
+edgepack is a library first: its progress lines are INFO records of the named loggers
+``edgepack.<stage>`` (``Progress``), lines meant only for a log file are DEBUG records of
+``edgepack``, and a library call never sets the root logger or prints. ``capture`` (around a build)
+copies library chatter into the build's log file and restores every logger it touched.
 
-    >>> with quiet(Path("build/build.log"), verbose=False):   # doctest: +SKIP
+The command line is the one place that owns the process: ``session`` prints edgepack's progress on
+stdout and sends library chatter to the log: Python warnings, ``transformers``/``optuna`` log records,
+the Trainer's raw metric dicts and ONNX Runtime's native warnings (``CleanUnusedInitializersAndNodeArgs``
+and friends, which its C++ logger writes straight to file descriptor 2, in colour). ``--verbose`` sends
+all of it to the console as well. Everything is restored when the block ends.
+
+    >>> with session(Path("build/build.log"), verbose=False):   # doctest: +SKIP
     ...     run_the_build()
 """
 
@@ -17,36 +22,115 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 LOGGER = "edgepack"
 _LIBRARIES = ("transformers", "optuna", "onnxruntime", "datasets", "torch", "py.warnings", "accelerate")
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+Log = Callable[[str], None]  # one progress line
 
 
 def log() -> logging.Logger:
-    """edgepack's logger for lines that belong in the log file, not on the console."""
+    """edgepack's logger for lines that belong in the log file, not on the console (log at DEBUG)."""
     return logging.getLogger(LOGGER)
 
 
-def set_verbose(verbose: bool) -> None:
-    """Turn on (or off) library output on the console for the rest of the process."""
-    os.environ["EDGEPACK_VERBOSE"] = "1" if verbose else ""
+class Progress:
+    """A ``Log``: each line an INFO record of ``edgepack.<stage>``, and passed to ``callback`` if one
+    was given (a library caller's way to see progress without configuring logging).
+
+    >>> lines = []
+    >>> Progress("build", lines.append)("[build] started")
+    >>> lines
+    ['[build] started']
+    """
+
+    def __init__(self, stage: str = "build", callback: Log | None = None):
+        self.name, self.callback = stage, callback
+        self.logger = logging.getLogger(f"{LOGGER}.{stage}")
+
+    def __call__(self, line: str) -> None:
+        self.logger.info(line)
+        if self.callback is not None:
+            self.callback(line)
+
+    def stage(self, name: str) -> Progress:
+        """The same destination, as stage ``name``'s logger."""
+        return Progress(name, self.callback)
 
 
-def verbose() -> bool:
-    return bool(os.environ.get("EDGEPACK_VERBOSE"))
+def for_stage(log: Log, name: str) -> Log:
+    """``log`` as stage ``name``'s (a plain callable stays as it is)."""
+    return log.stage(name) if isinstance(log, Progress) else log
 
 
-def _quiet_libraries() -> None:
+@contextlib.contextmanager
+def _saved_loggers(names) -> Iterator[list[logging.Logger]]:
+    """Loggers whose handlers, level and propagation the block may change, restored after it."""
+    loggers = [logging.getLogger(n) for n in names]
+    saved = [(lg.handlers[:], lg.level, lg.propagate, lg.disabled) for lg in loggers]
     try:
-        import transformers
+        yield loggers
+    finally:
+        for lg, (handlers, level, propagate, disabled) in zip(loggers, saved, strict=True):
+            lg.handlers[:] = handlers
+            lg.setLevel(level)
+            lg.propagate, lg.disabled = propagate, disabled
 
-        transformers.logging.set_verbosity_warning()
-        transformers.logging.disable_default_handler()
-        transformers.logging.enable_propagation()
-    except ImportError:
-        pass
+
+@contextlib.contextmanager
+def capture(log_file: Path | None) -> Iterator[None]:
+    """Within the block, library log records and Python warnings (as ``py.warnings`` records) go to
+    ``log_file`` (appended; ``None``: only where the caller's own logging sends them), and edgepack's
+    own records too as far as the caller's logging lets them through. Every logger and ``warnings``
+    setting it touches is restored after; the root logger is not touched.
+
+    ``transformers`` prints its warnings through a handler of its own: replaced by the file for the
+    block, so a library build prints nothing its caller did not ask for.
+    """
+    handler: logging.Handler = logging.NullHandler()
+    if log_file is not None:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file, encoding="utf-8")
+        handler.setFormatter(logging.Formatter(_FORMAT))
+    with _saved_loggers((LOGGER, *_LIBRARIES)) as loggers, warnings.catch_warnings():
+        for lg in loggers:
+            if lg.name in ("transformers", "py.warnings"):
+                lg.handlers[:] = []
+                lg.propagate = True
+            lg.addHandler(handler)
+        warnings.simplefilter("default")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.showwarning = _to_log(warnings.showwarning)
+        try:
+            yield
+        finally:
+            handler.close()
+
+
+@contextlib.contextmanager
+def hushed_root(*, below: int = logging.ERROR, where: str = "") -> Iterator[None]:
+    """Drop the records below ``below`` that code logs straight on the root logger (``logging.info``)
+    from a file under ``where``, for the block. ONNX Runtime's quantizer does so; ``logging.warning``
+    on a root without handlers would also install one (``basicConfig``): a stand-in handler prevents
+    that. Both are removed after, so the root logger is as it was."""
+    root = logging.getLogger()
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno >= below or where not in record.pathname
+
+    null = logging.NullHandler() if not root.handlers else None
+    root.addFilter(keep)
+    if null is not None:
+        root.addHandler(null)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+        if null is not None:
+            root.removeHandler(null)
 
 
 def _to_log(show):
@@ -76,7 +160,7 @@ def _stderr_is_fd2() -> bool:
 
 
 @contextlib.contextmanager
-def quiet(log_file: Path | None, *, verbose_console: bool | None = None) -> Iterator[None]:
+def quiet(log_file: Path | None, *, verbose: bool = False) -> Iterator[None]:
     """Within the block, library warnings and native stderr go to ``log_file`` (appended), not the console.
 
     Python-level ``sys.stderr`` (progress bars, edgepack's own messages) keeps pointing at the
@@ -86,29 +170,31 @@ def quiet(log_file: Path | None, *, verbose_console: bool | None = None) -> Iter
     if log_file is None:
         yield
         return
-    loud = verbose() if verbose_console is None else verbose_console
+    loud = verbose
     log_file = Path(log_file)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
     handler = logging.FileHandler(log_file, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(_FORMAT))
     handlers: list[logging.Handler] = [handler]
     if loud:
         console = logging.StreamHandler(sys.stderr)
         console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        console.addFilter(lambda r: not r.name.startswith(LOGGER))  # session() prints edgepack's own
         handlers.append(console)
     old_level = root.level
     for h in handlers:
         root.addHandler(h)
     root.setLevel(logging.INFO)
-    log().setLevel(logging.INFO)
-    for name in _LIBRARIES:
-        logging.getLogger(name).setLevel(logging.INFO if loud else logging.WARNING)
-    _quiet_libraries()
     was_diverted = _diverted["on"]
     divert = not loud and (was_diverted or _stderr_is_fd2())
     saved_fd, old_stderr = None, sys.stderr
-    with warnings.catch_warnings():
+    with _saved_loggers((LOGGER, *_LIBRARIES)) as loggers, warnings.catch_warnings():
+        for lg in loggers:
+            lg.setLevel(logging.DEBUG if lg.name == LOGGER else logging.INFO if loud else logging.WARNING)
+            if lg.name == "transformers":  # its own stderr handler: the records go to ours instead
+                lg.handlers[:] = []
+                lg.propagate = True
         warnings.simplefilter("default")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.showwarning = _to_log(warnings.showwarning)
@@ -138,30 +224,36 @@ def quiet(log_file: Path | None, *, verbose_console: bool | None = None) -> Iter
             root.setLevel(old_level)
 
 
+@contextlib.contextmanager
+def session(log_file: Path | None, *, verbose: bool = False) -> Iterator[None]:
+    """The command line's console: edgepack's progress lines on stdout (its DEBUG lines too with
+    ``verbose``), library chatter to ``log_file`` (``quiet``); everything restored after."""
+    out = logging.StreamHandler(sys.stdout)
+    out.setFormatter(logging.Formatter("%(message)s"))
+    out.setLevel(logging.DEBUG if verbose else logging.INFO)
+    with _saved_loggers((LOGGER,)) as (lg,):
+        lg.addHandler(out)
+        with quiet(log_file, verbose=verbose):
+            yield
+
+
 def trainer_log_callbacks():
     """``transformers`` callbacks whose per-epoch metric dicts go to the log file: a progress bar that
     does not print them between its bars (for runs with progress), and a silent logger (for runs
     without, where the stock ``PrinterCallback`` would print every dict raw)."""
     from transformers.trainer_callback import ProgressCallback, TrainerCallback
 
-    def record(state, logs) -> dict | None:
-        if not (state.is_world_process_zero and logs):
-            return None
-        logs = {k: v for k, v in logs.items() if k != "total_flos"}
-        log().info("trainer: %s", logs)
-        return logs
+    def record(state, logs) -> None:
+        if state.is_world_process_zero and logs:
+            log().debug("trainer: %s", {k: v for k, v in logs.items() if k != "total_flos"})
 
     class LoggedProgress(ProgressCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
-            logs = record(state, logs)
-            if logs and verbose() and self.training_bar is not None:
-                self.training_bar.write(str(logs))
+            record(state, logs)
 
     class LoggedOnly(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
-            logs = record(state, logs)
-            if logs and verbose():
-                print(logs)
+            record(state, logs)
 
     return LoggedProgress, LoggedOnly
 

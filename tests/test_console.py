@@ -16,16 +16,14 @@ SCRIPT = textwrap.dedent("""
     import onnx, onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
     import numpy as np
-    from edgepack.console import quiet, set_verbose
-
-    set_verbose(sys.argv[2] == "verbose")
+    from edgepack.console import quiet
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])
     unused = numpy_helper.from_array(np.zeros(2, np.float32), "never_used")
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y], [unused])
     path = Path(sys.argv[1]).parent.parent / "m.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    with quiet(Path(sys.argv[1])):
+    with quiet(Path(sys.argv[1]), verbose=sys.argv[2] == "verbose"):
         so = ort.SessionOptions()
         so.log_severity_level = 1  # ORT's C++ logger writes its warnings to descriptor 2
         ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -91,7 +89,7 @@ def test_trainer_metric_dicts_go_to_the_log(progress, tmp_path, capsys, caplog):
     assert ("LoggedProgress" in names) == progress and ("LoggedOnly" in names) == (not progress)
     assert progress or not any(isinstance(cb, ProgressCallback) for cb in trainer.callback_handler.callbacks)
     capsys.readouterr()
-    with caplog.at_level(logging.INFO, logger="edgepack"):
+    with caplog.at_level(logging.DEBUG, logger="edgepack"):
         trainer.train()
     out = capsys.readouterr()
     assert "'loss'" not in out.out and "'train_runtime'" not in out.out and "'loss'" not in out.err

@@ -119,7 +119,15 @@ def resolve(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgepack.runner.build import build
+    from edgepack import api
+    from edgepack.console import quiet
+    from edgepack.errors import BudgetError
+    from edgepack.runner.build import build_root
 
-    build(resolve(args), force=args.force)
+    cfg = resolve(args)
+    with quiet(build_root(cfg) / "build.log", verbose=args.verbose):  # native warnings beside the build
+        result = api.build(cfg.teacher, cfg.data, cfg.out, recipe=cfg, force=args.force)
+    if not result.ok:
+        raise BudgetError(f"profile {result.summary['profile']}: missed {'; '.join(result.budget_failures)} "
+                          f"(bundle and report written: {result.bundle})")
     return 0

@@ -25,6 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from edgepack import recipes, stages
     from edgepack.config import DataConfig, FinetuneConfig
     from edgepack.data import load_dataset
+    from edgepack.errors import BudgetError
     from edgepack.resources import demo_data
     from edgepack.runner.build import build
     from edgepack.runner.ledger import Ledger
@@ -52,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     summary = None
     try:
         summary = build(cfg, force=args.force)
+        if summary["budget_failures"]:
+            raise BudgetError(f"profile {summary['profile']}: missed {'; '.join(summary['budget_failures'])}")
     finally:
         bundle = out / "bundle"
         if bundle.is_dir():

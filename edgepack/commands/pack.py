@@ -39,19 +39,16 @@ def register(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgepack.config import ExportConfig, PackConfig
-    from edgepack.runner.pack import pack
+    from edgepack import api
+    from edgepack.errors import EdgepackError
 
     try:
-        cfg = PackConfig.of(target=args.target, max_accuracy_drop=args.max_accuracy_drop, min_agreement=args.min_agreement, oos_recall=args.oos_recall,
-                            eval_rows=args.eval_rows, archive=args.archive, ort_format=args.ort_format,
-                            variants=args.variants, embedding_bits=args.embedding_bits)
-        export_cfg = ExportConfig(writer=args.writer)
         data_cfg = data_config(args)
     except ValueError as e:
-        from edgepack.errors import EdgepackError
-
         raise EdgepackError(str(e)) from None
-    pack(cfg, args.model_dir, data_cfg, args.out, export_cfg=export_cfg, force=args.force)
+    api.pack(args.model_dir, data_cfg, args.out, target=args.target, writer=args.writer, force=args.force,
+             max_accuracy_drop=args.max_accuracy_drop, min_agreement=args.min_agreement, oos_recall=args.oos_recall,
+             eval_rows=args.eval_rows, archive=args.archive, ort_format=args.ort_format, variants=args.variants,
+             embedding_bits=args.embedding_bits)
     print(f"try it:  python -m runtime_shim predict {args.out} \"your text here\"")
     return 0

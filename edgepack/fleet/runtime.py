@@ -25,18 +25,16 @@ import json
 import posixpath
 import shutil
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from runtime_shim.trust import RUNTIME_FILE, RUNTIME_FORMAT
 
+from ..console import Log
 from ..runtime_dist import SIGNED_EXTRA, runtime_version, wheel_bytes, wheel_name
 from . import DeviceError
 from .remote import ANCHORS, PROBED_PACKAGES, RUNTIME_PACKAGES, RUNTIME_VENV
 from .session import Session
-
-Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)

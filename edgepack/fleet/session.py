@@ -16,13 +16,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..console import Log
 from ..runtime_dist import MIN_PYTHON
 from . import DeviceError
 from .inventory import Device
 from .remote import LAYOUT, PROBE, RUNTIME_PACKAGES
 from .transport import Completed, Transport, open_transport
-
-Log = Callable[[str], None]
 
 
 @dataclass

@@ -5,7 +5,8 @@
 Each stage is ``edgepack.stages.<name>.run(cfg, src, out, ctx)`` writing ``BUILD/<stage>/``; the
 ledger (``runner.ledger``) skips a stage whose config and input are unchanged, so changing only a
 quantization setting reruns quantize and what follows, not export. ``OUT`` is replaced only when the
-verified bundle is complete. Library warnings go to ``BUILD/build.log``.
+verified bundle is complete. Library warnings go to ``BUILD/build.log``; progress to the
+``edgepack.<stage>`` loggers (``console.Progress``).
 """
 
 from __future__ import annotations
@@ -15,18 +16,16 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from edgepack.config import BUILD_STAGES, BuildConfig
+from edgepack.console import Log
 from edgepack.data import load_dataset
-from edgepack.errors import BudgetError, EdgepackError
+from edgepack.errors import EdgepackError
 from edgepack.records import claimed_output, hash_tree, staging_dir, write_json_atomic
 from edgepack.runner.chain import chain, run_links
 from edgepack.runner.ledger import Ledger, output_hash
-
-Log = Callable[[str], None]
 
 
 def _sha(*parts: str) -> str:
@@ -38,16 +37,17 @@ def build_root(cfg: BuildConfig) -> Path:
     return Path(cfg.build_dir) if cfg.build_dir else out.with_name(out.name + ".build")
 
 
-def build(cfg: BuildConfig, *, force: bool = False, log: Log = print) -> dict[str, Any]:
-    """Run (or resume) the build; returns a summary. Raises ``BudgetError`` after writing the bundle
-    and its report when the profile's budgets are missed."""
-    from edgepack.console import quiet
+def build(cfg: BuildConfig, *, force: bool = False, log: Log | None = None) -> dict[str, Any]:
+    """Run (or resume) the build; returns its summary (``BUILD/summary.json``). A missed budget is
+    not an exception: the bundle and its report are written and ``summary["budget_failures"]`` names it."""
+    from edgepack.console import Progress, capture
 
+    log = log or Progress()
     if not cfg.teacher or not cfg.out:
         raise EdgepackError("a build needs a teacher directory and --out BUNDLE (or teacher/out in the recipe)")
     out, root = Path(cfg.out), build_root(cfg)
     with claimed_output(out, replace=force or _built_here(out, root), inputs=(Path(cfg.teacher), root),
-                        refusal=f"it was not built by {root}; pass --force to replace it"), quiet(root / "build.log"):
+                        refusal=f"it was not built by {root}; pass --force to replace it"), capture(root / "build.log"):
         return _build(cfg, log=log)
 
 
@@ -123,13 +123,11 @@ def _build(cfg: BuildConfig, *, log: Log) -> dict[str, Any]:
         shutil.copy2(verified / "bundle" / name, root / name)
     if lengths is not None:
         summary["max_length"] = lengths
-    summary.update(ran=ledger.ran, skipped=ledger.skipped, wall_time_s=round(time.time() - started, 1))
+    summary.update(frontier=verify_kwargs.get("frontier"), bundle=str(out), build_dir=str(root), ran=ledger.ran, skipped=ledger.skipped,
+                   wall_time_s=round(time.time() - started, 1))
     write_json_atomic(root / "summary.json", summary)
     log(f"[build] bundle: {out}   report: {root / 'report.html'}   ({summary['wall_time_s']:.0f} s; "
         f"ran {', '.join(ledger.ran) or 'nothing'}; up to date: {', '.join(ledger.skipped) or 'nothing'})")
-    if summary["budget_failures"]:
-        raise BudgetError(f"profile {profile.name}: missed {'; '.join(summary['budget_failures'])} "
-                          f"(bundle and report written: {out})")
     return summary
 
 
@@ -170,7 +168,7 @@ def _position_limit(teacher: Path, tok: Any) -> int:
     return max(8, limit)
 
 
-def _publish(src: Path, out: Path, root: Path, *, force: bool, sign=None, log: Log = print) -> None:
+def _publish(src: Path, out: Path, root: Path, *, force: bool, log: Log, sign=None) -> None:
     """Copy the verified bundle to ``out`` atomically, tagged with the build directory that made it,
     and signed there (``[sign] key``) before it is renamed into place: a device never sees the new
     bundle unsigned."""

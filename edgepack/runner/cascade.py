@@ -9,13 +9,12 @@ inside the fast bundle. The budget against the teacher becomes the cascade's ``m
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 from edgepack.config import BuildConfig
+from edgepack.console import Log
 from edgepack.runner.ledger import Ledger
 
-Log = Callable[[str], None]
 FALLBACK_STAGES = ("export", "quantize", "bundle")
 
 

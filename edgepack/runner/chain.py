@@ -3,10 +3,12 @@ the build and the shape search, ``runner.search``)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from edgepack.config import BuildConfig
+from edgepack.console import for_stage
 from edgepack.runner.ledger import Ledger, output_hash
 
 
@@ -62,11 +64,13 @@ def run_links(links, names, ledger: Ledger, ctx, src: Path, src_hash: str, *, da
         key = {name: stage_cfg.key_dict(), "data": data_key, **extra_key}
         stage_src = src
 
-        def run(dest: Path, module=module, stage_cfg=stage_cfg, stage_src=stage_src, name=name) -> None:
+        stage_ctx = dataclasses.replace(ctx, log=for_stage(ctx.log, name))
+
+        def run(dest: Path, module=module, stage_cfg=stage_cfg, stage_src=stage_src, name=name, stage_ctx=stage_ctx) -> None:
             if name == "verify":
-                module.run(stage_cfg, stage_src, dest, ctx, **(verify_kwargs or {}))
+                module.run(stage_cfg, stage_src, dest, stage_ctx, **(verify_kwargs or {}))
             else:
-                module.run(stage_cfg, stage_src, dest, ctx)
+                module.run(stage_cfg, stage_src, dest, stage_ctx)
 
         src = ledger.stage(name, key, src_hash, run)
         src_hash = output_hash(src)

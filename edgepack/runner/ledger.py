@@ -17,9 +17,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from edgepack.console import Log, Progress
 from edgepack.records import hash_config, hash_tree, write_json_atomic
-
-Log = Callable[[str], None]
 
 
 def output_hash(stage_dir: Path) -> str:
@@ -35,9 +34,9 @@ def output_hash(stage_dir: Path) -> str:
 class Ledger:
     """Runs stages into ``root/<name>`` unless the ledger vouches for them."""
 
-    def __init__(self, root: Path, log: Log = print, *, total: int | None = None, prefix: str = "build",
+    def __init__(self, root: Path, log: Log | None = None, *, total: int | None = None, prefix: str = "build",
                  share: tuple[Path, ...] = ()):
-        self.root, self.log = Path(root), log
+        self.root, self.log = Path(root), log or Progress()
         # Other build roots whose finished stages this one takes (hard-linked) when their ledger vouches
         # for the same config and input: the shape search's candidates share one student per depth.
         self.share = tuple(Path(p) for p in share if Path(p) != self.root)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.config import DataConfig, ExportConfig, PackConfig
+from edgepack.console import Log, Progress
 from edgepack.data import LabelledData, load_dataset
 from edgepack.errors import EdgepackError
 from edgepack.modeling import read_model_info
@@ -21,12 +22,13 @@ from edgepack.records import claimed_output
 
 
 def pack(cfg: PackConfig, model_dir: Path, data_cfg: DataConfig, out: Path, *, export_cfg: ExportConfig | None = None,
-         force: bool = False, data: LabelledData | None = None, log=print) -> dict[str, Any]:
+         force: bool = False, data: LabelledData | None = None, log: Log | None = None) -> dict[str, Any]:
     """Build the bundle at ``out`` and return its manifest. ``out`` is replaced only when the new
     bundle is complete (and only with ``force``)."""
     from edgepack import stages
     from edgepack.stages import bundle, export, quantize
 
+    log = log or Progress("pack")
     model_dir, out = Path(model_dir), Path(out)
     export_cfg = export_cfg or ExportConfig()
     if not model_dir.is_dir():

@@ -25,17 +25,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from edgepack.config import BuildConfig, parse_shape, shape_name
+from edgepack.console import Log
 from edgepack.errors import EdgepackError
 from edgepack.records import hash_config, write_json_atomic
 from edgepack.runner import cascade, probe
 from edgepack.runner.ledger import Ledger
 
-Log = Callable[[str], None]
 CANDIDATE_STAGES = ("distill", "prune", "export", "quantize", "bundle", "cascade")
 
 

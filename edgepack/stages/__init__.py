@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from edgepack.config import DataConfig
+from edgepack.console import Log, Progress
 from edgepack.errors import EdgepackError
 from edgepack.records import STAGE_RECORD
 
@@ -44,7 +45,7 @@ class Context:
     teacher: Path | None = None  # the fine-tuned teacher (distillation targets, recovery)
     profile: Any = None  # edgepack.profiles.Profile of the device the bundle is for
     cache: Path | None = None  # the teacher-output cache shared by distill and prune
-    log: Callable[[str], None] = print
+    log: Log = dataclasses.field(default_factory=Progress)  # progress lines: edgepack.<stage> loggers
     # verify: earlier models to measure beside the bundle, as (name, directory)
     compare: tuple[tuple[str, Path], ...] = ()
 

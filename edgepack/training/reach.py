@@ -17,7 +17,9 @@ training (the Trainer then loads the best epoch as usual), saying why at once th
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+
+from edgepack.console import Log, Progress
 
 try:  # a TrainerCallback subclass needs transformers at import; the CLI imports this module lazily
     from transformers import TrainerCallback
@@ -105,8 +107,9 @@ class ReachCallback(TrainerCallback):
     fraction. After training, ``stopped`` is the verdict that stopped it, or None."""
 
     def __init__(self, target: float, *, name: str = "student", metric: str = "eval_cal_accuracy",
-                 log: Callable[[str], None] = print, **rule):
-        self.target, self.name, self.metric, self.log, self.rule = target, name, metric, log, rule
+                 log: Log | None = None, **rule):
+        self.target, self.name, self.metric, self.rule = target, name, metric, rule
+        self.log = log or Progress("distill")
         self.curve: list[float] = []
         self.stopped: Reach | None = None
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import logging
+import functools
+import os
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -12,10 +13,22 @@ import numpy as np
 
 from edgepack.bundle_files import QUANT_NAME  # noqa: F401  (the stage and its callers name it from here)
 from edgepack.config import QuantSettings
+from edgepack.console import hushed_root
 from edgepack.errors import EdgepackError
 from edgepack.modeling import ModelInfo
 
 Feed = Mapping[str, np.ndarray]
+
+
+def _hushed(fn):
+    """The quantizer logs hints ("run pre-processing first") on the root logger at every call; the
+    exported graph is already shape-inferred: drop them for the call, leaving the root logger as it was."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with hushed_root(where=f"onnxruntime{os.sep}quantization"):
+            return fn(*args, **kwargs)
+
+    return call
 
 
 
@@ -112,6 +125,7 @@ def quantize_embedding_4bit(src: Path, out: Path, block_size: int) -> Path:
     return Path(out)
 
 
+@_hushed
 def quantize_model(cfg: QuantSettings, src: Path, out: Path, *, info: ModelInfo) -> Path:
     """Write the quantized model to ``out`` (never over ``src``). Static QDQ and 4-bit MatMulNBits
     are built by ``edgepack.stages.quantize.variants``, which measures them against the dynamic formats."""
@@ -129,9 +143,6 @@ def quantize_model(cfg: QuantSettings, src: Path, out: Path, *, info: ModelInfo)
         if cfg.embedding_bits == 4:
             model_in = quantize_embedding_4bit(model_in, Path(tmp) / "embedding4.onnx", cfg.embedding_block_size)
             op_types = [t for t in op_types if t != "Gather"]
-        # The quantizer logs a "run pre-processing first" hint on every call; the exported graph is
-        # already shape-inferred, so keep the console for our own progress lines.
-        logging.getLogger().setLevel(logging.ERROR)
         quantize_dynamic(
             str(model_in), str(out),
             weight_type=QuantType.QInt8 if cfg.weight_type == "qint8" else QuantType.QUInt8,
@@ -155,6 +166,7 @@ def count_ops(path: Path) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+@_hushed
 def quantize_other(cfg: QuantSettings, src: Path, out: Path, *, info: ModelInfo,
                    calibration: Iterable[Feed] | None = None) -> Path:
     """Build a ``static-qdq`` or ``matmul-nbits`` model from the fp32 ``src`` into ``out``.
@@ -195,7 +207,6 @@ def _gather_8bit(cfg: QuantSettings, src: Path, out: Path) -> Path:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    logging.getLogger().setLevel(logging.ERROR)
     quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8 if cfg.weight_type == "qint8" else QuantType.QUInt8,
                      per_channel=cfg.per_channel, reduce_range=cfg.reduce_range, op_types_to_quantize=["Gather"],
                      extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
@@ -223,7 +234,6 @@ def _static_qdq(cfg: QuantSettings, src: Path, out: Path, info: ModelInfo, calib
     with tempfile.TemporaryDirectory(prefix="edgepack-qdq-") as tmp:
         model_in = fuse(src, Path(tmp) / "fused.onnx", info) if cfg.fuse else src
         pre = Path(tmp) / "pre.onnx"
-        logging.getLogger().setLevel(logging.ERROR)
         try:
             # Shape inference lets the quantizer see every MatMul's operand shapes.
             quant_pre_process(str(model_in), str(pre), skip_symbolic_shape=False)
@@ -255,7 +265,6 @@ def _matmul_nbits(cfg: QuantSettings, src: Path, out: Path) -> Path:
         raise EdgepackError(f"4-bit MatMulNBits needs the {e.name!r} package, which onnxruntime "
                             f"{_ort_version()} imports but does not install; pip install onnx-ir") from None
 
-    logging.getLogger().setLevel(logging.ERROR)
     model = onnx.load(str(src))
     # accuracy_level=4: activations are quantized to int8 per block and the dot products run on the
     # int8 kernels (VNNI / dot-product); level 0/1 would dequantize the weights to fp32 first.

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from edgepack.config import QuantSettings
+from edgepack.console import Log, Progress
 from edgepack.errors import BudgetError
 from edgepack.metrics import agreement, apply_threshold, calibrate_threshold, label_metrics
 from edgepack.modeling import ModelInfo
@@ -247,7 +248,7 @@ def search(
     latency_texts: int = 64,
     formats: Sequence[str] = ("dynamic", "static-qdq", "matmul-nbits"),
     tie_pct: float = 3.0,
-    log: Callable[[str], Any] = print,
+    log: Log | None = None,
 ) -> VariantSearch:
     """Build every candidate for ``target`` into ``work_dir/<name>.onnx``, measure them and choose.
 
@@ -261,6 +262,7 @@ def search(
     accuracy under its own best threshold (shown, not gated: 100 out-of-scope rows make it noisy).
     Writes ``work_dir/variants.json``. Raises ``BudgetError`` when no candidate is inside the budget.
     """
+    log = log or Progress("quantize")
     from runtime_shim import OnnxPipeline
 
     work_dir = Path(work_dir)
