@@ -16,7 +16,15 @@ from typing import Any, ClassVar, TypeVar
 
 import tomllib
 
+from edgepack import shapes
+
 T = TypeVar("T", bound="ConfigBase")
+
+
+def option(default: Any, help: str, *flags: str, metavar: str | None = None) -> Any:
+    """A config field with its command-line help (and its flags, when not ``--field-name``): the
+    commands generate their options from these (``commands._common.add_config_options``)."""
+    return dataclasses.field(default=default, metadata={"help": help, "flags": flags, "metavar": metavar})
 
 
 def _choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
@@ -101,6 +109,16 @@ class ConfigBase:
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"{path}: not valid TOML ({e})") from None
         return cls.from_dict(data, where=str(path))
+
+    def to_toml(self) -> str:
+        """This config as TOML that ``from_toml`` reads back to an equal config (``None``: left out,
+        the field's default; every ``None`` default stays ``None``)."""
+        import tomli_w
+
+        def present(d: dict[str, Any]) -> dict[str, Any]:
+            return {k: present(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
+
+        return tomli_w.dumps(present(self.to_dict()))
 
     def replace(self: T, **changes: Any) -> T:
         return dataclasses.replace(self, **changes)
@@ -338,21 +356,22 @@ class DistillConfig(ConfigBase):
     # alpha 0: the out-of-scope threshold reads the student's confidence, and only the teacher's
     # soft targets teach it the teacher's; gold-label CE pushes every answer towards certainty
     # (2 layers, 5 epochs, calibrated test: alpha 0.5 87.58%, 0.1 88.80%, 0 89.56%, labels only 88.16%).
-    alpha: float = 0.0  # weight of the cross-entropy on gold labels; 1 - alpha goes to the teacher
+    alpha: float = option(0.0, "weight of the gold-label CE, in [0, 1] (1 - alpha goes to the teacher)")
     # T = 1: students trained hot come out under-confident and gain less from the out-of-scope
     # threshold. lr 5e-4: a 2-3 layer student cut from a fine-tuned teacher moves far from
     # its init; at 1e-4 and 5 epochs the 2-layer student reached 87.9% calibrated, at 5e-4 88.7%.
-    temperature: float = 1.0
-    epochs: int = 5
-    learning_rate: float = 5e-4
-    batch_size: int = 64  # per-row cost on 2 shared cores: 12.6 ms at 32, 10.8 ms at 64
+    temperature: float = option(1.0, "softmax temperature, > 0", "-T", "--temperature")
+    epochs: int = option(5, "training epochs")
+    learning_rate: float = option(5e-4, "peak learning rate", "--lr", "--learning-rate")
+    batch_size: int = option(64, "training batch size")  # per-row cost on 2 shared cores: 12.6 ms at 32, 10.8 ms at 64
     warmup_ratio: float = 0.06
     weight_decay: float = 0.01
-    hidden_weight: float = 0.0  # weight of the [CLS] hidden-state MSE against the mapped teacher layers
+    hidden_weight: float = option(0.0, "weight of the [CLS] hidden-state MSE against the mapped teacher layers (0: off)")
     # Weight of MiniLM's self-attention transfer (Wang et al. 2020): the KL of the student's last layer's
     # attention distributions and value relations against the teacher's last layer's, per teacher head.
     # Teacher-layer students only; the teacher runs on every batch (its outputs are not cached).
-    attention_weight: float = 0.0
+    attention_weight: float = option(0.0, "weight of MiniLM's self-attention transfer from the teacher's last layer "
+                                     "(0: off; teacher-layer students only)")
     freeze_embeddings: bool = True  # the word-embedding table: 11.7M of a 2-layer student's 15.5M; fixed, steps take half the time
     # One teacher-labelled noisy copy per training text (word dropout, swap, or half spliced to half of
     # another text), and oos_relabel: on those copies where the teacher's top probability is below its
@@ -361,13 +380,16 @@ class DistillConfig(ConfigBase):
     # distribution. CLINC150 test, calibrated (one-SE, seed 0): 2 layers 90.07% plain, 90.18% with the copies,
     # 90.73% with both; 3 layers 90.56% / 90.53% / 91.24% (teacher 91.58%). Raw: 2 layers 85.44% ->
     # 89.15%, above the teacher's 87.60%. augment=0 or oos_relabel=0 turns them off.
-    augment: int = 1
-    oos_relabel: float = 0.5
+    augment: int = option(1, "teacher-labelled noisy copies of each training text (0: off)")
+    oos_relabel: float = option(0.5, "on augmented rows the teacher's threshold calls out of scope, move this share of "
+                                "the target to the out-of-scope label, in [0, 1] (0: off)", metavar="W")
     ablation: bool = True  # also train the same student on labels only (alpha = 1) and record it
-    search_trials: int = 0  # > 0: an Optuna study over alpha, T, epochs, lr before the final run
+    search_trials: int = option(0, "run an Optuna study of N trials (over the whole study) over alpha, T, epochs "
+                                "and lr before the final run", "--search", metavar="N")
     search_layers: bool = False  # let the study choose the layer count too (teacher students only)
-    storage: str | None = None  # Optuna storage URL; None: a SQLite file kept with the output
-    study_name: str = "distill"
+    storage: str | None = option(None, "Optuna storage URL shared by workers (default: a SQLite file kept with "
+                                 "--out)", metavar="URL")
+    study_name: str = option("distill", "the Optuna study's name")
     # Quantization-aware training (edgepack.training.qat): train with the int8 rounding of qat_target
     # ("auto": the build's quantize target; the distill and prune commands: this CPU's) simulated,
     # weights per its scheme (AVX2: per-channel 7-bit), Linear inputs uint8 per tensor as ORT's
@@ -375,8 +397,10 @@ class DistillConfig(ConfigBase):
     # CLINC150 (1-layer pruned student, AVX2 and arm64 per-channel) PTQ already stayed within 0.05
     # points of fp32 and QAT changed agreement by +0.06..+0.19 points, test accuracy by -0.22..+0.12
     # (docs/results.md, "Quantization-aware training").
-    qat: bool = False
-    qat_target: str = "auto"
+    qat: bool = option(False, "quantization-aware training: the int8 rounding of --qat-target simulated (see the "
+                       "docs, 'Emulated CPUs')")
+    qat_target: str = option("auto", "the target in targets/ whose rounding --qat simulates (default: this CPU's)",
+                             metavar="TARGET")
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -582,68 +606,6 @@ class SignConfig(ConfigBase):
 DEFAULT_RECIPE = "default"
 
 
-# A shape's keys and the config fields they set (stage table, field).
-SHAPE_KEYS = {"layers": ("distill", "num_layers"), "heads": ("prune", "heads_fraction"),
-              "ffn": ("prune", "ffn_fraction"), "embedding_bits": ("quantize", "embedding_bits"),
-              "fallback": ("cascade", "fallback")}
-
-
-def parse_shape(text: str) -> dict[str, Any]:
-    """A student shape, ``"layers=1 heads=1/3 ffn=1/2"``: its keys (layers, heads and ffn as fractions
-    of the teacher's, embedding_bits) to numbers; keys left out keep the recipe's value.
-    ``recipe=NAME``: the shape's distill and prune tables come from that recipe (e.g. ``static``, the
-    zero-layer student with its own learning rate), the other keys applied over them.
-
-    >>> parse_shape("layers=1 heads=1/3 ffn=0.5")
-    {'layers': 1, 'heads': 0.3333333333333333, 'ffn': 0.5}
-    """
-    out: dict[str, Any] = {}
-    for part in str(text).split():
-        key, sep, value = part.partition("=")
-        if not sep or (key not in SHAPE_KEYS and key != "recipe"):
-            raise ValueError(f"shape {text!r}: {part!r} is not KEY=VALUE with KEY one of "
-                             f"{', '.join((*SHAPE_KEYS, 'recipe'))}")
-        if key == "recipe":
-            if not re.fullmatch(r"[A-Za-z0-9_.-]+", value):
-                raise ValueError(f"shape {text!r}: recipe={value!r} is not a recipe name")
-            out[key] = value
-            continue
-        if key == "fallback":  # a cascade: the shape's bundle, then the teacher's int8 for what it is unsure of
-            if value != "teacher":
-                raise ValueError(f"shape {text!r}: fallback={value!r} is not known; write fallback=teacher")
-            out[key] = value
-            continue
-        try:
-            num, _, den = value.partition("/")
-            x = float(num) / float(den or 1)
-        except (ValueError, ZeroDivisionError):
-            raise ValueError(f"shape {text!r}: {key}={value!r} is not a number or a fraction like 1/3") from None
-        if key in ("layers", "embedding_bits"):
-            if x != int(x) or x < 0:
-                raise ValueError(f"shape {text!r}: {key} must be a whole number >= 0")
-            out[key] = int(x)
-        else:
-            if not 0 < x <= 1:
-                raise ValueError(f"shape {text!r}: {key}={value} must be a fraction in (0, 1]")
-            out[key] = x
-    if not out:
-        raise ValueError(f"shape {text!r} is empty; write e.g. 'layers=1 heads=1/3 ffn=1/2'")
-    return out
-
-
-def shape_name(text: str) -> str:
-    """A shape's short name, used for its build directory and by ``--pick``.
-
-    >>> shape_name("layers=1 heads=1/3 ffn=1/2")
-    'L1-h0.33-f0.5'
-    """
-    letters = {"layers": "L", "heads": "h", "ffn": "f", "embedding_bits": "e"}
-    shape = parse_shape(text)
-    name = "-".join(([shape["recipe"]] if "recipe" in shape else []) + [f"{letters[k]}{shape[k]:.2g}" if isinstance(shape[k], float) else f"{letters[k]}{shape[k]}"
-                    for k in letters if k in shape])  # one order, however the shape was written
-    return name + (f"+{shape['fallback']}" if "fallback" in shape else "")
-
-
 @dataclasses.dataclass(frozen=True)
 class SearchConfig(ConfigBase):
     """The shape search of ``edgepack build`` (``edgepack.runner.search``): build student shapes in
@@ -673,26 +635,13 @@ class SearchConfig(ConfigBase):
     def __post_init__(self) -> None:
         if self.max_drop is not None:
             _in_range("search.max_drop", self.max_drop, 0.0)
-        names = [shape_name(s) for s in self.shapes]  # parses every shape: a typo fails here
+        names = [shapes.shape_name(s) for s in self.shapes]  # parses every shape: a typo fails here
         if len(set(names)) != len(names):
             raise ValueError(f"search.shapes: the same shape twice ({', '.join(names)})")
         _in_range("search.explore", self.explore, 0)
         _in_range("search.latency_runs", self.latency_runs, 10)
         _in_range("search.latency_rounds", self.latency_rounds, 1)
         _choice("search.order", self.order, ("latency", "declared"))
-
-    def candidate(self, build: BuildConfig, shape: str) -> BuildConfig:
-        """``build`` with ``shape``'s fields set."""
-        tables = {"distill": build.distill, "prune": build.prune, "quantize": build.quantize, "cascade": build.cascade}
-        changes: dict[str, dict[str, Any]] = {}
-        for key, value in parse_shape(shape).items():
-            if key == "recipe":
-                continue  # the runner lays the named recipe's tables under the shape (runner.search)
-            table, field = SHAPE_KEYS[key]
-            changes.setdefault(table, {})[field] = value
-        if changes.get("distill", {}).get("num_layers") is not None:
-            changes["distill"]["layers"] = ()  # the shape's depth, not the recipe's explicit layers
-        return build.replace(**{t: tables[t].replace(**c) for t, c in changes.items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -725,24 +674,3 @@ class BuildConfig(ConfigBase):
         for s in self.skip:
             _choice("skip", s, ("distill", "prune", "tune"))
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None, *, where: str = "") -> BuildConfig:
-        return super().from_dict(_legacy_pack(dict(data or {}), where), where=where)
-
-    def merged(self, data: dict[str, Any] | None, *, where: str = "") -> BuildConfig:
-        return super().merged(_legacy_pack(dict(data or {}), where), where=where)
-
-
-def _legacy_pack(data: dict[str, Any], where: str) -> dict[str, Any]:
-    """A recipe's ``[pack]`` table (before the quantize and bundle stages had their own) split between them."""
-    if "pack" not in data:
-        return data
-    flat = data.pop("pack") or {}
-    try:
-        split = PackConfig.of(**flat)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{where + ': ' if where else ''}{e}") from None
-    for name, sub in (("quantize", split.quantize), ("bundle", split.bundle)):
-        keys = {k: v for k, v in flat.items() if k in {f.name for f in dataclasses.fields(sub)}}
-        data[name] = {**data.get(name, {}), **keys}
-    return data

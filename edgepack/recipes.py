@@ -8,12 +8,13 @@ recipe were measured on one dataset and one CPU (the file says which): a recipe,
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import tomllib
 
-from edgepack.config import DEFAULT_RECIPE, BuildConfig
+from edgepack.config import DEFAULT_RECIPE, BuildConfig, PackConfig
 from edgepack.errors import EdgepackError
 from edgepack.resources import data_files
 
@@ -52,7 +53,7 @@ def resolve(data: dict[str, Any], *, where: str = "", default: str = DEFAULT_REC
             _seen: tuple[str, ...] = ()) -> BuildConfig:
     """``data`` laid over the recipe it names (``recipe = ...``, else ``default``; ``"none"``: the
     plain dataclass defaults), recursively. The result records the recipe it started from."""
-    data = dict(data)
+    data = upgrade(dict(data), where)
     base_name = str(data.pop("recipe", None) or default)
     if base_name in _seen:
         raise EdgepackError(f"{where or base_name}: recipes start from each other in a circle "
@@ -67,6 +68,22 @@ def resolve(data: dict[str, Any], *, where: str = "", default: str = DEFAULT_REC
         return base.merged(data, where=where).replace(recipe=base_name)
     except (ValueError, TypeError) as e:
         raise EdgepackError(str(e)) from None
+
+
+def upgrade(data: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """A recipe table in today's spelling: an old ``[pack]`` table (before the quantize and bundle
+    stages had their own) split between them."""
+    if "pack" not in data:
+        return data
+    flat = data.pop("pack") or {}
+    try:
+        split = PackConfig.of(**flat)
+    except (TypeError, ValueError) as e:
+        raise EdgepackError(f"{where + ': ' if where else ''}{e}") from None
+    for name, sub in (("quantize", split.quantize), ("bundle", split.bundle)):
+        keys = {k: v for k, v in flat.items() if k in {f.name for f in dataclasses.fields(sub)}}
+        data[name] = {**data.get(name, {}), **keys}
+    return data
 
 
 def load(name: str = DEFAULT_RECIPE) -> BuildConfig:

@@ -114,3 +114,16 @@ def test_an_installed_wheel_finds_its_recipes_targets_and_profiles(tmp_path):
     assert found_recipes == sorted(p.stem for p in (root / "recipes").glob("*.toml"))
     assert found_targets == sorted(p.stem for p in (root / "targets").glob("*.toml"))
     assert found_profiles == sorted(p.stem for p in (root / "profiles").glob("*.toml"))
+
+
+@pytest.mark.parametrize("name", sorted(recipes.available()))
+def test_every_recipe_round_trips_through_recipe_toml(name, tmp_path):
+    """What a build writes as BUILD/recipe.toml reads back to the same config (None fields included:
+    a 'None' string once came back as student='None')."""
+    from edgepack.config import BuildConfig
+
+    cfg = recipes.load(name).replace(teacher="t", out=str(tmp_path / "b"), domains=None)
+    path = tmp_path / "recipe.toml"
+    path.write_text(cfg.to_toml())
+    assert BuildConfig.from_toml(path) == cfg
+    assert "None" not in path.read_text()

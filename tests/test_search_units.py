@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 from edgepack import profiles
-from edgepack.config import BuildConfig, SearchConfig, parse_shape, shape_name
+from edgepack.config import BuildConfig, SearchConfig
 from edgepack.report.plots import frontier_points
 from edgepack.runner.search import Candidate, _choose
+from edgepack.shapes import apply, parse_shape, shape_name
 
 
 def test_shapes_parse_name_and_apply():
@@ -17,7 +18,7 @@ def test_shapes_parse_name_and_apply():
         "layers": 2, "heads": 1 / 3, "ffn": 0.5, "embedding_bits": 4}
     assert shape_name("layers=0") == "L0" and shape_name("layers=1 heads=1/3 ffn=1/2") == "L1-h0.33-f0.5"
     build = BuildConfig().merged({"distill": {"layers": [0, 5]}})
-    c = SearchConfig(shapes=("layers=3 heads=1 ffn=1/2",)).candidate(build, "layers=3 heads=1 ffn=1/2")
+    c = apply(build, "layers=3 heads=1 ffn=1/2")
     assert (c.distill.num_layers, c.distill.layers, c.prune.heads_fraction, c.prune.ffn_fraction) == (3, (), 1.0, 0.5)
     assert c.quantize == build.quantize  # what the shape leaves out keeps the recipe's value
 
@@ -71,7 +72,7 @@ def test_a_shape_may_start_from_a_recipe():
 
     assert shape_name("recipe=two-layer ffn=1/2") == "two-layer-f0.5"
     cfg = _from_recipe(BuildConfig(), "two-layer")
-    c = SearchConfig(shapes=("recipe=two-layer ffn=1/2",)).candidate(cfg, "recipe=two-layer ffn=1/2")
+    c = apply(cfg, "recipe=two-layer ffn=1/2")
     assert c.distill.num_layers == 2 and c.prune.heads_fraction == 1.0 and c.prune.ffn_fraction == 0.5
     static = _from_recipe(BuildConfig(), "static")  # its own keys only: not the clinc150 recipe it starts from
     assert static.distill.num_layers == 0 and not static.prune.recover and static.prune.keep_chars == "all"
@@ -114,7 +115,7 @@ def test_a_build_recovers_only_what_pruning_cut():
     search = SearchConfig(shapes=("layers=3 heads=1 ffn=1", "layers=1 heads=1/3 ffn=1/2", "layers=3 heads=1 ffn=1/2"))
     recover = {}
     for shape in search.shapes:
-        links = {n: c for n, _, c, _ in chain(search.candidate(base, shape), profiles.load("host"))}
+        links = {n: c for n, _, c, _ in chain(apply(base, shape), profiles.load("host"))}
         recover[shape] = links["prune"].recover
     assert recover == {"layers=3 heads=1 ffn=1": False, "layers=1 heads=1/3 ffn=1/2": True,
                        "layers=3 heads=1 ffn=1/2": True}

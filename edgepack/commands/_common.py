@@ -38,3 +38,30 @@ def existing_dir(value: str) -> Path:
     if not p.is_dir():
         raise argparse.ArgumentTypeError(f"{value}: no such directory")
     return p
+
+
+def add_config_options(group, cls, *names: str) -> None:
+    """One option per config field in ``names``, from the field's ``config.option`` metadata (help,
+    flags, metavar) and its type; each defaults to None (unset: the config file's or the field's value)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in names:
+        meta, hint = fields[name].metadata, hints[name]
+        flags = meta.get("flags") or (f"--{name.replace('_', '-')}",)
+        kwargs = {"dest": name, "default": None, "help": meta["help"]}
+        if hint is bool:
+            group.add_argument(*flags, action="store_true", **kwargs)
+            continue
+        scalar = next((t for t in (int, float, str) if t is hint or t in typing.get_args(hint)), str)
+        group.add_argument(*flags, type=scalar, metavar=meta.get("metavar"), **kwargs)
+
+
+def config_options(args, cls) -> dict:
+    """The fields of ``cls`` whose generated options were given (``add_config_options``)."""
+    import dataclasses
+
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+            if "help" in f.metadata and getattr(args, f.name, None) is not None}

@@ -5,16 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from edgepack.commands._common import add_data_args, data_config, existing_dir
+from edgepack.commands._common import (
+    add_config_options,
+    add_data_args,
+    config_options,
+    data_config,
+    existing_dir,
+)
+from edgepack.config import DistillConfig
 from edgepack.errors import EdgepackError
-
-# CLI flag -> DistillConfig field (flags left unset keep the --config file's or the default value).
-_FIELDS = {
-    "alpha": "alpha", "temperature": "temperature", "epochs": "epochs", "learning_rate": "learning_rate",
-    "batch_size": "batch_size", "hidden_weight": "hidden_weight", "attention_weight": "attention_weight",
-    "augment": "augment", "oos_relabel": "oos_relabel", "search": "search_trials", "storage": "storage", "study_name": "study_name",
-    "qat": "qat", "qat_target": "qat_target",
-}
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -34,36 +33,15 @@ def register(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--student", type=Path, default=None, metavar="DIR",
                    help="start from this checkpoint (with its own tokenizer) instead of teacher layers")
     t = p.add_argument_group("training")
-    t.add_argument("--alpha", type=float, default=None, help="weight of the gold-label CE, in [0, 1]")
-    t.add_argument("-T", "--temperature", type=float, default=None, help="softmax temperature, > 0")
-    t.add_argument("--epochs", type=int, default=None)
-    t.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float, default=None)
-    t.add_argument("--batch-size", type=int, default=None)
+    add_config_options(t, DistillConfig, "alpha", "temperature", "epochs", "learning_rate", "batch_size",
+                       "hidden_weight", "attention_weight", "augment", "oos_relabel", "qat", "qat_target")
     t.add_argument("--max-length", type=int, default=None, help="tokens per text (batches pad to their longest)")
-    t.add_argument("--hidden-weight", type=float, default=None,
-                   help="weight of the [CLS] hidden-state MSE against the mapped teacher layers (0: off)")
-    t.add_argument("--attention-weight", type=float, default=None,
-                   help="weight of MiniLM's self-attention transfer from the teacher's last layer (0: off; "
-                        "teacher-layer students only)")
-    t.add_argument("--augment", type=int, default=None,
-                   help="teacher-labelled noisy copies of each training text (default: 1; 0: off)")
-    t.add_argument("--oos-relabel", type=float, default=None, metavar="W",
-                   help="on augmented rows the teacher's threshold calls out of scope, move this share of "
-                        "the target to the out-of-scope label, in [0, 1] (default: 0.5; 0: off)")
-    t.add_argument("--qat", action="store_true", default=None,
-                   help="quantization-aware training: the int8 rounding of --qat-target simulated (see the docs, 'Emulated CPUs')")
-    t.add_argument("--qat-target", default=None, metavar="TARGET",
-                   help="the target in targets/ whose rounding --qat simulates (default: this CPU's)")
     t.add_argument("--no-ablation", dest="ablation", action="store_false", default=None,
                    help="skip the labels-only (alpha=1) run of the same student")
     t.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     o = p.add_argument_group("search")
-    o.add_argument("--search", type=int, default=None, metavar="N",
-                   help="run an Optuna study of N trials (over the whole study) before the final run")
+    add_config_options(o, DistillConfig, "search_trials", "storage", "study_name")
     o.add_argument("--search-layers", action="store_true", default=None, help="let the study choose the layer count")
-    o.add_argument("--storage", default=None, metavar="URL",
-                   help="Optuna storage URL shared by workers (default: a SQLite file kept with --out)")
-    o.add_argument("--study-name", default=None)
     p.add_argument("--config", type=Path, default=None, help="a TOML file with a [distill] table")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="where teacher logits are cached (default: $EDGEPACK_CACHE/teacher or ~/.cache/edgepack/teacher)")
@@ -75,7 +53,6 @@ def resolve_config(args: argparse.Namespace):
     """The DistillConfig from --config, then the flags given; bad values become one-line errors."""
     import tomllib
 
-    from edgepack.config import DistillConfig
     from edgepack.training.student import parse_layers
 
     base: dict = {}
@@ -85,10 +62,7 @@ def resolve_config(args: argparse.Namespace):
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise EdgepackError(f"--config {args.config}: cannot read as TOML ({e})") from None
         base = dict(doc.get("distill", doc))
-    for flag, field in _FIELDS.items():
-        value = getattr(args, flag)
-        if value is not None:
-            base[field] = value
+    base.update(config_options(args, DistillConfig))
     if args.ablation is not None:
         base["ablation"] = args.ablation
     if args.search_layers:

@@ -16,12 +16,11 @@ def register(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from edgepack import recipes
     from edgepack.config import DEFAULT_RECIPE
-    from edgepack.runner.build import to_toml
 
     if args.name:
         cfg = recipes.load(args.name)
         print(f"# recipe {args.name} ({recipes.available()[args.name]}), resolved")
-        print(to_toml(cfg.to_dict()), end="")
+        print(cfg.to_toml(), end="")
         return 0
     for name, path in recipes.available().items():
         mark = " (default)" if name == DEFAULT_RECIPE else ""

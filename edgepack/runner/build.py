@@ -68,7 +68,7 @@ def _build(cfg: BuildConfig, *, log: Log) -> dict[str, Any]:
     cfg, lengths = _resolve_max_length(cfg, teacher, data)
     # The resolved recipe: a max_length chosen from the data is written as the number it became.
     write_json_atomic(root / "recipe.json", cfg.to_dict())
-    (root / "recipe.toml").write_text(to_toml(cfg.to_dict()), encoding="utf-8")
+    (root / "recipe.toml").write_text(cfg.to_toml(), encoding="utf-8")
     names = [s for s in BUILD_STAGES if s not in cfg.skip]
     if cfg.search.max_drop is not None:  # --max-drop: the budget against the teacher, a profile budget
         profile = profile.replace(budgets=profile.budgets.replace(max_teacher_drop=cfg.search.max_drop))
@@ -198,24 +198,3 @@ def _check_disk(where: Path, teacher: Path) -> None:
     if free < need:
         raise EdgepackError(f"{where}: {free / 1e6:.0f} MB free, a build of {teacher.name} needs about "
                             f"{need / 1e6:.0f} MB; free space or pass --build-dir/--out on another disk")
-
-
-def to_toml(d: dict[str, Any]) -> str:
-    """The resolved recipe as TOML (scalars first, then one table per nested config)."""
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{" + ", ".join(f"{json.dumps(str(k))} = {value(x)}" for k, x in v.items()) + "}"
-        return json.dumps(str(v))
-
-    lines = [f"{k} = {value(v)}" for k, v in d.items() if not isinstance(v, dict) and v is not None]
-    for k, v in d.items():
-        if isinstance(v, dict):
-            lines.append(f"\n[{k}]")
-            lines += [f"{kk} = {value(vv)}" for kk, vv in v.items() if vv is not None]
-    return "\n".join(lines) + "\n"

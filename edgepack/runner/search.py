@@ -28,12 +28,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgepack.config import BuildConfig, parse_shape, shape_name
+from edgepack import shapes
+from edgepack.config import BuildConfig
 from edgepack.console import Log
 from edgepack.errors import EdgepackError
 from edgepack.records import hash_config, write_json_atomic
 from edgepack.runner import cascade, probe
 from edgepack.runner.ledger import Ledger
+from edgepack.shapes import parse_shape, shape_name
 
 CANDIDATE_STAGES = ("distill", "prune", "export", "quantize", "bundle", "cascade")
 
@@ -124,15 +126,15 @@ def search(cfg: BuildConfig, ctx, root: Path, src: Path, src_hash: str, *, log: 
     teacher_acc = teacher_accuracy(ctx, root, src_hash, log)
     val = ctx.data["validation"]
     # --fallback teacher ([cascade] fallback): every shape is a cascade, and is named as one
-    shapes = [shape + (f" fallback={cfg.cascade.fallback}" if cfg.cascade.fallback and "fallback" not in parse_shape(shape)
+    wanted = [shape + (f" fallback={cfg.cascade.fallback}" if cfg.cascade.fallback and "fallback" not in parse_shape(shape)
                        else "") for shape in s.shapes]
-    cands = [Candidate(shape, shape_name(shape), root / "candidates" / shape_name(shape)) for shape in shapes]
+    cands = [Candidate(shape, shape_name(shape), root / "candidates" / shape_name(shape)) for shape in wanted]
     dirs = [c.dir for c in cands] + [root]
     budget = s.max_drop
     if s.pick is not None and s.pick not in {c.name for c in cands}:
         raise EdgepackError(f"--pick {s.pick}: not a shape of this search; shapes: {', '.join(c.name for c in cands)}")
     # a shape naming an unknown recipe fails now, not after the cheaper ones trained
-    configs = {c.name: s.candidate(_from_recipe(cfg, parse_shape(c.shape).get("recipe")), c.shape) for c in cands}
+    configs = {c.name: shapes.apply(_from_recipe(cfg, parse_shape(c.shape).get("recipe")), c.shape) for c in cands}
     for c in cands:
         c.last_stage = "cascade" if configs[c.name].cascade.fallback else "bundle"
     probes: dict[str, Path] = {}
