@@ -68,7 +68,7 @@ def main() -> int:
                   + ("  <- chosen" if c["name"] == frontier["chosen"] else ""))
         else:
             print(f"{c['name']:<22} {c['status']}")
-    summary = json.loads((build_dir / "verify" / "summary.json").read_text())
+    summary = json.loads((build_dir / "summary.json").read_text())
     final = summary["rows"][-1]
     print(f"published {frontier['chosen']}: test accuracy {100 * final['accuracy']:.2f}% calibrated, "
           f"{100 * final['accuracy_raw']:.2f}% raw; end-to-end p50 {final['latency_ms']['p50']:.3f} ms")

@@ -530,7 +530,7 @@ class PruneConfig(ConfigBase):
         return out
 
 
-BUILD_STAGES = ("distill", "prune", "export", "quantize", "bundle", "cascade", "tune", "verify")
+BUILD_STAGES = ("distill", "prune", "export", "quantize", "bundle", "cascade", "tune", "evaluate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -549,10 +549,10 @@ class TuneConfig(ConfigBase):
 
 
 @dataclasses.dataclass(frozen=True)
-class VerifyConfig(ConfigBase):
-    """The verify stage: the benchmark harness on the test split, every stage's model side by side."""
+class EvaluateConfig(ConfigBase):
+    """The evaluate stage (``[evaluate]``; ``[verify]`` in recipes before the rename): the benchmark harness on the test split, every stage's model side by side."""
 
-    section: ClassVar[str] = "verify"
+    section: ClassVar[str] = "evaluate"
     split: str = "test"
     runs: int = 200  # timed single queries per model
     warmup: int = 50
@@ -647,7 +647,7 @@ class SearchConfig(ConfigBase):
 @dataclasses.dataclass(frozen=True)
 class BuildConfig(ConfigBase):
     """``edgepack build``: the whole chain, one table per stage ([data], [distill], [prune], [export],
-    [quantize], [bundle], [tune], [verify]). The defaults here are plain; a build starts from a recipe
+    [quantize], [bundle], [tune], [evaluate]). The defaults here are plain; a build starts from a recipe
     (``recipes/<name>.toml``, :func:`edgepack.recipes.load`), which sets what was measured, with its
     reasons."""
 
@@ -666,11 +666,16 @@ class BuildConfig(ConfigBase):
     bundle: BundleConfig = dataclasses.field(default_factory=BundleConfig)
     cascade: CascadeConfig = dataclasses.field(default_factory=CascadeConfig)
     tune: TuneConfig = dataclasses.field(default_factory=TuneConfig)
-    verify: VerifyConfig = dataclasses.field(default_factory=VerifyConfig)
+    evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
     sign: SignConfig = dataclasses.field(default_factory=SignConfig)
     search: SearchConfig = dataclasses.field(default_factory=SearchConfig)
 
     def __post_init__(self) -> None:
         for s in self.skip:
             _choice("skip", s, ("distill", "prune", "tune"))
+
+    def shapes(self) -> tuple[str, ...]:
+        """The student shapes the build tries (``[search] shapes``): none when distill is skipped, since a
+        shape is a student; then the build is a search of one, the recipe's own."""
+        return () if "distill" in self.skip else self.search.shapes
 

@@ -71,8 +71,11 @@ def resolve(data: dict[str, Any], *, where: str = "", default: str = DEFAULT_REC
 
 
 def upgrade(data: dict[str, Any], where: str = "") -> dict[str, Any]:
-    """A recipe table in today's spelling: an old ``[pack]`` table (before the quantize and bundle
+    """A recipe table in today's spelling: ``[verify]`` is ``[evaluate]`` (the stage's name before
+    "verify" came to mean integrity only); an old ``[pack]`` table (before the quantize and bundle
     stages had their own) split between them."""
+    if "verify" in data:
+        data["evaluate"] = {**data.pop("verify"), **data.get("evaluate", {})}
     if "pack" not in data:
         return data
     flat = data.pop("pack") or {}

@@ -42,7 +42,7 @@ eval_rows = 20
 [tune]
 runs = 5
 
-[verify]
+[evaluate]
 runs = 10
 warmup = 2
 compare = false
@@ -100,7 +100,7 @@ def test_build_writes_verified_bundle_and_report(built):
 
     root, _ = built
     out, work = root / "bundle", root / "bundle.build"
-    for stage in ("distill", "prune", "export", "quantize", "bundle", "tune", "verify"):
+    for stage in ("distill", "prune", "export", "quantize", "bundle", "tune", "evaluate"):
         assert (work / "ledger" / f"{stage}.json").is_file()
     assert (work / "distill" / "stage.json").is_file() and (work / "prune" / "stage.json").is_file()
     assert {"report.html", "report.md", "model.quant.onnx", "manifest.json"} <= {p.name for p in out.iterdir()}
@@ -114,7 +114,7 @@ def test_build_writes_verified_bundle_and_report(built):
     resolved = BuildConfig.from_toml(work / "recipe.toml")
     assert resolved.distill.num_layers == 1 and resolved.quantize.variant_formats == ("dynamic",)
     assert resolved.recipe == "default" and resolved.prune.recovery.epochs == 1
-    for stage in ("distill", "prune", "export", "quantize", "verify"):
+    for stage in ("distill", "prune", "export", "quantize", "evaluate"):
         assert (work / stage / "stage.json").is_file(), stage  # every stage leaves its record
     for stage in ("bundle", "tune"):  # a bundle's record is its manifest (a stage.json would be an unlisted file)
         assert (work / stage / "manifest.json").is_file() and not (work / stage / "stage.json").exists()
@@ -135,7 +135,7 @@ def test_changed_stage_reruns_it_and_what_follows(built, capsys, tiny_model, cli
     assert main(["build", str(recipe)]) == 0
     states = stage_lines(capsys.readouterr().out)
     assert states["distill"] == "skipped"
-    assert all(states[s] != "skipped" for s in ("prune", "export", "quantize", "bundle", "tune", "verify"))
+    assert all(states[s] != "skipped" for s in ("prune", "export", "quantize", "bundle", "tune", "evaluate"))
 
 
 def test_changed_quantize_setting_reruns_quantize_not_export(built, capsys, tiny_model, clinc_json):
@@ -143,10 +143,16 @@ def test_changed_quantize_setting_reruns_quantize_not_export(built, capsys, tiny
     recipe = write_recipe(root / "recipe-q.toml", teacher=tiny_model, out=root / "bundle", data=clinc_json,
                           recover_epochs=2, quantize_extra="embedding_bits = 4")
     capsys.readouterr()
-    assert main(["build", str(recipe)]) == 0
-    states = stage_lines(capsys.readouterr().out)
+    assert main(["build", str(recipe), "--explain"]) == 0
+    out = capsys.readouterr().out
+    states = stage_lines(out)
     assert states["distill"] == "skipped" and states["prune"] == "skipped" and states["export"] == "skipped"
-    assert all(states[s] != "skipped" for s in ("quantize", "bundle", "tune", "verify")), states
+    assert all(states[s] != "skipped" for s in ("quantize", "bundle", "tune", "evaluate")), states
+    # --explain: the field that changed, old -> new, and what followed from it
+    why = dict(re.findall(r"^  (\w+) +(.+)$", out.split("why each stage ran or was skipped:")[1], flags=re.M))
+    assert why["export"] == "skipped: config and input unchanged"
+    assert why["quantize"] == "config changed: quantize.embedding_bits 8 -> 4", why
+    assert why["bundle"].startswith("its input changed")
 
 
 def test_interrupted_build_keeps_finished_stages_and_old_bundle(built, capsys, monkeypatch, tiny_model, clinc_json):

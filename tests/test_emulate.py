@@ -51,10 +51,10 @@ def test_verify_under_emulation(tiny_bundle, tmp_path, capsys, target):
 
 
 def test_verify_stage_checks_a_profile_target_this_cpu_is_not(tiny_bundle, monkeypatch):
-    """The build's verify stage: a profile whose target is this CPU's needs no emulation; another
+    """The build's evaluate stage: a profile whose target is this CPU's needs no emulation; another
     target is checked under QEMU where it can be, and says why not (one line) where it cannot."""
     from edgepack import targets
-    from edgepack.stages.verify import check_on_target_kernels
+    from edgepack.stages.evaluate import check_on_target_kernels
 
     lines: list[str] = []
     host = targets.detect().name

@@ -115,9 +115,9 @@ def test_a_build_recovers_only_what_pruning_cut():
     search = SearchConfig(shapes=("layers=3 heads=1 ffn=1", "layers=1 heads=1/3 ffn=1/2", "layers=3 heads=1 ffn=1/2"))
     recover = {}
     for shape in search.shapes:
-        links = {n: c for n, _, c, _ in chain(apply(base, shape), profiles.load("host"))}
+        links = {link.name: link.cfg for link in chain(apply(base, shape), profiles.load("host"))}
         recover[shape] = links["prune"].recover
     assert recover == {"layers=3 heads=1 ffn=1": False, "layers=1 heads=1/3 ffn=1/2": True,
                        "layers=3 heads=1 ffn=1/2": True}
     sparse = base.replace(prune=base.prune.replace(sparsity="magnitude", sparsity_target=0.5))
-    assert {n: c for n, _, c, _ in chain(sparse, profiles.load("host"))}["prune"].recover
+    assert {link.name: link.cfg for link in chain(sparse, profiles.load("host"))}["prune"].recover

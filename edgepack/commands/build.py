@@ -9,7 +9,7 @@ from edgepack.commands._common import add_data_args
 
 
 def register(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("build", help="teacher -> distill -> prune -> export -> quantize -> bundle -> tune -> verify "
+    p = sub.add_parser("build", help="teacher -> distill -> prune -> export -> quantize -> bundle -> tune -> evaluate "
                        "(resumable)",
                        description="Run the whole chain from a fine-tuned teacher to a verified bundle. Rerunning "
                        "resumes: only stages whose config or input changed run again. A build starts from a recipe "
@@ -17,7 +17,7 @@ def register(sub) -> argparse.ArgumentParser:
                        "within --max-drop points of the teacher; 'clinc150': the shape measured there; "
                        "`edgepack recipes` lists them). "
                        "A recipe TOML file of your own holds the same options (top-level teacher/out/profile/recipe, "
-                       "tables [data] [distill] [prune] [export] [quantize] [bundle] [tune] [verify] [search]) and starts "
+                       "tables [data] [distill] [prune] [export] [quantize] [bundle] [tune] [evaluate] [search]) and starts "
                        "from the recipe it names; command-line options override both.")
     p.add_argument("source", type=Path, metavar="TEACHER_DIR|RECIPE.toml")
     p.add_argument("--recipe", default=None, metavar="NAME",
@@ -46,9 +46,12 @@ def register(sub) -> argparse.ArgumentParser:
                    "search becomes one; a shape can ask for it alone with fallback=teacher)")
     p.add_argument("--skip", action="append", default=None, choices=("distill", "prune", "tune"),
                    help="leave a stage out (repeatable)")
-    p.add_argument("--limit", type=int, default=None, help="verify on at most this many test rows")
+    p.add_argument("--limit", type=int, default=None, help="evaluate on at most this many test rows")
     p.add_argument("--archive", action="store_true", help="also write BUNDLE.tar.gz")
     p.add_argument("--force", action="store_true", help="replace an existing bundle this build did not make")
+    p.add_argument("--explain", action="store_true",
+                   help="say for each stage why it ran or was skipped: no earlier run, which config field changed "
+                   "(old -> new), or its input (from the ledger, BUILD/ledger/)")
     return p
 
 
@@ -94,7 +97,7 @@ def resolve(args: argparse.Namespace):
     if args.search is not None:
         base.setdefault("distill", {})["search_trials"] = args.search
     if args.limit is not None:
-        base.setdefault("verify", {})["limit"] = args.limit
+        base.setdefault("evaluate", {})["limit"] = args.limit
     if args.max_drop is not None:
         base.setdefault("search", {})["max_drop"] = args.max_drop
     if args.pick is not None:
@@ -118,6 +121,16 @@ def resolve(args: argparse.Namespace):
     return cfg
 
 
+def explain(summary: dict) -> str:
+    """Why each stage of a build ran or was skipped: the candidates' stages, then the build's own."""
+    rows = [(c["name"], stage, why) for c in (summary.get("frontier") or {}).get("candidates", [])
+            for stage, why in (c.get("why") or {}).items()]
+    rows += [("", stage, why) for stage, why in summary.get("why", {}).items()]
+    width = max((len(f"{n} {s}".strip()) for n, s, _ in rows), default=0)
+    return "why each stage ran or was skipped:\n" + "\n".join(f"  {f'{n} {s}'.strip():<{width}}  {why}"
+                                                                 for n, s, why in rows)
+
+
 def run(args: argparse.Namespace) -> int:
     from edgepack import api
     from edgepack.console import quiet
@@ -127,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve(args)
     with quiet(build_root(cfg) / "build.log", verbose=args.verbose):  # native warnings beside the build
         result = api.build(cfg.teacher, cfg.data, cfg.out, recipe=cfg, force=args.force)
+    if args.explain:
+        print(explain(result.summary))
     if not result.ok:
         raise BudgetError(f"profile {result.summary['profile']}: missed {'; '.join(result.budget_failures)} "
                           f"(bundle and report written: {result.bundle})")

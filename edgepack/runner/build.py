@@ -1,6 +1,9 @@
 """``edgepack build``: teacher + data -> verified bundle, one resumable chain of stages.
 
-    distill -> prune -> export -> quantize -> bundle -> tune -> verify
+    distill -> prune -> export -> quantize -> bundle [-> cascade] -> tune -> evaluate
+
+A build is a search over candidates (``runner.search``): the recipe's one shape, or its ``[search]
+shapes``; the chosen candidate's bundle then goes through the release links (tune, evaluate).
 
 Each stage is ``edgepack.stages.<name>.run(cfg, src, out, ctx)`` writing ``BUILD/<stage>/``; the
 ledger (``runner.ledger``) skips a stage whose config and input are unchanged, so changing only a
@@ -19,13 +22,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgepack.config import BUILD_STAGES, BuildConfig
+from edgepack.config import BuildConfig
 from edgepack.console import Log
 from edgepack.data import load_dataset
 from edgepack.errors import EdgepackError
 from edgepack.records import claimed_output, hash_tree, staging_dir, write_json_atomic
-from edgepack.runner.chain import chain, run_links
+from edgepack.runner.chain import CANDIDATE, RELEASE, chain, run_links
 from edgepack.runner.ledger import Ledger, output_hash
+from edgepack.runner.search import search
 
 
 def _sha(*parts: str) -> str:
@@ -69,7 +73,6 @@ def _build(cfg: BuildConfig, *, log: Log) -> dict[str, Any]:
     # The resolved recipe: a max_length chosen from the data is written as the number it became.
     write_json_atomic(root / "recipe.json", cfg.to_dict())
     (root / "recipe.toml").write_text(cfg.to_toml(), encoding="utf-8")
-    names = [s for s in BUILD_STAGES if s not in cfg.skip]
     if cfg.search.max_drop is not None:  # --max-drop: the budget against the teacher, a profile budget
         profile = profile.replace(budgets=profile.budgets.replace(max_teacher_drop=cfg.search.max_drop))
     ctx = stages.Context(data=data, data_config=cfg.data, teacher=teacher, profile=profile, cache=root / "cache",
@@ -84,46 +87,30 @@ def _build(cfg: BuildConfig, *, log: Log) -> dict[str, Any]:
             f"{lengths['longest']}: {lengths['texts_truncated']} truncated)")
 
     src, src_hash = teacher, _sha(hash_tree(teacher), data.fingerprint())
-    domains = json.loads(Path(cfg.domains).read_text()) if cfg.domains else None
-    verify_kwargs = {"domains": domains, "title": f"edgepack build: {teacher.name} for {profile.name}"}
-    if cfg.cascade.fallback and not (cfg.search.shapes and "distill" in names):
-        from edgepack.runner import cascade
-        from edgepack.runner.search import teacher_accuracy
-
-        fallback = cascade.fallback_bundle(cfg, ctx, root, src, src_hash, log=log)
-        acc = teacher_accuracy(ctx, root, src_hash, log) if cfg.search.max_drop is not None else None
-        cfg = cascade.with_fallback(cfg, fallback, teacher_accuracy=acc, max_drop=cfg.search.max_drop)
-    links = chain(cfg, profile)
-    if cfg.search.shapes and "distill" in names:
-        from edgepack.runner.search import search
-
-        result = search(cfg, ctx, root, src, src_hash, log=log)
-        chosen = result.chosen
-        src, src_hash = chosen.bundle, output_hash(chosen.bundle)
-        ctx = dataclasses.replace(ctx, compare=_compare(teacher, chosen.dir))
-        verify_kwargs["frontier"] = result.to_dict()
-        # The report shows the frontier: verify reruns when the candidates or the choice change (not
-        # when only their re-measured latencies wobble).
-        fkey = [(c.name, c.status, c.validation_accuracy) for c in result.candidates] + [result.chosen.name]
-        links = [(n, m, c, {**k, "frontier": fkey} if n == "verify" else k)
-                 for n, m, c, k in links if n in ("tune", "verify")]
-    ledger = Ledger(root, log, total=len([n for n, *_ in links if n in names]))
-    src, src_hash = run_links(links, names, ledger, ctx, src, src_hash, verify_kwargs=verify_kwargs)
-
-    verified = root / "verify"
-    summary = json.loads((verified / "summary.json").read_text())
+    ctx = dataclasses.replace(ctx, title=f"edgepack build: {teacher.name} for {profile.name}",
+                              domains=json.loads(Path(cfg.domains).read_text()) if cfg.domains else None)
+    # One path: the candidates (the recipe's one shape, built here, or the search's shapes, each in
+    # candidates/<name>/), then the release chain on the chosen one, numbered on from its stages.
+    release = chain(cfg, profile, RELEASE)
+    ledger = Ledger(root, log, total=len(release) + (0 if cfg.shapes() else len(chain(cfg, profile, CANDIDATE))))
+    result = search(cfg, ctx, root, src, src_hash, log=log, ledger=ledger)
+    chosen = result.chosen
+    ctx = dataclasses.replace(ctx, compare=_compare(teacher, chosen.dir), frontier=result.frontier())
+    last, _ = run_links(chain(cfg, profile, RELEASE, frontier=result.frontier_key()), ledger, ctx, chosen.bundle,
+                        output_hash(chosen.bundle))
+    summary = json.loads((last / "summary.json").read_text())
     if cfg.sign.enabled and not Path(cfg.sign.key).is_file():
         raise EdgepackError(f"{cfg.sign.key}: no such key file ([sign] key); make one with edgepack keys new --out DIR")
-    _publish(verified / "bundle", out, root, force=True, sign=cfg.sign if cfg.sign.enabled else None, log=log)
+    _publish(last / "bundle", out, root, force=True, sign=cfg.sign if cfg.sign.enabled else None, log=log)
     if cfg.bundle.archive:
         from edgepack.bundle_files import archive
 
         log(f"[build] archive written: {archive(out)}")
     for name in ("report.html", "report.md"):
-        shutil.copy2(verified / "bundle" / name, root / name)
+        shutil.copy2(last / "bundle" / name, root / name)
     if lengths is not None:
         summary["max_length"] = lengths
-    summary.update(frontier=verify_kwargs.get("frontier"), bundle=str(out), build_dir=str(root), ran=ledger.ran, skipped=ledger.skipped,
+    summary.update(why=ledger.why, frontier=result.frontier(), bundle=str(out), build_dir=str(root), ran=ledger.ran, skipped=ledger.skipped,
                    wall_time_s=round(time.time() - started, 1))
     write_json_atomic(root / "summary.json", summary)
     log(f"[build] bundle: {out}   report: {root / 'report.html'}   ({summary['wall_time_s']:.0f} s; "
@@ -132,7 +119,7 @@ def _build(cfg: BuildConfig, *, log: Log) -> dict[str, Any]:
 
 
 def _compare(teacher: Path, stages_dir: Path) -> tuple[tuple[str, Path], ...]:
-    """What verify measures beside the bundle: the teacher, and the student and pruned model of the
+    """What evaluate measures beside the bundle: the teacher, and the student and pruned model of the
     build directory (or search candidate) that made it."""
     return (("teacher (PyTorch)", teacher), ("student (PyTorch)", stages_dir / "distill"),
             ("pruned (PyTorch)", stages_dir / "prune"))

@@ -1,20 +1,47 @@
-"""The build's chain of stages as data, and the loop that runs links through a ledger (shared by
-the build and the shape search, ``runner.search``)."""
+"""The build's chain of stages as data, and the loop that runs links through a ledger.
+
+    candidate  distill -> prune -> export -> quantize -> bundle [-> cascade]   one per shape
+    release    tune -> evaluate                                              the chosen candidate
+    pack       export -> quantize -> bundle                  ``edgepack pack``, a cascade's fallback
+    probe      distill (untrained) -> prune -> export -> quantize            the search's cost model
+
+Each is the same chain cut to other stages; every runner runs its links with :func:`run_links`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import types
 from pathlib import Path
 from typing import Any
 
-from edgepack.config import BuildConfig
+from edgepack.config import BUILD_STAGES, BuildConfig
 from edgepack.console import for_stage
 from edgepack.runner.ledger import Ledger, output_hash
 
+CANDIDATE = ("distill", "prune", "export", "quantize", "bundle", "cascade")
+RELEASE = ("tune", "evaluate")
+PACK = ("export", "quantize", "bundle")
+PROBE = ("distill", "prune", "export", "quantize")
 
-def chain(cfg: BuildConfig, profile) -> list[tuple[str, Any, Any, dict[str, Any]]]:
-    """The build's links: (stage name, its module, its config, what else its ledger key holds)."""
-    from edgepack.stages import bundle, cascade, distill, export, prune, quantize, tune, verify
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+    """One stage of a chain: its module (``run(cfg, src, out, ctx)``), its config, and what else its
+    ledger key holds besides the config and the data."""
+
+    name: str
+    module: Any
+    cfg: Any
+    key: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def chain(cfg: BuildConfig, profile, stages: tuple[str, ...] = BUILD_STAGES, *, untrained: bool = False,
+          frontier: Any = None) -> list[Link]:
+    """The links of ``stages`` for ``cfg`` (those in ``cfg.skip`` and a cascade without a fallback left
+    out). ``untrained``: the distill link builds the student without training it (the probes).
+    ``frontier``: what of the search the report shows, in the evaluate link's key."""
+    from edgepack.stages import bundle, cascade, distill, evaluate, export, prune, quantize, tune
 
     quant_cfg = cfg.quantize if cfg.quantize.target != "auto" else cfg.quantize.replace(target=profile.target)
     export_cfg = cfg.export
@@ -34,44 +61,38 @@ def chain(cfg: BuildConfig, profile) -> list[tuple[str, Any, Any, dict[str, Any]
         prune_cfg = prune_cfg.replace(recover=False)
     if prune_cfg.recovery.qat and prune_cfg.recovery.qat_target == "auto":
         prune_cfg = prune_cfg.replace(recovery=prune_cfg.recovery.replace(qat_target=quant_cfg.target))
-    # A cascade (a shape's fallback=teacher, or [cascade] fallback): the build makes the fallback bundle
-    # first (runner.cascade) and names it here; its content is in the key, not only its path.
-    cascade_links = []
-    if cfg.cascade.fallback:
-        fallback = Path(cfg.cascade.fallback_bundle) if cfg.cascade.fallback_bundle else None
-        known = fallback is not None and (fallback / "manifest.json").is_file()
-        cascade_links = [("cascade", cascade, cfg.cascade, {"fallback": output_hash(fallback) if known else None})]
-    return [
-        ("distill", distill, distill_cfg, {}),
-        ("prune", prune, prune_cfg, {}),
-        ("export", export, export_cfg, {}),
-        ("quantize", quantize, quant_cfg, {}),
-        ("bundle", bundle, cfg.bundle.replace(archive=False), {}),
-        *cascade_links,
-        ("tune", tune, cfg.tune, {"profile": profile.to_dict()}),
-        ("verify", verify, cfg.verify, {"profile": profile.to_dict(), "domains": cfg.domains}),
+    # A cascade's fallback bundle is made first (runner.cascade) and named in its config; its content
+    # is in the key, not only its path.
+    fallback = Path(cfg.cascade.fallback_bundle) if cfg.cascade.fallback_bundle else None
+    known = fallback is not None and (fallback / "manifest.json").is_file()
+    distill_link = (Link("distill", types.SimpleNamespace(run=distill.untrained), distill_cfg, {"probe": True})
+                    if untrained else Link("distill", distill, distill_cfg))
+    host = profile.to_dict() if profile is not None else None
+    links = [
+        distill_link,
+        Link("prune", prune, prune_cfg),
+        Link("export", export, export_cfg),
+        Link("quantize", quantize, quant_cfg),
+        Link("bundle", bundle, cfg.bundle.replace(archive=False)),
+        *([Link("cascade", cascade, cfg.cascade, {"fallback": output_hash(fallback) if known else None})]
+          if cfg.cascade.fallback else []),
+        Link("tune", tune, cfg.tune, {"profile": host}),
+        Link("evaluate", evaluate, cfg.evaluate, {"profile": host, "domains": cfg.domains,
+                                                  **({"frontier": frontier} if frontier is not None else {})}),
     ]
+    return [link for link in links if link.name in stages and link.name not in cfg.skip]
 
 
-def run_links(links, names, ledger: Ledger, ctx, src: Path, src_hash: str, *, data_key: dict | None = None,
-              verify_kwargs: dict | None = None) -> tuple[Path, str]:
-    """Each link in ``names`` through the ledger, the output of one the input of the next; returns
-    the last output and its hash."""
-    data_key = ctx.data_config.key_dict() if data_key is None else data_key
-    for name, module, stage_cfg, extra_key in links:
-        if name not in names:
-            continue
-        key = {name: stage_cfg.key_dict(), "data": data_key, **extra_key}
-        stage_src = src
+def run_links(links: list[Link], ledger: Ledger, ctx, src: Path, src_hash: str) -> tuple[Path, str]:
+    """Each link through the ledger, the output of one the input of the next, each stage's progress
+    on its own logger; returns the last output and its hash."""
+    data_key = ctx.data_config.key_dict()
+    for link in links:
+        stage_ctx = dataclasses.replace(ctx, log=for_stage(ctx.log, link.name))
 
-        stage_ctx = dataclasses.replace(ctx, log=for_stage(ctx.log, name))
+        def run(dest: Path, link=link, stage_src=src, stage_ctx=stage_ctx) -> None:
+            link.module.run(link.cfg, stage_src, dest, stage_ctx)
 
-        def run(dest: Path, module=module, stage_cfg=stage_cfg, stage_src=stage_src, name=name, stage_ctx=stage_ctx) -> None:
-            if name == "verify":
-                module.run(stage_cfg, stage_src, dest, stage_ctx, **(verify_kwargs or {}))
-            else:
-                module.run(stage_cfg, stage_src, dest, stage_ctx)
-
-        src = ledger.stage(name, key, src_hash, run)
+        src = ledger.stage(link.name, {link.name: link.cfg.key_dict(), "data": data_key, **link.key}, src_hash, run)
         src_hash = output_hash(src)
     return src, src_hash

@@ -44,6 +44,7 @@ class Ledger:
         self.total, self.prefix, self.index = total, prefix, 0
         self.ran: list[str] = []
         self.skipped: list[str] = []
+        self.why: dict[str, str] = {}  # stage -> why it ran or was skipped (``edgepack build --explain``)
 
     def fresh(self, name: str, config: Mapping[str, Any], input_hash: str) -> bool:
         entry = self.dir / f"{name}.json"
@@ -58,17 +59,15 @@ class Ledger:
         self.index += 1
         out = self.root / name
         label = f"[{self.prefix} {self.index}/{self.total}] {name}" if self.total else f"[{self.prefix}] {name}"
-        if self.fresh(name, config, input_hash):
+        if self.fresh(name, config, input_hash) or self._adopt(name, config, input_hash):
             self.log(f"{label}: up to date (config and input unchanged), skipped")
             self.skipped.append(name)
-            return out
-        if self._adopt(name, config, input_hash):
-            self.log(f"{label}: up to date (config and input unchanged), skipped")
-            self.skipped.append(name)
+            self.why[name] = "skipped: config and input unchanged"
             return out
         entry = self.dir / f"{name}.json"
+        self.why[name] = why = reason(entry, (self.root / name).is_dir(), config, input_hash)
         entry.unlink(missing_ok=True)  # the ledger never vouches for a stage that is being redone
-        self.log(f"{label}: running")
+        self.log(f"{label}: running ({why})")
         t0 = time.time()
         run(out)
         write_json_atomic(entry, {**_key(name, config, input_hash), "config": dict(config),
@@ -96,6 +95,33 @@ class Ledger:
             self.log(f"[{self.prefix}] {name}: the same as {other.name}'s, taken from it")
             return True
         return False
+
+
+def reason(entry: Path, present: bool, config: Mapping[str, Any], input_hash: str) -> str:
+    """Why a stage runs, from its last ledger entry: never run, its output gone, which config fields
+    changed (dotted paths, old -> new), or its input (the stage before it, or the teacher and data).
+
+    >>> reason(Path("/nonexistent.json"), False, {}, "h")
+    'no record of an earlier run'
+    """
+    if not entry.is_file():
+        return "no record of an earlier run" if not present else "its ledger entry is gone (an interrupted run)"
+    if not present:
+        return "its output directory is gone"
+    recorded = json.loads(entry.read_text())
+    changed = _changed(recorded.get("config") or {}, json.loads(json.dumps(dict(config))))
+    if changed:
+        return "config changed: " + "; ".join(changed)
+    if recorded.get("input_hash") != input_hash:
+        return "its input changed (the stage before it reran, or the teacher or data changed)"
+    return "config changed"  # a key written by an older edgepack, without its config
+
+
+def _changed(old: Any, new: Any, path: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [c for k in sorted(set(old) | set(new), key=str)
+                for c in _changed(old.get(k), new.get(k), f"{path}.{k}" if path else str(k))]
+    return [] if old == new else [f"{path} {json.dumps(old)} -> {json.dumps(new)}"]
 
 
 def _key(name: str, config: Mapping[str, Any], input_hash: str) -> dict[str, str]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,8 +28,6 @@ from typing import Any
 from edgepack import console
 from edgepack.config import BuildConfig, SearchConfig
 from edgepack.runner.ledger import Ledger
-
-PROBE_STAGES = ("distill", "prune", "export", "quantize")
 
 
 def probe_config(ccfg: BuildConfig) -> BuildConfig:
@@ -43,22 +40,18 @@ def probe_config(ccfg: BuildConfig) -> BuildConfig:
 def build_probes(configs: Mapping[str, BuildConfig], ctx, root: Path, src: Path, src_hash: str) -> dict[str, Path]:
     """Each shape's probe (name -> BUILD/probes/<name>/quantize, a pipeline directory); the probes of
     one depth share their untrained student (the ledger's ``share``)."""
-    from edgepack.runner.chain import chain, run_links
-    from edgepack.stages import distill
+    from edgepack.runner.chain import PROBE, chain, run_links
 
-    untrained = types.SimpleNamespace(run=distill.untrained)
     # The probes' own stage lines go to the build log only: on the console they would read like the
     # candidates' (the ledger's one line per probe stage stays).
-    quiet = dataclasses.replace(ctx, log=console.log().info)
+    quiet = dataclasses.replace(ctx, log=console.log().debug)
     dirs = [root / "probes" / name for name in configs]
     out: dict[str, Path] = {}
     for i, (name, ccfg) in enumerate(configs.items()):
-        pcfg = probe_config(ccfg)
-        links = [(n, untrained if n == "distill" else m, c, {**k, "probe": True} if n == "distill" else k)
-                 for n, m, c, k in chain(pcfg, ctx.profile) if n in PROBE_STAGES]
-        ledger = Ledger(root / "probes" / name, quiet.log, total=len(PROBE_STAGES),
+        links = chain(probe_config(ccfg), ctx.profile, PROBE, untrained=True)
+        ledger = Ledger(root / "probes" / name, quiet.log, total=len(links),
                         prefix=f"probe {name} {i + 1}/{len(configs)}", share=dirs)
-        out[name], _ = run_links(links, PROBE_STAGES, ledger, quiet, src, src_hash)
+        out[name], _ = run_links(links, ledger, quiet, src, src_hash)
     return out
 
 
@@ -113,7 +106,7 @@ def error_summary(errors: Sequence[float]) -> dict[str, Any] | None:
     return {"shapes": len(a), "median_abs": round(statistics.median(a), 4), "max_abs": round(max(a), 4)}
 
 
-def wanted(search: SearchConfig) -> bool:
-    """Whether the search orders its shapes by probes (``order = "latency"``, more than one shape)."""
-    return search.order == "latency" and len(search.shapes) > 1
+def wanted(search: SearchConfig, shapes: int) -> bool:
+    """Whether the search orders its ``shapes`` by probes (``order = "latency"``, more than one shape)."""
+    return search.order == "latency" and shapes > 1
 

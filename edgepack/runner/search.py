@@ -1,6 +1,7 @@
-"""The shape search of ``edgepack build``: the fastest bundle within the budget against the teacher.
+"""The candidates of ``edgepack build``: the fastest bundle within the budget against the teacher.
 
-The recipe's ``[search] shapes`` are student shapes (depth, heads, FFN width, embedding bits). They are
+Every build goes through :func:`search`. A recipe without ``[search] shapes`` is a search of one: its
+own shape, built in the build directory itself and chosen without measuring. Otherwise the recipe's ``[search] shapes`` are student shapes (depth, heads, FFN width, embedding bits). They are
 tried cheap first: by default each is first built untrained and timed on this CPU (the cost model,
 ``runner.probe``: fastest first, the recipe's order kept within the timing spread); ``order =
 "declared"`` tries them as written. Each is built into ``BUILD/candidates/<name>/`` by the same chain as
@@ -16,7 +17,7 @@ All built candidates are then timed again, interleaved (``latency_rounds`` round
 of the machine falls on every candidate alike), and the fastest inside the budget is chosen, a
 faster one winning only by a lead larger than the spread of its round medians (the variant rule,
 ``stages.quantize.variants.choose``; ties go to the more accurate). No shape inside the budget: the
-most accurate is published, and the build's verify stage fails its ``max_teacher_drop`` budget.
+most accurate is published, and the build's evaluate stage fails its ``max_teacher_drop`` budget.
 ``BUILD/search/frontier.json`` holds every candidate; ``--pick NAME`` publishes another built one.
 """
 
@@ -34,10 +35,9 @@ from edgepack.console import Log
 from edgepack.errors import EdgepackError
 from edgepack.records import hash_config, write_json_atomic
 from edgepack.runner import cascade, probe
+from edgepack.runner.chain import CANDIDATE, chain, run_links
 from edgepack.runner.ledger import Ledger
 from edgepack.shapes import parse_shape, shape_name
-
-CANDIDATE_STAGES = ("distill", "prune", "export", "quantize", "bundle", "cascade")
 
 
 @dataclasses.dataclass
@@ -58,22 +58,18 @@ class Candidate:
     probe_p50_ms: float | None = None
     probe_error: float | None = None
     bundle_bytes: int | None = None
+    bundle: Path | None = None  # the output of its chain's last link (bundle, or cascade with a fallback)
     # A cascade (fallback=teacher): the share of validation texts its first model sends on, so its p50 is
     # the first model's and its p95 the fallback's when the share is above 5%.
     sent_on: float | None = None
     inside: bool | None = None
     status: str = "not built"  # built | skipped (why) | not built
     seconds: float = 0.0
-
-    last_stage: str = "bundle"  # "cascade" for a shape with a fallback: its bundle is that stage's output
-
-    @property
-    def bundle(self) -> Path:
-        return self.dir / self.last_stage
+    why: dict[str, str] = dataclasses.field(default_factory=dict)  # stage -> why it ran or was skipped
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["dir"] = str(self.dir)
+        d["dir"], d["bundle"] = str(self.dir), str(self.bundle) if self.bundle else None
         return d
 
 
@@ -87,6 +83,18 @@ class SearchResult:
     cpu: str
     order: str = "declared"
     latency_model: dict[str, Any] | None = None  # probe.error_summary over the built shapes
+    searched: bool = True  # False: the recipe's one shape, chosen without measuring
+
+    def frontier(self) -> dict[str, Any] | None:
+        """What the report shows of the search (None for the recipe's one shape)."""
+        return self.to_dict() if self.searched else None
+
+    def frontier_key(self) -> list | None:
+        """The frontier's part of the evaluate stage's ledger key: it reruns when the candidates or the
+        choice change, not when only their re-measured latencies wobble."""
+        if not self.searched:
+            return None
+        return [(c.name, c.status, c.validation_accuracy) for c in self.candidates] + [self.chosen.name]
 
     def to_dict(self) -> dict[str, Any]:
         return {"teacher_validation_accuracy": self.teacher_accuracy, "max_drop": self.max_drop,
@@ -114,31 +122,36 @@ def teacher_accuracy(ctx, root: Path, src_hash: str, log: Log) -> float:
     return acc
 
 
-def search(cfg: BuildConfig, ctx, root: Path, src: Path, src_hash: str, *, log: Log = print) -> SearchResult:
-    """Build the shapes, measure them, choose; writes ``root/search/frontier.json``."""
+def search(cfg: BuildConfig, ctx, root: Path, src: Path, src_hash: str, *, log: Log, ledger: Ledger) -> SearchResult:
+    """Build the candidates, measure them, choose; a search of shapes writes ``root/search/frontier.json``.
+    ``ledger``: the build directory's own, for the recipe's one shape (built in ``root``)."""
     from edgepack import profiles, targets
     from edgepack.metrics import accuracy_points
-    from edgepack.runner.chain import chain, run_links
     from runtime_shim import OnnxPipeline
 
     s = cfg.search
-    profile = ctx.profile
-    teacher_acc = teacher_accuracy(ctx, root, src_hash, log)
     val = ctx.data["validation"]
+    budget = s.max_drop
     # --fallback teacher ([cascade] fallback): every shape is a cascade, and is named as one
     wanted = [shape + (f" fallback={cfg.cascade.fallback}" if cfg.cascade.fallback and "fallback" not in parse_shape(shape)
-                       else "") for shape in s.shapes]
+                       else "") for shape in cfg.shapes()]
     cands = [Candidate(shape, shape_name(shape), root / "candidates" / shape_name(shape)) for shape in wanted]
+    configs = {c.name: shapes.apply(_from_recipe(cfg, parse_shape(c.shape).get("recipe")), c.shape) for c in cands}
+    if not cands:
+        cands, configs = [Candidate("", "recipe", root)], {"recipe": cfg}
+    searched = bool(wanted)
     dirs = [c.dir for c in cands] + [root]
-    budget = s.max_drop
     if s.pick is not None and s.pick not in {c.name for c in cands}:
         raise EdgepackError(f"--pick {s.pick}: not a shape of this search; shapes: {', '.join(c.name for c in cands)}")
-    # a shape naming an unknown recipe fails now, not after the cheaper ones trained
-    configs = {c.name: shapes.apply(_from_recipe(cfg, parse_shape(c.shape).get("recipe")), c.shape) for c in cands}
-    for c in cands:
-        c.last_stage = "cascade" if configs[c.name].cascade.fallback else "bundle"
+    known: dict[str, float] = {}
+
+    def teacher_acc() -> float:
+        if "teacher" not in known:
+            known["teacher"] = teacher_accuracy(ctx, root, src_hash, log)
+        return known["teacher"]
+
     probes: dict[str, Path] = {}
-    if probe.wanted(s):
+    if probe.wanted(s, len(cands)):
         log(f"[search] cost model: {len(cands)} shapes built untrained (the teacher's weights cut to each) and "
             f"timed on this CPU, {s.latency_rounds} interleaved rounds of {s.latency_runs} single queries")
         probes = probe.build_probes(configs, ctx, root, src, src_hash)
@@ -150,12 +163,13 @@ def search(cfg: BuildConfig, ctx, root: Path, src: Path, src_hash: str, *, log: 
         log("[search] order, fastest untrained graph first: " + ", ".join(
             f"{c.name} {c.predicted_p50_ms:.3f} ms" for c in cands))
     inside_seen, after_inside, missed_far = False, 0, []
-    fallback: Path | None = None  # the teacher's int8 bundle, made for the first cascade shape
-    log(f"[search] {len(cands)} shapes, cheap first; budget: "
-        + (f"at most {budget:g} points below the teacher's {teacher_acc:.2f}% (validation)" if budget is not None
-           else "none (--max-drop not set): the first shape is kept"))
+    fallback: Path | None = None  # the teacher's int8 bundle, made for the first cascade candidate
+    if searched:
+        log(f"[search] {len(cands)} shapes, cheap first; budget: "
+            + (f"at most {budget:g} points below the teacher's {teacher_acc():.2f}% (validation)" if budget is not None
+               else "none (--max-drop not set): the first shape is kept"))
     for i, c in enumerate(cands):
-        shape = parse_shape(c.shape)
+        shape = parse_shape(c.shape) if c.shape else {}
         if s.pick is None and inside_seen and after_inside >= s.explore:
             c.status = "skipped (a cheaper shape is inside the budget)"
             continue
@@ -163,26 +177,32 @@ def search(cfg: BuildConfig, ctx, root: Path, src: Path, src_hash: str, *, log: 
         if s.pick is None and any(base == m for m in missed_far) and "embedding_bits" in shape:
             c.status = "skipped (the same shape missed by more than twice the budget)"
             continue
-        if s.pick is not None and c.name != s.pick and not (c.bundle / "manifest.json").is_file():
-            c.status = "not built"
-            continue
         t0 = time.time()
         ccfg = configs[c.name]
         if ccfg.cascade.fallback:
             if fallback is None:
                 fallback = cascade.fallback_bundle(cfg, ctx, root, src, src_hash, log=log)
-            ccfg = cascade.with_fallback(ccfg, fallback, teacher_accuracy=teacher_acc, max_drop=budget)
-        links = [link for link in chain(ccfg, profile) if link[0] in CANDIDATE_STAGES]
-        ledger = Ledger(c.dir, log, total=len(links), prefix=f"{c.name} {i + 1}/{len(cands)}", share=dirs)
-        run_links(links, CANDIDATE_STAGES, ledger, ctx, src, src_hash)
+            ccfg = cascade.with_fallback(ccfg, fallback, teacher_accuracy=teacher_acc() if budget is not None else None,
+                                         max_drop=budget)
+        links = chain(ccfg, ctx.profile, CANDIDATE)
+        if s.pick is not None and c.name != s.pick and not (c.dir / links[-1].name / "manifest.json").is_file():
+            c.status = "not built"
+            continue
+        own = c.dir == ledger.root
+        run_ledger = ledger if own else Ledger(c.dir, log, total=len(links), prefix=f"{c.name} {i + 1}/{len(cands)}",
+                                               share=dirs)
+        c.bundle, _ = run_links(links, run_ledger, ctx, src, src_hash)
+        c.why = dict(run_ledger.why)
+        c.status, c.seconds = "built", round(time.time() - t0, 1)
+        if not searched:
+            break
         pipe = OnnxPipeline(c.bundle)
         if pipe.fallback is not None:
             c.sent_on = ((pipe.manifest.get("metrics") or {}).get("cascade") or {}).get("sent_on_validation")
         c.validation_accuracy = accuracy_points(pipe, val, ctx.data.label_names)
-        c.teacher_drop = teacher_acc - c.validation_accuracy
+        c.teacher_drop = teacher_acc() - c.validation_accuracy
         c.inside = budget is None or c.teacher_drop <= budget
         c.bundle_bytes = sum(f.stat().st_size for f in c.bundle.rglob("*") if f.is_file())
-        c.status, c.seconds = "built", round(time.time() - t0, 1)
         log(f"[search] {c.name}: {c.validation_accuracy:.2f}% on validation ({c.teacher_drop:+.2f} points below "
             f"the teacher): {'inside' if c.inside else 'outside'} the budget")
         if c.inside:
@@ -192,6 +212,9 @@ def search(cfg: BuildConfig, ctx, root: Path, src: Path, src_hash: str, *, log: 
             after_inside += 1
         if budget is not None and c.teacher_drop > 2 * budget:
             missed_far.append(base)
+    if not searched:
+        return SearchResult(known.get("teacher", float("nan")), budget, cands, cands[0], "the recipe's one shape",
+                            cpu="", searched=False)
     built = [c for c in cands if c.status == "built"]
     _time_candidates(built, probes, val.texts, runs=s.latency_runs, rounds=s.latency_rounds, log=log)
     chosen, why = _choose(built, s.pick)
@@ -205,7 +228,7 @@ def search(cfg: BuildConfig, ctx, root: Path, src: Path, src_hash: str, *, log: 
     if model_error:
         log(f"[search] cost model error against the trained bundles: median {model_error['median_abs']:.0%}, "
             f"largest {model_error['max_abs']:.0%} ({model_error['shapes']} shapes)")
-    result = SearchResult(teacher_acc, budget, cands, chosen, why,
+    result = SearchResult(teacher_acc(), budget, cands, chosen, why,
                           cpu=f"{targets.detect().name} ({profiles.host_profile().description})",
                           order="latency" if probes else "declared", latency_model=model_error)
     write_json_atomic(root / "search" / "frontier.json", result.to_dict())

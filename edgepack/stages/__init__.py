@@ -14,7 +14,7 @@ previous stage's output, or the user's model), ``out`` the directory it writes, 
     bundle    threshold, eval slice, shim, manifest               stages/bundle/
     cascade   a fallback model inside the bundle for unsure texts  stages/cascade.py
     tune      thread settings measured on this CPU                stages/tune.py
-    verify    benchmark beside the teacher, budgets, report       stages/verify.py
+    evaluate  benchmark beside the teacher, budgets, report       stages/evaluate.py
 
 Stages do not import each other (a test holds the rule); what two stages share sits below them
 (``edgepack.training``, ``edgepack.metrics``, ``edgepack.records``...). This module imports none of them.
@@ -33,7 +33,7 @@ from edgepack.console import Log, Progress
 from edgepack.errors import EdgepackError
 from edgepack.records import STAGE_RECORD
 
-STAGES = ("finetune", "distill", "prune", "export", "quantize", "bundle", "cascade", "tune", "verify")
+STAGES = ("finetune", "distill", "prune", "export", "quantize", "bundle", "cascade", "tune", "evaluate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +46,12 @@ class Context:
     profile: Any = None  # edgepack.profiles.Profile of the device the bundle is for
     cache: Path | None = None  # the teacher-output cache shared by distill and prune
     log: Log = dataclasses.field(default_factory=Progress)  # progress lines: edgepack.<stage> loggers
-    # verify: earlier models to measure beside the bundle, as (name, directory)
+    # evaluate: earlier models to measure beside the bundle, as (name, directory), and the report's
+    # title, domain -> intents map and the shape search's frontier
     compare: tuple[tuple[str, Path], ...] = ()
+    title: str = ""
+    domains: Mapping[str, Any] | None = None
+    frontier: Mapping[str, Any] | None = None
 
     @property
     def max_length(self) -> int:

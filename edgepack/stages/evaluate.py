@@ -1,4 +1,4 @@
-"""The verify stage: a bundle -> its measurements, its budgets and its report.
+"""The evaluate stage: a bundle -> its measurements, its budgets and its report.
 
 Benchmarks the bundle on the held-out split beside the teacher and the build's earlier models
 (``ctx.compare``, in PyTorch), checks the profile's budgets and writes the report into a copy of the
@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from edgepack.config import VerifyConfig
+from edgepack.config import EvaluateConfig
 from edgepack.records import staging_dir, write_json_atomic, write_stage_record
 from edgepack.stages import StageRecord
 
@@ -28,13 +28,13 @@ def check_on_target_kernels(bundle: Path, target: str, log) -> dict[str, Any] | 
         return None
     ok, why = emulate.available(target)
     if not ok:
-        log(f"[verify] this CPU is a {host}, the profile's target a {target}: accuracy on its kernels not "
+        log(f"[evaluate] this CPU is a {host}, the profile's target a {target}: accuracy on its kernels not "
             f"checked ({why}); latency, memory and threads here are this CPU's")
         return {"checked": False, "target": target, "host_target": host, "why": why}
-    log(f"[verify] this CPU is a {host}, the profile's target a {target}: checking accuracy on its kernels "
+    log(f"[evaluate] this CPU is a {host}, the profile's target a {target}: checking accuracy on its kernels "
         f"under emulation ({why}); latency is not measured there")
     result = emulate.check_bundle(bundle, target, log=log)
-    log(f"[verify] {emulate.summary(result)}")
+    log(f"[evaluate] {emulate.summary(result)}")
     return {"checked": True, "host_target": host, **result}
 
 
@@ -48,9 +48,9 @@ def teacher_drop(teacher, bundle, val, label_names) -> dict[str, float]:
     return {"teacher_validation_accuracy": t, "validation_accuracy": b, "teacher_drop": t - b}
 
 
-def run(cfg: VerifyConfig, src: Path, out: Path, ctx, *, domains: dict | None = None, title: str = "",
-        frontier: dict | None = None) -> StageRecord:
-    """The stage: ``src`` (a tuned bundle) -> ``out`` (``bundle/`` with its report, the results)."""
+def run(cfg: EvaluateConfig, src: Path, out: Path, ctx) -> StageRecord:
+    """The stage: ``src`` (a tuned bundle) -> ``out`` (``bundle/`` with its report, the results); the
+    report's title, domains and the search's frontier come from ``ctx``."""
     import time
 
     from edgepack import profiles
@@ -64,6 +64,7 @@ def run(cfg: VerifyConfig, src: Path, out: Path, ctx, *, domains: dict | None = 
 
     started = time.time()
     data, profile, log = ctx.data, ctx.profile, ctx.log
+    domains, frontier = ctx.domains, ctx.frontier
     split = data[cfg.split]
     if cfg.limit:
         split = stratified_slice(split, cfg.limit, seed=ctx.data_config.seed)
@@ -87,7 +88,7 @@ def run(cfg: VerifyConfig, src: Path, out: Path, ctx, *, domains: dict | None = 
         pipe.name = "bundle (ORT int8)"
         candidates.append((pipe.name, pipe))
         for i, (name, backend) in enumerate(candidates):
-            log(f"[verify] {name}: {len(texts)} rows, {cfg.warmup} warm-up + {cfg.runs} timed queries")
+            log(f"[evaluate] {name}: {len(texts)} rows, {cfg.warmup} warm-up + {cfg.runs} timed queries")
             res = run_benchmark(backend, texts, gold, reference=reference, warmup=cfg.warmup, runs=cfg.runs,
                                 rss_argv=getattr(backend, "rss_argv", None))
             res["name"] = name
@@ -103,15 +104,15 @@ def run(cfg: VerifyConfig, src: Path, out: Path, ctx, *, domains: dict | None = 
             teacher.calibrate(val.texts, val.labels)  # the budget needs it even when the report compares nothing
         if teacher is not None:
             rows[-1].update(teacher_drop(teacher, pipe, val, data.label_names))
-            log(f"[verify] validation accuracy: teacher {rows[-1]['teacher_validation_accuracy']:.2f}%, bundle "
+            log(f"[evaluate] validation accuracy: teacher {rows[-1]['teacher_validation_accuracy']:.2f}%, bundle "
                 f"{rows[-1]['validation_accuracy']:.2f}% ({rows[-1]['teacher_drop']:+.2f} points below the teacher)")
         log("\n" + format_table(rows))
         checks = profiles.budget_report(profile, rows[-1])
         failures = [c.line() for c in checks if not c.ok]
         for c in checks:
-            log(f"[verify] budget {c.line()}: {'pass' if c.ok else 'FAIL'}")
+            log(f"[evaluate] budget {c.line()}: {'pass' if c.ok else 'FAIL'}")
         attach_eval_data(rows, texts, gold)
-        write_report(tmp / "bundle", rows, title=title or f"edgepack build for {profile.name}",
+        write_report(tmp / "bundle", rows, title=ctx.title or f"edgepack build for {profile.name}",
                      budgets=checks, domains=domains, notes=host_notes(rows), frontier=frontier)
         emulated = check_on_target_kernels(tmp / "bundle", profile.target, log)
         if emulated is not None:
@@ -128,6 +129,6 @@ def run(cfg: VerifyConfig, src: Path, out: Path, ctx, *, domains: dict | None = 
             write_json_atomic(tmp / "frontier.json", frontier)
         write_json_atomic(tmp / "summary.json", {"profile": profile.name, "rows": slim, "budget_failures": failures,
                                                  **({"emulated": emulated} if emulated else {})})
-        write_stage_record(tmp, stage="verify", config=cfg.to_dict(), input_hash=hash_tree(src),
+        write_stage_record(tmp, stage="evaluate", config=cfg.to_dict(), input_hash=hash_tree(src),
                            metrics={"budget_failures": failures, "rows": len(texts)}, started=started)
     return StageRecord.read(out)
