@@ -91,7 +91,9 @@ def capture(log_file: Path | None) -> Iterator[None]:
     block, so a library build prints nothing its caller did not ask for.
     """
     handler: logging.Handler = logging.NullHandler()
-    if log_file is not None:
+    # Under the command line the root logger may already write this file (console.quiet): once is enough.
+    taken = {getattr(h, "baseFilename", None) for h in logging.getLogger().handlers}
+    if log_file is not None and str(Path(log_file).resolve()) not in taken:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(log_file, encoding="utf-8")
         handler.setFormatter(logging.Formatter(_FORMAT))
