@@ -17,9 +17,13 @@ memory of a fresh process that loads the model and answers queries. Writes WORK/
 WORK/peers.md (the table) and WORK/peers.png (accuracy against latency, p50 to p95 as a bar).
 
 ``--breakdown BUNDLE`` splits a bundle's single query into its parts, each timed alone in the same
-interleaved rounds as the whole call: the token ids (``OnnxPipeline._ids``), the session run on
-them, the answer from the logits (``top_of_list``), and ONNX Runtime's own floor: a one-node graph
-run through the same C API call. What the parts do not add up to is Python around them.
+interleaved rounds as the whole call, before and after the answer moved into the graph: the token ids
+(``OnnxPipeline._ids``), the session run on them (logits; or the answer output), the answer from the
+logits in Python (``top_of_list``; or reading the answer row), ONNX Runtime's own floor (a two-node
+graph through the same C API call), the bundle on the ``runtime_shim`` copy it shipped with (for a
+bundle from before this checkout: its own code and graph) and fastText's whole call (trained into WORK
+if missing). What the parts do not add up to is Python around them. Both paths answer every test text too: how many
+labels differ, and each one's accuracy.
 """
 
 from __future__ import annotations
@@ -293,7 +297,7 @@ def rss_child(kind: str, path: str, names_file: str) -> int:
 
 
 def _floor_model(path: Path) -> Path:
-    """A one-node ONNX graph with a bundle's inputs and a [1, 1] float output: ONNX Runtime's per-run cost
+    """A two-node ONNX graph with a bundle's inputs and a [1, 1] float output: ONNX Runtime's per-run cost
     through the C API, with next to no compute."""
     import onnx
     from onnx import TensorProto, helper
@@ -309,70 +313,103 @@ def _floor_model(path: Path) -> Path:
     return path
 
 
-def _answer_in_graph(model: Path, path: Path) -> Path:
-    """The bundle's graph with the answer computed inside it: ``logits`` becomes a [1, 2] float of the
-    top softmax probability and the top label's id (Softmax, ReduceMax, ArgMax, Cast, Concat appended).
-    A measurement of what moving the answer into ONNX Runtime would cost, not a bundle format."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    m = onnx.load(model)
-    g = m.graph
-    out = next(o for o in g.output if o.name == "logits")
-    for node in g.node:
-        node.output[:] = ["raw_logits" if o == "logits" else o for o in node.output]
-    opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
-    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [1])
-    g.initializer.append(axes)
-    g.node.extend([
-        helper.make_node("Softmax", ["raw_logits"], ["probs"], axis=-1),
-        helper.make_node("ReduceMax", ["probs", "axes"] if opset >= 18 else ["probs"], ["top"], keepdims=1,
-                         **({} if opset >= 18 else {"axes": [1]})),
-        helper.make_node("ArgMax", ["raw_logits"], ["top_id"], axis=1, keepdims=1),
-        helper.make_node("Cast", ["top_id"], ["top_id_f"], to=TensorProto.FLOAT),
-        helper.make_node("Concat", ["top", "top_id_f"], ["logits"], axis=1),
-    ])
-    g.output.remove(out)
-    g.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 2]))
-    onnx.save(m, path)
-    return path
-
-
-def breakdown(bundle: Path, texts: list[str], *, rounds: int, per_round: int, warmup: int, work: Path) -> dict:
-    """A bundle's single query, part by part, every part in the same interleaved rounds."""
+def breakdown(bundle: Path, data, *, rounds: int, per_round: int, warmup: int, work: Path,
+              fasttext: Path | None = None) -> tuple[dict, dict]:
+    """A bundle's single query, part by part, before and after the answer moved into the graph, every part
+    in the same interleaved rounds (with fastText's whole call, when ``fasttext`` is given). Before: the
+    graph without the answer output and the answer computed in Python from the logits (``top_of_list``);
+    after: the graph with it (``run_one``). Also the two paths' answers on every test text, paired."""
+    from edgepack.stages.bundle.answer import ANSWER, add_answer, remove_answer
     from edgepack.stages.quantize.variants import round_summary, time_interleaved
     from runtime_shim import OnnxPipeline
     from runtime_shim.bench import spread_order
     from runtime_shim.csession import CSession
     from runtime_shim.scores import top_of_list
 
-    pipe = OnnxPipeline(bundle, overrides=ORT_ONE_THREAD)
-    if pipe._run_rows is None:
+    given = OnnxPipeline(bundle, overrides=ORT_ONE_THREAD)
+    if given._run_rows is None:
         raise SystemExit(f"{bundle}: the session is not the C API's (session_api); the breakdown times that path")
+    if given.answer_name:
+        after_model, before_model = given.model_path, remove_answer(given.model_path, work / "before.onnx")
+    else:  # a bundle written before the answer output: the after graph is made here as the bundle stage would
+        before_model, after_model = given.model_path, add_answer(given.model_path, work / "after.onnx")
+    del given
+    before = OnnxPipeline(bundle, overrides={**ORT_ONE_THREAD, "answer": None, "model": str(before_model.resolve())})
+    after = OnnxPipeline(bundle, overrides={**ORT_ONE_THREAD, "answer": ANSWER, "model": str(after_model.resolve())})
+
+    texts = list(data["test"].texts)
+    paired = _paired_answers(before, after, texts, data["test"].labels)
     feeds = [texts[i] for i in spread_order(len(texts), warmup + rounds * per_round)]
-    ids = {t: pipe._ids(t) for t in feeds}
-    logits = {t: pipe._run_rows([ids[t]], pipe.pad_id, pipe.output_name)[0] for t in feeds}
-    floor = CSession(_floor_model(work / "floor.onnx"), {**pipe.session.options})
-    in_graph = CSession(_answer_in_graph(pipe.model_path, work / "answer_in_graph.onnx"), {**pipe.session.options})
-    oos, th = pipe.oos_id, pipe.oos_threshold
+    ids = {t: after._ids(t) for t in feeds}
+    logits = {t: before._run_rows([ids[t]], before.pad_id, before.output_name)[0] for t in feeds}
+    rows = {t: after._run_one(ids[t], ANSWER) for t in feeds}
+    floor = CSession(_floor_model(work / "floor.onnx"), {**after.session.options})
+    oos, th = after.oos_id, after.oos_threshold
+
+    def read_answer(t):  # what _classify_one does with the answer row
+        top, k = after._answer(rows[t])
+        return (oos if th is not None and top < th else k), top
+
     runners = {
-        "whole call: pipe(text)": lambda t: pipe(t),
-        "token ids (fast WordPiece)": lambda t: pipe._ids(t),
-        "session run (C API, bound buffers)": lambda t: pipe._run_rows([ids[t]], pipe.pad_id, pipe.output_name),
-        "answer from logits (top_of_list)": lambda t: top_of_list(logits[t], oos, th),
-        "ONNX Runtime floor: a 2-node graph, same call": lambda t: floor.run_rows([ids[t]], 0, "logits"),
-        "session run with the answer in the graph (a measurement)": lambda t: in_graph.run_rows([ids[t]], 0, "logits"),
+        "before: whole call, pipe(text)": lambda t: before(t),
+        "after: whole call, pipe(text)": lambda t: after(t),
+        "token ids (fast WordPiece)": lambda t: after._ids(t),
+        "before: session run, logits (run_rows)": lambda t: before._run_rows([ids[t]], before.pad_id, before.output_name),
+        "before: answer from the logits in Python (top_of_list)": lambda t: top_of_list(logits[t], oos, th),
+        "after: session run, answer in the graph (run_one)": lambda t: after._run_one(ids[t], ANSWER),
+        "after: reading the answer (checks, threshold)": read_answer,
+        "ONNX Runtime's floor: a 2-node graph, same call (run_one)": lambda t: floor.run_one(ids[t], "logits"),
     }
-    if pipe.fast_wordpiece is not None:
-        tok = pipe.tokenizer
+    if after.fast_wordpiece is not None:
+        tok = after.tokenizer
         runners["token ids (tokenizers, for comparison)"] = lambda t: tok.encode(t).ids
+    shipped = _shipped_pipeline(bundle)
+    if shipped is not None:
+        runners["the bundle's own runtime_shim copy (the shim it shipped with): whole call"] = lambda t: shipped(t)
+    if fasttext is not None:
+        ft = load_fasttext(fasttext, list(data.label_names), work / "label_names.json", "fastText")
+        runners[f"fastText ({fasttext.name}), whole call"] = ft.answer
     times = time_interleaved(runners, feeds, warmup=warmup, runs=rounds * per_round, rounds=rounds)
     out = {name: round_summary(blocks) for name, blocks in times.items()}
-    parts = ("token ids (fast WordPiece)", "session run (C API, bound buffers)", "answer from logits (top_of_list)")
-    for stat in ("p50_ms", "mean_ms"):
-        rest = out["whole call: pipe(text)"][stat] - sum(out[p][stat] for p in parts)
-        out.setdefault("Python around the parts (whole minus the three parts)", {})[stat] = rest
-    return out
+    for side, parts in (("before", ("token ids (fast WordPiece)", "before: session run, logits (run_rows)",
+                                    "before: answer from the logits in Python (top_of_list)")),
+                        ("after", ("token ids (fast WordPiece)", "after: session run, answer in the graph (run_one)",
+                                   "after: reading the answer (checks, threshold)"))):
+        for stat in ("p50_ms", "mean_ms"):
+            rest = out[f"{side}: whole call, pipe(text)"][stat] - sum(out[p][stat] for p in parts)
+            out.setdefault(f"{side}: Python around the parts (the whole minus its three parts)", {})[stat] = rest
+    return out, paired
+
+
+def _shipped_pipeline(bundle: Path):
+    """The bundle on the ``runtime_shim`` copy inside it (imported under another name, the bundle's files
+    not verified by it), one thread: for a bundle written before this checkout, the whole call as its own
+    code and graph answered it. None when the copy is this checkout's shim."""
+    import importlib.util
+
+    init = bundle / "runtime_shim" / "__init__.py"
+    here = Path(__file__).resolve().parents[1] / "runtime_shim"
+    if not init.is_file() or all((init.parent / f.name).read_bytes() == f.read_bytes() for f in here.glob("*.py")):
+        return None
+    spec = importlib.util.spec_from_file_location("shipped_runtime_shim", init,
+                                                  submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.OnnxPipeline(bundle, verify=False, overrides=ORT_ONE_THREAD)
+
+
+def _paired_answers(before, after, texts: list[str], labels) -> dict:
+    """Both paths' single-query answers (threshold applied) on the same texts: how many differ, the largest
+    score difference, and each path's accuracy."""
+    names = before.label_names
+    a = [before(t)[0] for t in texts]
+    b = [after(t)[0] for t in texts]
+    y = [names[i] for i in labels]
+    return {"rows": len(texts), "labels_differ": sum(x["label"] != z["label"] for x, z in zip(a, b, strict=True)),
+            "max_score_diff": max(abs(x["score"] - z["score"]) for x, z in zip(a, b, strict=True)),
+            "accuracy_before": sum(x["label"] == t for x, t in zip(a, y, strict=True)) / len(texts),
+            "accuracy_after": sum(z["label"] == t for z, t in zip(b, y, strict=True)) / len(texts)}
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -493,15 +530,25 @@ def main(argv=None) -> int:
     texts = list(data["test"].texts)
     cpu = _cpu()
     if args.breakdown is not None:
-        parts = breakdown(args.breakdown, texts, rounds=args.rounds, per_round=args.per_round, warmup=args.warmup,
-                          work=args.work)
+        names_file = args.work / "label_names.json"
+        names_file.write_text(json.dumps(list(data.label_names)))
+        ft = args.work / "fasttext" / "model.bin"
+        if not ft.is_file():
+            log("[peers] training fastText, bigrams (the whole call the breakdown is compared with)")
+            train_fasttext(data, args.work / "fasttext", quantize=False)
+        parts, paired = breakdown(args.breakdown, data, rounds=args.rounds, per_round=args.per_round,
+                                  warmup=args.warmup, work=args.work, fasttext=ft)
         log(f"\n{args.breakdown}: one query, part by part ({cpu}; {args.rounds} interleaved rounds of {args.per_round})")
         log("| part | p50 us | mean us | p95 us |\n|---|---:|---:|---:|")
         for name, r in parts.items():
             p95 = f"{1000 * r['p95_ms']:.1f}" if "p95_ms" in r else "-"
             log(f"| {name} | {1000 * r['p50_ms']:.1f} | {1000 * r['mean_ms']:.1f} | {p95} |")
+        log(f"\nthe two paths on {paired['rows']} test texts, single queries, threshold applied: "
+            f"{paired['labels_differ']} labels differ, scores within {paired['max_score_diff']:.1e}; accuracy "
+            f"{paired['accuracy_before']:.2%} before, {paired['accuracy_after']:.2%} after")
         write_json_atomic(args.work / "breakdown.json", {"bundle": str(args.breakdown), "cpu": cpu, "parts": parts,
-                                                         "rounds": args.rounds, "per_round": args.per_round})
+                                                         "paired": paired, "rounds": args.rounds,
+                                                         "per_round": args.per_round})
         return 0
     if args.plot_only:
         saved = json.loads((args.work / "peers.json").read_text())

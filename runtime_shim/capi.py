@@ -86,7 +86,7 @@ _SIGNATURES: dict[str, tuple[Any, ...]] = {  # (restype, *argtypes); restype _P 
 
 # ONNXTensorElementDataType: the ones a classifier's inputs and logits use, and names for the rest
 # (what a message says a model declares or returned).
-FLOAT, INT32, INT64 = 1, 6, 7
+FLOAT, INT32, INT64, DOUBLE = 1, 6, 7, 11
 TYPE_NAMES = {i: f"tensor({name})" for i, name in enumerate(
     ("undefined", "float", "uint8", "int8", "uint16", "int16", "int32", "int64", "string", "bool", "float16",
      "double", "uint32", "uint64", "complex64", "complex128", "bfloat16"))}

@@ -12,7 +12,7 @@ from array import array
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .capi import _P, _PTR, _SZ, FLOAT, INT32, INT64, TYPE_NAMES, OrtError, _Api, library
+from .capi import _P, _PTR, _SZ, DOUBLE, FLOAT, INT32, INT64, TYPE_NAMES, OrtError, _Api, library
 from .manifest import BundleError
 
 
@@ -31,8 +31,9 @@ class NodeArg:
 
 class CSession:
     """A CPU session on a model file through the C API, with the methods of ``InferenceSession`` the shim
-    uses (``get_inputs``, ``get_outputs``, ``run`` on numpy arrays) and ``run_rows``, which feeds token
-    id rows and returns logits rows without numpy.
+    uses (``get_inputs``, ``get_outputs``, ``run`` on numpy arrays), ``run_rows``, which feeds token
+    id rows and returns logits rows without numpy, and ``run_one``, one row's output as Python floats
+    (a float or double output: edgepack's ``answer``).
 
     Example:
         >>> sess = CSession("bundle/model.quant.onnx", {"intra_op_num_threads": 1, "graph_optimization_level": 99})
@@ -122,17 +123,22 @@ class CSession:
         self._out_c = {o.name: (C.c_char_p * 1)(o.name.encode()) for o in self._outputs}
         self._width = {o.name: (o.shape[-1] if o.elem == FLOAT and len(o.shape) == 2 and o.shape[-1] else None)
                        for o in self._outputs}
+        # run_one reads a [batch, width] output of either float type, by its declared one.
+        self._one = {o.name: (o.elem, o.shape[-1]) for o in self._outputs
+                     if o.elem in (FLOAT, DOUBLE) and len(o.shape) == 2 and o.shape[-1]}
+        self._n_in = len(self._inputs)
         self._codes = ["q" if a.elem == INT64 else "i" for a in self._inputs]
         self._np_types: list[tuple[str, Any]] | None = None  # run()'s numpy dtypes, made on first use
         self._local = threading.local()  # per thread: the single-query tensors below, by length
 
     def _single_entry(self, width: int, output: str, fed: bool = False) -> _Single | None:
         """This thread's tensors for one unpadded row of ``width`` tokens (``_Single``), once a row of that
-        width went through the checked path (``_keep_single``); else None."""
+        width went through the checked path (``_keep_single``); else None. An output has one element type
+        here: ``run_rows`` keeps only float outputs, ``run_one`` each output's declared type."""
         cache = getattr(self._local, "single", None)
         return None if cache is None else cache.get((width, output, fed))
 
-    def _keep_single(self, width: int, output: str, fed: bool = False) -> None:
+    def _keep_single(self, width: int, output: str, fed: bool = False, elem: int = FLOAT) -> None:
         """After a row of ``width`` tokens came back with the declared shape (``_checked_shape``): keep input
         buffers with OrtValues over them (mask ones, token types zeros, written once) and a float output
         buffer ORT writes into. A single query then costs one ``Run`` call and two copies: without it,
@@ -141,9 +147,9 @@ class CSession:
         cache = getattr(self._local, "single", None)
         if cache is None:
             cache = self._local.single = {}
-        cols = self._width.get(output)
+        cols = self._width.get(output) if elem == FLOAT else self._one.get(output, (None, None))[1]
         if cols and len(cache) < _SINGLE_CACHE:
-            cache[(width, output, fed)] = _Single(self, width, output, cols)
+            cache[(width, output, fed)] = _Single(self, width, output, cols, elem)
 
     def _run_single(self, entry: _Single) -> array:
         status = self._run_c(self._ptr, None, self._in_c, entry.values, len(self._inputs), entry.out_name, 1,
@@ -162,12 +168,14 @@ class CSession:
             self.api.check(status)
         except OrtError:
             self._run(entry.output, 1, entry.width, [(b.buffer_info()[0], b.buffer_info()[1] * b.itemsize)
-                                                     for b in entry.buffers])
+                                                     for b in entry.buffers], entry.elem)
             raise
 
-    def _run(self, output: str, n: int, width: int, buffers: Sequence[tuple[int, int]]) -> tuple[bytes, list[int]]:
+    def _run(self, output: str, n: int, width: int, buffers: Sequence[tuple[int, int]],
+             elem: int = FLOAT) -> tuple[bytes, list[int]]:
         """Run on every model input (``buffers``: address and byte size, in ``get_inputs()`` order, each
-        ``[n, width]``); the float output's bytes and shape. The caller keeps the buffers alive."""
+        ``[n, width]``); the output's bytes and shape, refused unless of type ``elem`` (float or double).
+        The caller keeps the buffers alive."""
         api = self.api
         out_c = self._out_c.get(output)
         if out_c is None:
@@ -185,29 +193,29 @@ class CSession:
             status = self._run_c(self._ptr, None, self._in_c, values, k, out_c, 1, outs)
             if status:
                 api.check(status)
-            shape = self._checked_shape(outs[0], output, n)
+            shape = self._checked_shape(outs[0], output, n, elem)
             data = _P()
             status = self._data(outs[0], C.byref(data))
             if status:
                 api.check(status)
-            return C.string_at(data, 4 * shape[0] * shape[1]), shape
+            return C.string_at(data, (8 if elem == DOUBLE else 4) * shape[0] * shape[1]), shape
         finally:
             release = self._release
             for v in (*values, outs[0]):
                 if v:
                     release(v)
 
-    def _checked_shape(self, value: Any, output: str, n: int) -> list[int]:
-        """The output's type and shape as ONNX Runtime reports them for this run, refused unless float
-        ``[n, declared width]``: the declared shape is the model's claim, and reading by it reads past the
-        buffer ORT allocated when the model computes fewer values."""
+    def _checked_shape(self, value: Any, output: str, n: int, want: int = FLOAT) -> list[int]:
+        """The output's type and shape as ONNX Runtime reports them for this run, refused unless of type
+        ``want`` (float for ``run_rows``) and ``[n, declared width]``: the declared shape is the model's
+        claim, and reading by it reads past the buffer ORT allocated when the model computes fewer values."""
         info = self.api.out("GetTensorTypeAndShape", value)
         try:
             elem, dims = self._type_and_dims(info)
         finally:
             self.api.f["ReleaseTensorTypeAndShapeInfo"](info)
-        cols = self._width.get(output)
-        if elem != FLOAT or len(dims) != 2 or dims[0] != n or dims[1] < 1 or (cols and dims[1] != cols):
+        cols = self._width.get(output) if want == FLOAT else self._one.get(output, (None, None))[1]
+        if elem != want or len(dims) != 2 or dims[0] != n or dims[1] < 1 or (cols and dims[1] != cols):
             declared = next(o for o in self._outputs if o.name == output)
             raise BundleError(
                 f"{self.path}: output {output!r} came back as {TYPE_NAMES.get(elem, f'tensor(type {elem})')} "
@@ -228,10 +236,52 @@ class CSession:
         output = output or self._outputs[0].name
         if n == 1 and width:
             entry = self._single_entry(width, output)
-            if entry is not None:
+            if entry is not None and entry.elem == FLOAT:  # a double output's (run_one's) goes the checked way
                 entry.ids[:] = array(entry.ids.typecode, rows[0])
                 return [self._run_single(entry)]
-        buffers, keep = [], []
+        keep = self._buffers(rows, width, pad_id)
+        raw, shape = self._run(output, n, width, [(b.buffer_info()[0], len(b) * b.itemsize) for b in keep])
+        flat = array("f")
+        flat.frombytes(raw)
+        if n == 1:
+            if width:
+                self._keep_single(width, output)
+            return [flat]
+        cols = shape[-1]
+        return [flat[i * cols:(i + 1) * cols] for i in range(n)]
+
+    def run_one(self, ids: Sequence[int], output: str | None = None) -> list[float]:
+        """One unpadded row's ``output`` row as Python floats, for a ``[batch, width]`` float or double output
+        (edgepack's ``answer``: top probability and label id, in float64). The first row of each length is
+        run on fresh tensors and its output's type and shape checked; later rows of that length reuse its
+        bound buffers (``_keep_single``): one ``Run`` call, the ids copied in, the floats read out.
+
+        Example:
+            >>> sess.run_one([101, 7592, 102], "answer")  # doctest: +SKIP
+            [0.97, 12.0]
+        """
+        output = output or self._outputs[0].name
+        cache = getattr(self._local, "single", None)
+        entry = None if cache is None else cache.get((len(ids), output, False))
+        if entry is None:
+            elem, width = self._one.get(output, (FLOAT,))[0], len(ids)
+            keep = self._buffers([ids], width, 0)
+            raw, _ = self._run(output, 1, width, [(b.buffer_info()[0], len(b) * b.itemsize) for b in keep], elem)
+            if width:
+                self._keep_single(width, output, False, elem)
+            flat = array("d" if elem == DOUBLE else "f")
+            flat.frombytes(raw)
+            return flat.tolist()
+        entry.ids[:] = array(entry.ids.typecode, ids)
+        status = self._run_c(self._ptr, None, self._in_c, entry.values, self._n_in, entry.out_name, 1, entry.outs)
+        if status:
+            self._single_failed(entry, status)
+        return entry.out[:]
+
+    def _buffers(self, rows: Sequence[Sequence[int]], width: int, pad_id: int) -> list[array]:
+        """Every model input for ``rows`` (``get_inputs()`` order, ``[len(rows), width]``): the ids padded on
+        the right with ``pad_id``, the mask 1 over each row's tokens, token types 0."""
+        n, out = len(rows), []
         for arg, code in zip(self._inputs, self._codes, strict=True):
             if arg.name == "input_ids":
                 if n == 1:
@@ -249,18 +299,8 @@ class CSession:
                         buf[i * width:i * width + len(r)] = array(code, [1]) * len(r)
             else:
                 buf = array(code, [0]) * (n * width)
-            keep.append(buf)
-            address, length = buf.buffer_info()
-            buffers.append((address, length * buf.itemsize))
-        raw, shape = self._run(output, n, width, buffers)
-        flat = array("f")
-        flat.frombytes(raw)
-        if n == 1:
-            if width:
-                self._keep_single(width, output)
-            return [flat]
-        cols = shape[-1]
-        return [flat[i * cols:(i + 1) * cols] for i in range(n)]
+            out.append(buf)
+        return out
 
     def run(self, output_names: Sequence[str] | None, feed: Mapping[str, Any]) -> list[Any]:
         """``InferenceSession.run`` for one float output and ``[batch, seq]`` integer numpy inputs, every
@@ -311,9 +351,9 @@ class _Single:
     """One thread's tensors for single rows of one length (``CSession._single_entry``)."""
 
     __slots__ = ("buffers", "views", "ids", "values", "out", "out_bytes", "outs", "out_name", "output", "width",
-                 "_release")
+                 "elem", "_release")
 
-    def __init__(self, sess: CSession, width: int, output: str, cols: int):
+    def __init__(self, sess: CSession, width: int, output: str, cols: int, elem: int = FLOAT):
         api = sess.api
         self._release = api.f["ReleaseValue"]  # the values go with the entry (its thread's cache)
         dims = (C.c_int64 * 2)(1, width)
@@ -329,14 +369,14 @@ class _Single:
             api.check(sess._create(api._cpu, address, length * buf.itemsize, dims, 2, sess._elems[i],
                                    C.addressof(self.values) + i * _PTR))
         self.views = [memoryview(b).cast("B") for b in self.buffers]
-        self.out = (C.c_float * cols)()
+        self.out = ((C.c_double if elem == DOUBLE else C.c_float) * cols)()
         self.out_bytes = memoryview(self.out).cast("B")
         out_dims = (C.c_int64 * 2)(1, cols)
         self.outs = (_P * 1)()
-        api.check(sess._create(api._cpu, C.addressof(self.out), 4 * cols, out_dims, 2, FLOAT,
+        api.check(sess._create(api._cpu, C.addressof(self.out), C.sizeof(self.out), out_dims, 2, elem,
                                C.addressof(self.outs)))
         self.out_name = sess._out_c[output]
-        self.output, self.width = output, width
+        self.output, self.width, self.elem = output, width, elem
 
     def __del__(self):
         for v in (*getattr(self, "values", ()), *getattr(self, "outs", ())):

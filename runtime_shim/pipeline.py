@@ -166,6 +166,20 @@ class OnnxPipeline:
                               f"labels.json names {len(self.label_names)} labels: expected tensor(float) "
                               f"[batch, {len(self.label_names)}]; re-run `edgepack pack`")
 
+        # The answer inside the graph (runtime.json "answer", edgepack's bundles since the answer output):
+        # a single text's top probability and label read from ONNX Runtime, float64 like ``top_of_list``,
+        # instead of a softmax over every logit in Python. Older bundles (no "answer") and {"answer": null}
+        # in overrides take the logits.
+        self.answer_name: str | None = self.settings.get("answer")
+        if self.answer_name is not None:
+            ans = outputs.get(self.answer_name)
+            if ans is None or ans.type != "tensor(double)" or len(ans.shape or ()) != 2 or ans.shape[-1] != 2:
+                declared = "no such output" if ans is None else f"{ans.type} {ans.shape}"
+                raise BundleError(f"{root / 'runtime.json'}: answer={self.answer_name!r} names a model output, but "
+                                  f"{self.model_path.name} declares {declared}: expected tensor(double) [batch, 2]; "
+                                  "re-run `edgepack pack` (or set answer to null)")
+        self._run_one = getattr(self.session, "run_one", None) if self.answer_name is not None else None
+
         # Once per process: the bundle was checked on its target's int8 kernels, not on this CPU's.
         warn_target_once(self.manifest)
 
@@ -365,10 +379,14 @@ class OnnxPipeline:
 
     def _classify_one(self, text: str, apply_threshold: bool) -> dict[str, Any]:
         """One text, top label only: the general path's answer with fewer array operations (a single
-        query's latency is what the device notices): ``top_of_row`` gives the label, threshold applied,
-        and its probability."""
+        query's latency is what the device notices): the model's answer output (``run_one``) or
+        ``top_of_list``/``top_of_row`` over the logits gives the label, threshold applied, and its probability."""
         threshold = self.oos_threshold if apply_threshold else None
-        if self._run_rows is not None:
+        if self._run_one is not None:
+            top, k = self._answer(self._run_one(self._ids(text), self.answer_name))
+            if threshold is not None and top < threshold:
+                k = self.oos_id
+        elif self._run_rows is not None:
             k, top = top_of_list(self._run_rows([self._ids(text)], self.pad_id, self.output_name)[0],
                                  self.oos_id, threshold)
         else:
@@ -376,6 +394,16 @@ class OnnxPipeline:
         if self.fallback is not None and top < self.escalate_below:
             return self.fallback._classify_one(text, apply_threshold)
         return {"label": self.label_names[k], "score": top}
+
+    def _answer(self, row: Sequence[float]) -> tuple[float, int]:
+        """The answer output's (top probability, label id), refused unless a probability and a label of this
+        bundle: the model's claim, read as an index."""
+        top, k = row
+        if 0.0 <= top <= 1.0 and 0.0 <= k < len(self.label_names) and k == int(k):
+            return top, int(k)
+        raise BundleError(f"{self.model_path}: output {self.answer_name!r} answered label {k} with probability {top} "
+                          f"for one text (labels 0..{len(self.label_names) - 1}): the model does not compute what it "
+                          "declares; re-run `edgepack pack`")
 
     def _ids(self, text: str) -> list[int]:
         """One text's token ids, truncated to ``max_length``: the fast path's, else ``tokenizers``'."""

@@ -3,7 +3,7 @@
 1.7, so ``OMP_NUM_THREADS`` does not reach it).
 
 ``check_runtime`` checks the keys the pipeline reads itself (``model`` and ``tokenizer``: files of the
-bundle its manifest lists; ``max_length``, ``pad_id``, ``fast_wordpiece``; ``env``, no longer applied).
+bundle its manifest lists; ``max_length``, ``pad_id``, ``fast_wordpiece``, ``answer``; ``env``, no longer applied).
 Session keys read here (others in ``runtime.json`` are kept in the settings and ignored):
 
 - ``intra_op_num_threads``: 0 lets ORT use one thread per physical core (pinned); N uses N-1
@@ -47,6 +47,7 @@ GRAPH_LEVELS = capi.GRAPH_LEVELS
 EXECUTION_MODES = capi.EXECUTION_MODES
 SESSION_APIS = ("auto", "c", "python")
 MAX_THREADS = 256  # more than any device's cores; an absurd count made ORT start that many threads and hang
+MAX_OUTPUT_NAME = 128  # an output name, as runtime.json's "answer" gives it
 _FILE_KEY = re.compile(r"file|path|folder|dir", re.IGNORECASE)
 
 DEFAULTS: dict[str, Any] = {
@@ -178,7 +179,8 @@ def check_runtime(path: Path, runtime: Mapping[str, Any], listed: Mapping[str, A
 
 
 def check_values(where: str | os.PathLike, settings: Mapping[str, Any]) -> None:
-    """Refuse ``max_length``, ``pad_id`` or ``fast_wordpiece`` values that are not what they must be.
+    """Refuse ``max_length``, ``pad_id``, ``fast_wordpiece`` or ``answer`` values that are not what they must be
+    (``answer``: null or the name of a model output, ``OnnxPipeline`` checks that the model declares it).
 
     Examples:
         >>> check_values("overrides", {"max_length": 0})
@@ -192,6 +194,10 @@ def check_values(where: str | os.PathLike, settings: Mapping[str, Any]) -> None:
             raise BundleError(f"{where}: {key}={str(value)[:40]} is not valid; use an integer {lo}..{hi}")
     if not isinstance(settings.get("fast_wordpiece", True), bool):
         raise BundleError(f"{where}: fast_wordpiece={str(settings['fast_wordpiece'])[:40]} is not valid; use true or false")
+    answer = settings.get("answer")
+    if answer is not None and (not isinstance(answer, str) or not 0 < len(answer) <= MAX_OUTPUT_NAME):
+        raise BundleError(f"{where}: answer={str(answer)[:40]!r} is not valid; name the model's answer output "
+                          f"(at most {MAX_OUTPUT_NAME} characters, edgepack writes \"answer\") or null for the logits")
 
 
 def session_options(settings: Mapping[str, Any] | None = None) -> ort.SessionOptions:

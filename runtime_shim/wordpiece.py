@@ -72,8 +72,13 @@ class FastWordPiece:
         self.first, self.last = first, last
         self.lowercase = lowercase
         self.keep = None if max_length is None else max(0, max_length - 2)  # room for the two specials
-        # Compared lowercased with the lowercased text: a superset of the matches tokenizers makes.
+        # Compared lowercased with the lowercased text: a superset of the matches tokenizers makes. Their
+        # first characters are looked for first (BERT's all start with "["): one search on most texts.
         self.added = [a.lower() for a in added if a]
+        self.added_first = tuple(sorted({a[0] for a in self.added}))
+        # A word longer than max_chars is [UNK] for tokenizers; when no vocabulary entry is that long, the
+        # whole-word lookup needs no length check (a longer word finds nothing).
+        self.long_entries = any(len(t) > max_chars for t in vocab)
         self.split = _SPLIT[lowercase]
         self.cache: dict[str, list[int]] = {}
 
@@ -165,15 +170,18 @@ class FastWordPiece:
                 text.isprintable() and all(c.isascii() or c in TYPOGRAPHIC for c in text)):
             return None
         lowered = text.lower()
-        for token in self.added:
-            if token in lowered:
-                return None
+        for first in self.added_first:
+            if first in lowered:
+                if any(token in lowered for token in self.added):
+                    return None
+                break
         ids = [self.first]
-        cache, vocab = self.cache, self.vocab
+        append, cache, get, max_chars = ids.append, self.cache, self.vocab.get, self.max_chars
+        check_length = self.long_entries
         for word in self.split(lowered if self.lowercase else text):
-            whole = vocab.get(word) if len(word) <= self.max_chars else None
+            whole = get(word) if not check_length or len(word) <= max_chars else None
             if whole is not None:  # most words are one piece: no cache needed, none to warm up
-                ids.append(whole)
+                append(whole)
                 continue
             pieces = cache.get(word)
             if pieces is None:

@@ -217,6 +217,11 @@ def test_names_longer_than_a_file_system_allows_are_one_line(bundle, capsys):
     ("runtime.json", "intra_op_num_threads", 100000),
     ("runtime.json", "inter_op_num_threads", True),
     ("runtime.json", "fast_wordpiece", "yes"),
+    ("runtime.json", "answer", 3),
+    ("runtime.json", "answer", ""),
+    ("runtime.json", "answer", "a" * 4096),
+    ("runtime.json", "answer", "logits"),  # an output, but not an answer: [batch, labels] floats
+    ("runtime.json", "answer", "no_such_output"),
 ])
 def test_values_that_make_no_sense_are_one_line(bundle, file, field, value):
     text = json.dumps({**json.loads((bundle / file).read_text()), field: value})

@@ -4,7 +4,9 @@
 validation (the int8 model's own probabilities), measures test accuracy, writes the held-out
 ``eval.jsonl`` slice, ``requirements.txt``, ``config.json`` (Optimum can load the model too) and a
 copy of ``runtime_shim/``, and writes ``manifest.json`` last: the sha256 of every file and where the
-bundle came from. Helper: ``ortformat`` (the optional ``model.ort`` for minimal ORT builds).
+bundle came from. The model is the quantized one with the answer output appended (``answer``: a single
+query's top probability and label computed by ONNX Runtime; checked against the logits on validation).
+Helpers: ``answer``, ``ortformat`` (the optional ``model.ort`` for minimal ORT builds).
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ from edgepack.bundle_files import QUANT_NAME
 from edgepack.config import BundleConfig
 from edgepack.data import stratified_slice, write_jsonl
 from edgepack.metrics import accuracy_report, calibrate_threshold, evaluate
-from edgepack.records import hash_tree, staging_dir, versions
+from edgepack.records import hash_tree, staging_dir, versions, write_json_atomic
 from edgepack.stages import StageRecord
+from edgepack.stages.bundle.answer import ANSWER, add_answer, check_answer
+
+ANSWER_CHECK_ROWS = 1000  # validation rows on which the answer output must equal the logits' (a structural check)
 
 
 def run(cfg: BundleConfig, src: Path, out: Path, ctx, *, manifest_extra: dict | None = None) -> StageRecord:
@@ -48,10 +53,14 @@ def run(cfg: BundleConfig, src: Path, out: Path, ctx, *, manifest_extra: dict | 
         write_jsonl(stratified_slice(data["test"], cfg.eval_rows), data.label_names, stage / "eval.jsonl")
         (stage / "requirements.txt").write_text(bundle_files.requirements_txt())
         bundle_files.copy_shim(stage)
-        shutil.copy2(src / QUANT_NAME, stage / QUANT_NAME)
+        add_answer(src / QUANT_NAME, stage / QUANT_NAME)
+        runtime = json.loads((stage / "runtime.json").read_text())
+        write_json_atomic(stage / "runtime.json", {**runtime, "answer": ANSWER})
 
         pipe_q = runtime_shim.OnnxPipeline(stage, verify=False)
         p_int8 = evaluate(pipe_q, val)
+        texts = list(val.texts)[:ANSWER_CHECK_ROWS]
+        answer_check = check_answer(stage / QUANT_NAME, (pipe_q.encode(texts[i:i + 32]) for i in range(0, len(texts), 32)))
         oos_id = data.oos_id
         threshold = None
         if oos_id is not None:
@@ -75,6 +84,7 @@ def run(cfg: BundleConfig, src: Path, out: Path, ctx, *, manifest_extra: dict | 
             "test": test_metrics,
             "test_rows": len(test),
             "ops": quant.metrics["ops"],
+            "answer_check": answer_check,
             **({"variants": quant.metrics["variants"]} if quant.metrics.get("variants") else {}),
             **({"unreachable_trimmed": trim} if trim else {}),
         }
