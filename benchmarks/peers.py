@@ -296,17 +296,20 @@ def rss_child(kind: str, path: str, names_file: str) -> int:
 # ------------------------------------------------------------------------------------------- breakdown
 
 
-def _floor_model(path: Path) -> Path:
+def _floor_model(path: Path, extra: int = 0) -> Path:
     """A two-node ONNX graph with a bundle's inputs and a [1, 1] float output: ONNX Runtime's per-run cost
-    through the C API, with next to no compute."""
+    through the C API, with next to no compute; ``extra`` Neg nodes on that one value after them (an even
+    number: the same output) give its cost per node."""
     import onnx
     from onnx import TensorProto, helper
 
     ids = helper.make_tensor_value_info("input_ids", TensorProto.INT32, [1, "n"])
     out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1])
-    cast = helper.make_node("Cast", ["input_ids"], ["f"], to=TensorProto.FLOAT)
-    red = helper.make_node("ReduceMax", ["f"], ["logits"], keepdims=1, axes=[1])
-    graph = helper.make_graph([cast, red], "floor", [ids], [out])
+    names = [f"v{i}" for i in range(extra)] + ["logits"]
+    nodes = [helper.make_node("Cast", ["input_ids"], ["f"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceMax", ["f"], [names[0]], keepdims=1, axes=[1])]
+    nodes += [helper.make_node("Neg", [a], [b]) for a, b in zip(names, names[1:], strict=False)]
+    graph = helper.make_graph(nodes, "floor", [ids], [out])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     onnx.save(model, path)
@@ -324,7 +327,7 @@ def breakdown(bundle: Path, data, *, rounds: int, per_round: int, warmup: int, w
     from runtime_shim import OnnxPipeline
     from runtime_shim.bench import spread_order
     from runtime_shim.csession import CSession
-    from runtime_shim.scores import top_of_list
+    from runtime_shim.scores import read_answer, top_of_list
 
     given = OnnxPipeline(bundle, overrides=ORT_ONE_THREAD)
     if given._run_rows is None:
@@ -344,10 +347,13 @@ def breakdown(bundle: Path, data, *, rounds: int, per_round: int, warmup: int, w
     logits = {t: before._run_rows([ids[t]], before.pad_id, before.output_name)[0] for t in feeds}
     rows = {t: after._run_one(ids[t], ANSWER) for t in feeds}
     floor = CSession(_floor_model(work / "floor.onnx"), {**after.session.options})
-    oos, th = after.oos_id, after.oos_threshold
+    paired["nodes_before"], paired["nodes_after"] = onnx_nodes(before_model), onnx_nodes(after_model)
+    nodes = len(paired["nodes_after"])
+    chain = CSession(_floor_model(work / "floor-chain.onnx", extra=2 * (nodes // 2)), {**after.session.options})
+    oos, th, n_labels = after.oos_id, after.oos_threshold, len(after.label_names)
 
-    def read_answer(t):  # what _classify_one does with the answer row
-        top, k = after._answer(rows[t])
+    def answer_of(t):  # what _classify_one does with the answer row
+        top, k = read_answer(rows[t], n_labels, after.model_path, ANSWER)
         return (oos if th is not None and top < th else k), top
 
     runners = {
@@ -357,12 +363,19 @@ def breakdown(bundle: Path, data, *, rounds: int, per_round: int, warmup: int, w
         "before: session run, logits (run_rows)": lambda t: before._run_rows([ids[t]], before.pad_id, before.output_name),
         "before: answer from the logits in Python (top_of_list)": lambda t: top_of_list(logits[t], oos, th),
         "after: session run, answer in the graph (run_one)": lambda t: after._run_one(ids[t], ANSWER),
-        "after: reading the answer (checks, threshold)": read_answer,
+        "after: reading the answer (checks, threshold)": answer_of,
         "ONNX Runtime's floor: a 2-node graph, same call (run_one)": lambda t: floor.run_one(ids[t], "logits"),
+        f"the floor with {2 * (nodes // 2)} Neg nodes on one value (the cost of a node)":
+            lambda t: chain.run_one(ids[t], "logits"),
     }
     if after.fast_wordpiece is not None:
         tok = after.tokenizer
         runners["token ids (tokenizers, for comparison)"] = lambda t: tok.encode(t).ids
+    pooled = _matmul_pooled(before_model, work / "matmul-pooled.onnx")
+    if pooled is not None:
+        mm = CSession(pooled, {**after.session.options})
+        runners["before, the mean by one MatMul: session run, logits (run_rows; a measurement)"] = \
+            lambda t: mm.run_rows([ids[t]], 0, "logits")
     shipped = _shipped_pipeline(bundle)
     if shipped is not None:
         runners["the bundle's own runtime_shim copy (the shim it shipped with): whole call"] = lambda t: shipped(t)
@@ -379,6 +392,56 @@ def breakdown(bundle: Path, data, *, rounds: int, per_round: int, warmup: int, w
             rest = out[f"{side}: whole call, pipe(text)"][stat] - sum(out[p][stat] for p in parts)
             out.setdefault(f"{side}: Python around the parts (the whole minus its three parts)", {})[stat] = rest
     return out, paired
+
+
+def _matmul_pooled(model: Path, path: Path) -> Path | None:
+    """A static bundle's graph (``edgepack.stages.export.static_onnx``'s node names) with the masked mean
+    taken by one MatMul of the mask row and the token rows instead of Mul and ReduceSum over
+    [batch, tokens, hidden]: a measurement of what that export would save, not a bundle format (its sums
+    run in another order, which dynamic int8 quantization of the mean then amplifies). None for other graphs."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    m = onnx.load(model)
+    g = m.graph
+    old = {"mask_3d", "masked", "sum", "count", "count_min1", "mean"}
+    by_name = {n.name: n for n in g.node}
+    if not old <= set(by_name) or "mask_off" in by_name:  # mean pooling only
+        return None
+    mask, rows = by_name["mask_3d"].input[0], by_name["masked"].input[0]
+    mean, one = by_name["mean"].output[0], by_name["count_min1"].input[1]
+    p = "matmul_pool/"
+    g.initializer.extend([numpy_helper.from_array(np.array([1], dtype=np.int64), p + "axis1"),
+                          numpy_helper.from_array(np.array([2], dtype=np.int64), p + "axis2")])
+    new = [helper.make_node("Unsqueeze", [mask, p + "axis1"], [p + "mask_row"]),  # [batch, 1, tokens]
+           helper.make_node("MatMul", [p + "mask_row", rows], [p + "sum"]),  # [batch, 1, hidden]
+           helper.make_node("ReduceSum", [p + "mask_row", p + "axis2"], [p + "count"], keepdims=1),
+           helper.make_node("Max", [p + "count", one], [p + "count1"]),
+           helper.make_node("Div", [p + "sum", p + "count1"], [p + "mean"]),
+           helper.make_node("Squeeze", [p + "mean", p + "axis1"], [mean])]
+    kept = [n for n in g.node if n.name not in old]
+    at = next(i for i, n in enumerate(kept) if rows in n.output) + 1
+    del g.node[:]
+    g.node.extend(kept[:at] + new + kept[at:])
+    onnx.save(m, path)
+    return path
+
+
+def onnx_nodes(model: Path) -> list[str]:
+    """The op types of the nodes ONNX Runtime runs for ``model`` (after its graph optimizations, one thread)."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.log_severity_level = 1, 3
+        so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        so.add_session_config_entry("optimization.disable_specified_optimizers", "SkipLayerNormFusion")
+        ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+        return [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
 
 
 def _shipped_pipeline(bundle: Path):
@@ -546,6 +609,8 @@ def main(argv=None) -> int:
         log(f"\nthe two paths on {paired['rows']} test texts, single queries, threshold applied: "
             f"{paired['labels_differ']} labels differ, scores within {paired['max_score_diff']:.1e}; accuracy "
             f"{paired['accuracy_before']:.2%} before, {paired['accuracy_after']:.2%} after")
+        log(f"nodes ONNX Runtime runs: {len(paired['nodes_before'])} before ({', '.join(paired['nodes_before'])}), "
+            f"{len(paired['nodes_after'])} after")
         write_json_atomic(args.work / "breakdown.json", {"bundle": str(args.breakdown), "cpu": cpu, "parts": parts,
                                                          "paired": paired, "rounds": args.rounds,
                                                          "per_round": args.per_round})

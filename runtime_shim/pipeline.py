@@ -17,8 +17,8 @@ from . import manifest as _manifest
 from . import trust as _trust
 from .cpu import warn_target_once
 from .manifest import BundleError
-from .scores import softmax, thresholded, top_of_list, top_of_row  # noqa: F401  (softmax, thresholded: re-exported)
-from .session import check_runtime, check_values, effective_settings, make_session
+from .scores import read_answer, softmax, thresholded, top_of_list, top_of_row  # noqa: F401  (softmax, thresholded: re-exported)
+from .session import answer_output, check_runtime, check_values, effective_settings, make_session
 from .wordpiece import FastWordPiece
 
 if TYPE_CHECKING:
@@ -166,18 +166,9 @@ class OnnxPipeline:
                               f"labels.json names {len(self.label_names)} labels: expected tensor(float) "
                               f"[batch, {len(self.label_names)}]; re-run `edgepack pack`")
 
-        # The answer inside the graph (runtime.json "answer", edgepack's bundles since the answer output):
-        # a single text's top probability and label read from ONNX Runtime, float64 like ``top_of_list``,
-        # instead of a softmax over every logit in Python. Older bundles (no "answer") and {"answer": null}
-        # in overrides take the logits.
-        self.answer_name: str | None = self.settings.get("answer")
-        if self.answer_name is not None:
-            ans = outputs.get(self.answer_name)
-            if ans is None or ans.type != "tensor(double)" or len(ans.shape or ()) != 2 or ans.shape[-1] != 2:
-                declared = "no such output" if ans is None else f"{ans.type} {ans.shape}"
-                raise BundleError(f"{root / 'runtime.json'}: answer={self.answer_name!r} names a model output, but "
-                                  f"{self.model_path.name} declares {declared}: expected tensor(double) [batch, 2]; "
-                                  "re-run `edgepack pack` (or set answer to null)")
+        # The answer inside the graph (runtime.json "answer", session.answer_output): a single text's top
+        # probability and label read from ONNX Runtime instead of a softmax over every logit in Python.
+        self.answer_name = answer_output(root / "runtime.json", self.model_path, outputs, self.settings.get("answer"))
         self._run_one = getattr(self.session, "run_one", None) if self.answer_name is not None else None
 
         # Once per process: the bundle was checked on its target's int8 kernels, not on this CPU's.
@@ -383,7 +374,8 @@ class OnnxPipeline:
         ``top_of_list``/``top_of_row`` over the logits gives the label, threshold applied, and its probability."""
         threshold = self.oos_threshold if apply_threshold else None
         if self._run_one is not None:
-            top, k = self._answer(self._run_one(self._ids(text), self.answer_name))
+            top, k = read_answer(self._run_one(self._ids(text), self.answer_name), len(self.label_names),
+                                 self.model_path, self.answer_name)
             if threshold is not None and top < threshold:
                 k = self.oos_id
         elif self._run_rows is not None:
@@ -394,16 +386,6 @@ class OnnxPipeline:
         if self.fallback is not None and top < self.escalate_below:
             return self.fallback._classify_one(text, apply_threshold)
         return {"label": self.label_names[k], "score": top}
-
-    def _answer(self, row: Sequence[float]) -> tuple[float, int]:
-        """The answer output's (top probability, label id), refused unless a probability and a label of this
-        bundle: the model's claim, read as an index."""
-        top, k = row
-        if 0.0 <= top <= 1.0 and 0.0 <= k < len(self.label_names) and k == int(k):
-            return top, int(k)
-        raise BundleError(f"{self.model_path}: output {self.answer_name!r} answered label {k} with probability {top} "
-                          f"for one text (labels 0..{len(self.label_names) - 1}): the model does not compute what it "
-                          "declares; re-run `edgepack pack`")
 
     def _ids(self, text: str) -> list[int]:
         """One text's token ids, truncated to ``max_length``: the fast path's, else ``tokenizers``'."""

@@ -5,8 +5,11 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
+
+from .manifest import BundleError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -96,3 +99,23 @@ def top_of_list(logits_row: Sequence[float], oos_id: int | None = None,
     if oos_id is not None and threshold is not None and top < threshold:
         k = oos_id
     return k, top
+
+
+def read_answer(row: Sequence[float], labels: int, model: str | os.PathLike, output: str) -> tuple[float, int]:
+    """``(top probability, label id)`` from a row of a model's answer output (edgepack's ``answer``: both
+    float64), refused unless a probability and a whole label id below ``labels``: the model's claim,
+    about to index the labels.
+
+    Examples:
+        >>> read_answer([0.75, 2.0], 3, "model.onnx", "answer")
+        (0.75, 2)
+        >>> read_answer([0.75, 9.0], 3, "model.onnx", "answer")
+        Traceback (most recent call last):
+        ...
+        runtime_shim.readers.BundleError: model.onnx: output 'answer' answered label 9.0 with probability 0.75 for one text (labels 0..2): the model does not compute what it declares; re-run `edgepack pack`
+    """
+    top, k = row
+    if 0.0 <= top <= 1.0 and 0.0 <= k < labels and k == int(k):
+        return top, int(k)
+    raise BundleError(f"{model}: output {output!r} answered label {k} with probability {top} for one text "
+                      f"(labels 0..{labels - 1}): the model does not compute what it declares; re-run `edgepack pack`")

@@ -200,6 +200,27 @@ def check_values(where: str | os.PathLike, settings: Mapping[str, Any]) -> None:
                           f"(at most {MAX_OUTPUT_NAME} characters, edgepack writes \"answer\") or null for the logits")
 
 
+def answer_output(runtime_json: Path, model: Path, outputs: Mapping[str, Any], name: str | None) -> str | None:
+    """``name`` (``runtime.json``'s ``answer``, checked by ``check_values``) when ``outputs`` (the session's,
+    by name) declare it as float64 ``[batch, 2]``, the answer edgepack's bundle stage appends; None for
+    none (older bundles, or ``{"answer": null}``). Refused otherwise, naming both files.
+
+    Examples:
+        >>> answer_output(Path("b/runtime.json"), Path("b/model.quant.onnx"), {}, "answer")
+        Traceback (most recent call last):
+        ...
+        runtime_shim.readers.BundleError: b/runtime.json: answer='answer' names a model output, but model.quant.onnx declares no such output: expected tensor(double) [batch, 2]; re-run `edgepack pack` (or set answer to null)
+    """
+    if name is None:
+        return None
+    out = outputs.get(name)
+    if out is None or out.type != "tensor(double)" or len(out.shape or ()) != 2 or out.shape[-1] != 2:
+        declared = "no such output" if out is None else f"{out.type} {out.shape}"
+        raise BundleError(f"{runtime_json}: answer={name!r} names a model output, but {model.name} declares "
+                          f"{declared}: expected tensor(double) [batch, 2]; re-run `edgepack pack` (or set answer to null)")
+    return name
+
+
 def session_options(settings: Mapping[str, Any] | None = None) -> ort.SessionOptions:
     """``onnxruntime.SessionOptions`` for a ``runtime.json`` dict (missing keys take ``DEFAULTS``).
 
