@@ -140,8 +140,8 @@ class CSession:
 
     def _keep_single(self, width: int, output: str, fed: bool = False, elem: int = FLOAT) -> None:
         """After a row of ``width`` tokens came back with the declared shape (``_checked_shape``): keep input
-        buffers with OrtValues over them (mask ones, token types zeros, written once) and a float output
-        buffer ORT writes into. A single query then costs one ``Run`` call and two copies: without it,
+        buffers with OrtValues over them (mask ones, token types zeros, written once) and an output buffer
+        of ``elem`` (float, or double for ``run_one``) ORT writes into. A single query then costs one ``Run`` call and two copies: without it,
         creating and releasing the tensors took ~10 us a query, more than ``InferenceSession.run``'s whole
         overhead. ``fed``: ``run()``'s copies of every input, kept apart from ``run_rows``' constants."""
         cache = getattr(self._local, "single", None)
