@@ -166,9 +166,9 @@ class OnnxPipeline:
                               f"labels.json names {len(self.label_names)} labels: expected tensor(float) "
                               f"[batch, {len(self.label_names)}]; re-run `edgepack pack`")
 
-        # The answer inside the graph (runtime.json "answer", session.answer_output): a single text's top
-        # probability and label read from ONNX Runtime instead of a softmax over every logit in Python.
-        self.answer_name = answer_output(root / "runtime.json", self.model_path, outputs, self.settings.get("answer"))
+        # The answer inside the graph (session.answer_output): an output of the bundle's model, not an override's.
+        answer = self.settings.get("answer") if "answer" in self.overrides or "model" not in self.overrides else None
+        self.answer_name = answer_output(root / "runtime.json", self.model_path, outputs, answer)
         self._run_one = getattr(self.session, "run_one", None) if self.answer_name is not None else None
 
         # Once per process: the bundle was checked on its target's int8 kernels, not on this CPU's.

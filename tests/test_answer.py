@@ -80,3 +80,14 @@ def test_run_rows_reads_floats_only_after_run_one_kept_a_double_output(tiny_bund
     with pytest.raises(BundleError, match=r"output 'answer' came back as tensor\(double\) \[1, 2\]"):
         sess.run_rows([ids], 0, ANSWER)  # its kept double buffer is not read as floats
     assert len(sess.run_one(ids, "logits")) == len(sess.run_rows([ids], 0, "logits")[0])
+
+
+def test_a_model_put_in_by_overrides_is_read_by_its_logits(tiny_bundle: Path, tmp_path: Path):
+    """runtime.json's answer names an output of the bundle's model: a model an override puts in its place
+    (the build's fp32 comparison, a quantize variant) is read by its logits unless the override names one."""
+    plain = remove_answer(tiny_bundle / "model.quant.onnx", tmp_path / "plain.onnx")
+    pipe = OnnxPipeline(tiny_bundle, overrides={"model": str(plain)})
+    a, b = pipe("set an alarm for seven")[0], OnnxPipeline(tiny_bundle)("set an alarm for seven")[0]
+    assert pipe.answer_name is None and a["label"] == b["label"] and abs(a["score"] - b["score"]) < 1e-12
+    with pytest.raises(Exception, match="declares no such output"):
+        OnnxPipeline(tiny_bundle, overrides={"model": str(plain), "answer": ANSWER})
