@@ -21,6 +21,7 @@ LONG_MODULES = {
     "edgepack/training/distillation.py": "the trainer, its rows and collator, and the prepared run are one unit",
     "runtime_shim/tune.py": "the device runtime is copied as a package; the tuner and its CLI stay one file",
     "runtime_shim/bench.py": "the device runtime's harness: accuracy, timing, throughput and memory together",
+    "runtime_shim/pipeline.py": "the device's one public class: loading and checking a bundle and every answering path",
     "runtime_shim/trust.py": "signature, bundle layout, rollback state and the one verify_bundle that orders them",
 }
 
