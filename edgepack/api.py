@@ -107,7 +107,9 @@ def build(
     **overrides: Any,
 ) -> BuildResult:
     """Build (or resume) the verified bundle ``out`` from a fine-tuned classifier ``teacher`` and
-    labelled ``data`` (a file or directory, see ``edgepack.data``; or a ``DataConfig``).
+    labelled ``data`` (a file or directory, see ``edgepack.data``; or a ``DataConfig``). ``teacher`` may be
+    a hub id (``org/name``, ``org/name@revision``), read through the local hub cache when offline; the
+    build records the revision (``result.summary["teacher"]``, ``BUILD/teacher.json``).
 
     ``profile``: the device (``profiles/``; default: this machine's). ``max_drop``: the accuracy points
     the bundle may lose against the teacher on validation. ``progress``: called with each progress

@@ -141,3 +141,27 @@ def load_with_tokenizer(model_dir: Path):
     if not getattr(tokenizer, "is_fast", False):
         raise EdgepackError(f"{model_dir}: no fast tokenizer (tokenizer.json); the bundle needs a `tokenizers` file")
     return model.eval(), tokenizer
+
+
+def resolve_teacher(spec: str | Path) -> tuple[Path, dict[str, str] | None]:
+    """A teacher directory, or a Hugging Face hub id (``org/name``, ``org/name@revision``) resolved with
+    ``huggingface_hub.snapshot_download``: the directory and, for a hub id, ``{"hub_id", "revision"}``
+    (the commit the snapshot is) for the build's records. With ``HF_HUB_OFFLINE=1`` only the local hub
+    cache is read. A name that is neither is one line saying so."""
+    path = Path(spec)
+    text = str(spec)
+    if path.is_dir() or path.is_absolute() or text.startswith(".") or text.count("/") != 1:
+        if not path.is_dir():
+            raise EdgepackError(f"{spec}: no such directory; pass a fine-tuned Hugging Face classifier (a directory "
+                                "or a hub id org/name)")
+        return path, None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    repo_id, _, revision = text.partition("@")
+    try:
+        local = Path(snapshot_download(repo_id, revision=revision or None))
+    except (HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, OSError) as e:
+        raise EdgepackError(f"{spec}: no such directory, and not a hub model this machine can get "
+                            f"({type(e).__name__}); pass a directory, or download it first") from None
+    return local, {"hub_id": repo_id, "revision": local.name}

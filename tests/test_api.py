@@ -135,3 +135,36 @@ def test_readme_example_builds_loads_and_classifies(tmp_path, tiny_model, clinc_
     printed: list = []
     exec(compile(code, "README.md", "exec"), {"print": printed.append})
     assert printed and printed[0][0]["label"]
+
+
+def _hub_cache(where: Path, model: Path, repo: str = "edgepack-tests/tiny") -> str:
+    """A local hub cache holding ``model`` as ``repo``'s main revision (the layout snapshot_download reads)."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = where / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(model, repo_dir / "snapshots" / commit)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commit)
+    return commit
+
+
+def test_a_hub_id_teacher_is_read_offline_and_its_revision_recorded(made, tmp_path, monkeypatch, tiny_model):
+    """``org/name`` from a hub cache made here (offline: nothing is downloaded); the build reads the
+    same weights as the tiny teacher's directory, so it resumes, and records the snapshot's commit."""
+    import json
+
+    import huggingface_hub.constants as hub
+
+    commit = _hub_cache(tmp_path / "hub", tiny_model)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    cfg = made["result"].config
+    result = edgepack.build("edgepack-tests/tiny", cfg.data, made["result"].bundle, recipe=cfg)
+    assert result.summary["teacher"] == {"hub_id": "edgepack-tests/tiny", "revision": commit}
+    assert json.loads((result.build_dir / "teacher.json").read_text())["revision"] == commit
+    assert "distill" not in result.ran  # the same teacher, by content
+    from edgepack.errors import EdgepackError
+
+    with pytest.raises(EdgepackError, match="edgepack-tests/absent: no such directory, and not a hub model"):
+        edgepack.build("edgepack-tests/absent", cfg.data, tmp_path / "out", recipe=cfg)

@@ -50,19 +50,20 @@ def build(cfg: BuildConfig, *, force: bool = False, log: Log | None = None) -> d
     if not cfg.teacher or not cfg.out:
         raise EdgepackError("a build needs a teacher directory and --out BUNDLE (or teacher/out in the recipe)")
     out, root = Path(cfg.out), build_root(cfg)
-    with claimed_output(out, replace=force or _built_here(out, root), inputs=(Path(cfg.teacher), root),
+    from edgepack.modeling import resolve_teacher
+
+    teacher, hub = resolve_teacher(cfg.teacher)
+    with claimed_output(out, replace=force or _built_here(out, root), inputs=(teacher, root),
                         refusal=f"it was not built by {root}; pass --force to replace it"), capture(root / "build.log"):
-        return _build(cfg, log=log)
+        return _build(cfg, teacher, hub, log=log)
 
 
-def _build(cfg: BuildConfig, *, log: Log) -> dict[str, Any]:
+def _build(cfg: BuildConfig, teacher: Path, hub: dict[str, str] | None, *, log: Log) -> dict[str, Any]:
     from edgepack import profiles, stages
     from edgepack.modeling import read_model_info
 
     started = time.time()
-    teacher, out = Path(cfg.teacher), Path(cfg.out)
-    if not teacher.is_dir():
-        raise EdgepackError(f"{teacher}: no such directory; pass a fine-tuned Hugging Face classifier")
+    out = Path(cfg.out)
     root = build_root(cfg)
     profile = profiles.load(cfg.profile)
     _check_disk(out.parent, teacher)
@@ -72,6 +73,8 @@ def _build(cfg: BuildConfig, *, log: Log) -> dict[str, Any]:
     cfg, lengths = _resolve_max_length(cfg, teacher, data)
     # The resolved recipe: a max_length chosen from the data is written as the number it became.
     write_json_atomic(root / "recipe.json", cfg.to_dict())
+    if hub is not None:  # which snapshot of the hub model this build read
+        write_json_atomic(root / "teacher.json", {**hub, "dir": str(teacher)})
     (root / "recipe.toml").write_text(cfg.to_toml(), encoding="utf-8")
     if cfg.search.max_drop is not None:  # --max-drop: the budget against the teacher, a profile budget
         profile = profile.replace(budgets=profile.budgets.replace(max_teacher_drop=cfg.search.max_drop))
@@ -110,7 +113,7 @@ def _build(cfg: BuildConfig, *, log: Log) -> dict[str, Any]:
         shutil.copy2(last / "bundle" / name, root / name)
     if lengths is not None:
         summary["max_length"] = lengths
-    summary.update(why=ledger.why, frontier=result.frontier(), bundle=str(out), build_dir=str(root), ran=ledger.ran, skipped=ledger.skipped,
+    summary.update(teacher=hub or {"dir": str(teacher)}, why=ledger.why, frontier=result.frontier(), bundle=str(out), build_dir=str(root), ran=ledger.ran, skipped=ledger.skipped,
                    wall_time_s=round(time.time() - started, 1))
     write_json_atomic(root / "summary.json", summary)
     log(f"[build] bundle: {out}   report: {root / 'report.html'}   ({summary['wall_time_s']:.0f} s; "
