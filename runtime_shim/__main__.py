@@ -284,7 +284,7 @@ COMMANDS: dict[str, Command] = {
 # Commands in modules of their own, added when the module exists (``runtime_shim/tune.py`` with
 # ``register(subparsers) -> parser`` and ``run(args) -> int``); imported only when the CLI runs that
 # command or lists them all (tune's dataclasses and unpack's tempfile are 2.7 MB of a serving process).
-OPTIONAL_COMMANDS = ("tune", "unpack")
+OPTIONAL_COMMANDS = ("tune", "unpack", "serve")
 
 
 def _optional(name: str):
