@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         devices = inv.select(args.rollback)
 
         async def job(session):
-            return await rollback_one(session, args.name)
+            return await rollback_one(session, args.name, log=log)
 
         outcomes = run_devices(devices, job, jobs=args.jobs, trust_new_host=args.trust_new_host, log=log)
         for o in outcomes:

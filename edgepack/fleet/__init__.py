@@ -12,6 +12,8 @@ benchmarked there, and one report across the devices.
   ``runtime_shim``) and the trust anchors beside it; ``--setup``; ``Session.runtime`` runs it, isolated.
 - ``deploy``: check a signed_only device's bundle here first, upload beside the destination, check it
   on the device with the installed runtime, switch ``current`` atomically, keep ``previous``; rollback.
+- ``service``: the model service a device runs (``service = "NAME"``): its systemd unit (``--setup``),
+  and the SIGHUP after each switch of ``current``, waiting until it serves the new release.
 - ``bench``: the installed runtime's ``bench|tune`` on each device, results pulled back and checked
   against the build-time figures of the manifest.
 - ``rollout``: a bundle to a group in waves (a canary first), each wave deployed, benchmarked and gated

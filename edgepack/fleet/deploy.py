@@ -36,6 +36,7 @@ from runtime_shim.manifest import BundleError
 from . import DeviceError
 from .inventory import Device
 from .runtime import require_runtime, runtime_of, setup_runtime, trusted_key_files
+from .service import tell_service, write_unit
 from .session import Session
 
 SIGNATURE = "manifest.sig"  # written by `edgepack sign`
@@ -196,6 +197,8 @@ async def deploy_one(session: Session, bundle: LocalBundle, *, setup: bool = Fal
         await setup_runtime(session, log)
     started = time.monotonic()
     root = session.root(bundle.name)
+    if setup and session.device.service:
+        await write_unit(session, root, log)
     await _bind(session, root, bundle, write=False, rename=rename)
     state = await session.layout("state", root)
     release_dir = posixpath.join(root, "releases", bundle.release)
@@ -231,10 +234,13 @@ async def deploy_one(session: Session, bundle: LocalBundle, *, setup: bool = Fal
         await session.layout("commit", root, incoming, bundle.release)
     await _bind(session, root, bundle, write=True, rename=rename)
     after = await session.layout("activate", root, bundle.release)
-    return {"device": session.device.name, "action": action, "bundle": bundle.name, "release": bundle.release,
-            "manifest_digest": bundle.digest, "root": root, "current": after["current"],
-            "previous": after["previous"], "bytes_sent": sent, "seconds": round(time.monotonic() - started, 2),
-            "python": session.python[-1], "checked": checked, "signed": session.device.signed_only}
+    out = {"device": session.device.name, "action": action, "bundle": bundle.name, "release": bundle.release,
+           "manifest_digest": bundle.digest, "root": root, "current": after["current"],
+           "previous": after["previous"], "bytes_sent": sent, "seconds": round(time.monotonic() - started, 2),
+           "python": session.python[-1], "checked": checked, "signed": session.device.signed_only}
+    if session.device.service:  # the service running on the device takes the new current (SIGHUP)
+        out["service"] = await tell_service(session, bundle.release, log)
+    return out
 
 
 async def find_bundle_name(session: Session, name: str | None) -> str:
@@ -247,7 +253,8 @@ async def find_bundle_name(session: Session, name: str | None) -> str:
                       f"({', '.join(names) or 'none'}); pass --name to say which to roll back")
 
 
-async def rollback_one(session: Session, name: str | None = None) -> dict[str, Any]:
+async def rollback_one(session: Session, name: str | None = None, *,
+                       log: Callable[[str], None] = print) -> dict[str, Any]:
     """Check ``previous`` on the device (a downgrade on purpose), then point ``current`` back at it
     (and ``previous`` at what was current)."""
     require_runtime(session, setup=False)
@@ -258,5 +265,8 @@ async def rollback_one(session: Session, name: str | None = None) -> dict[str, A
         raise DeviceError(f"{session.device.name}: no previous release under {root}; nothing to roll back to")
     await verify_on_device(session, posixpath.join(root, "releases", state["previous"]), allow_downgrade=True)
     after = await session.layout("rollback", root)
-    return {"device": session.device.name, "action": "rolled back", "bundle": bundle_name, "root": root,
-            "current": after["current"], "previous": after["previous"]}
+    out = {"device": session.device.name, "action": "rolled back", "bundle": bundle_name, "root": root,
+           "current": after["current"], "previous": after["previous"]}
+    if session.device.service:
+        out["service"] = await tell_service(session, after["current"], log)
+    return out

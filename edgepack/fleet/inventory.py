@@ -73,6 +73,11 @@ class Device:
     runtime_dir: str | None = None
     connect_timeout: float = 15.0
     groups: tuple[str, ...] = ()  # names --to accepts for every device of the group (edgepack rollout --to GROUP)
+    # The model service the device runs (`runtime_shim serve`, systemd unit NAME): deploy and --rollback
+    # signal it after a switch; --setup writes its unit. service_status: its status file, when it was
+    # started otherwise than by that unit (default /run/NAME/status.json).
+    service: str | None = None
+    service_status: str | None = None
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name) or self.name == "all":
@@ -93,6 +98,10 @@ class Device:
         if self.signed_only and not self.trusted_keys:
             raise ValueError("signed_only = true needs trusted_keys = \"...\" (the .pub file or directory of the "
                              "keys this device trusts): deploy checks signatures against them before sending a byte")
+        if self.service is not None and not _NAME.match(self.service):
+            raise ValueError(f"service={self.service!r} is not a valid unit name: use letters, digits, '.', '_' and '-'")
+        if self.service_status is not None and not self.service:
+            raise ValueError("service_status needs service = \"NAME\" (the service whose status file it is)")
         if self.connect_timeout <= 0:
             raise ValueError(f"connect_timeout={self.connect_timeout} must be > 0 seconds")
         bad = [g for g in self.groups if not _NAME.match(g) or g == "all"]
@@ -159,7 +168,7 @@ def _field_types() -> dict[str, tuple[type, ...]]:
              "user": (str,), "key_file": (str,), "jump": (str,), "known_hosts": (str,), "ssh_config": (str,),
              "python": (str,), "remote_dir": (str,), "command_prefix": (str, list), "cpu_flags": (list,),
              "signed_only": (bool,), "trusted_keys": (str,), "runtime_dir": (str,),
-             "connect_timeout": (int, float), "groups": (list,)}
+             "connect_timeout": (int, float), "groups": (list,), "service": (str,), "service_status": (str,)}
     assert set(hints) == {f.name for f in dataclasses.fields(Device)}
     return hints
 
