@@ -154,6 +154,9 @@ def _register_bench(sub) -> argparse.ArgumentParser:
                    help="pause between timed queries, as requests arriving apart (default: 0)")
     p.add_argument("--batch-sizes", default="1,32", metavar="B,B", help="throughput batch sizes (default: 1,32)")
     p.add_argument("--no-rss", action="store_true", help="skip the peak-memory probe in a fresh process")
+    p.add_argument("--service", default=None, metavar="ADDRESS",
+                   help="time BUNDLE through its running service (`serve`): http://HOST:PORT, a Unix socket or "
+                        "the service's --status-file; peak memory is the service's")
     _threads_arg(p)
     return p
 
@@ -172,7 +175,12 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.runs < 1 or args.warmup < 0:
         raise BundleError(f"--runs {args.runs} --warmup {args.warmup}: need at least 1 run and 0 warm-ups")
     batch_sizes = _batch_sizes(args.batch_sizes)
-    pipe = _load(args)
+    if args.service:  # what an application sees: the service's answers, its queue and its memory
+        from .serve_http import ServiceBackend
+
+        pipe, args.no_rss = ServiceBackend(args.service, args.bundle), True
+    else:
+        pipe = _load(args)
     from .bench import format_table, run_benchmark
     from .datafiles import read_labelled, read_reference
 
@@ -183,6 +191,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     result = run_benchmark(pipe, texts, gold, reference=reference, warmup=args.warmup, runs=args.runs,
                            batch_sizes=batch_sizes, gap_ms=args.gap_ms, rss_argv=[] if args.no_rss else None)
     result["data"] = str(data)
+    if args.service:
+        result["service"], result["peak_rss_mb"] = pipe.address, pipe.peak_rss_mb()
     result["build_metrics"] = pipe.manifest.get("metrics")
     print(format_table([result]))
     build = _build_accuracy(pipe.manifest)

@@ -140,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
         service, host=args.host, port=8080 if args.port is None else args.port, socket_path=args.socket
     )
     where = args.socket or "http://{}:{}".format(*server.server_address[:2])
+    service.address = where
+    service.write_status("serving")  # again, with the address: a client (bench --service) finds it there
     wake, stop = threading.Event(), threading.Event()
     asked = [False]
 

@@ -395,3 +395,73 @@ class Client:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+class ServiceBackend:
+    """``bench``'s backend through a running service (``bench --service``): the figures an application on
+    the device sees, HTTP and the service's queue included. Each ``forward`` is one request of top-1
+    answers (an application's request); its "logits" are log-probabilities with the answer's label on
+    top at its score, so ``bench``'s argmax, threshold and accuracy are the service's own.
+
+    ``address``: ``http://HOST:PORT``, a Unix socket, or the service's status file (``--status-file``).
+
+    Example:
+        >>> ServiceBackend("/run/edgepack-kiosk/status.json", "/srv/edgepack/clinc150/current").name  # doctest: +SKIP
+        'clinc150'
+    """
+
+    def __init__(self, address: str, bundle: str | None = None):
+        from . import manifest as _manifest
+
+        if Path(address).is_file():  # a status file names the address it listens on
+            address = str(
+                _manifest.read_json(Path(address), "pass the service's --status-file").get("address")
+            )
+        self.client = Client(address)
+        status, info = self.client.request("GET", "/v1/bundle")
+        if status != 200:
+            raise BundleError(
+                f"{address}: GET /v1/bundle answered {status}; is it a runtime_shim serve service?"
+            )
+        self.info, self.address = info, address
+        self.name, self.label_names = str(info["name"]), list(info["labels"])
+        self.oos_label, self.oos_threshold = info.get("oos_label"), info.get("oos_threshold")
+        self.settings: dict[str, Any] = {}
+        root = Path(bundle if bundle is not None else info["path"])
+        if bundle is not None:
+            import hashlib
+
+            digest = hashlib.sha256((root / _manifest.MANIFEST).read_bytes()).hexdigest()
+            if digest != info.get("manifest_sha256"):
+                raise BundleError(
+                    f"{address} serves {info.get('path')} (manifest {str(info.get('manifest_sha256'))[:16]}), "
+                    f"not {root} ({digest[:16]}); point the service at it or bench that bundle"
+                )
+        self.bundle_dir, self.manifest = root, _manifest.read_manifest(root)
+        self.bundle_bytes = _manifest.bundle_bytes(root)
+        self.model_bytes = sum(p.stat().st_size for p in root.glob("*.onnx"))
+
+    def encode(self, texts: Sequence[str]) -> list[str]:
+        return list(texts)
+
+    def forward(self, texts: list[str]):
+        import numpy as np
+
+        status, doc = self.client.request("POST", "/v1/classify", {"inputs": texts, "apply_threshold": False})
+        if status != 200:
+            raise BundleError(f"{self.address}: /v1/classify answered {status}: {doc}")
+        n = len(self.label_names)
+        out = np.empty((len(texts), n))
+        for row, answer in zip(out, doc["outputs"], strict=True):
+            top = min(max(float(answer["score"]), 1e-12), 1 - 1e-12)
+            row.fill(np.log((1 - top) / max(1, n - 1)) if n > 1 else 0.0)
+            row[self.label_names.index(answer["label"])] = np.log(top)
+        return out
+
+    def peak_rss_mb(self) -> float | None:
+        """The service process's peak resident memory (``/metrics``), in MiB."""
+        status, text = self.client.request("GET", "/metrics")
+        for line in text.splitlines() if status == 200 else ():
+            if line.startswith("process_peak_resident_memory_bytes "):
+                return round(float(line.split()[1]) / (1024 * 1024), 2)
+        return None

@@ -136,6 +136,7 @@ class Service:
         self.keys, self.overrides = keys, dict(overrides or {})
         self.limits = limits or Limits()
         self.status_file = status_file
+        self.address: str | None = None  # where the HTTP layer listens, for the status file
         self.log = log
         self._lock = threading.Lock()
         self._drained = threading.Condition(self._lock)
@@ -150,7 +151,7 @@ class Service:
         self.reloads = {"ok": 0, "refused": 0}
         self.connections = 0
         self.started = time.time()
-        self._write_status("serving")
+        self.write_status("serving")
 
     # ------------------------------------------------------------------------------------- reload
 
@@ -170,7 +171,7 @@ class Service:
             self._refused[target] = reason
             self.reloads["refused"] += 1
             self.log(f"refused {target}: {reason}; still serving {old.target}")
-            self._write_status(f"refused {target}: {reason}")
+            self.write_status(f"refused {target}: {reason}")
             return "refused"
         if str(new.target) != target:  # the link moved again while loading: the next check takes it
             self.log(f"{self.path} moved while {target} loaded; checking again")
@@ -182,7 +183,7 @@ class Service:
         self.log(
             f"serving {new.target} ({new.info['name']} version {new.info['version']}); draining {old.target}"
         )
-        self._write_status("serving")
+        self.write_status("serving")
         self._free(old)
         return "reloaded"
 
@@ -197,13 +198,14 @@ class Service:
         if ref() is not None or left:
             self.log(f"the previous release is still referenced ({left} requests in flight)")
 
-    def _write_status(self, state: str) -> None:
+    def write_status(self, state: str) -> None:
         if not self.status_file:
             return
         info = self.current.info
         doc = {
             "format": STATUS_FORMAT,
             "pid": os.getpid(),
+            "address": self.address,
             "bundle": str(self.path),
             "state": state,
             "release": info["release"],

@@ -122,6 +122,7 @@ def pipe(tiny_bundle) -> OnnxPipeline:
 @pytest.mark.parametrize("unix", [False, True], ids=["tcp", "unix-socket"])
 def test_answers_are_the_pipelines(serve, tiny_bundle, pipe, unix):
     svc = serve(tiny_bundle, unix=unix)
+    assert svc.address.startswith("http://127.0.0.1:") or unix  # loopback unless --host says otherwise
     c = svc.client
     for text in TEXTS:
         assert c(text) == pipe(text)

@@ -125,6 +125,32 @@ def test_deploy_and_rollback_signal_the_service_under_load(device, tiny_bundle, 
         assert f"now serves {release1}" in out and current.resolve().name == release1
         n = len(load.answers)
         _wait(lambda: len(load.answers) > n + 10)
+        # fleet bench --service: the device's figures through its service, answers the pipeline's.
+        code = main(
+            [
+                "fleet",
+                "bench",
+                str(v1),
+                "--to",
+                "kiosk",
+                "--service",
+                "--runs",
+                "20",
+                "--warmup",
+                "2",
+                "--inventory",
+                str(inv),
+                "--out",
+                str(tmp_path / "fleet"),
+            ]
+        )
+        out = capsys.readouterr().out
+        rec = json.loads((tmp_path / "fleet" / "fleet.json").read_text())["devices"][0]
+        assert rec["status"] in ("ok", "budget"), out  # the loaded test machine may miss a latency budget
+        assert rec["agreement"] == 1.0 and rec["regression"]["drop_points"] == 0, rec
+        assert rec["latency_ms"]["n"] == 20 and rec["peak_rss_mb"] > 10
+        pulled = json.loads((tmp_path / "fleet" / "devices" / "kiosk" / "bench.json").read_text())
+        assert pulled["service"] == address and pulled["fleet"]["through_service"] is True
         load.finish()
         assert load.failures == []
         seen = [r for _, r, _ in load.answers]

@@ -35,6 +35,9 @@ def register(sub) -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=50, help="untimed queries first (default: 50)")
     b.add_argument("--setup", action="store_true", help="install this machine's runtime on the devices first (as deploy)")
     b.add_argument("--name", default=None, help="the bundle's name on the devices (as for deploy)")
+    b.add_argument("--service", action="store_true",
+                   help="time through each device's running model service (inventory service = \"NAME\"), as an "
+                        "application there classifies")
     add_inventory_args(b)
     t = fs.add_parser("tune", help="run the shim's tune on each device; a winner is kept there, beside the release",
                       description="Run `python -m runtime_shim tune` on each device (emulated devices are skipped): "
@@ -99,7 +102,8 @@ def _bench(args: argparse.Namespace) -> int:
     reference(bundle)  # before the devices start: a fallback computes on this machine
 
     async def job(session):
-        return await bench_one(session, bundle, out, runs=args.runs, warmup=args.warmup, setup=args.setup, log=log)
+        return await bench_one(session, bundle, out, runs=args.runs, warmup=args.warmup, setup=args.setup,
+                               service=args.service, log=log)
 
     outcomes = run_devices(devices, job, jobs=args.jobs, trust_new_host=args.trust_new_host, log=log)
     records = [device_record(o, bundle, tolerance=args.tolerance) for o in outcomes]

@@ -89,11 +89,20 @@ def _stamp() -> str:
 
 
 async def bench_one(session: Session, bundle: LocalBundle, out_dir: Path, *, runs: int = 200, warmup: int = 50,
-                    setup: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run ``python -m runtime_shim bench --json`` on the device; return its result (pulled back)."""
+                    setup: bool = False, service: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run ``python -m runtime_shim bench --json`` on the device; return its result (pulled back).
+    ``service``: through the device's running model service (``bench --service``), as an application
+    on the device classifies."""
+    if service and not session.device.service:
+        raise DeviceError(f"{session.device.name}: --service, but the inventory names no service for it "
+                          "(service = \"NAME\")")
     current = await ensure_deployed(session, bundle, setup=setup, log=log)
     remote = posixpath.join(session.root(bundle.name), "results", f"bench-{bundle.release}-{_stamp()}.json")
     args = ["bench", current, "--json", remote, *keys_args(session)]
+    if service:
+        from .service import status_file
+
+        args += ["--service", status_file(session)]
     if session.device.emulated:  # the emulator's timings mean nothing: one query, no memory probe
         args += ["--runs", "1", "--warmup", "0", "--no-rss", "--batch-sizes", "1"]
     else:
@@ -106,7 +115,7 @@ async def bench_one(session: Session, bundle: LocalBundle, out_dir: Path, *, run
     result = json.loads(local.read_text())
     # The shim's result, stamped with what it measured: which bundle (manifest digest), on which device.
     result["fleet"] = {"device": session.device.name, "manifest_digest": bundle.digest, "release": bundle.release,
-                       "remote_result": remote, "emulated": session.device.emulated}
+                       "remote_result": remote, "emulated": session.device.emulated, "through_service": service}
     write_json_atomic(local, result)
     return result
 
