@@ -176,7 +176,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         raise BundleError(f"--runs {args.runs} --warmup {args.warmup}: need at least 1 run and 0 warm-ups")
     batch_sizes = _batch_sizes(args.batch_sizes)
     if args.service:  # what an application sees: the service's answers, its queue and its memory
-        from .serve_http import ServiceBackend
+        from .serve_client import ServiceBackend
 
         pipe, args.no_rss = ServiceBackend(args.service, args.bundle), True
     else:

@@ -25,7 +25,7 @@ import runtime_shim
 from runtime_shim import trust as T
 from runtime_shim.manifest import update_manifest
 from runtime_shim.pipeline import OnnxPipeline
-from runtime_shim.serve_http import Client
+from runtime_shim.serve_client import Client
 
 SHIM_PARENT = str(Path(runtime_shim.__file__).resolve().parent.parent)
 TEXTS = [

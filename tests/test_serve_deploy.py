@@ -20,7 +20,7 @@ from test_serve import Load, _wait
 
 from edgepack.cli import main
 from runtime_shim.manifest import update_manifest
-from runtime_shim.serve_http import Client
+from runtime_shim.serve_client import Client
 
 pytestmark = pytest.mark.slow
 
