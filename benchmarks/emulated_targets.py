@@ -354,7 +354,7 @@ def markdown(args, table: list[dict], rows) -> str:
         "apt-get install qemu-user-static binfmt-support debootstrap",
         "edgepack emulate setup arm64            # the arm64 root: ~10 min debootstrap + ~6 min wheels",
         "nice python benchmarks/emulated_targets.py --work /tmp/emu-targets --markdown docs/emulated_targets.md",
-        "edgepack verify BUNDLE --emulate x86-64-avx2     # or arm64: one bundle on its eval.jsonl",
+        "edgepack emulate accuracy BUNDLE --target x86-64-avx2     # or arm64: one bundle on its eval.jsonl",
         "```",
         "",
     ]

@@ -17,10 +17,35 @@ from pathlib import Path
 
 from edgepack import __version__
 from edgepack.errors import EdgepackError, ExitCode
+from runtime_shim import exitcodes
 
 # Order is the order of --help: the pipeline first, then the tools around it.
 COMMANDS = ("build", "demo", "finetune", "distill", "prune", "pack", "quantize", "tune", "bench", "verify", "report",
             "devices", "deploy", "rollout", "fleet", "runtime", "keys", "sign", "emulate", "targets", "profiles", "recipes")
+
+
+# Commands that can exit with more than ``exitcodes.COMMON`` (0, 1, 2, 130): a gate or budget missed
+# with the output kept, some devices failed with the others done. A test makes each one happen.
+EXIT_CODES = {"build": (ExitCode.BUDGET,), "demo": (ExitCode.BUDGET,), "pack": (ExitCode.BUDGET,),
+              "quantize": (ExitCode.BUDGET,), "bench": (ExitCode.BUDGET,), "devices": (ExitCode.PARTIAL,),
+              "deploy": (ExitCode.PARTIAL,), "fleet": (ExitCode.BUDGET, ExitCode.PARTIAL)}
+
+
+class _Formatter(exitcodes.KeepTable, argparse.HelpFormatter):
+    """argparse's formatter, with the exit-status table of the epilog kept as a table."""
+
+
+def exit_codes(command: str) -> tuple[ExitCode, ...]:
+    """The exit codes ``edgepack COMMAND`` can return (its ``--help`` epilog lists them)."""
+    return (*exitcodes.COMMON, *EXIT_CODES.get(command, ()))
+
+
+def _with_epilog(parser: argparse.ArgumentParser, codes: tuple[ExitCode, ...]) -> None:
+    parser.formatter_class, parser.epilog = _Formatter, exitcodes.epilog(codes)
+    for action in parser._actions:  # nested subcommands (emulate setup, fleet bench) say the same
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _with_epilog(sub, codes)
 
 
 def _load(name: str):
@@ -32,6 +57,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgepack",
         description="Turn a fine-tuned transformer text classifier into a small, fast, verified bundle for edge CPUs.",
+        formatter_class=_Formatter,
+        epilog=exitcodes.epilog(ExitCode, who={code: [c for c in COMMANDS if code in EXIT_CODES.get(c, ())]
+                                               for code in (ExitCode.BUDGET, ExitCode.PARTIAL)}),
     )
     parser.add_argument("--version", action="version", version=f"edgepack {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -41,6 +69,7 @@ def make_parser() -> argparse.ArgumentParser:
         p.add_argument("-v", "--verbose", action="store_true",
                        help="also show library warnings and training logs on the console (always in the log file)")
         p.set_defaults(_run=module.run)
+        _with_epilog(p, exit_codes(name))
     return parser
 
 
@@ -63,6 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"edgepack {args.command}: interrupted; finished stages are kept, rerun to resume", file=sys.stderr)
         return ExitCode.INTERRUPTED
+    except OSError as e:
+        if e.filename is None:
+            raise
+        print(f"edgepack {args.command}: error: {exitcodes.os_error_line(e)}", file=sys.stderr)
+        return ExitCode.USAGE
 
 
 def log_path(command: str) -> Path:

@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import enum
+from runtime_shim.exitcodes import ExitCode
 
-
-class ExitCode(enum.IntEnum):
-    OK = 0
-    ERROR = 1  # an unexpected failure (a bug): a traceback is printed
-    USAGE = 2  # bad input: the message says what to change
-    BUDGET = 3  # the work finished but a profile's budget or an accuracy gate was missed
-    INTERRUPTED = 130
+__all__ = ["BudgetError", "EdgepackError", "ExitCode"]
 
 
 class EdgepackError(Exception):

@@ -18,7 +18,6 @@ numpy (and so the pipeline) is imported inside the commands. With trusted keys (
 from __future__ import annotations
 
 import argparse
-import enum
 import importlib
 import json
 import os
@@ -28,23 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .exitcodes import COMMON, ExitCode, KeepTable, epilog, os_error_line
 from .manifest import MANIFEST, SIGNATURE, BundleError, update_manifest, write_json_atomic
 
 PROG = "python -m runtime_shim"
-
-
-class ExitCode(enum.IntEnum):
-    """Exit codes of ``main``.
-
-    Example:
-        >>> main(["verify", "no/such/bundle"]) == ExitCode.USAGE  # doctest: +SKIP
-        True
-    """
-
-    OK = 0
-    ERROR = 1  # an unexpected failure (a bug): a traceback is printed
-    USAGE = 2  # bad input (a damaged bundle, unreadable data): the message says what to change
-    INTERRUPTED = 130
 
 
 def _bundle_arg(p: argparse.ArgumentParser) -> None:
@@ -306,8 +292,8 @@ def _optional(name: str):
         raise
 
 
-class _Formatter(argparse.HelpFormatter):
-    """argparse's formatter with the terminal width read as ``shutil.get_terminal_size`` reads it, without
+class _Formatter(KeepTable, argparse.HelpFormatter):
+    """argparse's formatter (the exit-status epilog kept as a table) with the terminal width read as ``shutil.get_terminal_size`` reads it, without
     importing ``shutil`` (with bz2, lzma and fnmatch: 1.2 MB of a serving process; argparse imports it in
     every formatter it makes, and it makes one per argument added)."""
 
@@ -341,7 +327,7 @@ def make_parser(command: str | None = None) -> argparse.ArgumentParser:
         >>> make_parser().parse_args(["predict", "bundle", "hi"]).texts
         ['hi']
     """
-    parser = _Parser(prog=PROG, description="Run and check an edgepack bundle on this device.")
+    parser = _Parser(prog=PROG, description="Run and check an edgepack bundle on this device.", epilog=epilog())
     parser.add_argument("--version", action="version", version=f"runtime_shim {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for register, run in COMMANDS.values():
@@ -352,6 +338,8 @@ def make_parser(command: str | None = None) -> argparse.ArgumentParser:
         module = _optional(name)
         if module is not None:
             module.register(sub).set_defaults(_run=module.run)
+    for p in sub.choices.values():  # every command: the same exit codes (exitcodes.COMMON)
+        p.epilog = epilog(COMMON)
     return parser
 
 
@@ -385,6 +373,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head`: stop quietly, as other command-line tools do
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (the interpreter flushes it at exit)
         return ExitCode.OK
+    except OSError as e:
+        if e.filename is None:
+            raise
+        print(f"{PROG} {args.command}: error: {os_error_line(e)}", file=sys.stderr)
+        return ExitCode.USAGE
 
 
 def console() -> None:

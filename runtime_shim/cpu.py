@@ -160,7 +160,7 @@ def target_warning(manifest: Mapping[str, Any], arch: str | None = None, flags: 
         arch = host_arch if arch is None else arch
         flags = host_flags if flags is None else flags
     name = target.get("name", "?")
-    check = "; check it with `edgepack verify BUNDLE --emulate TARGET` or rebuild with --target auto"
+    check = "; check it with `edgepack emulate accuracy BUNDLE --target TARGET` or rebuild with --target auto"
     if target.get("arch") and target["arch"] != arch:
         return (f"bundle built for target '{name}' ({target['arch']}) but this CPU is {arch}; "
                 f"{_risk(target, arch, flags)}{check}")

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from .cpu import VNNI_FLAGS, cpu_flags, physical_cores, target_warning  # noqa: F401 (re-exported)
+from .exitcodes import ExitCode
 from .manifest import BundleError, write_json_atomic
 from .tuned import SETTING_KEYS, TUNED_KEYS
 
@@ -551,18 +552,18 @@ def run(args: argparse.Namespace) -> int:
         write_json_atomic(out, {**result.to_dict(), "into": into, "dry_run": args.dry_run})
     if args.dry_run:
         print("dry run: nothing changed")
-        return 0
+        return ExitCode.OK
     del pipe
     if into == "device":
         path = write_device(args.bundle, result)
         print(f"wrote {path}: this device's settings for this bundle (the bundle's files unchanged)" if path else
               "the current settings stay: nothing written")
-        return 0
+        return ExitCode.OK
     new = write_winner(args.bundle, result)
     print(f"wrote {Path(args.bundle) / 'runtime.json'}: intra_op_num_threads={new['intra_op_num_threads']}, "
           f"graph_optimization_level={new['graph_optimization_level']}, session_config={new['session_config']}; "
           f"manifest.json re-hashed")
-    return 0
+    return ExitCode.OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -580,4 +581,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args)
     except BundleError as e:
         print(f"python -m runtime_shim tune: error: {e}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE

@@ -1,4 +1,4 @@
-"""edgepack verify --emulate: the tiny bundle under qemu-x86_64 -cpu Haswell (slow; skipped without QEMU)."""
+"""edgepack emulate accuracy: the tiny bundle under qemu-x86_64 -cpu Haswell (slow; skipped without QEMU)."""
 
 from __future__ import annotations
 
@@ -32,14 +32,14 @@ def test_score_applies_the_threshold():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["x86-64-avx2", "arm64"])
-def test_verify_under_emulation(tiny_bundle, tmp_path, capsys, target):
+def test_accuracy_under_emulation(tiny_bundle, tmp_path, capsys, target):
     """x86-64-avx2 runs wherever qemu-user-static is installed; arm64 only where the arm64 root is
     prepared (``edgepack emulate setup arm64``, or EDGEPACK_ARM64_ROOT)."""
     ok, why = emulate.available(target)
     if not ok:
         pytest.skip(why)
-    out = tmp_path / "verify.json"
-    assert main(["verify", str(tiny_bundle), "--emulate", target, "--limit", "10", "--json", str(out)]) == 0
+    out = tmp_path / "accuracy.json"
+    assert main(["emulate", "accuracy", str(tiny_bundle), "--target", target, "--limit", "10", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["rows"] == 10 and result["target"] == target
     assert 0.0 <= result["agreement_with_host"] <= 1.0

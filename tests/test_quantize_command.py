@@ -48,3 +48,26 @@ def test_quantize_refuses_a_missing_model_in_one_line(tmp_path, capsys):
     assert main(["quantize", str(tmp_path / "nope.onnx"), "--out", str(tmp_path / "q")]) == ExitCode.USAGE
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "nope.onnx" in err
+
+
+
+def test_quantize_gate_missed_exits_3(exported, tmp_path, clinc_json, monkeypatch, capsys):
+    """An int8 model that answers wrong (its probabilities rolled by one label): the accuracy gate refuses
+    it, exit 3, one line naming the gate, nothing written."""
+    import numpy as np
+
+    import edgepack.stages.quantize as quantize_mod
+
+    real, calls = quantize_mod.evaluate, {"n": 0}
+
+    def wrecked_int8(pipe, split, **kw):  # the second call evaluates the int8 model
+        calls["n"] += 1
+        probs = real(pipe, split, **kw)
+        return np.roll(probs, 1, axis=1) if calls["n"] == 2 else probs
+
+    monkeypatch.setattr(quantize_mod, "evaluate", wrecked_int8)
+    out = tmp_path / "q"
+    code = main(["quantize", str(exported), "--out", str(out), "--data", str(clinc_json), "--max-accuracy-drop", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == ExitCode.BUDGET, err
+    assert len(err.splitlines()) == 1 and "--max-accuracy-drop" in err and not out.exists()

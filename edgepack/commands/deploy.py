@@ -103,12 +103,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _verdict(what: str, outcomes) -> int:
-    from ..fleet import FleetExit
+    from ..errors import ExitCode
 
     failed = [o.device.name for o in outcomes if not o.ok]
     if failed:
         print(f"{what}: {len(outcomes) - len(failed)}/{len(outcomes)} devices done; failed: {', '.join(failed)} "
-              f"(partial, exit {int(FleetExit.PARTIAL)})")
-        return FleetExit.PARTIAL
+              f"(partial, exit {int(ExitCode.PARTIAL)})")
+        return ExitCode.PARTIAL
     print(f"{what}: {len(outcomes)}/{len(outcomes)} devices done")
-    return FleetExit.OK
+    return ExitCode.OK

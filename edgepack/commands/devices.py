@@ -45,7 +45,7 @@ def _identifying_flags() -> set[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..fleet import FleetExit
+    from ..errors import ExitCode
     from ..fleet.inventory import format_devices, load_inventory
 
     inv = load_inventory(args.inventory)
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         return _provision(args, devices)
     if not args.check:
         print(format_devices(devices))
-        return FleetExit.OK
+        return ExitCode.OK
 
     from ..fleet.session import run_devices
 
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         from runtime_shim.manifest import write_json_atomic
 
         write_json_atomic(args.json, found)
-    return FleetExit.PARTIAL if down else FleetExit.OK
+    return ExitCode.PARTIAL if down else ExitCode.OK
 
 
 def _provision(args: argparse.Namespace, devices) -> int:
@@ -117,8 +117,7 @@ def _provision(args: argparse.Namespace, devices) -> int:
 
     from tqdm import tqdm
 
-    from ..errors import EdgepackError
-    from ..fleet import FleetExit
+    from ..errors import EdgepackError, ExitCode
     from ..fleet.runtime import install_keys, protection, require_runtime, setup_runtime, trusted_key_files
     from ..fleet.session import run_devices
 
@@ -145,4 +144,4 @@ def _provision(args: argparse.Namespace, devices) -> int:
         print(f"FAILED {o.error}" if not o.ok else f"{o.device.name}: runtime ready in {o.info.get('runtime_dir')}")
     failed = [o.device.name for o in outcomes if not o.ok]
     print(f"devices: {len(outcomes) - len(failed)}/{len(outcomes)} set up" + (f"; failed: {', '.join(failed)}" if failed else ""))
-    return FleetExit.PARTIAL if failed else FleetExit.OK
+    return ExitCode.PARTIAL if failed else ExitCode.OK

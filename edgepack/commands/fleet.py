@@ -60,16 +60,16 @@ def register(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..fleet import FleetExit
+    from ..errors import ExitCode
 
     if args.fleet_command == "compare":
         from ..fleet.compare import compare, load_doc
 
         print(compare(load_doc(args.a), load_doc(args.b)))
-        return FleetExit.OK
+        return ExitCode.OK
     if args.fleet_command not in ("bench", "tune"):
         args._parser.print_help()
-        return FleetExit.USAGE
+        return ExitCode.USAGE
     return _bench(args) if args.fleet_command == "bench" else _tune(args)
 
 

@@ -1,80 +1,79 @@
-"""edgepack verify BUNDLE --emulate TARGET [--data FILE]: the bundle's answers on another CPU's kernels."""
+"""edgepack verify BUNDLE [--keys DIR]: a bundle's integrity, checked as a device checks it.
+
+Accuracy on another CPU's kernels is ``edgepack emulate accuracy``; its old spelling ``verify BUNDLE
+--emulate TARGET`` still runs it (``--emulate`` tells the two apart) after a one-line note.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+from .emulate import add_accuracy_args, run_accuracy
 
 
 def register(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "verify", help="check a bundle's answers on a target CPU's int8 kernels under QEMU emulation",
-        description="Run the bundle's shim under QEMU user-mode emulation of TARGET (x86-64-avx2: qemu-x86_64 "
-        "-cpu Haswell; arm64, arm64-dotprod, arm64-i8mm: an arm64 root, see `edgepack emulate setup arm64`) and "
-        "natively on this CPU, on the bundle's eval.jsonl or --data, and report accuracy, in-scope accuracy, "
-        "out-of-scope recall and agreement with this CPU's answers. Latency is not reported: emulated time "
-        "says nothing about the device.")
+        "verify", help="check a bundle's files against its manifest (and its signature, given trusted keys)",
+        description="Check a bundle as a device checks it, with this installation's runtime code, never the copy "
+        "inside the bundle: the size and sha256 of every file manifest.json lists; with trusted keys (--keys DIR or "
+        "EDGEPACK_TRUSTED_KEYS) also manifest.sig, the bundle's name and version, no unlisted or linked file and no "
+        "model with external data. Whether the version is newer than the last one a device accepted is for the "
+        "device to judge (`python -m runtime_shim verify` there). Accuracy on another CPU's kernels is "
+        "`edgepack emulate accuracy`.")
     p.add_argument("bundle", type=Path, metavar="BUNDLE", help="the bundle directory")
-    p.add_argument("--emulate", required=True, metavar="TARGET",
-                   help="x86-64-avx2, arm64, arm64-dotprod or arm64-i8mm")
-    p.add_argument("--data", type=Path, default=None, metavar="FILE",
-                   help="labelled rows (.jsonl/.csv/CLINC150 .json; default: the bundle's eval.jsonl)")
-    p.add_argument("--split", default="test", help="split of a CLINC150-style --data file (default: test)")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--label-column", default="label")
-    p.add_argument("--limit", type=int, default=None, metavar="N",
-                   help="only the first N rows of a stratified order (emulation is slow: ~40 ms a row for a small model)")
-    p.add_argument("--root", type=Path, default=None, help="the arm64 root (default: $EDGEPACK_ARM64_ROOT or "
-                   "~/.cache/edgepack/emulate/arm64)")
-    p.add_argument("--json", type=Path, default=None, metavar="FILE",
-                   help="write the result here (default: BUNDLE.verify-TARGET.json beside the bundle)")
+    p.add_argument("--keys", default=None, metavar="DIR",
+                   help="require a signature by a public key in DIR (default: $EDGEPACK_TRUSTED_KEYS; unset: "
+                        "checksums only)")
+    # The old spelling of `emulate accuracy`: accepted, not listed.
+    p.add_argument("--emulate", default=None, metavar="TARGET", help=argparse.SUPPRESS)
+    add_accuracy_args(p, hidden=True)
     return p
 
 
-def _stratified(texts: list[str], labels: list[str], n: int) -> tuple[list[str], list[str]]:
-    """``n`` rows with every label in proportion (its k-th row ranks at (k + 0.5) / its count), in
-    file order; the same rows every time.
-
-    >>> _stratified(["a1", "a2", "a3", "a4", "b1", "b2"], ["a", "a", "a", "a", "b", "b"], 3)
-    (['a1', 'a2', 'b1'], ['a', 'a', 'b'])
-    """
-    total: dict[str, int] = {}
-    for lab in labels:
-        total[lab] = total.get(lab, 0) + 1
-    seen: dict[str, int] = {}
-    keys = []
-    for i, lab in enumerate(labels):
-        keys.append(((seen.get(lab, 0) + 0.5) / total[lab], lab, i))
-        seen[lab] = seen.get(lab, 0) + 1
-    picked = sorted(i for _, _, i in sorted(keys)[:n])
-    return [texts[i] for i in picked], [labels[i] for i in picked]
+NOTE = ("note: `edgepack verify BUNDLE --emulate TARGET` is now `edgepack emulate accuracy BUNDLE --target TARGET` "
+        "(verify checks integrity only); running it")
+_ACCURACY_ONLY = {"data": None, "split": "test", "text_column": "text", "label_column": "label", "limit": None,
+                  "root": None, "json": None}
 
 
 def run(args: argparse.Namespace) -> int:
-    from runtime_shim.datafiles import DataError, read_labelled
-
-    from .. import emulate
     from ..errors import EdgepackError
 
-    if not args.bundle.is_dir():
-        raise EdgepackError(f"{args.bundle}: no such bundle directory; pass the directory `edgepack pack` wrote")
-    target = emulate.resolve(args.emulate).target
-    data = args.data or args.bundle / "eval.jsonl"
-    try:
-        texts, labels = read_labelled(data, split=args.split, text_column=args.text_column,
-                                      label_column=args.label_column)
-    except DataError as e:
-        raise EdgepackError(str(e)) from None
-    if args.limit is not None:
-        if args.limit < 1:
-            raise EdgepackError(f"--limit {args.limit}: pass a positive number of rows")
-        texts, labels = _stratified(texts, labels, args.limit)
-    out = args.json or args.bundle.with_name(f"{args.bundle.name}.verify-{target}.json")
-    result = emulate.check_bundle(args.bundle, target, texts=texts, labels=labels, root=args.root, json_path=out)
-    result["data"] = str(data)
-    from runtime_shim.manifest import write_json_atomic
+    if args.emulate is not None:
+        print(NOTE, file=sys.stderr)
+        args.target = args.emulate
+        return run_accuracy(args)
+    given = [name for name, default in _ACCURACY_ONLY.items() if getattr(args, name) != default]
+    if given:
+        flags = " ".join(f"--{n.replace('_', '-')}" for n in given)
+        raise EdgepackError(f"{flags}: options of `edgepack emulate accuracy BUNDLE --target TARGET`; "
+                            "`edgepack verify BUNDLE` checks integrity only")
+    return check(args.bundle, keys=args.keys)
 
-    write_json_atomic(out, result)
-    print(emulate.summary(result))
-    print(f"written: {out}")
+
+def check(bundle: Path, *, keys: str | None = None) -> int:
+    """Verify ``bundle`` with ``runtime_shim.trust`` (this installation's), print one line; ``EdgepackError``
+    names the first problem. The device's record of accepted versions is neither read nor written."""
+    import tempfile
+
+    from runtime_shim.manifest import MANIFEST, BundleError
+    from runtime_shim.trust import trusted_keys_dir, verify_bundle
+
+    from ..errors import EdgepackError
+
+    try:
+        trusted = trusted_keys_dir(keys)
+        with tempfile.TemporaryDirectory(prefix="edgepack-verify-") as tmp:
+            result = verify_bundle(bundle, keys=trusted if trusted is not None else False, allow_downgrade=True,
+                                   state=Path(tmp) / "accepted.json", record=False)
+    except BundleError as e:
+        raise EdgepackError(str(e)) from None
+    count = f"ok: {len(result.manifest['files'])} files match {bundle / MANIFEST}"
+    if not result.signed:
+        print(f"{count}; signature not checked (no trusted keys: pass --keys DIR or set EDGEPACK_TRUSTED_KEYS)")
+    else:
+        print(f"{count}, signed by key {result.key_id} ({result.key_file}); {result.name} version {result.version}; "
+              "no unlisted files")
     return 0

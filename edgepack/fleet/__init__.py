@@ -22,21 +22,10 @@ benchmarked there, and one report across the devices.
   ``compare``: two result sets side by side, and the ``fleet tune`` table.
 
 Every device runs in its own task: one that is down or refuses its host key fails alone, and the
-command's exit code says the fleet was partial (``FleetExit``).
+command's exit code says the fleet was partial (``ExitCode.PARTIAL``, ``runtime_shim.exitcodes``).
 """
 
 from __future__ import annotations
-
-import enum
-
-
-class FleetExit(enum.IntEnum):
-    """Exit codes of the fleet commands (``edgepack devices|deploy|fleet``)."""
-
-    OK = 0
-    USAGE = 2  # bad input (inventory, bundle): the message says what to change
-    GATE = 3  # every device ran, and one regressed beyond the tolerance or missed a profile budget
-    PARTIAL = 4  # some devices could not be reached or failed; the others completed
 
 
 class DeviceError(Exception):

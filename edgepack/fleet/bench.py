@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from runtime_shim.cpu import target_warning
+from runtime_shim.exitcodes import ExitCode
 from runtime_shim.manifest import write_json_atomic
 
-from . import DeviceError, FleetExit
+from . import DeviceError
 from .deploy import LocalBundle, deploy_one, keys_args
 from .runtime import require_runtime
 from .session import Outcome, Session, target_check
@@ -210,7 +211,7 @@ def fleet_document(kind: str, bundle: LocalBundle, records: list[dict[str, Any]]
     failed = [r["device"] for r in records if r.get("status") == "failed"]
     regressed = [r["device"] for r in records if r.get("status") == "regressed"]
     budget = [r["device"] for r in records if r.get("status") == "budget"]
-    code = FleetExit.GATE if regressed or budget else FleetExit.PARTIAL if failed else FleetExit.OK
+    code = ExitCode.BUDGET if regressed or budget else ExitCode.PARTIAL if failed else ExitCode.OK
     doc: dict[str, Any] = {
         "format": FORMAT, "kind": kind, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "bundle": {"path": str(bundle.path), "name": bundle.name, "manifest_digest": bundle.digest,
