@@ -102,12 +102,13 @@ def _run_predict(args: argparse.Namespace) -> int:
     if args.top_k is not None and args.top_k < 1:
         raise BundleError(f"--top-k {args.top_k}: use a positive count")
     pipe = _load(args)
+    top_k = "best" if args.top_k is None else args.top_k  # the pipeline's default: one label per text
     if args.json:
         # What the pipeline returns for the same call: pipe("text") for one TEXT, pipe([...]) for several.
         inputs = args.texts[0] if len(args.texts) == 1 else args.texts
-        print(json.dumps(pipe(inputs, top_k=args.top_k, apply_threshold=not args.no_threshold)))
+        print(json.dumps(pipe(inputs, top_k=top_k, apply_threshold=not args.no_threshold)))
         return ExitCode.OK
-    out = pipe(args.texts, top_k=args.top_k, apply_threshold=not args.no_threshold)
+    out = pipe(args.texts, top_k=top_k, apply_threshold=not args.no_threshold)
     for text, answer in zip(args.texts, out, strict=True):
         if args.top_k is None:
             print(f"{answer['label']}\t{answer['score']:.4f}\t{text}")

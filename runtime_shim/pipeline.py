@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 # numpy is imported where arrays are made, not here: a process serving a bundle through the C API
 # session (runtime_shim.capi) answers single texts and batches without loading it (docs/memory.md).
 ORT_INT_TYPES = {"tensor(int64)": "int64", "tensor(int32)": "int32"}  # an input's numpy dtype name
+# ``top_k``'s default: the best label of each text, one dict each (transformers' default answer; its
+# ``top_k=None`` means every label, as here).
+BEST = "best"
 
 
 def _read_json(path: Path, **kwargs: Any) -> dict[str, Any]:
@@ -61,7 +64,7 @@ class OnnxPipeline:
 
     On Linux the session is made through ONNX Runtime's C API (``runtime_shim.capi``, the installed wheel's
     own C library; ``session_api`` in ``runtime.json`` or ``overrides`` chooses): single texts and lists
-    (without ``top_k``) are then answered without importing numpy or the ``onnxruntime`` package, 14-15 MB
+    (with the default ``top_k``) are then answered without importing numpy or the ``onnxruntime`` package, 14-15 MB
     less peak memory (docs/memory.md); ``encode``, ``forward`` and ``predict`` still speak numpy.
 
     A cascade bundle (``runtime.json`` ``cascade``, ``runtime_shim.cascade``) answers a text whose top
@@ -394,7 +397,7 @@ class OnnxPipeline:
 
     def _classify_rows(self, texts: list[str], apply_threshold: bool, batch_size: int) -> list[dict[str, Any]]:
         """Top label of each text through ``run_rows`` (a C API session): ``__call__``'s answer for a list
-        without ``top_k``, and no numpy. Each batch is padded to its longest text, as ``encode`` pads."""
+        with the default ``top_k``, and no numpy. Each batch is padded to its longest text, as ``encode`` pads."""
         threshold = self.oos_threshold if apply_threshold else None
         out: list[dict[str, Any]] = []
         unsure: list[int] = []
@@ -409,14 +412,17 @@ class OnnxPipeline:
             out[i] = self.fallback._classify_one(texts[i], apply_threshold)
         return out
 
-    def __call__(self, inputs: str | Sequence[str], *, top_k: int | None = None, apply_threshold: bool = True,
-                 batch_size: int = 32) -> list:
-        """Classify a string or a list of strings.
+    def __call__(self, inputs: str | Sequence[str], *, top_k: int | str | None = BEST,
+                 apply_threshold: bool = True, batch_size: int = 32) -> list:
+        """Classify a string or a list of strings, answering in the shapes of transformers'
+        ``pipeline("text-classification")``.
 
-        - ``pipe("text")`` -> ``[{"label", "score"}]``; ``pipe(["a", "b"])`` -> one dict per input.
+        - ``pipe("text")`` -> ``[{"label", "score"}]``; ``pipe(["a", "b"])`` -> one dict per input: the
+          best label (``top_k="best"``, the default, which spells it out).
         - ``top_k=k`` -> the k most probable labels per input, as a list of dicts for a string and a
-          list of lists for a list. When the threshold fires, the first entry is the out-of-scope
-          label (score: the top probability), followed by the k-1 most probable other labels.
+          list of lists for a list; ``top_k=None`` -> every label, most probable first. When the
+          threshold fires, the first entry is the out-of-scope label (score: the top probability),
+          followed by the most probable other labels.
         - ``apply_threshold=False`` -> plain argmax, as the model alone would answer.
 
         Examples:
@@ -425,17 +431,21 @@ class OnnxPipeline:
             [{'label': 'balance', 'score': 0.95}]
             >>> pipe("check my savings balance", top_k=2)  # doctest: +SKIP
             [{'label': 'balance', 'score': 0.95}, {'label': 'transfer', 'score': 0.02}]
+            >>> len(pipe("check my savings balance", top_k=None)) == len(pipe.label_names)  # doctest: +SKIP
+            True
         """
         single = isinstance(inputs, str)
-        if single and top_k is None:
+        best = isinstance(top_k, str) and top_k == BEST
+        if not best and top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k={top_k!r} is not valid; use a positive integer, None (every label) or "
+                             f"{BEST!r} (the best label, the default)")
+        if single and best:
             return [self._classify_one(inputs, apply_threshold)]
         texts = [inputs] if single else list(inputs)
-        if top_k is None and self._run_rows is not None and texts:
+        if best and self._run_rows is not None and texts:
             if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
                 raise ValueError(f"batch_size={batch_size!r} is not valid; use a positive integer")
             return self._classify_rows(texts, apply_threshold, batch_size)
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k={top_k!r} is not valid; use a positive integer or None")
         _, probs = self.predict(texts, batch_size=batch_size)
         final = self.label_ids(probs, apply_threshold=apply_threshold)
         import numpy as np
@@ -443,16 +453,16 @@ class OnnxPipeline:
         top = probs.max(axis=-1) if len(texts) else np.zeros(0)
         out = []
         for i in range(len(texts)):
-            if top_k is None:
+            if best:
                 out.append({"label": self.label_names[int(final[i])], "score": float(top[i])})
                 continue
             order = np.argsort(-probs[i], kind="stable")
-            k = min(top_k, len(order))
+            k = len(order) if top_k is None else min(top_k, len(order))
             entries = [{"label": self.label_names[j], "score": float(probs[i, j])} for j in order]
             if int(final[i]) != int(order[0]):  # the threshold fired
                 entries = [{"label": self.oos_label, "score": float(top[i])}] + [
                     e for e in entries if e["label"] != self.oos_label]
             out.append(entries[:k])
-        if top_k is None or not single:
+        if best or not single:
             return out
         return out[0]

@@ -29,7 +29,8 @@ def both(tiny_model, tiny_bundle):
 
 
 @pytest.mark.parametrize("inputs", [TEXTS[0], TEXTS], ids=["one text", "a list"])
-@pytest.mark.parametrize("kwargs", [{}, {"top_k": 1}, {"top_k": 2}], ids=["default", "top_k=1", "top_k=2"])
+@pytest.mark.parametrize("kwargs", [{}, {"top_k": 1}, {"top_k": 2}, {"top_k": None}],
+                         ids=["default", "top_k=1", "top_k=2", "top_k=None"])
 def test_answers_have_the_shape_of_transformers_pipeline(both, inputs, kwargs):
     hf, pipe = both
     theirs = hf(inputs, **kwargs)

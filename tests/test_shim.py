@@ -74,6 +74,19 @@ def test_call_like_a_hf_pipeline(pipe: OnnxPipeline, label_names):
     assert pipe([]) == []
     with pytest.raises(ValueError, match="top_k"):
         pipe(QUERIES[0], top_k=0)
+    with pytest.raises(ValueError, match="None \\(every label\\)"):
+        pipe(QUERIES[0], top_k="all")
+
+    # top_k=None: every label, most probable first (transformers' meaning); "best" spells the default.
+    every = pipe(QUERIES, top_k=None)
+    assert [sorted(e["label"] for e in row) for row in every] == [sorted(label_names)] * 3
+    assert all([e["score"] for e in row] == sorted((e["score"] for e in row), reverse=True) for row in every
+               if row[0]["label"] != pipe.oos_label)  # a fired threshold puts oos first with the top score
+    assert [row[0]["label"] for row in every] == [d["label"] for d in many]
+    single = pipe(QUERIES[0], top_k=None)  # a string: one list of every label, as transformers answers
+    assert isinstance(single, list) and len(single) == len(label_names) and isinstance(single[0], dict)
+    assert pipe(QUERIES, top_k="best") == many
+    assert pipe(QUERIES[0], top_k="best") == one
 
 
 def test_pieces_agree_with_the_call(pipe: OnnxPipeline):
