@@ -137,11 +137,12 @@ def hushed_root(*, below: int = logging.ERROR, where: str = "") -> Iterator[None
 
 def _to_log(show):
     """A ``warnings.showwarning`` that sends library warnings to the log and keeps edgepack's own
-    warnings for the user (a bundle on a CPU without its target's flags) on the console."""
-    from runtime_shim.cpu import CpuTargetWarning
+    warnings for the user (a bundle on a CPU without its target's flags, or on an older onnxruntime) on
+    the console."""
+    from runtime_shim.readers import BundleWarning
 
     def showwarning(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, CpuTargetWarning):
+        if issubclass(category, BundleWarning):
             return show(message, category, filename, lineno, file, line)
         logging.getLogger("py.warnings").warning(
             warnings.formatwarning(message, category, filename, lineno, line).rstrip())

@@ -23,11 +23,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .readers import BundleWarning
+
 FLAGS_ENV = "EDGEPACK_CPU_FLAGS"
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
-class CpuTargetWarning(UserWarning):
+class CpuTargetWarning(BundleWarning):
     """The bundle was built for a CPU with flags this one lacks: its int8 answers may differ here.
 
     Silence it with ``warnings.simplefilter("ignore", CpuTargetWarning)``.
@@ -194,15 +196,15 @@ def warn_target_once(manifest: Mapping[str, Any], *, stacklevel: int = 3) -> str
 
 
 def one_line_warnings() -> None:
-    """Print ``CpuTargetWarning`` as ``warning: ...`` on one line (a command line's console), other
-    warnings as before; recording them (``warnings.catch_warnings(record=True)``) is unchanged.
+    """Print a ``BundleWarning`` (``CpuTargetWarning``, ``session.OrtVersionWarning``) as ``warning: ...`` on
+    one line (a command line's console), other warnings as before; recording them (``warnings.catch_warnings(record=True)``) is unchanged.
     Called by the ``python -m runtime_shim`` and ``edgepack`` entry points."""
     fmt = warnings.formatwarning
     if getattr(fmt, "_edgepack_one_line", False):
         return
 
     def one_line(message, category, filename, lineno, line=None):
-        if isinstance(category, type) and issubclass(category, CpuTargetWarning):
+        if isinstance(category, type) and issubclass(category, BundleWarning):
             return f"warning: {message}\n"
         return fmt(message, category, filename, lineno, line)
 

@@ -31,12 +31,14 @@ import copy
 import os
 import re
 import sys
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import capi, csession
 from .manifest import MANIFEST, BundleError, bad_path
+from .readers import BundleWarning
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -238,11 +240,8 @@ def session_options(settings: Mapping[str, Any] | None = None) -> ort.SessionOpt
     so.intra_op_num_threads = o["intra_op_num_threads"]
     so.inter_op_num_threads = o["inter_op_num_threads"]
     so.execution_mode = ort.ExecutionMode(o["execution_mode"])
-    try:
-        so.graph_optimization_level = ort.GraphOptimizationLevel(o["graph_optimization_level"])
-    except ValueError:  # "layout" before onnxruntime 1.22
-        raise BundleError(f"runtime.json: graph_optimization_level={effective_settings(settings).get('graph_optimization_level')!r} is "
-                          f"not offered by onnxruntime {ort.__version__}; use disable, basic, extended or all") from None
+    check_level(o["graph_optimization_level"], ort.__version__)
+    so.graph_optimization_level = ort.GraphOptimizationLevel(o["graph_optimization_level"])
     so.log_severity_level = o["log_severity_level"]
     for key in ("enable_cpu_mem_arena", "enable_mem_pattern"):
         if key in o:
@@ -254,6 +253,24 @@ def session_options(settings: Mapping[str, Any] | None = None) -> ort.SessionOpt
             raise BundleError(f"runtime.json: session_config entry {key}={value!r} was refused by onnxruntime "
                               f"({str(e).splitlines()[0]}); fix or remove it") from None
     return so
+
+
+LAYOUT_SINCE = (1, 22)
+
+
+def check_level(level: int, version: str) -> None:
+    """Refuse "layout" on an onnxruntime before 1.22, alike for both APIs: the Python package's enum takes
+    any integer there, and the C library refused it only when the session was made.
+
+    Examples:
+        >>> check_level(GRAPH_LEVELS["layout"], "1.19.0")
+        Traceback (most recent call last):
+        ...
+        runtime_shim.readers.BundleError: runtime.json: graph_optimization_level='layout' is not offered by onnxruntime 1.19.0; use disable, basic, extended or all
+    """
+    if level == GRAPH_LEVELS["layout"] and release(version) < LAYOUT_SINCE:
+        raise BundleError(f"runtime.json: graph_optimization_level='layout' is not offered by onnxruntime {version}; "
+                          "use disable, basic, extended or all")
 
 
 def use_c_api(choice: str) -> capi._Api | None:
@@ -297,6 +314,7 @@ def make_session(model_path: str | os.PathLike, settings: Mapping[str, Any] | No
         raise BundleError(f"{path}: missing; check the 'model' entry of runtime.json or re-run `edgepack pack`")
     api = use_c_api(o["session_api"])
     if api is not None:
+        check_level(o["graph_optimization_level"], api.version)
         if o["disabled_optimizers"]:
             o["session_config"] = {"optimization.disable_specified_optimizers": ",".join(o["disabled_optimizers"]),
                                    **o["session_config"]}
@@ -315,6 +333,84 @@ def make_session(model_path: str | os.PathLike, settings: Mapping[str, Any] | No
     except Exception as e:  # ORT raises InvalidGraph, Fail, NotImplemented... for a file it cannot load
         raise BundleError(f"{path}: onnxruntime {ort.__version__} cannot load it ({_first_line(e)[:200]}); "
                           "re-run `edgepack pack` or install the onnxruntime version in manifest.json") from None
+
+
+class OrtVersionWarning(BundleWarning):
+    """The installed onnxruntime is older than the one the bundle was built and measured with (its
+    manifest's ``versions``): its kernels, fusions and int8 paths were not the ones checked."""
+
+
+def installed_version(session: Any) -> str:
+    """The ONNX Runtime version a session runs on: the C library's own for a C API session (without
+    importing the package), else the ``onnxruntime`` package's.
+
+    Examples:
+        >>> installed_version(make_session("bundle/model.quant.onnx"))  # doctest: +SKIP
+        '1.32.0'
+    """
+    api = getattr(session, "api", None)
+    if api is not None:
+        return api.version
+    import onnxruntime as ort
+
+    return ort.__version__
+
+
+def release(version: str) -> tuple[int, ...]:
+    """The numeric release of a version string (up to three parts; pre-release and local tags dropped).
+
+    Examples:
+        >>> release("1.32.0"), release("1.20.0.dev20240101+cpu"), release("1.9")
+        ((1, 32, 0), (1, 20, 0), (1, 9))
+    """
+    out = []
+    for part in str(version).split("+")[0].split(".")[:3]:
+        digits = re.match(r"\d+", part)
+        if digits is None:
+            break
+        out.append(int(digits.group()))
+    return tuple(out)
+
+
+def ort_version_warning(manifest: Mapping[str, Any], installed: str) -> str | None:
+    """One line when ``installed`` is older than the onnxruntime the bundle was built and measured with
+    (``manifest["versions"]["onnxruntime"]``, as its ``requirements.txt`` asks), else None.
+
+    Examples:
+        >>> ort_version_warning({"versions": {"onnxruntime": "1.32.0"}}, "1.19.0")  # doctest: +ELLIPSIS
+        "bundle built and measured with onnxruntime 1.32.0, but this is onnxruntime 1.19.0: ..."
+        >>> ort_version_warning({"versions": {"onnxruntime": "1.32.0"}}, "1.32.1") is None
+        True
+    """
+    versions = manifest.get("versions") if isinstance(manifest, Mapping) else None
+    built = versions.get("onnxruntime") if isinstance(versions, Mapping) else None
+    if not isinstance(built, str) or not release(built) or not release(installed):
+        return None
+    if release(installed) >= release(built):
+        return None
+    return (f"bundle built and measured with onnxruntime {built}, but this is onnxruntime {installed}: its answers "
+            f"and latency were not checked on this version; install onnxruntime>={built} (the bundle's "
+            "requirements.txt)")
+
+
+_warned: set[str] = set()
+
+
+def warn_ort_once(manifest: Mapping[str, Any], session: Any, *, stacklevel: int = 3) -> str | None:
+    """Issue ``ort_version_warning`` as an ``OrtVersionWarning`` the first time this process sees it;
+    return the message (None when the installed onnxruntime is as new as the build's). Called when a
+    bundle is loaded.
+
+    Examples:
+        >>> warn_ort_once({}, None)  # no version recorded: nothing to say
+    """
+    if not isinstance(manifest, Mapping) or not manifest.get("versions"):
+        return None
+    msg = ort_version_warning(manifest, installed_version(session))
+    if msg is not None and msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, OrtVersionWarning, stacklevel=stacklevel)
+    return msg
 
 
 def _first_line(e: BaseException) -> str:

@@ -143,6 +143,39 @@ def make_venv(path: Path, packages: list[str]) -> Path:
     return python
 
 
+VENV_CACHE = Path(os.environ.get("EDGEPACK_TEST_VENVS") or Path.home() / ".cache" / "edgepack" / "venvs")
+
+
+def cached_venv(name: str, packages: list[str]) -> Path:
+    """The python of ``VENV_CACHE/name`` holding ``packages``: made once per machine (a minute or more,
+    from the package index) and reused by every later run; skips with the install line when it cannot be
+    made."""
+    import shutil
+    import tempfile
+
+    venv = VENV_CACHE / name
+    python = venv / "bin" / "python"
+    if (venv / ".complete").is_file() and python.exists():
+        return python
+    line = (f"python3 -m venv {venv} && {python} -m pip install {' '.join(repr(p) for p in packages)} "
+            f"&& touch {venv / '.complete'}")
+    VENV_CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=VENV_CACHE))
+    try:
+        try:
+            make_venv(tmp / "venv", packages)
+        except BaseException as e:  # pytest.skip (no index) or a failed install: the line makes it by hand
+            pytest.skip(f"no {venv} ({str(e).splitlines()[0][:200]}); make it with: {line}")
+        shutil.rmtree(venv, ignore_errors=True)
+        # Made beside the target under another name, then moved: a killed run leaves no half venv in place.
+        # A venv's own files name its directory only in scripts this helper never runs (pip is run as -m).
+        os.replace(tmp / "venv", venv)
+        (venv / ".complete").write_text(" ".join(packages) + "\n")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return python
+
+
 @pytest.fixture(scope="session")
 def device_python(tmp_path_factory) -> Path:
     """A device: a fresh venv holding only the runtime packages (and cryptography, for signed

@@ -4,6 +4,7 @@ bundles and graphs, the same settings checks, threads, and the choice between th
 from __future__ import annotations
 
 import json
+import re
 import sys
 import threading
 from pathlib import Path
@@ -164,3 +165,115 @@ def test_scores_without_numpy_match_numpys():
         k2, top2 = top_of_row(row)
         assert k1 == k2 and abs(top1 - top2) < 1e-13, (row[:5], top1, top2)
     assert top_of_list([0.0, 2.0, 0.0], oos_id=2, threshold=0.9)[0] == 2
+
+
+# --- the oldest onnxruntime the runtime supports, and the installed (newest) one --------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def oldest_onnxruntime() -> str:
+    """The floor the runtime declares (``onnxruntime>=X`` in its requirements), as a full release."""
+    from edgepack.runtime_dist import requirements
+
+    req = next(r for r in requirements()[0] if r.startswith("onnxruntime"))
+    floor = re.search(r">=\s*([\d.]+)", req).group(1)
+    return floor + ".0" * (2 - floor.count("."))
+
+
+@pytest.fixture(scope="module", params=["newest", "oldest"])
+def ort_python(request) -> Path:
+    """The installed onnxruntime (the newest: constraints-cpu.txt pins the latest release), or a cached
+    second venv holding the oldest the runtime claims to support."""
+    if request.param == "newest":
+        return Path(sys.executable)
+    from importlib import metadata
+
+    from conftest import cached_venv
+
+    version = oldest_onnxruntime()
+    return cached_venv(f"onnxruntime-{version}", [f"onnxruntime=={version}", *(
+        f"{name}=={metadata.version(name)}" for name in ("tokenizers", "numpy"))])
+
+
+@pytest.mark.second_venv
+def test_every_c_api_entry_on_the_oldest_and_newest_onnxruntime(ort_python, tiny_bundle, tmp_path):
+    """tests/capi_check.py in each interpreter: every settings variant (both arena and memory-pattern
+    switches, the parallel executor, each graph level, a config entry) gives the Python package's labels
+    and logits, SetOptimizedModelFilePath writes the graph ORT runs, rows are padded as fed, "layout" is
+    taken or refused alike by both APIs, and the bundle (built with the installed onnxruntime) warns once
+    on an older one."""
+    import subprocess
+
+    from conftest import clean_env
+
+    graphs = tmp_path / "graphs"
+    graphs.mkdir()
+    for elem, name in ((TensorProto.INT32, "int32"), (TensorProto.INT64, "int64")):
+        for width in (2, "n"):
+            _sum_graph(graphs / f"{name}-{width}.onnx", elem, width)
+    proc = subprocess.run([str(ort_python), str(ROOT / "tests" / "capi_check.py"), str(ROOT), str(tiny_bundle),
+                           str(graphs), str(tmp_path)], capture_output=True, text=True, timeout=900,
+                          env=clean_env(), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    oldest = ort_python != Path(sys.executable)
+    assert r["capi"] == r["onnxruntime"] == (oldest_onnxruntime() if oldest else ort.__version__)
+    for name, v in r["variants"].items():
+        assert v["labels_c"] == v["labels_python"], name
+        # One thread: the same kernels in the same order, bit for bit; two may sum in another order.
+        assert v["max_diff"] <= (1e-5 if "2 threads" in name else 0.0), (name, v["max_diff"])
+        assert np.allclose(np.array(v["rows_c"], dtype=np.float32), np.array(v["rows_python"], dtype=np.float32),
+                           atol=1e-5 if "2 threads" in name else 0.0), name
+    assert len(r["variants"]) == 8
+    layout = r["layout"]
+    assert (layout["c"] == "ok") == (layout["python"] == "ok"), layout
+    if layout["python"] != "ok":
+        assert all("layout" in m and r["onnxruntime"] in m for m in layout.values()), layout
+    assert r["optimized_file_max_diff"] < 1e-4
+    expected = {"2": [[12 + 200, 2], [10, 4], [9 + 300, 1]], "n": [[12 + 200, 2], [10, 4], [9 + 300, 1]]}
+    assert r["sums"] == {f"{t}-{w}": expected[w] for t in ("int32", "int64") for w in ("2", "n")}
+    assert re.search("load model|No such file|does not exist|Load model", r["refused"] or "")
+    if oldest:
+        built = json.loads((tiny_bundle / "manifest.json").read_text())["versions"]["onnxruntime"]
+        assert r["warnings"] == [f"OrtVersionWarning: bundle built and measured with onnxruntime {built}, but this "
+                                 f"is onnxruntime {r['onnxruntime']}: its answers and latency were not checked on "
+                                 f"this version; install onnxruntime>={built} (the bundle's requirements.txt)"]
+    else:
+        assert r["warnings"] == []
+
+
+def test_an_older_onnxruntime_than_the_builds_warns_once(tiny_bundle, tmp_path, monkeypatch):
+    """A bundle whose manifest says it was built with a newer onnxruntime than this one (faked: 99.1.0):
+    one OrtVersionWarning per process through either session API, one console line from the runtime's
+    command line (exit 0: it still answers), and nothing for a build as old as this onnxruntime."""
+    import shutil
+    import subprocess
+    import warnings
+
+    from runtime_shim.manifest import update_manifest
+
+    bundle = tmp_path / "newer"
+    shutil.copytree(tiny_bundle, bundle, ignore=shutil.ignore_patterns("__pycache__"))
+    versions = json.loads((bundle / "manifest.json").read_text())["versions"]
+    update_manifest(bundle, versions={**versions, "onnxruntime": "99.1.0"})
+    monkeypatch.setattr(session_mod, "_warned", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        OnnxPipeline(bundle, overrides={"session_api": "c"})
+        OnnxPipeline(bundle, overrides={"session_api": "python"})
+    ours = [str(w.message) for w in caught if issubclass(w.category, session_mod.OrtVersionWarning)]
+    assert ours == [f"bundle built and measured with onnxruntime 99.1.0, but this is onnxruntime {ort.__version__}: "
+                    "its answers and latency were not checked on this version; install onnxruntime>=99.1.0 (the "
+                    "bundle's requirements.txt)"]
+    proc = subprocess.run([sys.executable, "-m", "runtime_shim", "predict", str(bundle), "what is my balance"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 1, proc.stderr
+    assert proc.stderr.splitlines() == [f"warning: {ours[0]}"]
+    same = tmp_path / "same"
+    shutil.copytree(tiny_bundle, same, ignore=shutil.ignore_patterns("__pycache__"))
+    update_manifest(same, versions={**versions, "onnxruntime": ort.__version__.split("+")[0]})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        OnnxPipeline(same)
+    assert not [w for w in caught if issubclass(w.category, session_mod.OrtVersionWarning)]
