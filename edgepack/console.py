@@ -139,7 +139,7 @@ def _to_log(show):
     """A ``warnings.showwarning`` that sends library warnings to the log and keeps edgepack's own
     warnings for the user (a bundle on a CPU without its target's flags, or on an older onnxruntime) on
     the console."""
-    from runtime_shim.readers import BundleWarning
+    from runtime_shim.cpu import BundleWarning
 
     def showwarning(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, BundleWarning):

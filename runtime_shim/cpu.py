@@ -1,7 +1,8 @@
 """This CPU as the bundle sees it: architecture, flags, physical cores, and the one load-time warning
 when the bundle was built for a CPU this one is not.
 
-Standard library only (``pipeline`` imports it at load; ``tune`` re-exports these names).
+Standard library only, and no import of the package (``pipeline`` imports it at load; ``tune`` re-exports
+these names; ``edgepack.fleet.remote`` sends this file to a device as a program of its own).
 
 ONNX Runtime picks its int8 kernels from the CPU it runs on, so a bundle checked on the build machine
 may answer differently on a device with other kernels: on x86-64 without VNNI, U8S8 products are
@@ -23,10 +24,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .readers import BundleWarning
-
 FLAGS_ENV = "EDGEPACK_CPU_FLAGS"
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+class BundleWarning(UserWarning):
+    """The bundle runs here on something it was not checked on (another CPU's int8 kernels, an older ONNX
+    Runtime): its answers may differ from the build's. Issued once per process and message; a command line
+    prints it as one ``warning: ...`` line. Silence it with ``warnings.simplefilter("ignore", BundleWarning)``.
+    """
 
 
 class CpuTargetWarning(BundleWarning):

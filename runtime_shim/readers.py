@@ -22,13 +22,6 @@ MAX_JSON_DEPTH = 32
 MAX_PART_BYTES, MAX_PATH_CHARS = 255, 1024
 
 
-class BundleWarning(UserWarning):
-    """The bundle runs here on something it was not checked on (another CPU's int8 kernels, an older ONNX
-    Runtime): its answers may differ from the build's. Issued once per process and message; a command line
-    prints it as one ``warning: ...`` line. Silence it with ``warnings.simplefilter("ignore", BundleWarning)``.
-    """
-
-
 class BundleError(ValueError):
     """A bundle that cannot be used as it is. ``str(err)`` is one line naming the file and the fix.
 

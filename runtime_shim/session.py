@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import capi, csession
+from .cpu import BundleWarning
 from .manifest import MANIFEST, BundleError, bad_path
-from .readers import BundleWarning
 
 if TYPE_CHECKING:
     import onnxruntime as ort
