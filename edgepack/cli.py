@@ -28,7 +28,8 @@ COMMANDS = ("build", "demo", "finetune", "distill", "prune", "pack", "quantize",
 # with the output kept, some devices failed with the others done. A test makes each one happen.
 EXIT_CODES = {"build": (ExitCode.BUDGET,), "demo": (ExitCode.BUDGET,), "pack": (ExitCode.BUDGET,),
               "quantize": (ExitCode.BUDGET,), "bench": (ExitCode.BUDGET,), "devices": (ExitCode.PARTIAL,),
-              "deploy": (ExitCode.PARTIAL,), "fleet": (ExitCode.BUDGET, ExitCode.PARTIAL)}
+              "deploy": (ExitCode.PARTIAL,), "rollout": (ExitCode.BUDGET, ExitCode.PARTIAL),
+              "fleet": (ExitCode.BUDGET, ExitCode.PARTIAL)}
 
 
 class _Formatter(exitcodes.KeepTable, argparse.HelpFormatter):

@@ -66,8 +66,8 @@ def test_every_help_shows_the_codes_its_command_returns(capsys):
         assert _listed(p.format_help()) == sorted(int(c) for c in COMMON), prog
     # The top-level help names the commands behind 3 and 4, and keeps the table's lines whole.
     top = parser.format_help()
-    assert "       from: build, demo, pack, quantize, bench, fleet" in top
-    assert "       from: devices, deploy, fleet" in top
+    assert "       from: build, demo, pack, quantize, bench, rollout, fleet" in top
+    assert "       from: devices, deploy, rollout, fleet" in top
     # And the real entry points print it.
     for argv in (["-m", "edgepack", "--help"], ["-m", "runtime_shim", "--help"]):
         out = subprocess.run(
@@ -91,6 +91,7 @@ BAD_EDGEPACK = {
     "report": ["report", "OUT", N + ".json"],
     "devices": ["devices", "--inventory", N + ".toml"],
     "deploy": ["deploy", N, "--inventory", N + ".toml"],
+    "rollout": ["rollout", N, "--to", "all", "--inventory", N + ".toml"],
     "fleet": ["fleet", "bench", N, "--inventory", N + ".toml"],
     "runtime": ["runtime", "wheel", "--out", "FILE/dist"],
     "keys": ["keys", "new", "--out", "FILE/keys"],
@@ -182,6 +183,7 @@ def test_ctrl_c_exits_130_in_every_command(command, monkeypatch, tmp_path, capsy
         "verify": [N],
         "report": [N, N],
         "deploy": [N],
+        "rollout": [N, "--to", "all"],
         "sign": [N, "--key", N],
     }
     argv = argv + positional.get(command, [])

@@ -654,3 +654,13 @@ def test_rollout_stops_in_a_later_wave_and_rolls_back_every_wave(lab, tmp_path, 
     assert {d: _current(tmp_path, d) for d in ("a", "local")} == v1  # both waves rolled back
     assert "rolled back a:" in out and "rolled back local:" in out
     assert "rollout: stopped at wave 2/2 (2/2 devices reached; 0 never touched), exit 3" in out
+
+
+def test_rollout_with_a_device_down_is_partial(lab, tmp_path, capsys, tiny_bundle):
+    """The canary passes; the next wave's device is down: the rollout stops there, exit 4 (partial)."""
+    inv = write_inventory(lab, tmp_path, ("local", "down"), local={"groups": ["g"]},
+                          down={"groups": ["g"], "profile": "fleet-b"})
+    code, out = cli(capsys, "rollout", tiny_bundle, "--to", "g", "--inventory", inv, "--out", tmp_path / "r",
+                    "--canary", "1", *ROLLOUT_FAST)
+    assert code == 4, out
+    assert "down" in out

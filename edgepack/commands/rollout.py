@@ -72,8 +72,7 @@ def register(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..errors import EdgepackError
-    from ..fleet import FleetExit
+    from ..errors import EdgepackError, ExitCode
     from ..fleet.deploy import check_before_upload, load_bundle
     from ..fleet.inventory import load_inventory
     from ..fleet.rollout import plan_waves, rollout, summary_lines
@@ -89,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     for i, wave in enumerate(waves, 1):
         print(f"{'canary' if i == 1 else f'wave {i}/{len(waves)}'}: {', '.join(d.name for d in wave)}")
     if args.plan:
-        return FleetExit.OK
+        return ExitCode.OK
     check_before_upload(bundle, devices)
     out = Path(args.out) if args.out else Path("fleet-results") / f"{bundle.name}-{bundle.release}-rollout"
     result = rollout(

@@ -27,9 +27,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from runtime_shim.exitcodes import ExitCode
 from runtime_shim.manifest import write_json_atomic
 
-from . import DeviceError, FleetExit
+from . import DeviceError
 from .bench import bench_one, device_record, fleet_document, reference
 from .deploy import LocalBundle, deploy_one, rollback_one
 from .inventory import Device
@@ -305,9 +306,9 @@ def rollout(
                     ),
                 }
             )
-    code = FleetExit.OK if not stops else FleetExit.PARTIAL if failed_device else FleetExit.GATE
+    code = ExitCode.OK if not stops else ExitCode.PARTIAL if failed_device else ExitCode.BUDGET
     if any(not r["ok"] for r in rolled_back):
-        code = FleetExit.PARTIAL
+        code = ExitCode.PARTIAL
     result = RolloutResult(done, records, stops, rolled_back, int(code))
     _write(out_dir, bundle, waves, result, tolerance, seconds=time.monotonic() - started)
     return result
