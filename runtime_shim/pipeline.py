@@ -414,29 +414,22 @@ class OnnxPipeline:
 
     def __call__(self, inputs: str | Sequence[str], *, top_k: int | str | None = BEST,
                  apply_threshold: bool = True, batch_size: int = 32) -> list:
-        """Classify a string or a list of strings, answering in the shapes of transformers'
-        ``pipeline("text-classification")``.
+        """Classify a string or a list of strings, in the shapes of transformers' text-classification pipeline.
 
-        - ``pipe("text")`` -> ``[{"label", "score"}]``; ``pipe(["a", "b"])`` -> one dict per input: the
-          best label (``top_k="best"``, the default, which spells it out).
-        - ``top_k=k`` -> the k most probable labels per input, as a list of dicts for a string and a
-          list of lists for a list; ``top_k=None`` -> every label, most probable first. When the
-          threshold fires, the first entry is the out-of-scope label (score: the top probability),
-          followed by the most probable other labels.
-        - ``apply_threshold=False`` -> plain argmax, as the model alone would answer.
+        - ``pipe("text")`` -> ``[{"label", "score"}]``; a list -> one dict per input (``top_k="best"``).
+        - ``top_k=k`` -> the k most probable labels per input (a list of dicts for a string, of lists for a
+          list); ``top_k=None`` -> every label. When the threshold fires, the out-of-scope label comes first
+          (score: the top probability). ``apply_threshold=False`` -> plain argmax.
 
         Examples:
             >>> pipe = OnnxPipeline("bundle")  # doctest: +SKIP
             >>> pipe("check my savings balance")  # doctest: +SKIP
             [{'label': 'balance', 'score': 0.95}]
-            >>> pipe("check my savings balance", top_k=2)  # doctest: +SKIP
-            [{'label': 'balance', 'score': 0.95}, {'label': 'transfer', 'score': 0.02}]
         """
         single = isinstance(inputs, str)
         best = isinstance(top_k, str) and top_k == BEST
         if not best and top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k={top_k!r} is not valid; use a positive integer, None (every label) or "
-                             f"{BEST!r} (the best label, the default)")
+            raise ValueError(f"top_k={top_k!r} is not valid; use a positive integer, None (every label) or {BEST!r}")
         if single and best:
             return [self._classify_one(inputs, apply_threshold)]
         texts = [inputs] if single else list(inputs)

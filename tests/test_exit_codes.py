@@ -255,6 +255,8 @@ WITNESSES = {
     ("fleet", ExitCode.BUDGET): "tests/test_fleet.py::test_accuracy_regression_fails_the_fleet",
     ("fleet", ExitCode.PARTIAL): "tests/test_fleet.py::test_device_down_others_complete",
     ("devices", ExitCode.PARTIAL): "tests/test_fleet.py::test_devices_list_and_check",
+    ("rollout", ExitCode.BUDGET): "tests/test_fleet.py::test_rollout_good_passes_bad_stops_at_the_canary",
+    ("rollout", ExitCode.PARTIAL): "tests/test_fleet.py::test_rollout_with_a_device_down_is_partial",
     (
         "deploy",
         ExitCode.PARTIAL,
