@@ -18,7 +18,14 @@ from . import trust as _trust
 from .cpu import warn_target_once
 from .manifest import BundleError
 from .scores import read_answer, softmax, thresholded, top_of_list, top_of_row  # noqa: F401  (softmax, thresholded: re-exported)
-from .session import answer_output, check_runtime, check_values, effective_settings, make_session, warn_ort_once
+from .session import (
+    answer_output,
+    check_runtime,
+    check_values,
+    effective_settings,
+    make_session,
+    warn_ort_once,
+)
 from .wordpiece import FastWordPiece
 
 if TYPE_CHECKING:
