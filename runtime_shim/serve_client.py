@@ -69,10 +69,10 @@ class Client:
         return resp.status, json.loads(raw) if kind.startswith("application/json") else raw.decode()
 
     def __call__(
-        self, inputs: str | Sequence[str], *, top_k: int | None = None, apply_threshold: bool = True, **_: Any
+        self, inputs: str | Sequence[str], *, top_k: int | str | None = "best", apply_threshold: bool = True, **_: Any
     ) -> list:
         body: dict[str, Any] = {"inputs": inputs if isinstance(inputs, str) else list(inputs)}
-        if top_k is not None:
+        if top_k != "best":
             body["top_k"] = top_k
         if not apply_threshold:
             body["apply_threshold"] = False

@@ -259,9 +259,9 @@ class Service:
             raise RequestError(
                 413, f"a text of {longest} characters; at most {lim.max_text_chars} (--max-text-chars)"
             )
-        top_k = doc.get("top_k")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise RequestError(400, '"top_k" must be a positive integer or null')
+        top_k = doc.get("top_k", "best")  # absent: the best label; null: every label (as OnnxPipeline)
+        if top_k not in (None, "best") and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise RequestError(400, '"top_k" must be a positive integer, null (every label) or "best"')
         apply = doc.get("apply_threshold", True)
         if not isinstance(apply, bool):
             raise RequestError(400, '"apply_threshold" must be true or false')
