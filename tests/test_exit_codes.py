@@ -108,6 +108,7 @@ BAD_SHIM = {
     "rss": ["rss", N],
     "tune": ["tune", N],
     "unpack": ["unpack", N + ".tar.gz", "OUT"],
+    "serve": ["serve", N],
 }
 
 

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_breakdown_times_every_part_of_a_query(tiny_bundle, clinc_json, tmp_path):
+    pytest.importorskip("fasttext", reason="fastText is in the peers extra: pip install -e '.[peers]'")
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peers.py"), "--work", str(tmp_path),
                            "--data", str(clinc_json), "--no-teacher", "--breakdown", str(tiny_bundle),
                            "--rounds", "2", "--per-round", "5", "--warmup", "2"],

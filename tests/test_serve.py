@@ -370,6 +370,7 @@ def test_a_new_release_under_load_drops_nothing_and_a_bad_one_is_refused(
     n = len(load.answers)
     _wait(lambda: len(load.answers) > n + 20)
     assert svc.metric("edgepack_releases_loaded") == 1  # the old release freed once its requests finished
+    freed = len(load.answers)
     assert json.loads(status.read_text())["release"] == "b"
     # A release signed by another key: refused in one line, b keeps serving.
     _switch(root, bad)
@@ -382,9 +383,12 @@ def test_a_new_release_under_load_drops_nothing_and_a_bad_one_is_refused(
     assert load.failures == []
     first_b = next(i for i, (_, r, _) in enumerate(load.answers) if r == "b")
     assert all(r == "a" for _, r, _ in load.answers[:first_b])
-    assert all(r == "b" for _, r, _ in load.answers[first_b:])  # never back to a, never the bad one
-    assert all(out == [{"label": "oos", "score": out[0]["score"]}] for _, _, out in load.answers[first_b:])
-    a_outputs = {tuple(json.dumps(o) for o in out) for _, r, out in load.answers[:first_b]}
+    # Requests in flight on a when b took over may still come back from a, until a is freed.
+    assert {r for _, r, _ in load.answers[first_b:freed]} <= {"a", "b"}
+    assert all(r == "b" for _, r, _ in load.answers[freed:])  # never back to a, never the bad one
+    b_outputs = [out for _, r, out in load.answers[first_b:] if r == "b"]
+    assert all(out == [{"label": "oos", "score": out[0]["score"]}] for out in b_outputs)
+    a_outputs = {tuple(json.dumps(o) for o in out) for _, r, out in load.answers if r == "a"}
     assert a_outputs <= {(json.dumps(pipe([t])[0]),) for t in TEXTS}
     assert load.answers[first_b][0] - switched < 10
     refused = [line for line in svc.log().splitlines() if "refused" in line]

@@ -27,7 +27,7 @@ FAST = ["--runs", "6", "--warmup", "2", "--gap-ms", "1", "--rounds", "2"]
 @pytest.fixture
 def bundle(tmp_path, tiny_bundle) -> Path:
     dest = tmp_path / "bundle"
-    shutil.copytree(tiny_bundle, dest)
+    shutil.copytree(tiny_bundle, dest, ignore=shutil.ignore_patterns("__pycache__"))  # another test may have run its shim
     return dest
 
 
