@@ -55,6 +55,12 @@ end
 """
 
 
+
+def _wrk_argv(clients: int, seconds: float, script: Path, port: int) -> list[str]:
+    """One wrk thread, CLIENTS connections for SECONDS, posting SCRIPT's requests to the service."""
+    return ["wrk", "-t1", f"-c{clients}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(script),
+            f"http://127.0.0.1:{port}/v1/classify"]
+
 def starlette_app(bundle: str, port: int, workers: int) -> None:
     """The same ``Service`` (parsing, limits, reload) behind uvicorn+starlette: what the optional extra
     would run. Started as ``serve_load.py --starlette BUNDLE PORT WORKERS``."""
@@ -161,17 +167,7 @@ def proc_mb(pid: int, field: str) -> float:
 
 def wrk(port: int, clients: int, seconds: float, script: Path) -> dict:
     out = subprocess.run(
-        [
-            "wrk",
-            "-t1",
-            f"-c{clients}",
-            f"-d{max(1, round(seconds))}s",
-            "--timeout",
-            "10s",
-            "-s",
-            str(script),
-            f"http://127.0.0.1:{port}/v1/classify",
-        ],
+        _wrk_argv(clients, seconds, script, port),
         capture_output=True,
         text=True,
         timeout=seconds + 60,
@@ -232,17 +228,7 @@ def reload_run(
 ) -> dict:
     """wrk for ``seconds`` while ``current`` flips every ``every`` seconds (with SIGHUP)."""
     wrk_proc = subprocess.Popen(
-        [
-            "wrk",
-            "-t1",
-            f"-c{clients}",
-            f"-d{max(1, round(seconds))}s",
-            "--timeout",
-            "10s",
-            "-s",
-            str(script),
-            f"http://127.0.0.1:{port}/v1/classify",
-        ],
+        _wrk_argv(clients, seconds, script, port),
         stdout=subprocess.PIPE,
         text=True,
     )
