@@ -91,8 +91,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"edgepack {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print(f"edgepack {args.command}: interrupted; finished stages are kept, rerun to resume", file=sys.stderr)
+        staged = args.command not in ("deploy", "devices", "fleet")  # those stop before they change a device
+        print(f"edgepack {args.command}: interrupted" + ("; finished stages are kept, rerun to resume" if staged else ""),
+              file=sys.stderr)
         return ExitCode.INTERRUPTED
+    except BrokenPipeError:  # output piped into `head`: stop quietly, as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what is still buffered goes nowhere
+        return ExitCode.OK
     except OSError as e:
         if e.filename is None:
             raise

@@ -144,6 +144,8 @@ def _register_bench(sub) -> argparse.ArgumentParser:
     p.add_argument("--service", default=None, metavar="ADDRESS",
                    help="time BUNDLE through its running service (`serve`): http://HOST:PORT, a Unix socket or "
                         "the service's --status-file; peak memory is the service's")
+    p.add_argument("--progress", action="store_true",
+                   help="print what is being measured to stderr as it goes (\"progress: queries 50/250\")")
     _threads_arg(p)
     return p
 
@@ -176,7 +178,8 @@ def _run_bench(args: argparse.Namespace) -> int:
                                 label_column=args.label_column)
     reference = read_reference(args.reference, n=len(texts)) if args.reference else None
     result = run_benchmark(pipe, texts, gold, reference=reference, warmup=args.warmup, runs=args.runs,
-                           batch_sizes=batch_sizes, gap_ms=args.gap_ms, rss_argv=[] if args.no_rss else None)
+                           batch_sizes=batch_sizes, gap_ms=args.gap_ms, rss_argv=[] if args.no_rss else None,
+                           progress=_progress_line if args.progress else None)
     result["data"] = str(data)
     if args.service:
         result["service"], result["peak_rss_mb"] = pipe.address, pipe.peak_rss_mb()
@@ -191,6 +194,10 @@ def _run_bench(args: argparse.Namespace) -> int:
         write_json_atomic(args.json, result)
         print(f"wrote {args.json}")
     return ExitCode.OK
+
+
+def _progress_line(text: str) -> None:
+    print(f"progress: {text}", file=sys.stderr, flush=True)
 
 
 def _build_accuracy(manifest: dict[str, Any]) -> str | None:

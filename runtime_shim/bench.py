@@ -20,7 +20,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -65,7 +65,8 @@ def _oos_id(backend: Backend) -> int | None:
     return backend.label_names.index(oos) if oos in backend.label_names else None
 
 
-def predict_probs(backend: Backend, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
+def predict_probs(backend: Backend, texts: Sequence[str], *, batch_size: int = 32,
+                  progress: Callable[[str], None] | None = None) -> np.ndarray:
     """Softmax probabilities ``[n, num_labels]`` for ``texts``, in their order.
 
     Texts are batched by length so batches carry little padding: faster, and with dynamic int8
@@ -82,6 +83,8 @@ def predict_probs(backend: Backend, texts: Sequence[str], *, batch_size: int = 3
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
         out[idx] = softmax(np.asarray(backend.forward(backend.encode([texts[i] for i in idx]))))
+        if progress:
+            progress(f"accuracy {min(n, start + batch_size)}/{n} rows")
     return out
 
 
@@ -116,12 +119,14 @@ def _answer(logits: np.ndarray, label_names: Sequence[str], oos_id: int | None,
 
 
 def time_single_queries(backend: Backend, texts: Sequence[str], *, warmup: int = 50, runs: int = 200,
-                        gap_ms: float = 0.0) -> dict[str, dict[str, float]]:
+                        gap_ms: float = 0.0, progress: Callable[[str], None] | None = None
+                        ) -> dict[str, dict[str, float]]:
     """End-to-end single-query latency (tokenize + run + softmax/threshold), split into its parts.
 
     ``runs`` queries cycle through ``texts`` (in ``spread_order``) after ``warmup`` untimed ones; ``gap_ms`` sleeps between
     queries (a device answering requests as they come, not back to back: thread pools that spin
-    between calls look better back to back than they serve).
+    between calls look better back to back than they serve). ``progress`` gets ``"queries n/N"``
+    about every twentieth query (outside the timed region's clock reads).
 
     Examples:
         >>> t = time_single_queries(OnnxPipeline("bundle"), ["set an alarm"], warmup=5, runs=20)  # doctest: +SKIP
@@ -130,8 +135,11 @@ def time_single_queries(backend: Backend, texts: Sequence[str], *, warmup: int =
     """
     names, oos_id, thr = backend.label_names, _oos_id(backend), getattr(backend, "oos_threshold", None)
     order = spread_order(len(texts), warmup + runs)
+    total_n, every = warmup + runs, max(1, (warmup + runs) // 20)
     for i in range(warmup):
         _answer(backend.forward(backend.encode([texts[order[i % len(order)]]])), names, oos_id, thr)
+        if progress and (i + 1) % every == 0:
+            progress(f"queries {i + 1}/{total_n}")
     tok, model, total = [], [], []
     clock = time.perf_counter_ns
     gap_s = gap_ms / 1000.0
@@ -154,6 +162,8 @@ def time_single_queries(backend: Backend, texts: Sequence[str], *, warmup: int =
             tok.append(t1 - t0)
             model.append(t2 - t1)
             total.append(t3 - t0)
+            if progress and (warmup + i + 1) % every == 0:
+                progress(f"queries {warmup + i + 1}/{total_n}")
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -224,6 +234,7 @@ def run_benchmark(
     gap_ms: float = 0.0,
     eval_batch_size: int = 32,
     throughput_batches: int = 20,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Accuracy, latency, throughput, memory and size of one backend on labelled texts.
 
@@ -236,6 +247,8 @@ def run_benchmark(
       ``max(throughput_batches, ceil(runs / batch_size))`` batches each.
     - ``peak_rss_mb``: from ``rss_argv`` (default: the backend's ``rss_argv``) run in a fresh
       process; ``[]`` skips it. A failure leaves ``None`` and the reason in ``peak_rss_error``.
+    - ``progress`` gets a short line as the work goes (``"accuracy 64/120 rows"``, ``"queries 50/250"``,
+      ``"throughput at batch 32"``, ``"peak memory"``).
 
     Examples:
         >>> pipe = OnnxPipeline("bundle")  # doctest: +SKIP
@@ -265,7 +278,7 @@ def run_benchmark(
     oos_label = oos_label if oos_label in names else None
     threshold = getattr(backend, "oos_threshold", None) if oos_label is not None else None
 
-    probs = predict_probs(backend, texts, batch_size=eval_batch_size)
+    probs = predict_probs(backend, texts, batch_size=eval_batch_size, progress=progress)
     raw_ids = probs.argmax(axis=-1)
     final_ids = thresholded(raw_ids, probs.max(axis=-1), _oos_id(backend) if oos_label else None, threshold)
     raw_pred = [names[int(i)] for i in raw_ids]
@@ -289,17 +302,21 @@ def run_benchmark(
     if reference is not None:
         result["agreement"] = agreement(pred, [str(r) for r in reference])
 
-    result.update(time_single_queries(backend, texts, warmup=warmup, runs=runs, gap_ms=gap_ms))
-    result["throughput_qps"] = {
-        str(bs): throughput(backend, texts, bs, batches=max(throughput_batches, math.ceil(runs / bs)))
-        for bs in batch_sizes
-    }
+    result.update(time_single_queries(backend, texts, warmup=warmup, runs=runs, gap_ms=gap_ms, progress=progress))
+    result["throughput_qps"] = {}
+    for bs in batch_sizes:
+        if progress:
+            progress(f"throughput at batch {bs}")
+        result["throughput_qps"][str(bs)] = throughput(backend, texts, bs,
+                                                       batches=max(throughput_batches, math.ceil(runs / bs)))
 
     argv = rss_argv if rss_argv is not None else getattr(backend, "rss_argv", None)
     result["peak_rss_mb"] = None
     if argv:
         import subprocess
 
+        if progress:
+            progress("peak memory")
         try:
             result["peak_rss_mb"] = measure_peak_rss(argv)
         except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:

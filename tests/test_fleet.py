@@ -12,12 +12,14 @@ once per session (from the pip cache or the package index), so the module is mar
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -664,3 +666,224 @@ def test_rollout_with_a_device_down_is_partial(lab, tmp_path, capsys, tiny_bundl
                     "--canary", "1", *ROLLOUT_FAST)
     assert code == 4, out
     assert "down" in out
+
+
+# ------------------------------------------------------------------------------- bad days in the field
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 6 MiB tmpfs: a device's remote_dir on a file system that fills (root only)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()})")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _fill(directory: Path, leave: int = 0) -> Path:
+    """Fill ``directory``'s file system until ``leave`` bytes are free."""
+    filler = directory / "filler"
+    st = os.statvfs(directory)
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        os.write(fd, b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
+        while not leave:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+def _one_line(out: str, needle: str) -> str:
+    lines = [ln for ln in out.splitlines() if needle in ln]
+    assert lines, out
+    return lines[-1]
+
+
+def test_disk_full_during_upload_bench_and_tune(lab, tmp_path, capsys, tiny_bundle, small_disk, monkeypatch):
+    """The device's disk fills during an upload, a bench and a tune: each ends with one line naming the
+    device and the fix, the live release untouched and loadable, nothing written into it, and the next
+    deploy healthy once there is room. Too little room before an upload is refused before a byte."""
+    from edgepack.fleet import transport
+
+    inv = write_inventory(lab, tmp_path, ("b",), b={"remote_dir": str(small_disk)})
+    assert cli(capsys, "deploy", tiny_bundle, "--to", "b", "--inventory", inv)[0] == 0
+    root = small_disk / "tiny"
+    live = os.readlink(root / "current")
+    v2 = _bundle_copy(tiny_bundle, tmp_path / "v2" / "tiny", note="second build")
+
+    real_put, sent = transport.SSHTransport.put, []
+
+    async def filling(self, local, remote, progress=None):
+        if len(sent) == 3:  # another writer takes the rest of the disk mid-upload
+            _fill(small_disk)
+        sent.append(local)
+        await real_put(self, local, remote, progress)
+
+    monkeypatch.setattr(transport.SSHTransport, "put", filling)
+    code, out = cli(capsys, "deploy", v2, "--to", "b", "--inventory", inv)
+    assert code == 4, out
+    line = _one_line(out, "FAILED b:")
+    assert f"b: no space left on the device under {small_disk} while uploading" in line, out
+    assert f"the live release {live[len('releases/'):]} is untouched" in line and "docs/FLEET.md" in line
+    assert "Failure" not in out
+    monkeypatch.undo()
+    monkeypatch.setenv("EDGEPACK_PROFILES_PATH", str(lab.profiles))
+    assert os.readlink(root / "current") == live and not list((root / "releases").glob(".incoming-*"))
+
+    _fill(small_disk)  # the failed upload's removal freed a little: full again
+    code, out = cli(capsys, "fleet", "bench", tiny_bundle, "--to", "b", "--inventory", inv, "--out",
+                    tmp_path / "r", "--runs", "5", "--warmup", "1")
+    assert code == 4 and f"b: no space left on the device under {small_disk} while benchmarking" in \
+        _one_line(out, "FAILED b:"), out
+    code, out = cli(capsys, "fleet", "tune", tiny_bundle, "--to", "b", "--inventory", inv, "--out",
+                    tmp_path / "t", "--runs", "3", "--rounds", "1")
+    assert code == 4 and f"b: no space left on the device under {small_disk} while tuning" in \
+        _one_line(out, "FAILED b:"), out
+    assert os.readlink(root / "current") == live and not list(small_disk.rglob("__pycache__"))
+    _loads_on_device(lab.runtime_python, root / "current")
+
+    (small_disk / "filler").unlink()
+    _fill(small_disk, leave=1 << 20)  # 1 MiB free: less than the bundle and its room
+    code, out = cli(capsys, "deploy", v2, "--to", "b", "--inventory", inv)
+    assert code == 4 and "while checking before the upload (" in out and "MB free, an upload of this bundle " \
+        "needs" in out, out
+    (small_disk / "filler").unlink()
+    code, out = cli(capsys, "deploy", v2, "--to", "b", "--inventory", inv)
+    assert code == 0 and "b: deployed tiny" in out, out
+    _loads_on_device(lab.runtime_python, root / "current")
+    assert os.readlink(root / "previous") == live
+
+
+def test_damaged_live_release_is_replaced(lab, tmp_path, capsys, tiny_bundle):
+    """deploy checks the live release every time: a truncated file there is sent again, not trusted."""
+    inv = write_inventory(lab, tmp_path, ("local",))
+    assert cli(capsys, "deploy", tiny_bundle, "--to", "local", "--inventory", inv)[0] == 0
+    current = tmp_path / "dev-local" / "tiny" / "current"
+    (current / "runtime.json").write_text("{")
+    code, out = cli(capsys, "deploy", tiny_bundle, "--to", "local", "--inventory", inv)
+    assert code == 0 and "local: repaired tiny" in out, out
+    _loads_on_device(lab.runtime_python, current)
+
+
+def _interrupt_when(ready, timeout: float = 120.0) -> threading.Thread:
+    """Send this process SIGINT (a Ctrl-C) once ``ready()`` holds."""
+    import signal
+
+    def watch() -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if ready():
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t
+
+
+def _processes(needle: str) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [ln for ln in out.splitlines() if needle in ln and "ps -eo" not in ln]
+
+
+def test_ctrl_c_during_deploy_and_bench(lab, tmp_path, capsys, tiny_bundle, monkeypatch):
+    """Ctrl-C stops every device where it is: no upload directory is left, no benchmark keeps running on
+    a device (over SSH or local), and each device's state is printed."""
+    from edgepack.fleet import transport
+
+    inv = write_inventory(lab, tmp_path, ("a", "local"))
+    real_put = transport.SSHTransport.put
+
+    async def slow(self, local, remote, progress=None):
+        await asyncio.sleep(0.3)
+        await real_put(self, local, remote, progress)
+
+    monkeypatch.setattr(transport.SSHTransport, "put", slow)
+    releases = tmp_path / "dev-a" / "tiny" / "releases"
+    _interrupt_when(lambda: releases.is_dir() and any(p.name.startswith(".incoming-") for p in releases.iterdir()))
+    code, out = cli(capsys, "deploy", tiny_bundle, "--to", "a", "--inventory", inv)
+    assert code == 130, out
+    assert "a: interrupted while uploading" in out and "its upload was removed; current is still none" in out, out
+    assert not list(releases.iterdir()) and not (tmp_path / "dev-a" / "tiny" / "current").exists()
+    monkeypatch.undo()
+    monkeypatch.setenv("EDGEPACK_PROFILES_PATH", str(lab.profiles))
+
+    assert cli(capsys, "deploy", tiny_bundle, "--inventory", inv)[0] == 0
+    marker = f"runtime_shim bench {tmp_path}"
+    _interrupt_when(lambda: all(_processes(f"{marker}/dev-{d}/") for d in ("a", "local")))
+    started = time.monotonic()
+    code, out = cli(capsys, "fleet", "bench", tiny_bundle, "--inventory", inv, "--out", tmp_path / "r",
+                    "--runs", "1000000", "--warmup", "0")
+    assert code == 130 and time.monotonic() - started < 60, out
+    assert "a: interrupted while benchmarking" in out and "local: interrupted while benchmarking" in out, out
+    end = time.monotonic() + 10
+    while _processes(marker) and time.monotonic() < end:
+        time.sleep(0.1)
+    assert not _processes(marker)
+
+
+def test_python_older_than_310_refused_over_ssh(lab, tmp_path, capsys, tiny_bundle):
+    """A device whose Python reports 3.8: reachable, refused in one line, nothing sent."""
+    fake = tmp_path / "python3.8"
+    shim = tmp_path / "fake38.py"
+    shim.write_text("import platform, sys\n"
+                    "platform.python_version = lambda: '3.8.10'\n"
+                    "sys.version_info = (3, 8, 10, 'final', 0)\n"
+                    "args = [a for a in sys.argv[1:] if a not in ('-I', '-B')]\n"
+                    "sys.argv = ['-c', *args[2:]]\n"
+                    "exec(compile(args[1], '<string>', 'exec'), {'__name__': '__main__'})\n")
+    fake.write_text(f"#!/bin/sh\nexec {sys.executable} -I {shim} \"$@\"\n")
+    fake.chmod(0o755)
+    inv = write_inventory(lab, tmp_path, ("a",), a={"python": str(fake)})
+    code, out = cli(capsys, "deploy", tiny_bundle, "--inventory", inv)
+    assert code == 4, out
+    assert _one_line(out, "FAILED a:") == (f"FAILED a: Python 3.8.10 ({fake}) is older than 3.10, the oldest the "
+                                           "edgepack runtime supports; set python = \"...\" in the inventory to a "
+                                           "newer Python on the device")
+    assert not (tmp_path / "dev-a").exists()
+    code, out = cli(capsys, "devices", "--check", "--inventory", inv)
+    assert "UNREACHABLE" not in out and re.search(r"^a\s+yes\s+3\.8\.10", out, re.M), out
+
+
+def test_dropped_connection_is_reported_as_one(lab, tmp_path, capsys, tiny_bundle, monkeypatch):
+    from edgepack.fleet import transport
+
+    inv = write_inventory(lab, tmp_path, ("a",))
+    real_run = transport.SSHTransport.run
+
+    async def cut(self, argv, **kw):
+        if "verify" in argv:
+            asyncio.get_running_loop().call_later(0.2, self._conn.abort)
+        return await real_run(self, argv, **kw)
+
+    monkeypatch.setattr(transport.SSHTransport, "run", cut)
+    code, out = cli(capsys, "deploy", tiny_bundle, "--inventory", inv)
+    assert code == 4, out
+    line = _one_line(out, "FAILED a:")
+    assert re.search(r"a: the connection to root@127\.0\.0\.1:\d+ dropped while running runtime_shim verify", line), out
+    assert "verify failed" not in out and "ok:" not in line
+
+
+def test_progress_lines_without_a_terminal(lab, tmp_path, capsys, tiny_bundle):
+    inv = write_inventory(lab, tmp_path, ("a", "local"))
+    code, out = cli(capsys, "fleet", "bench", tiny_bundle, "--inventory", inv, "--out", tmp_path / "r",
+                    "--runs", "40", "--warmup", "0")
+    assert code == 0, out
+    lines = out.splitlines()
+    assert lines[0] == "fleet bench: 2 device(s)"
+    for name in ("a", "local"):
+        states = [ln.partition(": ")[2] for ln in lines if ln.startswith(f"{name}: ")]
+        assert states[0].startswith("connecting to") and states[1].startswith("connected (Python 3.")
+        assert "uploading (" in " ".join(states), states
+        assert "verifying on the device" in states and any(s.startswith("benchmarking: queries (40") for s in states)
+        assert any(s.startswith("done (") for s in states), states
+    assert any(ln.startswith("fleet bench: 2/2 devices done (2 ok, 0 failed), 0 running") for ln in lines), out

@@ -34,23 +34,13 @@ def register(sub) -> argparse.ArgumentParser:
     return p
 
 
-def progress_bars(devices, total: int):
-    """One byte counter per device (shown on a terminal only)."""
-    from tqdm import tqdm
-
-    return {d.name: tqdm(total=total, desc=d.name, unit="B", unit_scale=True, position=i, leave=True,
-                         disable=None, dynamic_ncols=True) for i, d in enumerate(devices)}
-
-
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from ..errors import EdgepackError
     from ..fleet.deploy import check_before_upload, deploy_one, load_bundle, rollback_one
     from ..fleet.inventory import load_inventory
+    from ..fleet.progress import FleetProgress
     from ..fleet.session import run_devices
 
-    log = tqdm.write
     inv = load_inventory(args.inventory)
     if args.rollback:
         if args.bundle:
@@ -60,7 +50,12 @@ def run(args: argparse.Namespace) -> int:
         async def job(session):
             return await rollback_one(session, args.name, log=log)
 
-        outcomes = run_devices(devices, job, jobs=args.jobs, trust_new_host=args.trust_new_host, log=log)
+        progress = FleetProgress("rollback", [d.name for d in devices])
+        try:
+            outcomes = run_devices(devices, job, jobs=args.jobs, trust_new_host=args.trust_new_host,
+                                   log=progress.log, progress=progress)
+        finally:
+            progress.close()
         for o in outcomes:
             if o.ok:
                 v = o.value
@@ -74,21 +69,16 @@ def run(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle, args.name)
     devices = inv.select(args.to)
     check_before_upload(bundle, devices)
-    bars = progress_bars(devices, bundle.total_bytes)
+    progress = FleetProgress("deploy", [d.name for d in devices])
 
     async def job(session):
-        bar = bars[session.device.name]
-        try:
-            return await deploy_one(session, bundle, setup=args.setup, rename=args.rename, progress=bar.update,
-                                    log=log)
-        finally:
-            bar.close()
+        return await deploy_one(session, bundle, setup=args.setup, rename=args.rename, log=progress.log)
 
     try:
-        outcomes = run_devices(devices, job, jobs=args.jobs, trust_new_host=args.trust_new_host, log=log)
+        outcomes = run_devices(devices, job, jobs=args.jobs, trust_new_host=args.trust_new_host, log=progress.log,
+                               progress=progress)
     finally:
-        for bar in bars.values():
-            bar.close()
+        progress.close()
     for o in outcomes:
         if o.ok:
             v = o.value

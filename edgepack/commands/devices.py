@@ -56,43 +56,55 @@ def run(args: argparse.Namespace) -> int:
         print(format_devices(devices))
         return ExitCode.OK
 
+    from ..fleet.progress import FleetProgress
     from ..fleet.session import run_devices
 
     async def check(session):
+        if session.python_too_old():
+            return {"too_old": session.python_too_old()}
         return {**session.target_check(), "missing": session.missing_packages(), "python_used": session.python[-1],
-                "too_old": session.python_too_old()}
+                "too_old": None}
 
-    outcomes = run_devices(devices, check, jobs=args.jobs, trust_new_host=args.trust_new_host)
+    progress = FleetProgress("devices --check", [d.name for d in devices])
+    try:
+        outcomes = run_devices(devices, check, jobs=args.jobs, trust_new_host=args.trust_new_host, log=progress.log,
+                               progress=progress, allow_old_python=True)
+    finally:
+        progress.close()
     known = _identifying_flags()
     rows = [("device", "reachable", "python", "onnxruntime", "tokenizers", "numpy", "arch", "cores", "isa flags",
              "detected", "profile target", "match")]
-    notes, found = [], []
+    notes, found, mismatches = [], [], []
     for o in outcomes:
         d = o.device
         if not o.ok:
-            rows.append((d.name, "no", *["-"] * 10))
-            notes.append(f"UNREACHABLE {o.error}")
-            found.append({"device": d.name, "reachable": False, "error": o.error})
+            reached = bool(o.info) or "unreachable (" not in str(o.error)
+            rows.append((d.name, "yes" if reached else "no", *["-"] * 10))
+            notes.append(f"{'FAILED' if reached else 'UNREACHABLE'} {o.error}")
+            found.append({"device": d.name, "reachable": reached, "error": o.error})
             continue
         info, v = o.info, o.value
+        if v.get("too_old"):  # it answered: reachable, and refused for its Python
+            rows.append((d.name, "yes", str(info.get("python")), *["-"] * 9))
+            notes.append(v["too_old"])
+            found.append({"device": d.name, "reachable": True, **info, **v})
+            continue
         pk = info.get("packages") or {}
         flags = sorted(set(info.get("flags") or ()) & known)
         rows.append((d.name, "yes", str(info.get("python")), pk.get("onnxruntime") or "MISSING",
                      pk.get("tokenizers") or "MISSING", pk.get("numpy") or "MISSING", str(info.get("arch")),
                      str(info.get("physical_cores")), " ".join(flags) or "-", v.get("detected_target") or "-",
                      v.get("profile_target") or "-", "yes" if v.get("target_match") else "NO"))
-        if v.get("too_old"):
-            notes.append(v["too_old"])
-        elif not info.get("runtime_python"):
+        if not info.get("runtime_python"):
             notes.append(f"{d.name}: no edgepack runtime in {info.get('runtime_dir')}: `edgepack devices --setup --to "
                          f"{d.name}` installs it (bundles are run only through it)")
         elif v["missing"]:
             notes.append(f"{d.name}: the runtime in {info.get('runtime_dir')} lacks {', '.join(v['missing'])}: "
                          f"`edgepack devices --setup --to {d.name}` installs them")
         if not v.get("target_match"):
-            notes.append(f"{d.name}: the CPU reads as target '{v.get('detected_target')}' but profile "
-                         f"'{d.profile}' is for '{v.get('profile_target')}'; bundles built for the profile may lack "
-                         "kernels here (or the profile is wrong)")
+            mismatches.append((d.name, f"the CPU reads as target '{v.get('detected_target')}' but profile "
+                                       f"'{d.profile}' is for '{v.get('profile_target')}'; bundles built for the "
+                                       "profile may lack kernels here (or the profile is wrong)"))
         if d.emulated:
             notes.append(f"{d.name}: emulated ({' '.join(d.command_prefix)}): flags "
                          f"{'from the inventory' if d.cpu_flags else 'as /proc/cpuinfo shows them (the host CPU)'}")
@@ -100,7 +112,9 @@ def run(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-    for n in notes:
+    from ..fleet.progress import grouped
+
+    for n in [*notes, *grouped(mismatches)]:
         print(n)
     down = [o.device.name for o in outcomes if not o.ok]
     print(f"devices: {len(outcomes) - len(down)}/{len(outcomes)} reachable"
@@ -115,9 +129,8 @@ def run(args: argparse.Namespace) -> int:
 def _provision(args: argparse.Namespace, devices) -> int:
     from pathlib import Path
 
-    from tqdm import tqdm
-
     from ..errors import EdgepackError, ExitCode
+    from ..fleet.progress import FleetProgress
     from ..fleet.runtime import install_keys, protection, require_runtime, setup_runtime, trusted_key_files
     from ..fleet.session import run_devices
 
@@ -130,16 +143,24 @@ def _provision(args: argparse.Namespace, devices) -> int:
         except DeviceError as e:
             raise EdgepackError(str(e)) from None
 
+    progress = FleetProgress("devices --setup" if args.setup else "devices --trust-key", [d.name for d in devices])
+
     async def job(session):
         if args.setup:
-            await setup_runtime(session, tqdm.write)
+            session.progress.state("installing the runtime")
+            await setup_runtime(session, progress.log)
         else:
             require_runtime(session, setup=False)
         if key is not None:
-            await install_keys(session, [key], tqdm.write)
+            session.progress.state("adding the key")
+            await install_keys(session, [key], progress.log)
         return protection(session)
 
-    outcomes = run_devices(devices, job, jobs=args.jobs, trust_new_host=args.trust_new_host, log=tqdm.write)
+    try:
+        outcomes = run_devices(devices, job, jobs=args.jobs, trust_new_host=args.trust_new_host, log=progress.log,
+                               progress=progress)
+    finally:
+        progress.close()
     for o in outcomes:
         print(f"FAILED {o.error}" if not o.ok else f"{o.device.name}: runtime ready in {o.info.get('runtime_dir')}")
     failed = [o.device.name for o in outcomes if not o.ok]

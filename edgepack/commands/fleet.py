@@ -74,8 +74,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _setup(args: argparse.Namespace):
-    from tqdm import tqdm
-
     from ..errors import EdgepackError
     from ..fleet.deploy import check_before_upload, load_bundle
     from ..fleet.inventory import load_inventory
@@ -87,25 +85,36 @@ def _setup(args: argparse.Namespace):
     bundle = load_bundle(args.bundle, args.name)
     check_before_upload(bundle, devices)
     out = Path(args.out) if args.out else Path("fleet-results") / f"{bundle.name}-{bundle.release}"
-    return tqdm.write, devices, bundle, out
+    return devices, bundle, out
+
+
+def _run(what: str, devices, job, args: argparse.Namespace):
+    from ..fleet.progress import FleetProgress
+    from ..fleet.session import run_devices
+
+    progress = FleetProgress(what, [d.name for d in devices])
+    try:
+        return run_devices(devices, lambda session: job(session, progress.log), jobs=args.jobs,
+                           trust_new_host=args.trust_new_host, log=progress.log, progress=progress)
+    finally:
+        progress.close()
 
 
 def _bench(args: argparse.Namespace) -> int:
     from ..errors import EdgepackError
     from ..fleet.bench import bench_one, device_record, fleet_document, reference, summary_lines
     from ..fleet.report import write_report
-    from ..fleet.session import run_devices
 
     if args.tolerance < 0:
         raise EdgepackError(f"--tolerance {args.tolerance}: pass a number of accuracy points >= 0")
-    log, devices, bundle, out = _setup(args)
+    devices, bundle, out = _setup(args)
     reference(bundle)  # before the devices start: a fallback computes on this machine
 
-    async def job(session):
+    async def job(session, log):
         return await bench_one(session, bundle, out, runs=args.runs, warmup=args.warmup, setup=args.setup,
                                service=args.service, log=log)
 
-    outcomes = run_devices(devices, job, jobs=args.jobs, trust_new_host=args.trust_new_host, log=log)
+    outcomes = _run("fleet bench", devices, job, args)
     records = [device_record(o, bundle, tolerance=args.tolerance) for o in outcomes]
     doc = fleet_document("bench", bundle, records, tolerance=args.tolerance)
     paths = write_report(out, doc)
@@ -127,16 +136,15 @@ def _tune(args: argparse.Namespace) -> int:
 
     from ..fleet.bench import _base, fleet_document, summary_lines, tune_one
     from ..fleet.compare import tune_markdown
-    from ..fleet.session import run_devices
 
-    log, devices, bundle, out = _setup(args)
+    devices, bundle, out = _setup(args)
     extra = [*(["--runs", str(args.runs)] if args.runs else []), *(["--rounds", str(args.rounds)] if args.rounds else []),
              *(["--dry-run"] if args.dry_run else [])]
 
-    async def job(session):
+    async def job(session, log):
         return await tune_one(session, bundle, out, extra=extra, setup=args.setup, log=log)
 
-    outcomes = run_devices(devices, job, jobs=args.jobs, trust_new_host=args.trust_new_host, log=log)
+    outcomes = _run("fleet tune", devices, job, args)
     records = []
     for o in outcomes:
         rec = _base(o, bundle)

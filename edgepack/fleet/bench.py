@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -27,6 +28,7 @@ from runtime_shim.manifest import write_json_atomic
 
 from . import DeviceError
 from .deploy import LocalBundle, deploy_one, keys_args
+from .progress import grouped
 from .runtime import require_runtime
 from .session import Outcome, Session, target_check
 
@@ -78,7 +80,7 @@ async def ensure_deployed(session: Session, bundle: LocalBundle, *, setup: bool,
     state = await session.layout("state", root)
     if state["current"] != bundle.release or setup:
         if state["current"] != bundle.release:
-            log(f"{session.device.name}: {bundle.name} {bundle.release} is not current there: deploying it first")
+            session.progress.state(f"{bundle.name} {bundle.release} is not current there: deploying it first")
         await deploy_one(session, bundle, setup=setup, log=log)
     else:
         require_runtime(session, setup=False)
@@ -87,6 +89,40 @@ async def ensure_deployed(session: Session, bundle: LocalBundle, *, setup: bool,
 
 def _stamp() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+
+
+_COUNTED = re.compile(r"^progress: (?P<label>[a-z][a-z ]*?) (?P<n>\d+)/(?P<total>\d+)(?: (?P<unit>\w+))?$")
+
+
+def progress_reader(session: Session, what: str) -> Callable[[str], None]:
+    """Turn the runtime's ``progress: ...`` lines on stderr into ``session.progress`` states and counters
+    (``progress: queries 50/250`` is a counter; any other line a state); other lines are ignored."""
+    now: dict[str, Any] = {"label": None, "n": 0, "advance": None}
+
+    def on_line(line: str) -> None:
+        line = line.strip()
+        m = _COUNTED.match(line)
+        if m:
+            if now["label"] != m["label"]:
+                advance = session.progress.counter(f"{what}: {m['label']}", int(m["total"]), m["unit"] or m["label"])
+                now.update(label=m["label"], n=0, advance=advance)
+            now["advance"](int(m["n"]) - now["n"])
+            now["n"] = int(m["n"])
+        elif line.startswith(("progress: ", "[tune] ")):
+            now.update(label=None)
+            session.progress.end_counter()
+            session.progress.state(f"{what}: {line.partition(' ')[2]}")
+
+    return on_line
+
+
+def _failed(session: Session, bundle: LocalBundle, what: str, done: Any) -> DeviceError:
+    from .deploy import disk_full, no_space
+
+    reason = done.last_error()
+    if no_space(f"{reason} {done.stderr[-2000:]}"):
+        return DeviceError(disk_full(session, bundle, what, current=bundle.release))
+    return DeviceError(f"{session.device.name}: {what} failed on the device: {reason}")
 
 
 async def bench_one(session: Session, bundle: LocalBundle, out_dir: Path, *, runs: int = 200, warmup: int = 50,
@@ -99,7 +135,7 @@ async def bench_one(session: Session, bundle: LocalBundle, out_dir: Path, *, run
                           "(service = \"NAME\")")
     current = await ensure_deployed(session, bundle, setup=setup, log=log)
     remote = posixpath.join(session.root(bundle.name), "results", f"bench-{bundle.release}-{_stamp()}.json")
-    args = ["bench", current, "--json", remote, *keys_args(session)]
+    args = ["bench", current, "--json", remote, "--progress", *keys_args(session)]
     if service:
         from .service import status_file
 
@@ -108,9 +144,12 @@ async def bench_one(session: Session, bundle: LocalBundle, out_dir: Path, *, run
         args += ["--runs", "1", "--warmup", "0", "--no-rss", "--batch-sizes", "1"]
     else:
         args += ["--runs", str(runs), "--warmup", str(warmup)]
-    done = await session.runtime(*args, timeout=7200)
+    session.progress.state("benchmarking")
+    done = await session.runtime(*args, timeout=7200, on_line=progress_reader(session, "benchmarking"))
+    session.progress.end_counter()
     if done.returncode != 0:
-        raise DeviceError(f"{session.device.name}: bench failed on the device: {done.last_error()}")
+        raise _failed(session, bundle, "benchmarking", done)
+    session.progress.state("pulling the result back")
     local = out_dir / "devices" / session.device.name / "bench.json"
     await session.transport.get(remote, local)
     result = json.loads(local.read_text())
@@ -129,9 +168,11 @@ async def tune_one(session: Session, bundle: LocalBundle, out_dir: Path, *, extr
         return {"skipped": "emulated: the emulator's timings are not the device's; tune on the device itself"}
     current = await ensure_deployed(session, bundle, setup=setup, log=log)
     remote = posixpath.join(session.root(bundle.name), "results", f"tune-{bundle.release}-{_stamp()}.json")
-    done = await session.runtime("tune", current, "--json", remote, *extra, timeout=7200)
+    session.progress.state("tuning")
+    done = await session.runtime("tune", current, "--json", remote, *extra, timeout=7200,
+                                 on_line=progress_reader(session, "tuning"))
     if done.returncode != 0:
-        raise DeviceError(f"{session.device.name}: tune failed on the device: {done.last_error()}")
+        raise _failed(session, bundle, "tuning", done)
     local = out_dir / "devices" / session.device.name / "tune.json"
     await session.transport.get(remote, local)
     result = json.loads(local.read_text())
@@ -242,8 +283,8 @@ def summary_lines(doc: Mapping[str, Any]) -> list[str]:
         elif r.get("status") == "budget":
             lines = "; ".join(b["line"] for b in r.get("budgets", []) if b["ok"] is False)
             out.append(f"BUDGET {r['device']}: profile '{r['profile']}' missed: {lines}")
-        if r.get("target_warning"):
-            out.append(f"{r['device']}: warning: {r['target_warning']}")
+    out += grouped([(r["device"], r["target_warning"]) for r in doc["devices"] if r.get("target_warning")],
+                   prefix="warning: ")
     n = s["devices"]
     done = n - len(s["failed"])
     verdict = {0: "all passed", 3: "gate failed", 4: "partial"}[s["exit_code"]]

@@ -14,8 +14,11 @@ bundle stops before a byte is sent. Then, on each device (layout in ``remote``):
 5. rename to ``releases/<digest16>``, bind the slot to the bundle's name, point ``current`` at it with
    a rename and ``previous`` at the release it replaces.
 
-An upload cut off at any point leaves ``current`` as it was; the stray ``.incoming-*`` directory is
-removed by the next deploy. A bundle already current is checked again on the device, not sent again.
+Before an upload the free space under ``remote_dir`` is checked against the bundle's size plus
+``ROOM``; a disk that fills anyway is reported as a full disk, in one line. An upload cut off or
+interrupted at any point leaves ``current`` as it was and its ``.incoming-*`` directory is removed
+(by the next deploy when the link is gone). A release already there is checked again on the device
+every time and replaced when it fails.
 """
 
 from __future__ import annotations
@@ -143,12 +146,57 @@ def check_before_upload(bundle: LocalBundle, devices: Sequence[Device]) -> None:
             raise EdgepackError(problem)
 
 
-async def _upload(session: Session, bundle: LocalBundle, incoming: str, progress: Callable[[int], None]) -> None:
+ROOM = 4 << 20  # bytes beyond the bundle an upload needs free: results and the runtime's small writes
+
+
+def room_needed(bundle: LocalBundle) -> int:
+    """Free bytes under ``remote_dir`` an upload of ``bundle`` needs: the bundle plus ``ROOM``. A device
+    holds ``current`` and ``previous`` and, during an upload, the new release beside them: three
+    releases at the most (older ones are removed when the new one goes live)."""
+    return bundle.total_bytes + ROOM
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def disk_full(session: Session, bundle: LocalBundle, doing: str, *, free: int | None = None,
+              current: str | None = None) -> str:
+    """One line for a full disk under ``remote_dir``: where, while doing what, what is still live, the fix."""
+    have = f" ({_mb(free)} free, an upload of this bundle needs {_mb(room_needed(bundle))})" if free is not None else ""
+    live = f"; the live release {current} is untouched" if current else ""
+    return (f"{session.device.name}: no space left on the device under {session.remote_dir} while {doing}{have}{live}; "
+            f"free space there (or point remote_dir at a larger file system: a device needs room for three releases "
+            f"of the bundle, see docs/FLEET.md) and run again")
+
+
+def no_space(text: str) -> bool:
+    return "No space left on device" in text or "Errno 28" in text or "ENOSPC" in text
+
+
+async def free_bytes(session: Session) -> int | None:
+    try:
+        return int((await session.layout("space", session.remote_dir))["free"])
+    except (DeviceError, KeyError, TypeError, ValueError):
+        return None
+
+
+async def _upload(session: Session, bundle: LocalBundle, incoming: str, on_bytes: Callable[[int], None],
+                  current: str | None) -> None:
+    from .transport import UploadError
+
     dirs = sorted({posixpath.dirname(rel) for rel, _ in bundle.files} - {""})
-    for d in dirs:
-        await session.transport.makedirs(posixpath.join(incoming, d))
-    for rel, _ in bundle.files:
-        await session.transport.put(bundle.path / rel, posixpath.join(incoming, rel), progress)
+    try:
+        for d in dirs:
+            await session.transport.makedirs(posixpath.join(incoming, d))
+        for rel, _ in bundle.files:
+            await session.transport.put(bundle.path / rel, posixpath.join(incoming, rel), on_bytes)
+    except UploadError as e:
+        if e.kind in ("failed", "full"):  # OpenSSH's server answers a full disk with a bare "Failure"
+            free = await free_bytes(session)
+            if e.kind == "full" or (free is not None and free < ROOM):
+                raise DeviceError(disk_full(session, bundle, "uploading", free=free, current=current)) from None
+        raise
 
 
 def keys_args(session: Session) -> list[str]:
@@ -191,9 +239,16 @@ async def _bind(session: Session, root: str, bundle: LocalBundle, *, write: bool
 async def deploy_one(session: Session, bundle: LocalBundle, *, setup: bool = False, rename: bool = False,
                      progress: Callable[[int], None] | None = None,
                      log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Deploy ``bundle`` to one connected device; returns what was done and the layout after."""
+    """Deploy ``bundle`` to one connected device; returns what was done and the layout after.
+
+    A release already on the device (live or kept as ``previous``) is checked there again, every time;
+    one that fails its check is uploaded again and replaced. ``progress`` gets the bytes sent, as they
+    go, beside ``session.progress``."""
+    from .transport import ConnectionDropped
+
     _check_ready(session, bundle, setup)
     if setup:
+        session.progress.state("installing the runtime (--setup)")
         await setup_runtime(session, log)
     started = time.monotonic()
     root = session.root(bundle.name)
@@ -201,37 +256,54 @@ async def deploy_one(session: Session, bundle: LocalBundle, *, setup: bool = Fal
         await write_unit(session, root, log)
     await _bind(session, root, bundle, write=False, rename=rename)
     state = await session.layout("state", root)
+    current = state["current"]
     release_dir = posixpath.join(root, "releases", bundle.release)
-    sent, action, incoming = 0, "deployed", None
-    if state["current"] == bundle.release:
-        action = "already current"
-    elif bundle.release in state["releases"]:
-        action = "re-activated"  # e.g. the previous release, deployed again: checked below, not re-sent
-    else:
-        incoming = (await session.layout("incoming", root, bundle.release))["path"]
-        counted = [0]
-
-        def on_bytes(n: int) -> None:
-            counted[0] += n
-            if progress:
-                progress(n)
-
+    sent, action, checked = 0, "deployed", None
+    if bundle.release in state["releases"]:
+        action = "already current" if current == bundle.release else "re-activated"
+        session.progress.state(f"checking the release there ({bundle.release}{', live' if current == bundle.release else ''})")
+        try:
+            checked = await verify_on_device(session, release_dir, load=bundle.first_text())
+        except ConnectionDropped:
+            raise
+        except DeviceError as e:  # damaged there (a truncated file, a stray one): send it again
+            action = "repaired"
+            session.progress.state(f"the release there fails its check ({str(e).partition(': ')[2]}): sending it again")
+    incoming = None
     try:
-        if incoming is not None:
-            await _upload(session, bundle, incoming, on_bytes)
+        if checked is None:
+            free = await free_bytes(session)
+            if free is not None and free < room_needed(bundle):
+                raise DeviceError(disk_full(session, bundle, "checking before the upload", free=free, current=current))
+            counter = session.progress.counter("uploading", bundle.total_bytes, "B")
+            incoming = (await session.layout("incoming", root, bundle.release))["path"]
+            counted = [0]
+
+            def on_bytes(n: int) -> None:
+                counted[0] += n
+                counter(n)
+                if progress:
+                    progress(n)
+
+            await _upload(session, bundle, incoming, on_bytes, current)
+            session.progress.end_counter()
             sent = counted[0]
-        # Checked where it lies, before it can go live: a signed_only device with its own keys (and its
-        # record of versions, so an older bundle cannot come back without deploy --rollback).
-        checked = await verify_on_device(session, incoming or release_dir, load=bundle.first_text())
+            # Checked where it lies, before it can go live: a signed_only device with its own keys (and
+            # its record of versions, so an older bundle cannot come back without deploy --rollback).
+            session.progress.state("verifying on the device")
+            checked = await verify_on_device(session, incoming, load=bundle.first_text())
+            session.progress.state("switching")
+            await session.layout("commit", root, incoming, bundle.release)
+            incoming = None
     except BaseException:
         if incoming is not None:
             try:
                 await session.layout("rmtree", root, incoming)
-            except Exception:  # the connection is gone: the next deploy prunes it
-                pass
+                session.progress.cleanup = f"its upload was removed; current is still {current or 'none'}"
+            except BaseException:  # the connection is gone: the next deploy prunes it
+                session.progress.cleanup = (f"its upload {posixpath.basename(incoming)} is left until the next "
+                                            f"deploy; current is still {current or 'none'}")
         raise
-    if incoming is not None:
-        await session.layout("commit", root, incoming, bundle.release)
     await _bind(session, root, bundle, write=True, rename=rename)
     after = await session.layout("activate", root, bundle.release)
     out = {"device": session.device.name, "action": action, "bundle": bundle.name, "release": bundle.release,

@@ -8,7 +8,8 @@ over SSH and locally. ``-I``: nothing is imported from the working directory or 
 - ``LAYOUT``: the release layout of a bundle on the device, switched atomically::
 
       <remote_dir>/<bundle>/releases/<digest16>/   one directory per deployed manifest
-      <remote_dir>/<bundle>/releases/.incoming-*   an upload in progress (never loaded)
+      <remote_dir>/<bundle>/releases/.incoming-*   an upload in progress (never loaded; removed when
+                                                   the upload fails or is interrupted)
       <remote_dir>/<bundle>/current  -> releases/<digest16>   what runs (a symlink, replaced by rename)
       <remote_dir>/<bundle>/previous -> releases/<digest16>   what --rollback restores
       <remote_dir>/<bundle>/results/               JSON written by fleet bench and tune
@@ -16,6 +17,9 @@ over SSH and locally. ``-I``: nothing is imported from the working directory or 
   A symlink replaced with ``rename(2)`` is atomic: a reader sees the old release or the new one,
   never a half-copied directory, and an upload cut off half-way leaves ``current`` untouched.
   ``slot`` binds ``<remote_dir>/<bundle>`` to the bundle name it accepted, in the runtime's state.
+- ``GUARD``: runs a command over SSH in its own process group and stops the group when the channel's
+  stdin closes (Ctrl-C on this machine, a dropped link): no benchmark keeps running on a device
+  after the command that started it is gone. Syntax any Python 3 reads.
 - ``ANCHORS``: creates the runtime directory (``runtime.RuntimeDir``) and sets its modes: readable by
   every account, writable only by the one that deploys.
 """
@@ -26,6 +30,8 @@ import inspect
 import textwrap
 
 from runtime_shim import cpu as _shim_cpu
+
+from ..runtime_dist import MIN_PYTHON
 
 RUNTIME_PACKAGES = ("onnxruntime", "tokenizers", "numpy")
 PROBED_PACKAGES = (*RUNTIME_PACKAGES, "cryptography")  # cryptography: what a signed_only device also needs
@@ -87,7 +93,15 @@ def _probe_source() -> str:
         ''')
 
 
-PROBE = _probe_source()
+# The version check first, in syntax any Python 3 reads: an older Python answers with its version
+# (one line for the user) instead of a SyntaxError or a TypeError from the probe's own code.
+PROBE = textwrap.dedent(f'''
+    import json, platform, sys
+    if sys.version_info[:2] < {tuple(MIN_PYTHON)!r}:
+        print(json.dumps({{"python": platform.python_version(), "executable": sys.executable, "too_old": True}}))
+        sys.exit(0)
+    exec(compile({_probe_source()!r}, "<edgepack probe>", "exec"))
+''')
 
 LAYOUT = textwrap.dedent('''
     import json, os, shutil, sys, uuid
@@ -131,10 +145,21 @@ LAYOUT = textwrap.dedent('''
     elif cmd == "commit":
         incoming, release = args
         dest = os.path.join(root, "releases", release)
-        if os.path.isdir(dest):
-            shutil.rmtree(dest)
+        aside = None
+        if os.path.isdir(dest):  # a damaged copy of the same release: moved aside, replaced, then removed
+            aside = os.path.join(root, "releases", ".replaced-%s-%s" % (release, uuid.uuid4().hex[:8]))
+            os.rename(dest, aside)
         os.rename(incoming, dest)
+        if aside:
+            shutil.rmtree(aside, ignore_errors=True)
         out = {"path": dest}
+    elif cmd == "space":
+        # Free bytes for this account on the file system that holds (or will hold) root.
+        p = root
+        while not os.path.exists(p):
+            p = os.path.dirname(p)
+        st = os.statvfs(p)
+        out = {"free": st.f_bavail * st.f_frsize, "path": p}
     elif cmd == "activate":
         release = args[0]
         old = link(root, "current")
@@ -202,4 +227,36 @@ ANCHORS = textwrap.dedent('''
     if os.path.isfile(anchors):
         os.chmod(anchors, 0o644)
     print(json.dumps({"runtime_dir": rt}))
+''')
+
+GUARD = textwrap.dedent('''
+    import os, signal, subprocess, sys, threading
+    try:
+        child = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL, start_new_session=True)
+    except OSError as e:
+        sys.stderr.write("%s: %s\\n" % (sys.argv[1], e.strerror or e))
+        sys.exit(127)
+
+    def stop(*_):
+        try:
+            os.killpg(child.pid, signal.SIGTERM)
+        except OSError:
+            pass
+
+    def watch():
+        # sshd closes this stdin when the client or the link goes: stop what the command started.
+        try:
+            while os.read(0, 65536):
+                pass
+        except OSError:
+            pass
+        stop()
+
+    for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, stop)
+    watcher = threading.Thread(target=watch)
+    watcher.daemon = True
+    watcher.start()
+    code = child.wait()
+    sys.exit(128 - code if code < 0 else code)
 ''')

@@ -1,8 +1,12 @@
 """A connected device (``Session``: transport, what the probe read there, the Python to use) and the
 runner that works on many devices at once, each failing alone.
 
-    outcomes = run_devices(devices, job, trust_new_host=False)
+    outcomes = run_devices(devices, job, trust_new_host=False, progress=FleetProgress("deploy", names))
     [o.error for o in outcomes if not o.ok]   # one line per device that failed
+
+Ctrl-C stops every device's work where it is (the commands running there with it, see ``GUARD``),
+lets each job clean up what it made, and raises ``FleetInterrupted`` naming the state each device
+was left in.
 """
 
 from __future__ import annotations
@@ -11,15 +15,18 @@ import asyncio
 import json
 import posixpath
 import shlex
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..console import Log
+from ..errors import EdgepackError, ExitCode
 from ..runtime_dist import MIN_PYTHON
 from . import DeviceError
 from .inventory import Device
+from .progress import DeviceProgress, FleetProgress
 from .remote import LAYOUT, PROBE, RUNTIME_PACKAGES
 from .transport import Completed, Transport, open_transport
 
@@ -29,13 +36,24 @@ class Session:
     device: Device
     transport: Transport
     info: dict[str, Any]  # what PROBE printed on the device
+    progress: DeviceProgress = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.progress is None:
+            self.progress = DeviceProgress(None, self.device.name)
 
     @classmethod
-    async def open(cls, device: Device, *, trust_new_host: bool = False, log: Log = print) -> Session:
+    async def open(cls, device: Device, *, trust_new_host: bool = False, log: Log = print,
+                   progress: DeviceProgress | None = None, allow_old_python: bool = False) -> Session:
+        """Connect and probe. A Python older than the runtime supports is refused here in one line
+        (``allow_old_python``: kept, for ``devices --check`` to show)."""
         transport = await open_transport(device, trust_new_host=trust_new_host, log=log)
         try:
-            session = cls(device, transport, {})
+            session = cls(device, transport, {}, progress)
             await session.probe()
+            too_old = session.python_too_old()
+            if too_old and not allow_old_python:
+                raise DeviceError(too_old)
             return session
         except BaseException:
             await transport.close()
@@ -45,6 +63,8 @@ class Session:
         """Read Python, packages, CPU, the account, the release layout's home and the installed runtime
         on the device (again after --setup)."""
         self.info = await self._probe(self.device.python)
+        if self.info.get("too_old"):  # the probe stopped at the version check: nothing else was read
+            return self.info
         if self.info.get("runtime_python"):  # the installed runtime: its packages are what counts
             base = self.info
             self.info = {**await self._probe(base["runtime_python"]), "base_python": self.device.python,
@@ -110,7 +130,8 @@ class Session:
 
     # ------------------------------------------------------------------------------------ commands
 
-    async def runtime(self, *args: str, timeout: float | None = 600) -> Completed:
+    async def runtime(self, *args: str, timeout: float | None = 600,
+                      on_line: Callable[[str], None] | None = None) -> Completed:
         """Run ``python -m runtime_shim ARGS`` on the device with its installed runtime, isolated.
 
         The Python is ``<runtime_dir>/venv/bin/python`` (installed by ``deploy --setup`` from this
@@ -119,6 +140,8 @@ class Session:
         anywhere, a release included), in the runtime directory: no file of a bundle can be imported,
         whatever the bundle holds. Pass bundle paths as absolute paths. ``DeviceError`` when no
         runtime is installed there; the caller reads ``returncode``, ``stdout`` and ``last_error()``.
+        ``on_line`` gets each line of stderr as it comes (progress); a cancelled call stops the
+        command on the device.
 
         Example:
             >>> await session.runtime("verify", "/srv/edgepack/tiny/current", "--keys", keys)  # doctest: +SKIP
@@ -129,7 +152,7 @@ class Session:
             raise DeviceError(f"{self.device.name}: no edgepack runtime in {self.runtime_dir} on the device; run "
                               f"`edgepack devices --setup --to {self.device.name}` (or deploy with --setup)")
         argv = [*self.device.command_prefix, python, "-I", "-B", "-m", "runtime_shim", *args]
-        return await self.transport.run(argv, cwd=self.runtime_dir, timeout=timeout)
+        return await self.transport.run(argv, cwd=self.runtime_dir, timeout=timeout, on_line=on_line)
 
     async def layout(self, command: str, root: str, *args: str) -> dict[str, Any]:
         # The layout program needs only the standard library: the inventory's Python runs it even
@@ -142,6 +165,10 @@ class Session:
             out = None
         if done.returncode != 0 or out is None or (isinstance(out, dict) and "error" in out):
             reason = out["error"] if isinstance(out, dict) and "error" in out else done.last_error()
+            if "No space left on device" in reason:
+                raise DeviceError(f"{self.device.name}: no space left on the device under {root} ({command} of the "
+                                  "release layout); free space there (see docs/FLEET.md for the room a device "
+                                  "needs) and run again")
             raise DeviceError(f"{self.device.name}: {command} {root}: {reason}")
         return out
 
@@ -181,21 +208,51 @@ class Outcome:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+class FleetInterrupted(EdgepackError):
+    """Ctrl-C: every device's work was stopped; ``states`` says where each one was left."""
+
+    exit_code = ExitCode.INTERRUPTED
+
+    def __init__(self, states: dict[str, str]):
+        self.states = states
+        stopped = [n for n, s in states.items() if s.startswith("interrupted")]
+        super().__init__(f"interrupted: {len(stopped)} device(s) stopped mid-way, "
+                         f"{sum(s == 'not started' for s in states.values())} not started "
+                         "(each device's state is above; nothing runs on them now)")
+
+
 Job = Callable[[Session], Awaitable[Any]]
 
 
-async def _one(device: Device, job: Job, sem: asyncio.Semaphore, trust_new_host: bool, log: Log) -> Outcome:
+async def _one(device: Device, job: Job, sem: asyncio.Semaphore, trust_new_host: bool, log: Log,
+               fleet: FleetProgress | None, allow_old_python: bool, left: dict[str, str]) -> Outcome:
     started = time.monotonic()
+    progress = DeviceProgress(fleet, device.name)
     async with sem:
         session = None
         try:
-            session = await Session.open(device, trust_new_host=trust_new_host, log=log)
+            progress.state(f"connecting to {device.address}")
+            session = await Session.open(device, trust_new_host=trust_new_host, log=log, progress=progress,
+                                         allow_old_python=allow_old_python)
+            progress.state(f"connected (Python {session.info.get('python')})")
             value = await job(session)
+            if fleet is not None:
+                fleet.finish(device.name, True, f"done ({time.monotonic() - started:.1f} s)")
             return Outcome(device, True, value, seconds=time.monotonic() - started, info=session.info)
+        except asyncio.CancelledError:
+            left[device.name] = f"interrupted while {progress.last}" + (
+                f"; {progress.cleanup}" if getattr(progress, "cleanup", None) else "")
+            if fleet is not None:
+                fleet.state(device.name, left[device.name])
+            raise
         except DeviceError as e:
+            if fleet is not None:
+                fleet.finish(device.name, False, str(e))
             return Outcome(device, False, error=str(e), seconds=time.monotonic() - started,
                            info=session.info if session else {})
         except Exception as e:  # one device's surprise must not take the others down
+            if fleet is not None:
+                fleet.finish(device.name, False, f"{type(e).__name__}: {e}")
             return Outcome(device, False, error=f"{device.name}: {type(e).__name__}: {e}",
                            seconds=time.monotonic() - started, info=session.info if session else {})
         finally:
@@ -204,11 +261,30 @@ async def _one(device: Device, job: Job, sem: asyncio.Semaphore, trust_new_host:
 
 
 def run_devices(devices: Sequence[Device], job: Job, *, jobs: int = 8, trust_new_host: bool = False,
-                log: Log = print) -> list[Outcome]:
-    """Run ``job`` on every device in parallel (``jobs`` at a time); one ``Outcome`` per device, in order."""
+                log: Log = print, progress: FleetProgress | None = None,
+                allow_old_python: bool = False) -> list[Outcome]:
+    """Run ``job`` on every device in parallel (``jobs`` at a time); one ``Outcome`` per device, in order.
+    ``progress`` shows each device's state as it changes (``session.progress`` in a job).
+    ``FleetInterrupted`` on Ctrl-C, after every job has stopped and cleaned up."""
+    left: dict[str, str] = {}
 
     async def main() -> list[Outcome]:
         sem = asyncio.Semaphore(max(1, jobs))
-        return list(await asyncio.gather(*(_one(d, job, sem, trust_new_host, log) for d in devices)))
+        return list(await asyncio.gather(*(_one(d, job, sem, trust_new_host, log, progress, allow_old_python, left)
+                                           for d in devices)))
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    except KeyboardInterrupt:
+        states = {d.name: left.get(d.name) or _settled(progress, d.name) for d in devices}
+        if progress is not None:
+            progress.close()
+        else:
+            for name, state in states.items():
+                print(f"{name}: {state}", file=sys.stderr)
+        raise FleetInterrupted(states) from None
+
+
+def _settled(progress: FleetProgress | None, name: str) -> str:
+    state = progress.states.get(name, "queued") if progress is not None else "queued"
+    return "not started" if state == "queued" else state

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,8 +26,23 @@ from typing import Any
 
 from . import DeviceError
 from .inventory import Device
+from .remote import GUARD
 
 Progress = Callable[[int], None]  # called with bytes sent since the last call
+OnLine = Callable[[str], None]  # called with each line the command writes to stderr, as it comes
+
+
+class ConnectionDropped(DeviceError):
+    """The link to the device went while a command ran: its output so far is not its answer."""
+
+
+class UploadError(DeviceError):
+    """An upload failed; ``kind`` says how: ``"lost"`` (the connection dropped), ``"denied"``, or
+    ``"failed"`` (SFTP's catch-all, which is also what OpenSSH's server answers to a full disk)."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -44,7 +61,10 @@ class Transport:
 
     device: Device
 
-    async def run(self, argv: Sequence[str], *, cwd: str | None = None, timeout: float | None = None) -> Completed:
+    async def run(self, argv: Sequence[str], *, cwd: str | None = None, timeout: float | None = None,
+                  on_line: OnLine | None = None) -> Completed:
+        """Run ``argv`` on the device. Cancelled (Ctrl-C), timed out or cut off, the command and
+        everything it started there are stopped: nothing keeps running on the device."""
         raise NotImplementedError
 
     async def put(self, local: Path, remote: str, progress: Progress | None = None) -> None:
@@ -75,20 +95,28 @@ class LocalTransport(Transport):
     def __init__(self, device: Device):
         self.device = device
 
-    async def run(self, argv: Sequence[str], *, cwd: str | None = None, timeout: float | None = None) -> Completed:
+    async def run(self, argv: Sequence[str], *, cwd: str | None = None, timeout: float | None = None,
+                  on_line: OnLine | None = None) -> Completed:
         try:
+            # Its own process group: a Ctrl-C here reaches this process only, which then stops the
+            # whole group (the bench's memory probe included) and reports what it left.
             proc = await asyncio.create_subprocess_exec(
-                *argv, cwd=cwd, env=_clean_env(), stdin=subprocess.DEVNULL,
+                *argv, cwd=cwd, env=_clean_env(), stdin=subprocess.DEVNULL, start_new_session=True,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         except OSError as e:
             return Completed(127, "", f"{argv[0]}: {e.strerror or e}")
+        out: list[str] = []
+        err: list[str] = []
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+            await asyncio.wait_for(asyncio.gather(_pump(proc.stdout, out, None), _pump(proc.stderr, err, on_line),
+                                                  proc.wait()), timeout)
         except asyncio.TimeoutError:
-            proc.kill()
-            await proc.wait()
+            await _stop_group(proc)
             raise DeviceError(f"{self.device.name}: {shlex.join(argv[:4])}... did not finish in {timeout:g} s") from None
-        return Completed(proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace"))
+        except BaseException:
+            await _stop_group(proc)
+            raise
+        return Completed(proc.returncode or 0, "".join(out), "".join(err))
 
     async def put(self, local: Path, remote: str, progress: Progress | None = None) -> None:
         def copy() -> None:
@@ -98,7 +126,11 @@ class LocalTransport(Transport):
                     if progress:
                         progress(len(chunk))
 
-        await asyncio.to_thread(copy)
+        try:
+            await asyncio.to_thread(copy)
+        except OSError as e:
+            kind = "full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "denied" if e.errno == errno.EACCES else "failed"
+            raise UploadError(f"{self.device.name}: upload of {local.name} failed ({e.strerror or e})", kind) from None
 
     async def makedirs(self, remote: str) -> None:
         os.makedirs(remote, exist_ok=True)
@@ -106,6 +138,47 @@ class LocalTransport(Transport):
     async def get(self, remote: str, local: Path) -> None:
         local.parent.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(shutil.copyfile, remote, local)
+
+
+def describe(argv: Sequence[str]) -> str:
+    """A command as a person would name it: ``runtime_shim bench``, ``layout state``, ``python3 -m venv``.
+
+    Examples:
+        >>> describe(["/rt/venv/bin/python", "-I", "-B", "-m", "runtime_shim", "bench", "/srv/x/current"])
+        'runtime_shim bench'
+        >>> describe(["python3", "-I", "-c", "import sys", "state", "/srv/x"])
+        'python3 -c ... state'
+    """
+    argv = list(argv)
+    if "runtime_shim" in argv:
+        return " ".join(argv[argv.index("runtime_shim"):][:2])
+    if "-c" in argv:
+        i = argv.index("-c")
+        return " ".join([os.path.basename(argv[0]), "-c", "...", *argv[i + 2:i + 3]])
+    return " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(argv[:3]))
+
+
+async def _pump(stream: Any, sink: list[str], on_line: OnLine | None) -> None:
+    while True:
+        line = await stream.readline()
+        if not line:
+            return
+        text = line.decode(errors="replace") if isinstance(line, bytes) else line
+        sink.append(text)
+        if on_line and text.strip():
+            on_line(text.rstrip("\n"))
+
+
+async def _stop_group(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), 5)
+        except asyncio.TimeoutError:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
 
 
 # --------------------------------------------------------------------------------------------- ssh
@@ -237,20 +310,45 @@ class SSHTransport(Transport):
                       or ("no answer in time" if isinstance(e, asyncio.TimeoutError) else type(e).__name__))
             raise DeviceError(f"{where}: unreachable ({reason})") from None
 
-    async def run(self, argv: Sequence[str], *, cwd: str | None = None, timeout: float | None = None) -> Completed:
+    def _guarded(self, argv: Sequence[str]) -> list[str]:
+        # OpenSSH leaves a command without a terminal running when its channel closes (Ctrl-C here,
+        # a dropped link): GUARD runs it in its own process group and stops that group when the
+        # channel's stdin closes. Under a command prefix the device's Python is the prefix's.
+        if self.device.command_prefix:
+            return list(argv)
+        return [self.device.python, "-I", "-c", GUARD, *argv]
+
+    async def run(self, argv: Sequence[str], *, cwd: str | None = None, timeout: float | None = None,
+                  on_line: OnLine | None = None) -> Completed:
         import asyncssh
 
-        command = shlex.join(argv)
+        command = shlex.join(self._guarded(argv))
         if cwd:
             command = f"cd {shlex.quote(cwd)} && {command}"
+        what = describe(argv)
+        out: list[str] = []
+        err: list[str] = []
+        proc = None
         try:
-            proc = await self._conn.run(command, check=False, timeout=timeout)
-        except asyncssh.TimeoutError:
+            proc = await self._conn.create_process(command, encoding="utf-8", errors="replace")
+            await asyncio.wait_for(asyncio.gather(_pump(proc.stdout, out, None), _pump(proc.stderr, err, on_line),
+                                                  proc.wait_closed()), timeout)
+        except asyncio.TimeoutError:
+            proc and proc.close()
             raise DeviceError(f"{self.device.name}: {shlex.join(argv[:4])}... did not finish in {timeout:g} s") from None
         except (asyncssh.Error, OSError) as e:
-            raise DeviceError(f"{self.device.name}: connection lost ({getattr(e, 'reason', e)})") from None
-        status = proc.exit_status if proc.exit_status is not None else 255
-        return Completed(status, str(proc.stdout or ""), str(proc.stderr or ""))
+            raise ConnectionDropped(f"{self.device.name}: the connection to {self.device.address} dropped while running "
+                              f"{what} ({getattr(e, 'reason', None) or e or type(e).__name__})") from None
+        except BaseException:
+            if proc is not None:
+                proc.close()  # the channel closes: GUARD stops the command on the device
+            raise
+        if proc.exit_status is None and proc.exit_signal is None:
+            # No exit status: the link went, not the command (its output so far is not its answer).
+            raise ConnectionDropped(f"{self.device.name}: the connection to {self.device.address} dropped while running "
+                              f"{what}; run the command again when the device is reachable")
+        status = proc.exit_status if proc.exit_status is not None and proc.exit_status >= 0 else 255
+        return Completed(status, "".join(out), "".join(err))
 
     async def put(self, local: Path, remote: str, progress: Progress | None = None) -> None:
         import asyncssh
@@ -264,8 +362,17 @@ class SSHTransport(Transport):
 
         try:
             await self._sftp.put(str(local), remote, progress_handler=handler)
+        except (asyncssh.SFTPConnectionLost, asyncssh.ConnectionLost, asyncssh.DisconnectError,
+                ConnectionError) as e:
+            raise UploadError(f"{self.device.name}: the connection to {self.device.address} dropped during the upload "
+                              f"({getattr(e, 'reason', None) or type(e).__name__})", "lost") from None
+        except asyncssh.SFTPPermissionDenied:
+            raise UploadError(f"{self.device.name}: permission denied writing {remote}; check that the login account "
+                              "owns remote_dir", "denied") from None
         except (asyncssh.Error, OSError) as e:
-            raise DeviceError(f"{self.device.name}: upload of {local.name} failed ({getattr(e, 'reason', e)})") from None
+            kind = "full" if isinstance(e, (asyncssh.SFTPNoSpaceOnFilesystem, asyncssh.SFTPQuotaExceeded)) else "failed"
+            raise UploadError(f"{self.device.name}: upload of {local.name} failed ({getattr(e, 'reason', e)})",
+                              kind) from None
 
     async def makedirs(self, remote: str) -> None:
         await self._sftp.makedirs(remote, exist_ok=True)
