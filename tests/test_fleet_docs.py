@@ -25,7 +25,7 @@ def _commands() -> list[list[str]]:
 def test_inventory_example_loads(tmp_path):
     from edgepack.fleet.inventory import load_inventory
 
-    (toml,) = re.findall(r"```toml\n(.*?)```", DOC, flags=re.S)
+    toml, _ = re.findall(r"```toml\n(.*?)```", DOC, flags=re.S)
     path = tmp_path / "devices.toml"
     path.write_text(toml)
     inv = load_inventory(path)
@@ -47,3 +47,25 @@ def test_docs_command_parses(argv, monkeypatch):
 
     args = make_parser().parse_args(argv[1:])
     assert getattr(args, "_run", None) is not None
+
+
+def test_arm64_recipe_loads_and_answers_where_the_root_exists(tmp_path):
+    """The arm64 device recipe: the inventory loads; where the arm64 root it names exists (and this is
+    root, for chroot), `devices --check` reaches it and reads an arm64 CPU matching the profile."""
+    import json
+    import os
+
+    from edgepack.cli import main
+    from edgepack.fleet.inventory import load_inventory
+
+    _, toml = re.findall(r"```toml\n(.*?)```", DOC, flags=re.S)
+    path = tmp_path / "devices.toml"
+    path.write_text(toml)
+    (device,) = load_inventory(path).devices
+    assert device.emulated and "/usr/bin/qemu-aarch64-static" in device.command_prefix
+    root = Path(device.command_prefix[device.command_prefix.index("chroot") + 1])
+    if os.geteuid() != 0 or not (root / "opt" / "edgepack" / "ready.json").is_file():
+        pytest.skip(f"no arm64 root at {root} (edgepack emulate setup arm64), or not root")
+    assert main(["devices", "--check", "--inventory", str(path), "--json", str(tmp_path / "c.json")]) == 0
+    (found,) = json.loads((tmp_path / "c.json").read_text())
+    assert found["machine"] == "aarch64" and found["detected_target"] == "arm64" and found["target_match"]

@@ -14,7 +14,7 @@ from edgepack.errors import EdgepackError, ExitCode
 from edgepack.resources import data_dir
 
 REQUIRED_TARGETS = {"x86-64-vnni", "x86-64-avx2", "x86-64-avx512", "x86-64-amx", "arm64", "arm64-dotprod", "arm64-i8mm"}
-REQUIRED_PROFILES = {"edge-x86-2core", "raspberry-pi-4", "raspberry-pi-5", "aws-graviton3", "avx512-vnni-server-core"}
+REQUIRED_PROFILES = {"edge-x86-2core", "edge-x86-avx2", "raspberry-pi-4", "raspberry-pi-5", "aws-graviton3", "avx512-vnni-server-core"}
 
 GOOD_PROFILE = """
 target = "x86-64-vnni"

@@ -174,7 +174,10 @@ def available(target: str, *, root: str | os.PathLike | None = None) -> tuple[bo
         if qemu_binary(emu) is None:
             return False, f"qemu-aarch64-static is not installed; install it: {INSTALL_QEMU}"
         qemu = Path(qemu_binary(emu) or "")
-    return True, f"chroot {base} qemu-aarch64 -cpu {emu.qemu_cpu} (QEMU {qemu_version(str(qemu))})"
+    if (base / ROOT_QEMU).is_file():  # the command that runs there, as it can be typed
+        return True, f"chroot {base} /{ROOT_QEMU} -cpu {emu.qemu_cpu} (QEMU {qemu_version(str(qemu))})"
+    return True, (f"QEMU_CPU={emu.qemu_cpu} chroot {base} (binfmt_misc runs {qemu.name}; "
+                  f"QEMU {qemu_version(str(qemu))})")
 
 
 # --------------------------------------------------------------------------------------- running

@@ -63,6 +63,12 @@ def _budgets(r: Mapping[str, Any]) -> str:
     return f"missed: {', '.join(failed)}" if failed else f"{len(checked)}/{len(checked)} met"
 
 
+def _threads(r: Mapping[str, Any]) -> str:
+    """Intra-op threads; ONNX Runtime reads 0 as "one per physical core", which the table says."""
+    t = r.get("threads")
+    return DASH if t is None else "auto (0: one per core)" if t == 0 else str(t)
+
+
 def columns(doc: Mapping[str, Any]) -> list[tuple[str, Any]]:
     sizes = sorted({int(k) for r in doc["devices"] for k in (r.get("throughput_qps") or {})})
     cols: list[tuple[str, Any]] = [
@@ -78,7 +84,7 @@ def columns(doc: Mapping[str, Any]) -> list[tuple[str, Any]]:
     ]
     cols += [(f"qps@{b}", lambda r, b=b: _num(_get(r, f"throughput_qps.{b}"))) for b in sizes]
     cols += [("Peak MB", lambda r: _num(r.get("peak_rss_mb"))),
-             ("Threads", lambda r: DASH if r.get("threads") is None else str(r["threads"])),
+             ("Threads", _threads),
              ("Budgets", _budgets), ("Target", _target)]
     return cols
 
@@ -104,13 +110,18 @@ def plot(doc: Mapping[str, Any]) -> bytes | None:
     rows = [r for r in doc["devices"] if isinstance(r.get("accuracy"), (int, float))]
     if not rows:
         return None
-    fig = Figure(figsize=(10.5, 0.5 * len(rows) + 1.9), dpi=110, layout="constrained")
+    # Rows get thinner past a dozen devices (50 devices: 14 inches, not 27) and a tall chart repeats its
+    # axis at the top, so the scale is in view wherever the reader is.
+    per_row = 0.5 if len(rows) <= 12 else 0.25
+    fig = Figure(figsize=(10.5, per_row * len(rows) + 1.9), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     ax_acc, ax_lat = fig.subplots(1, 2, sharey=True)
     names = [r["device"] for r in rows]
     ys = range(len(rows))
     for ax in (ax_acc, ax_lat):
         ax.spines[["top", "right"]].set_visible(False)
+        if len(rows) > 12:
+            ax.tick_params(axis="x", top=True, labeltop=True)
         ax.grid(True, axis="x", color="#e5e7eb", linewidth=0.8)
         ax.set_axisbelow(True)
     colors = ["#b91c1c" if r.get("status") == "regressed" else "#0072B2" for r in rows]
@@ -132,7 +143,18 @@ def plot(doc: Mapping[str, Any]) -> bytes | None:
     shades = {"p50": "#1d4ed8", "p95": "#60a5fa", "p99": "#bfdbfe"}
     h = 0.26
     top = 0.0
+    budget_drawn = False
     for i, r in enumerate(rows):
+        p95_budget = next((b for b in r.get("budgets") or () if b.get("budget") == "p95_latency_ms"
+                           and isinstance(b.get("limit"), (int, float)) and b.get("ok") is not None), None)
+        if p95_budget is not None:  # the profile's p95 budget on the device's own row; red where it was missed
+            missed = p95_budget["ok"] is False
+            ax_lat.plot([p95_budget["limit"]] * 2, [i - 0.45, i + 0.45], color="#b91c1c" if missed else "#6b7280",
+                        linewidth=2 if missed else 1, zorder=3, label=None if budget_drawn else "p95 budget")
+            budget_drawn = True
+            if missed:
+                ax_lat.annotate("p95 over budget", (_get(r, "latency_ms.p95") or 0, i), xytext=(4, -1),
+                                textcoords="offset points", va="center", fontsize=8, color="#b91c1c")
         if r.get("emulated") or not r.get("latency_ms"):
             ax_lat.annotate("emulated: accuracy only" if r.get("emulated") else "no latency", (0, i),
                             xytext=(4, 0), textcoords="offset points", va="center", fontsize=8, color="#6b7280")
@@ -143,7 +165,12 @@ def plot(doc: Mapping[str, Any]) -> bytes | None:
                 ax_lat.barh(i + (j - 1) * h, v, height=h * 0.92, color=shades[q], label=q if i == 0 or top == 0 else None,
                             zorder=2)
                 top = max(top, v)
-    ax_lat.set_xlim(0, (top or 1) * 1.15)
+    limits = [b["limit"] for r in rows for b in r.get("budgets") or () if b.get("budget") == "p95_latency_ms"
+              and b.get("ok") is not None and isinstance(b.get("limit"), (int, float))]
+    # A budget far above every bar stays off the scale (the bars would shrink to nothing); one the bars
+    # reach or pass is drawn.
+    near = [v for v in limits if v <= 2 * (top or 1)]
+    ax_lat.set_xlim(0, max([top or 1, *near]) * 1.15)
     ax_lat.set_xlabel("latency, one query end to end (ms)")
     handles, labels = ax_lat.get_legend_handles_labels()
     if handles:
@@ -248,12 +275,12 @@ def _notes(doc: Mapping[str, Any]) -> list[str]:
         if r.get("status") == "failed":
             out.append(f"FAILED {r.get('error')}")
             continue
-        if r.get("target_warning"):
-            out.append(f"{r['device']}: {r['target_warning']}")
         for bud in r.get("budgets") or []:
             state = "skipped (emulated)" if bud["ok"] is None else "ok" if bud["ok"] else "MISSED"
             out.append(f"{r['device']}: {bud['line']} [{state}]")
-    return out
+    from .progress import grouped
+
+    return [*grouped([(r["device"], r["target_warning"]) for r in doc["devices"] if r.get("target_warning")]), *out]
 
 
 def _machines(doc: Mapping[str, Any]) -> list[str]:
