@@ -29,6 +29,7 @@ import posixpath
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -276,7 +277,9 @@ async def deploy_one(session: Session, bundle: LocalBundle, *, setup: bool = Fal
             if free is not None and free < room_needed(bundle):
                 raise DeviceError(disk_full(session, bundle, "checking before the upload", free=free, current=current))
             counter = session.progress.counter("uploading", bundle.total_bytes, "B")
-            incoming = (await session.layout("incoming", root, bundle.release))["path"]
+            token = uuid.uuid4().hex[:8]
+            incoming = posixpath.join(root, "releases", f".incoming-{bundle.release}-{token}")
+            await session.layout("incoming", root, bundle.release, token)
             counted = [0]
 
             def on_bytes(n: int) -> None:

@@ -138,7 +138,10 @@ LAYOUT = textwrap.dedent('''
                      if os.path.islink(os.path.join(root, n, "current")))
     elif cmd == "incoming":
         # The upload goes beside the releases it will join (same file system: the commit is a rename).
-        path = os.path.join(root, "releases", ".incoming-%s-%s" % (args[0], uuid.uuid4().hex[:8]))
+        # Named by the caller (release, token): a Ctrl-C between this mkdir and its answer still knows
+        # what to remove.
+        path = os.path.join(root, "releases", ".incoming-%s-%s" % (args[0], args[1] if len(args) > 1 else
+                                                                    uuid.uuid4().hex[:8]))
         os.makedirs(path)
         os.makedirs(os.path.join(root, "results"), exist_ok=True)
         out = {"path": path}
