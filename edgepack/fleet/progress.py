@@ -71,7 +71,7 @@ class FleetProgress:
                 dynamic_ncols=True,
                 position=0,
                 leave=True,
-                bar_format="{desc}: {n_fmt}/{total_fmt} devices |{bar}| {postfix} [{elapsed}<{remaining}]",
+                bar_format="{desc}: {n_fmt}/{total_fmt} devices |{bar}| [{elapsed}<{remaining}{postfix}]",
             )
             self._set_postfix()
         else:
