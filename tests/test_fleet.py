@@ -13,6 +13,7 @@ once per session (from the pip cache or the package index), so the module is mar
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -518,7 +519,7 @@ def test_signed_only_device_checks_with_the_keys_setup_installed(lab, tmp_path, 
     for name in ("good", "other"):
         assert main(["keys", "new", "--out", str(tmp_path / name)]) == 0
     signed = tmp_path / "signed" / "tiny"
-    shutil.copytree(tiny_bundle, signed)
+    shutil.copytree(tiny_bundle, signed, ignore=shutil.ignore_patterns("__pycache__"))
     assert main(["sign", str(signed), "--key", str(tmp_path / "good" / "signing.key")]) == 0
     rt = tmp_path / "signed-runtime"
     inv = write_inventory(lab, tmp_path, ("local",), local={"signed_only": True, "runtime_dir": str(rt),
@@ -536,7 +537,7 @@ def test_signed_only_device_checks_with_the_keys_setup_installed(lab, tmp_path, 
     assert accepted["tiny"]["version"] == json.loads((signed / "manifest.json").read_text())["version"]
     # A bundle signed by a key the device does not trust is refused here, before a byte is sent.
     forged = tmp_path / "forged" / "tiny"
-    shutil.copytree(tiny_bundle, forged)
+    shutil.copytree(tiny_bundle, forged, ignore=shutil.ignore_patterns("__pycache__"))
     assert main(["sign", str(forged), "--key", str(tmp_path / "other" / "signing.key"), "--version", "99999999999999"]) == 0
     capsys.readouterr()
     code, out = cli(capsys, "deploy", forged, "--inventory", inv)
@@ -544,7 +545,7 @@ def test_signed_only_device_checks_with_the_keys_setup_installed(lab, tmp_path, 
     assert len(list((tmp_path / "dev-local" / "tiny" / "releases").iterdir())) == 1
     # The slot accepted the name "tiny": a validly signed bundle of another name is refused there.
     renamed = tmp_path / "renamed" / "tiny"
-    shutil.copytree(tiny_bundle, renamed)
+    shutil.copytree(tiny_bundle, renamed, ignore=shutil.ignore_patterns("__pycache__"))
     assert main(["sign", str(renamed), "--key", str(tmp_path / "good" / "signing.key"), "--name", "older"]) == 0
     capsys.readouterr()
     code, out = cli(capsys, "deploy", renamed, "--inventory", inv, "--name", "tiny")
@@ -810,6 +811,52 @@ def test_ctrl_c_during_deploy(lab, tmp_path, capsys, tiny_bundle, monkeypatch):
     assert "a: interrupted while uploading" in out and "its upload was removed; current is still none" in out, out
     assert not list(releases.iterdir()) and not (tmp_path / "dev-a" / "tiny" / "current").exists()
 
+
+
+def _bench_processes(under: Path) -> dict[int, list[str]]:
+    """The processes running ``runtime_shim bench`` on a path under ``under`` (read from /proc: ps cuts
+    long command lines), with their argv."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        joined = " ".join(argv)
+        if "runtime_shim bench" in joined and f"{under}/" in joined:
+            found[int(proc.name)] = argv
+    return found
+
+
+def test_ctrl_c_during_fleet_bench_leaves_no_remote_process(lab, tmp_path, capsys, tiny_bundle):
+    """Ctrl-C while a device over SSH and a local one benchmark: exit 130 with each device's state, and
+    no benchmark keeps running on either."""
+    import signal
+
+    inv = write_inventory(lab, tmp_path, ("a", "local"))
+    assert cli(capsys, "deploy", tiny_bundle, "--inventory", inv)[0] == 0
+
+    def benching(name: str) -> bool:  # the runtime itself, not the SSH guard around it
+        return any(argv[1:6] == ["-I", "-B", "-m", "runtime_shim", "bench"]
+                   for argv in _bench_processes(tmp_path / f"dev-{name}").values())
+
+    _interrupt_when(lambda: benching("a") and benching("local"))
+    started = time.monotonic()
+    try:
+        code, out = cli(capsys, "fleet", "bench", tiny_bundle, "--inventory", inv, "--out", tmp_path / "r",
+                        "--runs", "1000000", "--warmup", "0")
+        assert code == 130 and time.monotonic() - started < 120, out
+        assert "a: interrupted while benchmarking" in out and "local: interrupted while benchmarking" in out, out
+        end = time.monotonic() + 15
+        while _bench_processes(tmp_path) and time.monotonic() < end:
+            time.sleep(0.1)
+        assert not _bench_processes(tmp_path)
+    finally:
+        for pid in _bench_processes(tmp_path):  # a failed run must not leave a million queries on the machine
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
 def test_python_older_than_310_refused_over_ssh(lab, tmp_path, capsys, tiny_bundle):
     """A device whose Python reports 3.8: reachable, refused in one line, nothing sent."""

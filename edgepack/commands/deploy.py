@@ -47,10 +47,11 @@ def run(args: argparse.Namespace) -> int:
             raise EdgepackError("--rollback takes device names, not a BUNDLE; drop BUNDLE")
         devices = inv.select(args.rollback)
 
-        async def job(session):
-            return await rollback_one(session, args.name, log=log)
-
         progress = FleetProgress("rollback", [d.name for d in devices])
+
+        async def job(session):
+            return await rollback_one(session, args.name, log=progress.log)
+
         try:
             outcomes = run_devices(devices, job, jobs=args.jobs, trust_new_host=args.trust_new_host,
                                    log=progress.log, progress=progress)
