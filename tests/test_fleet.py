@@ -902,11 +902,14 @@ def test_dropped_connection_is_reported_as_one(lab, tmp_path, capsys, tiny_bundl
 
 def test_progress_lines_without_a_terminal(lab, tmp_path, capsys, tiny_bundle):
     inv = write_inventory(lab, tmp_path, ("a", "local"))
-    code, out = cli(capsys, "fleet", "bench", tiny_bundle, "--inventory", inv, "--out", tmp_path / "r",
-                    "--runs", "40", "--warmup", "0")
+    capsys.readouterr()
+    code = main(["fleet", "bench", str(tiny_bundle), "--inventory", str(inv), "--out", str(tmp_path / "r"),
+                 "--runs", "40", "--warmup", "0"])
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
     assert code == 0, out
-    lines = out.splitlines()  # the results (stdout), then the progress (stderr)
-    assert "fleet bench: 2 device(s)" in lines
+    lines = captured.err.splitlines()  # the progress; the results ("a: accuracy ...") are on stdout
+    assert lines[0] == "fleet bench: 2 device(s)", out
     for name in ("a", "local"):
         states = [ln.partition(": ")[2] for ln in lines if ln.startswith(f"{name}: ")]
         assert states[0].startswith("connecting to") and states[1].startswith("connected (Python 3.")
