@@ -888,8 +888,16 @@ def test_dropped_connection_is_reported_as_one(lab, tmp_path, capsys, tiny_bundl
     real_run = transport.SSHTransport.run
 
     async def cut(self, argv, **kw):
-        if "verify" in argv:
-            asyncio.get_running_loop().call_later(0.2, self._conn.abort)
+        if "verify" in argv:  # the link goes once verify runs on the device (a timer could outlast it)
+            conn = self._conn
+            real_create = conn.create_process
+
+            async def started_then_cut(*a, **k):
+                proc = await real_create(*a, **k)
+                asyncio.get_running_loop().call_soon(conn.abort)
+                return proc
+
+            conn.create_process = started_then_cut
         return await real_run(self, argv, **kw)
 
     monkeypatch.setattr(transport.SSHTransport, "run", cut)
