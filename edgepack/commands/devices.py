@@ -85,13 +85,13 @@ def run(args: argparse.Namespace) -> int:
             continue
         info, v = o.info, o.value
         if v.get("too_old"):  # it answered: reachable, and refused for its Python
-            rows.append((d.name, "yes", str(info.get("python")), *["-"] * 9))
+            rows.append((d.name, "yes", _python_cell(d, info), *["-"] * 9))
             notes.append(v["too_old"])
             found.append({"device": d.name, "reachable": True, **info, **v})
             continue
         pk = info.get("packages") or {}
         flags = sorted(set(info.get("flags") or ()) & known)
-        rows.append((d.name, "yes", str(info.get("python")), pk.get("onnxruntime") or "MISSING",
+        rows.append((d.name, "yes", _python_cell(d, info), pk.get("onnxruntime") or "MISSING",
                      pk.get("tokenizers") or "MISSING", pk.get("numpy") or "MISSING", str(info.get("arch")),
                      str(info.get("physical_cores")), " ".join(flags) or "-", v.get("detected_target") or "-",
                      v.get("profile_target") or "-", "yes" if v.get("target_match") else "NO"))
@@ -162,7 +162,21 @@ def _provision(args: argparse.Namespace, devices) -> int:
     finally:
         progress.close()
     for o in outcomes:
-        print(f"FAILED {o.error}" if not o.ok else f"{o.device.name}: runtime ready in {o.info.get('runtime_dir')}")
+        print(f"FAILED {o.error}" if not o.ok else _ready(o))
     failed = [o.device.name for o in outcomes if not o.ok]
     print(f"devices: {len(outcomes) - len(failed)}/{len(outcomes)} set up" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return ExitCode.PARTIAL if failed else ExitCode.OK
+
+
+def _ready(o) -> str:
+    """``a: runtime ready in /opt/edgepack-runtime: bundles run with its venv's Python 3.11.2, made from
+    the inventory's python (/usr/bin/python3, 3.11.2)``: what --check shows next, and where it came from."""
+    info = o.info
+    return (f"{o.device.name}: runtime ready in {info.get('runtime_dir')}: bundles run with {info.get('runtime_python')} "
+            f"(Python {info.get('python')}), a venv of the inventory's python ({o.device.python}, "
+            f"{info.get('base_version') or info.get('python')})")
+
+
+def _python_cell(device, info) -> str:
+    """The inventory's python and its version (the installed runtime's venv is made from it)."""
+    return f"{device.python} {info.get('base_version') or info.get('python')}"

@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import EdgepackError, ExitCode
     from ..fleet.deploy import check_before_upload, load_bundle
     from ..fleet.inventory import load_inventory
+    from ..fleet.progress import FleetProgress
     from ..fleet.rollout import plan_waves, rollout, summary_lines
 
     if args.tolerance < 0 or args.runs < 1 or args.warmup < 0:
@@ -102,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         trust_new_host=args.trust_new_host,
         log=tqdm.write,
+        progress=FleetProgress,
     )
     for line in summary_lines(result, len(devices)):
         print(line)

@@ -34,6 +34,7 @@ from . import DeviceError
 from .bench import bench_one, device_record, fleet_document, reference
 from .deploy import LocalBundle, deploy_one, rollback_one
 from .inventory import Device
+from .progress import FleetProgress
 from .session import Outcome, Session, run_devices
 
 FORMAT = "edgepack-rollout/1"
@@ -219,9 +220,25 @@ def rollout(
     jobs: int = 8,
     trust_new_host: bool = False,
     log: Callable[[str], None] = print,
+    progress: Callable[[str, list[str]], FleetProgress] | None = None,
 ) -> RolloutResult:
     """Run the waves in order; stop at the first wave with a device outside the gate and roll back
-    every device the rollout switched. Writes ``rollout.json`` and the fleet report into ``out_dir``."""
+    every device the rollout switched. Writes ``rollout.json`` and the fleet report into ``out_dir``.
+    ``progress`` (``FleetProgress`` or a function like it): each wave and the rollback show every
+    device's state as it changes, and ``log`` goes through it."""
+
+    say = [log]  # the jobs' log: the running wave's progress when there is one
+
+    def run(what: str, devices: Sequence[Device], job) -> list[Outcome]:
+        shown = progress(what, [d.name for d in devices]) if progress else None
+        say[0] = shown.log if shown else log
+        try:
+            return run_devices(devices, job, jobs=jobs, trust_new_host=trust_new_host, log=say[0], progress=shown)
+        finally:
+            say[0] = log
+            if shown:
+                shown.close()
+
     reference(bundle)  # before any device: a fallback computes on this machine
     done: list[dict[str, Any]] = []
     records: list[dict[str, Any]] = []
@@ -232,13 +249,13 @@ def rollout(
 
     async def job(session: Session) -> dict[str, Any]:
         return await _deploy_and_bench(
-            session, bundle, out_dir, runs=runs, warmup=warmup, setup=setup, log=log
+            session, bundle, out_dir, runs=runs, warmup=warmup, setup=setup, log=say[0]
         )
 
     for i, wave in enumerate(waves, 1):
         label = "canary" if i == 1 else f"wave {i}/{len(waves)}"
         log(f"rollout: {label}: {len(wave)} device(s): {', '.join(d.name for d in wave)}")
-        outcomes = run_devices(wave, job, jobs=jobs, trust_new_host=trust_new_host, log=log)
+        outcomes = run(f"rollout {label}", wave, job)
         wave_recs = []
         for o in outcomes:
             value = o.value if o.ok else None
@@ -291,9 +308,7 @@ def rollout(
         async def undo(session: Session) -> dict[str, Any]:
             return await _restore(session, bundle, before[session.device.name])
 
-        for o in run_devices(
-            [d for d, _ in touched], undo, jobs=jobs, trust_new_host=trust_new_host, log=log
-        ):
+        for o in run("rollback", [d for d, _ in touched], undo):
             rolled_back.append(
                 {
                     "device": o.device.name,

@@ -339,6 +339,12 @@ class SSHTransport(Transport):
         except (asyncssh.Error, OSError) as e:
             raise ConnectionDropped(f"{self.device.name}: the connection to {self.device.address} dropped while running "
                               f"{what} ({getattr(e, 'reason', None) or e or type(e).__name__})") from None
+        except AssertionError:
+            # asyncssh asserts on a channel whose connection closed while it opened: a dropped link too.
+            if not self._conn.is_closed():
+                raise
+            raise ConnectionDropped(f"{self.device.name}: the connection to {self.device.address} dropped while "
+                                    f"opening a channel for {what}") from None
         except BaseException:
             if proc is not None:
                 proc.close()  # the channel closes: GUARD stops the command on the device
