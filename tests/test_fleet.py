@@ -275,6 +275,7 @@ def test_deploy_bench_report_rollback(lab, tmp_path, capsys, tiny_bundle):
     assert code == 0, out
     assert "a: tiny" in out and "deploying it first" in out
     assert "fleet: 3/3 devices measured, 3 passed (all passed, exit 0)" in out
+    assert re.search(r"^b: accuracy .* p50 [\d.]+ ms, mean [\d.]+ ms, p95 [\d.]+ ms \[ok\]$", out, re.M), out
     doc = json.loads((out_dir / "fleet.json").read_text())
     build = json.loads((v2 / "manifest.json").read_text())["metrics"]["eval"]
     digest = __import__("hashlib").sha256((v2 / "manifest.json").read_bytes()).hexdigest()

@@ -121,7 +121,8 @@ def _bench(args: argparse.Namespace) -> int:
     for r in records:
         if r["status"] != "failed":
             lat = r.get("latency_ms") or {}
-            speed = (f"p50 {lat.get('p50'):.3f} ms, p95 {lat.get('p95'):.3f} ms" if lat else "emulated: accuracy only")
+            speed = (f"p50 {lat['p50']:.3f} ms, mean {lat['mean']:.3f} ms, p95 {lat['p95']:.3f} ms" if lat
+                     else "emulated: accuracy only")
             print(f"{r['device']}: accuracy {100 * r['accuracy']:.2f}% "
                   f"(build {100 * (r['regression']['build_accuracy'] or 0):.2f}%), "
                   f"agreement {100 * (r.get('agreement') or 0):.1f}%, {speed} [{r['status']}]")

@@ -79,6 +79,7 @@ def columns(doc: Mapping[str, Any]) -> list[tuple[str, Any]]:
         ("vs build (pt)", _drop),
         ("Agreement %", lambda r: _pct(r.get("agreement"))),
         ("p50 ms", lambda r: _ms(_get(r, "latency_ms.p50"))),
+        ("mean ms", lambda r: _ms(_get(r, "latency_ms.mean"))),
         ("p95 ms", lambda r: _ms(_get(r, "latency_ms.p95"))),
         ("p99 ms", lambda r: _ms(_get(r, "latency_ms.p99"))),
     ]
@@ -89,7 +90,7 @@ def columns(doc: Mapping[str, Any]) -> list[tuple[str, Any]]:
     return cols
 
 
-SPEED = ("p50 ms", "p95 ms", "p99 ms", "Peak MB", "Threads")
+SPEED = ("p50 ms", "mean ms", "p95 ms", "p99 ms", "Peak MB", "Threads")
 TEXT = ("Device", "Profile", "Status", "Budgets", "Target")
 
 

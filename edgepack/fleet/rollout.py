@@ -337,7 +337,7 @@ def _figures(rec: dict[str, Any]) -> str:
         parts.append(f"accuracy {100 * rec['accuracy']:.2f}%")
     lat = rec.get("latency_ms") or {}
     if lat:
-        parts.append(f"p95 {lat['p95']:.3f} ms")
+        parts.append(f"p50 {lat['p50']:.3f} ms, mean {lat['mean']:.3f} ms, p95 {lat['p95']:.3f} ms")
     if rec.get("peak_rss_mb"):
         parts.append(f"peak {rec['peak_rss_mb']:.0f} MB")
     if rec.get("emulated"):
