@@ -631,6 +631,13 @@ class SearchConfig(ConfigBase):
     # (edgepack.runner.probe; frontier.json reports the model's error against the trained bundles).
     # "declared": the order of ``shapes`` as written.
     order: str = "latency"
+    # The latency a shape is judged by when the search chooses: p95, since it is what a service level
+    # sees; "p50" or "mean" for other traffic. Every figure is measured and shown either way.
+    objective: str = "p95"
+    # How sure the budget's verdict must be: a shape is inside when the paired-bootstrap interval of its
+    # drop against the teacher (validation rows) is inside at this level; inside on the point estimate
+    # only is said as "not significant". Also the level McNemar's test uses between shapes.
+    confidence: float = 0.95
 
     def __post_init__(self) -> None:
         if self.max_drop is not None:
@@ -642,6 +649,8 @@ class SearchConfig(ConfigBase):
         _in_range("search.latency_runs", self.latency_runs, 10)
         _in_range("search.latency_rounds", self.latency_rounds, 1)
         _choice("search.order", self.order, ("latency", "declared"))
+        _choice("search.objective", self.objective, ("p50", "mean", "p95"))
+        _in_range("search.confidence", self.confidence, 0.5, 0.999)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -188,9 +188,12 @@ def _columns(ds, cfg: DataConfig, where: str) -> tuple[list[str], list]:
 # --------------------------------------------------------------------------------------------- bind
 
 
-def load_dataset(cfg: DataConfig, id2label: Mapping[int, str] | None = None) -> LabelledData:
+def load_dataset(cfg: DataConfig, id2label: Mapping[int, str] | None = None, *,
+                 min_validation_rows: int = 0) -> LabelledData:
     """Read ``cfg.source`` and bind its labels to ``id2label`` (the model's), or to the sorted
-    label set of the training split when no model labels are given (fine-tuning a new head)."""
+    label set of the training split when no model labels are given (fine-tuning a new head).
+    A validation split carved from train takes ``cfg.validation_fraction`` of it, or
+    ``min_validation_rows`` when that is more (never more than half of train)."""
     raw = read_raw(cfg)
     where = cfg.source
     raw = {k: v for k, v in raw.items() if len(v[0])}
@@ -229,6 +232,8 @@ def load_dataset(cfg: DataConfig, id2label: Mapping[int, str] | None = None) -> 
     made = []
     for split, frac in (("test", cfg.test_fraction), ("validation", cfg.validation_fraction)):
         if split not in splits:
+            if split == "validation" and min_validation_rows:
+                frac = min(0.5, max(frac, min_validation_rows / max(len(splits["train"]), 1)))
             splits["train"], splits[split] = _stratified_split(splits["train"], frac, cfg.seed, where)
             made.append(split)
     oos = cfg.oos_label

@@ -21,8 +21,9 @@ from runtime_shim.metrics import agreement, label_metrics
 from runtime_shim.pipeline import softmax, thresholded
 
 # softmax, label_metrics and agreement: the runtime's, re-exported
-__all__ = ["accuracy_points", "accuracy_report", "agreement", "evaluate", "apply_threshold", "calibrate_threshold", "label_metrics",
-           "softmax", "paired_bootstrap", "mcnemar", "budget_verdict", "choose_shape", "rows_for_budget", "LATENCY_OBJECTIVES"]
+__all__ = ["accuracy_points", "correct_rows", "accuracy_report", "agreement", "evaluate", "apply_threshold", "calibrate_threshold", "label_metrics",
+           "softmax", "paired_bootstrap", "mcnemar", "budget_verdict", "choose_shape", "rows_for_budget", "LATENCY_OBJECTIVES",
+           "VERDICT_TEXT"]
 
 
 def evaluate(pipe, split) -> np.ndarray:
@@ -38,11 +39,17 @@ def accuracy_points(backend, split, label_names) -> float:
     """Accuracy in points of a backend (``OnnxPipeline``, ``TorchBackend``) on ``split`` under the
     backend's own out-of-scope threshold (``oos_threshold``, calibrated on validation; plain accuracy
     when the labels have no out-of-scope class): the one number the teacher budget compares."""
+    return 100.0 * float(correct_rows(backend, split, label_names).mean())
+
+
+def correct_rows(backend, split, label_names) -> np.ndarray:
+    """Whether ``backend`` answers each row of ``split`` right, under the rule ``accuracy_points``
+    uses: the per-row results that paired comparisons (``budget_verdict``, ``mcnemar``) need."""
     oos = getattr(backend, "oos_label", None)
     oos_id = list(label_names).index(oos) if oos in list(label_names) else None
-    report = accuracy_report(evaluate(backend, split), np.asarray(split.labels), oos_id,
-                             getattr(backend, "oos_threshold", None))
-    return 100.0 * float(report["accuracy"])
+    probs = evaluate(backend, split)
+    pred = probs.argmax(axis=1) if oos_id is None else apply_threshold(probs, oos_id, getattr(backend, "oos_threshold", None))
+    return np.asarray(pred) == np.asarray(split.labels)
 
 
 def accuracy_report(probs: np.ndarray, labels: np.ndarray, oos_id: int | None, threshold: float | None) -> dict[str, float | None]:
@@ -232,6 +239,11 @@ def budget_verdict(teacher_correct, shape_correct, max_drop: float | None, *, co
     verdict = ("inside" if inside_point else "outside") + ("" if significant else ", not significant")
     out.update(verdict=verdict, inside_point=inside_point, significant=significant)
     return out
+
+
+# How a verdict reads in the log, the report and frontier.json's ``verdict_text``.
+VERDICT_TEXT = {"inside": "inside the budget", "inside, not significant": "inside on the point estimate, not significant",
+                "outside": "outside the budget", "outside, not significant": "outside on the point estimate, not significant"}
 
 
 def _latency(row, objective: str) -> float:

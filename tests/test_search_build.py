@@ -57,9 +57,15 @@ def test_search_builds_cheap_first_and_stops_after_explore(searched):
     assert [c["name"] for c in cands] == probe.order(["L1-h0.5-f0.5", "L1-h1-f1", "L2-h0.5-f0.5"], predicted)
     # max_drop 100: the first shape tried is inside; explore = 1 builds one more; the third is skipped.
     assert [c["status"] for c in cands] == ["built", "built", "skipped (a cheaper shape is inside the budget)"]
+    assert f["objective"] == "p95" and f["confidence"] == 0.95
     for c in cands[:2]:
         assert c["inside"] and c["p50_ms"] > 0 and c["bundle_bytes"] > 0
+        assert 0 < c["p50_ms"] <= c["p95_ms"] and c["mean_ms"] > 0
         assert abs(f["teacher_validation_accuracy"] - c["validation_accuracy"] - c["teacher_drop"]) < 1e-9
+        # paired on the same validation rows: the interval holds the point estimate, and 100 points is inside
+        assert len(c["correct"]) == len(f["teacher_correct"]) > 0
+        assert c["drop_low"] - 1e-6 <= c["teacher_drop"] <= c["drop_high"] + 1e-6
+        assert (c["verdict"], c["verdict_text"]) == ("inside", "inside the budget")
         # the probe timed beside its bundle in the same rounds; its error is recorded
         assert c["probe_error"] == pytest.approx(c["probe_p50_ms"] / c["p50_ms"] - 1, abs=1e-4)
     assert f["latency_model"]["shapes"] == 2
@@ -117,6 +123,30 @@ def test_report_shows_the_frontier_and_the_budget(searched):
     assert budgets["max_teacher_drop"]["value"] == pytest.approx(chosen["teacher_drop"])
 
 
+def test_objective_drives_the_choice_of_a_real_search(searched, capsys):
+    """The same search rerun with objective = "p50": nothing retrains, the candidates are timed again, and
+    the choice is choose_shape's by p50 over the figures frontier.json records; the log line of every
+    candidate gives p50, mean and p95 and the drop's interval."""
+    from edgepack.metrics import choose_shape
+    from edgepack.runner.search import _rows
+
+    root, recipe = searched
+    p50 = recipe.with_name("p50.toml")
+    p50.write_text(recipe.read_text().replace("[search]\n", '[search]\nobjective = "p50"\n'))
+    capsys.readouterr()
+    assert main(["build", str(p50)]) == 0
+    out = capsys.readouterr().out
+    f = frontier(root)
+    assert f["objective"] == "p50"
+    built = [c for c in f["candidates"] if c["status"] == "built"]
+    rows = [{**c, "correct": _rows(c["correct"])} for c in built]
+    assert f["chosen"] == choose_shape(rows, objective="p50")[0]
+    for c in built:
+        line = next(ln for ln in out.splitlines() if ln.startswith(f"[search] {c['name']} ") and "p95" in ln)
+        assert "p50" in line and "mean" in line and "95% interval" in line
+    assert "by p50" in (root / "bundle" / "report.md").read_text()
+
+
 def test_pick_publishes_another_shape_without_retraining(searched, capsys):
     root, recipe = searched
     f = frontier(root)
@@ -162,6 +192,14 @@ def test_bad_shape_is_one_clear_line(tmp_path, tiny_model, clinc_json, capsys):
     assert main(["build", str(recipe)]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "head=1" in err[0] and "layers" in err[0]
+
+
+def test_bad_objective_is_one_clear_line(tmp_path, tiny_model, clinc_json, capsys):
+    recipe = write(tmp_path / "r.toml", tiny_model, clinc_json)
+    recipe.write_text(recipe.read_text().replace("[search]\n", '[search]\nobjective = "p99"\n'))
+    assert main(["build", str(recipe)]) == ExitCode.USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "search.objective" in err[0] and "p99" in err[0] and "p95" in err[0], err
 
 
 CASCADE_SEARCH = """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edgepack import profiles
@@ -34,24 +35,100 @@ def test_the_same_shape_twice_is_refused():
         SearchConfig(shapes=("layers=1 heads=1/2", "heads=0.5 layers=1"))
 
 
-def cand(name, acc, p50, noise=0.001, inside=True):
-    return Candidate(name, name, Path(name), validation_accuracy=acc, teacher_drop=90 - acc, p50_ms=p50,
-                     noise_ms=noise, inside=inside, status="built")
+def cand(name, wrong, p50, *, p95=None, noise=0.001, teacher_wrong=0, n=1000, max_drop=1.0):
+    """A built candidate wrong on its first ``wrong`` of ``n`` validation rows (the teacher on its first
+    ``teacher_wrong``), with its budget verdict made as the search makes it."""
+    from edgepack.metrics import VERDICT_TEXT, budget_verdict
+    from edgepack.runner.search import _bits
+
+    correct, teacher = np.arange(n) >= wrong, np.arange(n) >= teacher_wrong
+    v = budget_verdict(teacher, correct, max_drop)
+    return Candidate(name, name, Path(name), validation_accuracy=100 * correct.mean(), teacher_drop=v["drop"],
+                     p50_ms=p50, mean_ms=p50 * 1.1, p95_ms=p95 if p95 is not None else p50 * 1.5, noise_ms=noise,
+                     drop_low=v["low"], drop_high=v["high"], verdict=v["verdict"], verdict_text=VERDICT_TEXT[v["verdict"]],
+                     inside=v["inside_point"], correct=_bits(correct), status="built")
 
 
-def test_choice_fastest_inside_by_a_real_lead_else_more_accurate():
-    a, b, c = cand("a", 89.5, 0.050), cand("b", 89.9, 0.150), cand("c", 80.0, 0.010, inside=False)
+def test_choice_fastest_inside_by_a_real_lead():
+    a, b, c = cand("a", 3, 0.050), cand("b", 1, 0.150), cand("c", 200, 0.010)
+    assert (a.verdict, b.verdict, c.verdict) == ("inside", "inside", "outside")
     assert _choose([a, b, c], None)[0] is a  # c is faster but outside the budget
-    close = cand("d", 89.0, 0.0495, noise=0.004)  # 1% faster than a, inside a's noise: not a lead
+    close = cand("d", 4, 0.0495, p95=0.0745, noise=0.004)  # 1% faster than a, inside a's noise: not a lead
     assert _choose([a, close], None)[0] is a
     assert _choose([a, b], "b")[0] is b
     chosen, why = _choose([c], None)
     assert chosen is c and "no shape is inside" in why
 
 
-def test_frontier_keeps_only_the_unbeaten():
-    f = {"candidates": [c.to_dict() for c in (cand("a", 89.5, 0.05), cand("b", 89.0, 0.1), cand("c", 90.5, 0.2))]}
+def test_the_faster_of_two_indistinguishable_shapes_wins():
+    """Both outside the budget, 0.3 points apart on 1,000 rows: McNemar cannot tell them apart (p >= 0.05),
+    so the one three times faster wins over the more accurate one."""
+    from edgepack.metrics import mcnemar
+    from edgepack.runner.search import _rows
+
+    slow, fast = cand("slow", 40, 0.9), cand("fast", 43, 0.3)
+    assert mcnemar(_rows(fast.correct), _rows(slow.correct))["p_value"] >= 0.05
+    chosen, why = _choose([slow, fast], None)
+    assert chosen is fast and "McNemar" in why
+    # a shape clearly less accurate (McNemar p < 0.05) is not taken for its speed
+    assert _choose([slow, cand("worse", 90, 0.3)], None)[0] is slow
+
+
+def test_inside_on_the_point_estimate_only_is_not_significant():
+    """0.9 points under the teacher on 1,000 rows with a 1-point budget: the point estimate is inside, the
+    interval is not, and the verdict, the table and the choice all say so."""
+    from edgepack.report.analysis import frontier_rows
+
+    shaky, sure = cand("shaky", 9, 0.1), cand("sure", 2, 0.5)
+    assert shaky.inside and shaky.verdict == "inside, not significant" and shaky.drop_high > 1.0 > shaky.teacher_drop
+    assert shaky.verdict_text == "inside on the point estimate, not significant"
+    f = {"max_drop": 1.0, "chosen": "sure", "candidates": [shaky.to_dict(), sure.to_dict()]}
+    rows = frontier_rows(f)
+    assert "inside on the point estimate, not significant" in rows[0] and "inside the budget" in rows[1]
+    assert f"({shaky.drop_low:+.2f} to {shaky.drop_high:+.2f})" in rows[0][4]
+    chosen, why = _choose([shaky, sure], None)  # the slower one the interval puts inside wins
+    assert chosen is sure and "significant" in why
+    chosen, why = _choose([shaky], None)
+    assert chosen is shaky and "point estimate, not significant" in why
+
+
+def test_objective_changes_the_pick_when_p50_and_p95_disagree():
+    steady, spiky = cand("steady", 2, 0.40, p95=0.45), cand("spiky", 2, 0.20, p95=0.90)
+    assert _choose([steady, spiky], None, objective="p50")[0] is spiky
+    assert _choose([steady, spiky], None, objective="p95")[0] is steady
+    assert _choose([steady, spiky], None)[0] is steady  # p95 by default
+
+
+def test_objective_is_checked():
+    assert SearchConfig().objective == "p95"
+    with pytest.raises(ValueError, match="search.objective='p99'.*p50, mean, p95"):
+        SearchConfig(objective="p99")
+    with pytest.raises(ValueError, match="search.confidence"):
+        SearchConfig(confidence=1.0)
+
+
+def test_frontier_keeps_only_the_unbeaten_by_the_objective():
+    f = {"candidates": [c.to_dict() for c in (cand("a", 5, 0.05), cand("b", 10, 0.1), cand("c", 0, 0.2))]}
     assert [c["name"] for c in frontier_points(f)] == ["a", "c"]
+    # by p50, a spiky shape is on the frontier; by p95 a steadier, more accurate one beats it
+    f = {"objective": "p95", "candidates": [cand("spiky", 5, 0.05, p95=0.5).to_dict(), cand("steady", 0, 0.2, p95=0.3).to_dict()]}
+    assert [c["name"] for c in frontier_points(f)] == ["steady"]
+    assert [c["name"] for c in frontier_points({**f, "objective": "p50"})] == ["spiky", "steady"]
+
+
+def test_a_carved_validation_split_takes_the_rows_the_budget_asks(tmp_path):
+    import json
+
+    from edgepack.config import DataConfig
+    from edgepack.data import load_dataset
+
+    rows = [{"text": f"text number {i}", "label": "ab"[i % 2]} for i in range(400)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = DataConfig(source=str(path), test_fraction=0.1, validation_fraction=0.1)
+    assert len(load_dataset(cfg)["validation"]) == 36  # 10% of the 360 left after test
+    assert len(load_dataset(cfg, min_validation_rows=100)["validation"]) == 100
+    assert len(load_dataset(cfg, min_validation_rows=5000)["validation"]) == 180  # at most half of train
 
 
 def test_teacher_budget_is_checked_only_when_set():

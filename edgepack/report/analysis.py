@@ -96,9 +96,9 @@ class _Parts:
 
 
 def frontier_rows(frontier: Mapping[str, Any]) -> list[list[str]]:
-    """The shape search as table rows: shape, status, validation accuracy, points below the teacher,
-    p50 (its spread), p95, mean, a cascade's share of validation texts sent to its fallback, the cost
-    model's figure, size, whether it is inside the budget, chosen."""
+    """The shape search as table rows: shape, status, validation accuracy, points below the teacher
+    with their paired interval, p50 (its spread), mean, p95, a cascade's share of validation texts
+    sent to its fallback, the cost model's figure, size, the budget's verdict, chosen."""
     def num(c: Mapping[str, Any], key: str, fmt: str) -> str:
         return fmt.format(c[key]) if c.get("status") == "built" and c.get(key) is not None else ""
 
@@ -106,17 +106,19 @@ def frontier_rows(frontier: Mapping[str, Any]) -> list[list[str]]:
     for c in frontier.get("candidates", []):
         built = c.get("status") == "built"
         out.append([c["name"], c.get("shape", ""), c.get("status", ""), num(c, "validation_accuracy", "{:.2f}%"),
-                    num(c, "teacher_drop", "{:+.2f}"),
+                    num(c, "teacher_drop", "{:+.2f}")
+                    + (f" ({c['drop_low']:+.2f} to {c['drop_high']:+.2f})" if built and c.get("drop_low") is not None else ""),
                     (f"{c['p50_ms']:.3f} ± {c['noise_ms']:.3f}" if built and c.get("p50_ms") else ""),
-                    num(c, "p95_ms", "{:.3f}"), num(c, "mean_ms", "{:.3f}"), num(c, "sent_on", "{:.1%}"),
-                    _probe_cell(c), num(c, "bundle_bytes", "{:,}"), ("yes" if c.get("inside") else "no") if built else "",
+                    num(c, "mean_ms", "{:.3f}"), num(c, "p95_ms", "{:.3f}"), num(c, "sent_on", "{:.1%}"),
+                    _probe_cell(c), num(c, "bundle_bytes", "{:,}"),
+                    (c.get("verdict_text") or "") if built and frontier.get("max_drop") is not None else "",
                     "chosen" if c["name"] == frontier.get("chosen") else ""])
     return out
 
 
-FRONTIER_HEADERS = ("Shape", "Spec", "Status", "Validation accuracy", "Points below teacher", "p50 ms (± spread)",
-                    "p95 ms", "mean ms", "Sent to the fallback", "Untrained p50 ms (error)", "Bundle bytes",
-                    "Inside budget", "")
+FRONTIER_HEADERS = ("Shape", "Spec", "Status", "Validation accuracy", "Points below teacher (interval)",
+                    "p50 ms (± spread)", "mean ms", "p95 ms", "Sent to the fallback", "Untrained p50 ms (error)",
+                    "Bundle bytes", "Budget", "")
 
 
 def _probe_cell(c: Mapping[str, Any]) -> str:
@@ -129,7 +131,11 @@ def _probe_cell(c: Mapping[str, Any]) -> str:
 
 def frontier_caption(frontier: Mapping[str, Any]) -> str:
     t, b = frontier.get("teacher_validation_accuracy"), frontier.get("max_drop")
+    conf, objective = frontier.get("confidence"), frontier.get("objective")
     return (f"Teacher {t:.2f}% on validation; budget: " + (f"at most {b:g} points below it" if b is not None else "none")
+            + (f"; each drop is paired on the same validation rows, with its {conf:.0%} paired-bootstrap interval, and a "
+               f"shape is inside only when the whole interval is" if conf is not None else "")
+            + (f"; between shapes McNemar's test cannot tell apart, the faster by {objective} wins" if objective else "")
             + f". Chosen: {frontier.get('chosen')} ({frontier.get('why', '')}). Latency measured on "
             f"{frontier.get('cpu', 'this CPU')}, interleaved rounds; the spread is that of the round medians. "
             + _order_sentence(frontier) + _cascade_sentence(frontier)

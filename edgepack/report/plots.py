@@ -235,26 +235,33 @@ def plot_domains(names: Sequence[str], acc: Mapping[str, Mapping[str, tuple[floa
 
 
 def frontier_points(frontier: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    """The built candidates of a shape search (``BUILD/search/frontier.json``) on the frontier: none
-    faster at least as accurate.
+    """The built candidates of a shape search (``BUILD/search/frontier.json``) on the frontier by its
+    latency objective (p95 when it names none): none faster at least as accurate.
 
     >>> [c["name"] for c in frontier_points({"candidates": [
-    ...     {"name": "a", "status": "built", "p50_ms": 1.0, "validation_accuracy": 90.0},
-    ...     {"name": "b", "status": "built", "p50_ms": 2.0, "validation_accuracy": 89.0},
-    ...     {"name": "c", "status": "built", "p50_ms": 3.0, "validation_accuracy": 91.0}]})]
+    ...     {"name": "a", "status": "built", "p95_ms": 1.0, "validation_accuracy": 90.0},
+    ...     {"name": "b", "status": "built", "p95_ms": 2.0, "validation_accuracy": 89.0},
+    ...     {"name": "c", "status": "built", "p95_ms": 3.0, "validation_accuracy": 91.0}]})]
     ['a', 'c']
     """
-    built = [c for c in frontier.get("candidates", []) if c.get("status") == "built" and c.get("p50_ms")]
-    return [c for c in sorted(built, key=lambda c: (c["p50_ms"], -c["validation_accuracy"]))
-            if not any(o is not c and o["p50_ms"] <= c["p50_ms"] and o["validation_accuracy"] > c["validation_accuracy"]
+    key = f"{frontier.get('objective') or 'p95'}_ms"
+    built = [c for c in frontier.get("candidates", []) if c.get("status") == "built" and c.get(key)]
+    return [c for c in sorted(built, key=lambda c: (c[key], -c["validation_accuracy"]))
+            if not any(o is not c and o[key] <= c[key] and o["validation_accuracy"] > c["validation_accuracy"]
                        for o in built)]
 
 
+VERDICT_COLORS = {"inside": "#009E73", "inside, not significant": "#56B4E9"}  # else orange: outside
+
+
 def plot_frontier(frontier: Mapping[str, Any]) -> bytes | None:
-    """Every candidate of the shape search: validation accuracy against end-to-end p50 on this CPU,
-    the frontier drawn through the ones nothing beats, the teacher and its budget as lines, the chosen
-    shape ringed; a cascade's mean latency drawn beside its p50. None when fewer than one candidate was built."""
-    built = [c for c in frontier.get("candidates", []) if c.get("status") == "built" and c.get("p50_ms")]
+    """Every candidate of the shape search: validation accuracy against end-to-end latency on this CPU
+    by the search's objective, each shape's p50-p95 range drawn as a bar with its mean as a tick, the
+    frontier drawn through the ones nothing beats, the teacher and its budget as lines, the chosen
+    shape ringed. None when no candidate was built."""
+    objective = frontier.get("objective") or "p95"
+    key = f"{objective}_ms"
+    built = [c for c in frontier.get("candidates", []) if c.get("status") == "built" and c.get(key)]
     if not built:
         return None
     fig = _new_figure(9.5, 5.2)
@@ -262,33 +269,32 @@ def plot_frontier(frontier: Mapping[str, Any]) -> bytes | None:
     _style_axes(ax)
     teacher, budget = frontier.get("teacher_validation_accuracy"), frontier.get("max_drop")
     front = frontier_points(frontier)
-    ax.plot([c["p50_ms"] for c in front], [c["validation_accuracy"] for c in front], color="#0072B2",
-            linewidth=1.5, zorder=2, label="frontier")
-    means = 0
-    for c in built:
-        inside = c.get("inside")
+    ax.plot([c[key] for c in front], [c["validation_accuracy"] for c in front], color="#0072B2",
+            linewidth=1.5, zorder=2, label=f"frontier by {objective}")
+    for i, c in enumerate(built):
         chosen = c["name"] == frontier.get("chosen")
-        ax.scatter([c["p50_ms"]], [c["validation_accuracy"]], s=140 if chosen else 60, zorder=3,
-                   color="#009E73" if inside else "#D55E00", edgecolors="#111827" if chosen else "white",
-                   linewidths=2.0 if chosen else 0.8)
-        cascade = c.get("sent_on") is not None and c.get("mean_ms")
+        y = c["validation_accuracy"]
+        if c.get("p50_ms") and c.get("p95_ms"):
+            ax.plot([c["p50_ms"], c["p95_ms"]], [y, y], color="#6B7280", linewidth=1.0, zorder=1,
+                    label=None if i else "p50 to p95 (tick: mean)")
+            if c.get("mean_ms"):
+                ax.scatter([c["mean_ms"]], [y], marker="|", s=120, color="#6B7280", zorder=2)
+        color = VERDICT_COLORS.get(c.get("verdict"), "#D55E00") if budget is not None else "#009E73"
+        ax.scatter([c[key]], [y], s=140 if chosen else 60, zorder=3, color=color,
+                   edgecolors="#111827" if chosen else "white", linewidths=2.0 if chosen else 0.8)
+        cascade = c.get("sent_on") is not None
         ax.annotate(c["name"] + (f" ({c['sent_on']:.0%} sent on)" if cascade else "") + ("  (chosen)" if chosen else ""),
-                    (c["p50_ms"], c["validation_accuracy"]), xytext=(6, 6), textcoords="offset points", fontsize=8.5)
-        if cascade:  # a cascade: its mean, which carries the texts sent to the fallback
-            ax.plot([c["p50_ms"], c["mean_ms"]], [c["validation_accuracy"]] * 2, color="#6B7280", linewidth=1.0,
-                    linestyle="--", zorder=1, label=None if means else "a cascade's mean latency")
-            ax.scatter([c["mean_ms"]], [c["validation_accuracy"]], marker="|", s=120, color="#6B7280", zorder=2)
-            means += 1
+                    (c[key], y), xytext=(6, 6), textcoords="offset points", fontsize=8.5)
     if teacher is not None:
         ax.axhline(teacher, color="#111827", linestyle="--", linewidth=1.0, label=f"teacher {teacher:.2f}%")
         if budget is not None:
             ax.axhline(teacher - budget, color="#E69F00", linestyle=":", linewidth=1.5,
                        label=f"budget: {budget:g} points below the teacher")
     ax.set_xscale("log")
-    ax.set_xlabel("end-to-end p50 latency, one query (ms, log scale)")
-
+    ax.set_xlabel(f"end-to-end {objective} latency, one query (ms, log scale; the search's objective)")
     ax.set_ylabel("validation accuracy (%)")
     cpu = f" (latency on {str(frontier['cpu']).split(' (')[0]})" if frontier.get("cpu") else ""
-    ax.set_title(f"Student shapes tried: green inside the budget, orange outside{cpu}", fontsize=10)
+    ax.set_title("Student shapes tried: green inside the budget, blue inside on the point estimate only, "
+                 f"orange outside{cpu}", fontsize=9)
     ax.legend(loc="lower right", fontsize=8.5, frameon=False)
     return _png(fig)

@@ -69,7 +69,9 @@ def _build(cfg: BuildConfig, teacher: Path, hub: dict[str, str] | None, *, log: 
     _check_disk(out.parent, teacher)
     root.mkdir(parents=True, exist_ok=True)
     info = read_model_info(teacher)
-    data = load_dataset(cfg.data, dict(enumerate(info.label_names)))
+    data = load_dataset(cfg.data, dict(enumerate(info.label_names)), min_validation_rows=_budget_rows(cfg))
+    if "validation" in data.made_splits:
+        log(_carved(cfg, data))
     cfg, lengths = _resolve_max_length(cfg, teacher, data)
     # The resolved recipe: a max_length chosen from the data is written as the number it became.
     write_json_atomic(root / "recipe.json", cfg.to_dict())
@@ -119,6 +121,28 @@ def _build(cfg: BuildConfig, teacher: Path, hub: dict[str, str] | None, *, log: 
     log(f"[build] bundle: {out}   report: {root / 'report.html'}   ({summary['wall_time_s']:.0f} s; "
         f"ran {', '.join(ledger.ran) or 'nothing'}; up to date: {', '.join(ledger.skipped) or 'nothing'})")
     return summary
+
+
+def _budget_rows(cfg: BuildConfig) -> int:
+    """Validation rows the search's budget asks for (``metrics.rows_for_budget``), 0 without a budget."""
+    from edgepack.metrics import rows_for_budget
+
+    s = cfg.search
+    return rows_for_budget(s.max_drop, confidence=s.confidence) if s.max_drop and cfg.shapes() else 0
+
+
+def _carved(cfg: BuildConfig, data: Any) -> str:
+    """The log line of a validation split carved from train: how many rows, and against the budget."""
+    n, need = len(data["validation"]), _budget_rows(cfg)
+    line = f"[build] {cfg.data.source} has no validation split: {n:,} rows carved from train"
+    if not need:
+        return line + f" ([data] validation_fraction {cfg.data.validation_fraction:g})"
+    budget = f"a {cfg.search.max_drop:g}-point budget at {cfg.search.confidence:.0%} confidence"
+    if n >= need:
+        return line + f", the {need:,} that {budget} needs or more"
+    return (line + f", fewer than the {need:,} that {budget} needs: train has {len(data['train']) + n:,} rows and "
+            f"at most half goes to validation, so expect verdicts \"not significant\"; give a validation split "
+            f"or a wider --max-drop")
 
 
 def _compare(teacher: Path, stages_dir: Path) -> tuple[tuple[str, Path], ...]:

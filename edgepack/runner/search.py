@@ -8,16 +8,21 @@ tried cheap first: by default each is first built untrained and timed on this CP
 the build (distill -> prune -> export -> quantize -> bundle, through its own ledger, so a rerun
 resumes and candidates of one depth share their distilled student), then measured on validation:
 accuracy under its calibrated out-of-scope threshold against the teacher's under the same rule
-(plain accuracy when the data has no out-of-scope label), and end-to-end single-query latency on this
-CPU. The search stops at the first shape inside ``max_drop`` (after ``explore`` more shapes, to draw
-more of the frontier); a shape that misses by more than twice the budget skips the shapes that
-differ from it only in embedding bits (the refinements of a shape that cannot get there).
+(plain accuracy when the data has no out-of-scope label), row by row, and end-to-end single-query
+latency on this CPU. Each accuracy comparison is paired on the same validation rows
+(``edgepack.metrics``): a shape's drop below the teacher has a paired-bootstrap interval at
+``[search] confidence``, and it is inside ``max_drop`` when the whole interval is ("inside on the
+point estimate, not significant" when only the point estimate is). The search stops at the first shape
+inside (after ``explore`` more shapes, to draw more of the frontier); a shape that misses by more than
+twice the budget skips the shapes that differ from it only in embedding bits (the refinements of a
+shape that cannot get there).
 
 All built candidates are then timed again, interleaved (``latency_rounds`` rounds, so a slow spell
-of the machine falls on every candidate alike), and the fastest inside the budget is chosen, a
-faster one winning only by a lead larger than the spread of its round medians (the variant rule,
-``stages.quantize.variants.choose``; ties go to the more accurate). No shape inside the budget: the
-most accurate is published, and the build's evaluate stage fails its ``max_teacher_drop`` budget.
+of the machine falls on every candidate alike), and ``metrics.choose_shape`` chooses: the fastest by
+``[search] objective`` (p50, mean or p95) of the shapes inside the budget, significant ones first, a
+faster one winning only by a lead larger than its timing spread. No shape inside: of the shapes
+McNemar's test cannot tell from the most accurate, the fastest is published, and the build's evaluate
+stage fails its ``max_teacher_drop`` budget.
 ``BUILD/search/frontier.json`` holds every candidate; ``--pick NAME`` publishes another built one.
 """
 
@@ -28,6 +33,8 @@ import json
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from edgepack import shapes
 from edgepack.config import BuildConfig
@@ -62,7 +69,14 @@ class Candidate:
     # A cascade (fallback=teacher): the share of validation texts its first model sends on, so its p50 is
     # the first model's and its p95 the fallback's when the share is above 5%.
     sent_on: float | None = None
-    inside: bool | None = None
+    inside: bool | None = None  # on the point estimate, as the build's max_teacher_drop budget checks it
+    # The paired interval of teacher_drop (validation rows, SearchResult.confidence) and what it says of
+    # the budget (metrics.budget_verdict: "inside", "inside, not significant", "outside", ...).
+    drop_low: float | None = None
+    drop_high: float | None = None
+    verdict: str | None = None
+    verdict_text: str | None = None
+    correct: str | None = None  # per validation row, "1" right / "0" wrong, in the split's order
     status: str = "not built"  # built | skipped (why) | not built
     seconds: float = 0.0
     why: dict[str, str] = dataclasses.field(default_factory=dict)  # stage -> why it ran or was skipped
@@ -84,6 +98,9 @@ class SearchResult:
     order: str = "declared"
     latency_model: dict[str, Any] | None = None  # probe.error_summary over the built shapes
     searched: bool = True  # False: the recipe's one shape, chosen without measuring
+    objective: str = "p95"  # the latency the choice compares (SearchConfig.objective)
+    confidence: float = 0.95  # of the budget's intervals and of McNemar's test between shapes
+    teacher_correct: str | None = None  # the teacher's per-row results on the same validation rows
 
     def frontier(self) -> dict[str, Any] | None:
         """What the report shows of the search (None for the recipe's one shape)."""
@@ -98,35 +115,47 @@ class SearchResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"teacher_validation_accuracy": self.teacher_accuracy, "max_drop": self.max_drop,
+                "objective": self.objective, "confidence": self.confidence,
                 "chosen": self.chosen.name, "why": self.why, "cpu": self.cpu, "order": self.order,
-                "latency_model": self.latency_model, "candidates": [c.to_dict() for c in self.candidates]}
+                "latency_model": self.latency_model, "teacher_correct": self.teacher_correct,
+                "candidates": [c.to_dict() for c in self.candidates]}
 
 
-def teacher_accuracy(ctx, root: Path, src_hash: str, log: Log) -> float:
-    """The teacher's validation accuracy under its calibrated threshold, cached per teacher and data."""
-    from edgepack.metrics import accuracy_points
+def teacher_accuracy(ctx, root: Path, src_hash: str, log: Log) -> tuple[float, np.ndarray]:
+    """The teacher's validation accuracy under its calibrated threshold and its per-row results,
+    cached per teacher and data."""
+    from edgepack.metrics import correct_rows
     from edgepack.torch_backend import TorchBackend
 
     cache = root / "search" / "teacher.json"
     key = hash_config({"teacher_and_data": src_hash, "max_length": ctx.max_length})
     if cache.is_file():
         saved = json.loads(cache.read_text())
-        if saved.get("key") == key:
-            return float(saved["accuracy"])
+        if saved.get("key") == key and "correct" in saved:
+            return float(saved["accuracy"]), _rows(saved["correct"])
     val = ctx.data["validation"]
     tb = TorchBackend(ctx.teacher, threads=1, oos_label=ctx.data.oos_label, max_length=ctx.max_length)
     tb.calibrate(val.texts, val.labels)
-    acc = accuracy_points(tb, val, ctx.data.label_names)
-    write_json_atomic(cache, {"key": key, "accuracy": acc})
+    correct = correct_rows(tb, val, ctx.data.label_names)
+    acc = 100.0 * float(correct.mean())
+    write_json_atomic(cache, {"key": key, "accuracy": acc, "correct": _bits(correct)})
     log(f"[search] teacher: {acc:.2f}% on {len(val.texts)} validation rows")
-    return acc
+    return acc, correct
+
+
+def _bits(correct: np.ndarray) -> str:
+    return "".join("1" if x else "0" for x in correct)
+
+
+def _rows(bits: str) -> np.ndarray:
+    return np.frombuffer(bits.encode("ascii"), dtype=np.uint8) == ord("1")
 
 
 def search(cfg: BuildConfig, ctx, root: Path, src: Path, src_hash: str, *, log: Log, ledger: Ledger) -> SearchResult:
     """Build the candidates, measure them, choose; a search of shapes writes ``root/search/frontier.json``.
     ``ledger``: the build directory's own, for the recipe's one shape (built in ``root``)."""
     from edgepack import profiles, targets
-    from edgepack.metrics import accuracy_points
+    from edgepack.metrics import VERDICT_TEXT, budget_verdict, correct_rows
     from runtime_shim import OnnxPipeline
 
     s = cfg.search
@@ -143,11 +172,11 @@ def search(cfg: BuildConfig, ctx, root: Path, src: Path, src_hash: str, *, log: 
     dirs = [c.dir for c in cands] + [root]
     if s.pick is not None and s.pick not in {c.name for c in cands}:
         raise EdgepackError(f"--pick {s.pick}: not a shape of this search; shapes: {', '.join(c.name for c in cands)}")
-    known: dict[str, float] = {}
+    known: dict[str, Any] = {}
 
     def teacher_acc() -> float:
         if "teacher" not in known:
-            known["teacher"] = teacher_accuracy(ctx, root, src_hash, log)
+            known["teacher"], known["teacher_correct"] = teacher_accuracy(ctx, root, src_hash, log)
         return known["teacher"]
 
     probes: dict[str, Path] = {}
@@ -199,13 +228,16 @@ def search(cfg: BuildConfig, ctx, root: Path, src: Path, src_hash: str, *, log: 
         pipe = OnnxPipeline(c.bundle)
         if pipe.fallback is not None:
             c.sent_on = ((pipe.manifest.get("metrics") or {}).get("cascade") or {}).get("sent_on_validation")
-        c.validation_accuracy = accuracy_points(pipe, val, ctx.data.label_names)
+        correct = correct_rows(pipe, val, ctx.data.label_names)
+        c.validation_accuracy, c.correct = 100.0 * float(correct.mean()), _bits(correct)
         c.teacher_drop = teacher_acc() - c.validation_accuracy
-        c.inside = budget is None or c.teacher_drop <= budget
+        v = budget_verdict(known["teacher_correct"], correct, budget, confidence=s.confidence)
+        c.drop_low, c.drop_high, c.verdict = round(v["low"], 4), round(v["high"], 4), str(v["verdict"])
+        c.verdict_text, c.inside = VERDICT_TEXT[c.verdict], bool(v["inside_point"])
         c.bundle_bytes = sum(f.stat().st_size for f in c.bundle.rglob("*") if f.is_file())
-        log(f"[search] {c.name}: {c.validation_accuracy:.2f}% on validation ({c.teacher_drop:+.2f} points below "
-            f"the teacher): {'inside' if c.inside else 'outside'} the budget")
-        if c.inside:
+        log(f"[search] {c.name}: {c.validation_accuracy:.2f}% on validation, {_drop(c, s.confidence)}"
+            + (f": {c.verdict_text} of {budget:g}" if budget is not None else ""))
+        if c.verdict == "inside":  # the search stops on a shape the interval puts inside, not on a lucky one
             after_inside += 1 if inside_seen else 0
             inside_seen = True
         elif inside_seen:
@@ -214,13 +246,15 @@ def search(cfg: BuildConfig, ctx, root: Path, src: Path, src_hash: str, *, log: 
             missed_far.append(base)
     if not searched:
         return SearchResult(known.get("teacher", float("nan")), budget, cands, cands[0], "the recipe's one shape",
-                            cpu="", searched=False)
+                            cpu="", searched=False, objective=s.objective, confidence=s.confidence)
     built = [c for c in cands if c.status == "built"]
     _time_candidates(built, probes, val.texts, runs=s.latency_runs, rounds=s.latency_rounds, log=log)
-    chosen, why = _choose(built, s.pick)
+    chosen, why = _choose(built, s.pick, objective=s.objective, confidence=s.confidence)
     for c in built:
-        log(f"[search] {c.name:<16} {c.validation_accuracy:6.2f}%  {c.teacher_drop:+6.2f} pt  p50 {c.p50_ms:.3f} ms "
-            f"(±{c.noise_ms:.3f}) p95 {c.p95_ms:.3f} mean {c.mean_ms:.3f} ms  {c.bundle_bytes / 1e6:5.2f} MB"
+        log(f"[search] {c.name:<16} {c.validation_accuracy:6.2f}%  {_drop(c, s.confidence)}"
+            + (f", {c.verdict_text}" if budget is not None else "")
+            + f"  p50 {c.p50_ms:.3f} (±{c.noise_ms:.3f}) mean {c.mean_ms:.3f} p95 {c.p95_ms:.3f} ms"
+            f"  {c.bundle_bytes / 1e6:5.2f} MB"
             + (f"  {c.sent_on:.0%} sent on" if c.sent_on is not None else "") + ("  <- chosen" if c is chosen else ""))
     log(f"[search] chose {chosen.name}: {why}")
     errors = [c.probe_error for c in built if c.probe_error is not None]
@@ -230,7 +264,8 @@ def search(cfg: BuildConfig, ctx, root: Path, src: Path, src_hash: str, *, log: 
             f"largest {model_error['max_abs']:.0%} ({model_error['shapes']} shapes)")
     result = SearchResult(teacher_acc(), budget, cands, chosen, why,
                           cpu=f"{targets.detect().name} ({profiles.host_profile().description})",
-                          order="latency" if probes else "declared", latency_model=model_error)
+                          order="latency" if probes else "declared", latency_model=model_error,
+                          objective=s.objective, confidence=s.confidence, teacher_correct=_bits(known["teacher_correct"]))
     write_json_atomic(root / "search" / "frontier.json", result.to_dict())
     return result
 
@@ -268,20 +303,24 @@ def _time_candidates(built: list[Candidate], probes: dict[str, Path], texts, *, 
             c.probe_error = round(c.probe_p50_ms / c.p50_ms - 1, 4)
 
 
-def _choose(built: list[Candidate], pick: str | None) -> tuple[Candidate, str]:
-    from edgepack.stages.quantize.variants import choose
+def _drop(c: Candidate, confidence: float) -> str:
+    return (f"{c.teacher_drop:+.2f} points below the teacher ({confidence:.0%} interval "
+            f"{c.drop_low:+.2f} to {c.drop_high:+.2f})")
+
+
+def _choose(built: list[Candidate], pick: str | None, *, objective: str = "p95",
+            confidence: float = 0.95) -> tuple[Candidate, str]:
+    """``--pick``'s shape, else ``metrics.choose_shape`` over the built ones: the fastest by
+    ``objective`` of those inside the budget (significant ones first), a faster one winning only by
+    more than its timing spread; none inside: the fastest of those McNemar cannot tell from the most
+    accurate."""
+    from edgepack.metrics import choose_shape
 
     if not built:
         raise EdgepackError("the search built no shape; check [search] shapes in the recipe")
     if pick is not None:
         return next(c for c in built if c.name == pick), "picked (--pick)"
-    inside = [c for c in built if c.inside]
-    if not inside:
-        best = max(built, key=lambda c: c.validation_accuracy)
-        return best, "no shape is inside the budget: the most accurate one (the budget check will fail)"
-    rows = [{"name": c.name, "p50_ms": c.p50_ms, "noise_ms": c.noise_ms, "agreement": c.validation_accuracy}
-            for c in inside]
-    name = choose(rows)
-    lead = "the fastest inside the budget" if len(inside) > 1 else "the only shape inside the budget"
-    return next(c for c in inside if c.name == name), (
-        f"{lead} (a faster shape wins only by more than the spread of its round medians; ties go to the more accurate)")
+    rows = [{"name": c.name, "p50_ms": c.p50_ms, "mean_ms": c.mean_ms, "p95_ms": c.p95_ms, "noise_ms": c.noise_ms,
+             "correct": _rows(c.correct), "verdict": c.verdict} for c in built]
+    name, why = choose_shape(rows, objective=objective, alpha=1 - confidence)
+    return next(c for c in built if c.name == name), why
