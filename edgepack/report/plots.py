@@ -236,19 +236,23 @@ def plot_domains(names: Sequence[str], acc: Mapping[str, Mapping[str, tuple[floa
 
 def frontier_points(frontier: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     """The built candidates of a shape search (``BUILD/search/frontier.json``) on the frontier by its
-    latency objective (p95 when it names none): none faster at least as accurate.
+    latency objective: none faster at least as accurate.
 
-    >>> [c["name"] for c in frontier_points({"candidates": [
+    >>> [c["name"] for c in frontier_points({"objective": "p95", "candidates": [
     ...     {"name": "a", "status": "built", "p95_ms": 1.0, "validation_accuracy": 90.0},
     ...     {"name": "b", "status": "built", "p95_ms": 2.0, "validation_accuracy": 89.0},
     ...     {"name": "c", "status": "built", "p95_ms": 3.0, "validation_accuracy": 91.0}]})]
     ['a', 'c']
     """
-    key = f"{frontier.get('objective') or 'p95'}_ms"
+    key = f"{_objective(frontier)}_ms"
     built = [c for c in frontier.get("candidates", []) if c.get("status") == "built" and c.get(key)]
     return [c for c in sorted(built, key=lambda c: (c[key], -c["validation_accuracy"]))
             if not any(o is not c and o[key] <= c[key] and o["validation_accuracy"] > c["validation_accuracy"]
                        for o in built)]
+
+
+def _objective(frontier: Mapping[str, Any]) -> str:
+    return frontier.get("objective") or "p50"  # a frontier.json from before the objective: chosen by p50
 
 
 VERDICT_COLORS = {"inside": "#009E73", "inside, not significant": "#56B4E9"}  # else orange: outside
@@ -259,7 +263,7 @@ def plot_frontier(frontier: Mapping[str, Any]) -> bytes | None:
     by the search's objective, each shape's p50-p95 range drawn as a bar with its mean as a tick, the
     frontier drawn through the ones nothing beats, the teacher and its budget as lines, the chosen
     shape ringed. None when no candidate was built."""
-    objective = frontier.get("objective") or "p95"
+    objective = _objective(frontier)
     key = f"{objective}_ms"
     built = [c for c in frontier.get("candidates", []) if c.get("status") == "built" and c.get(key)]
     if not built:
