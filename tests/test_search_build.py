@@ -66,6 +66,9 @@ def test_search_builds_cheap_first_and_stops_after_explore(searched):
         assert len(c["correct"]) == len(f["teacher_correct"]) > 0
         assert c["drop_low"] - 1e-6 <= c["teacher_drop"] <= c["drop_high"] + 1e-6
         assert (c["verdict"], c["verdict_text"]) == ("inside", "inside the budget")
+        # the reach rule ran (a budget is set) and let every epoch be trained
+        record = json.loads((root / "bundle.build" / "candidates" / c["name"] / "distill" / "stage.json").read_text())
+        assert record["metrics"]["reach"]["stopped"] is None and c["reach"] is None
         # the probe timed beside its bundle in the same rounds; its error is recorded
         assert c["probe_error"] == pytest.approx(c["probe_p50_ms"] / c["p50_ms"] - 1, abs=1e-4)
     assert f["latency_model"]["shapes"] == 2
@@ -200,6 +203,59 @@ def test_bad_objective_is_one_clear_line(tmp_path, tiny_model, clinc_json, capsy
     assert main(["build", str(recipe)]) == ExitCode.USAGE
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "search.objective" in err[0] and "p99" in err[0] and "p95" in err[0], err
+
+
+REACH_SEARCH = """
+[search]
+max_drop = 1.0
+explore = 0
+order = "declared"
+latency_runs = 20
+latency_rounds = 2
+shapes = ["layers=1 heads=1/2 ffn=1/2", "layers=2 heads=1/2 ffn=1/2"]
+"""
+
+
+def test_a_shape_that_cannot_reach_the_budget_stops_early(tmp_path, tiny_model, clinc_json, monkeypatch, capsys):
+    """The teacher's accuracy is said to be 900 points higher than measured, so the target (it less 1 point)
+    is above anything a curve can be projected to after its second epoch of 4 (at most 100 points an epoch
+    left, plus slack; the first epoch gives no slope). Each shape's real training is stopped there, says so
+    at once, and goes no further; with none left, the most accurate when stopped is carried on and published."""
+    from edgepack.runner import search as search_mod
+
+    real = search_mod.teacher_accuracy
+
+    def lying(*a, **kw):
+        acc, correct = real(*a, **kw)
+        return acc + 900.0, correct
+
+    monkeypatch.setattr(search_mod, "teacher_accuracy", lying)
+    text = RECIPE.split("[search]")[0].format(teacher=tiny_model, out=tmp_path / "bundle", data=clinc_json,
+                                              profile=loose_profile(tmp_path), recover_epochs=1, quantize_extra="")
+    assert "epochs = 1\nablation" in text
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(text.replace("epochs = 1\nablation", "epochs = 4\nablation") + REACH_SEARCH)
+    capsys.readouterr()
+    assert main(["build", str(recipe)]) in (0, ExitCode.BUDGET)  # the bundle's real drop is the tiny model's luck
+    out = capsys.readouterr().out.splitlines()
+    f = frontier(tmp_path)
+    cands = {c["name"]: c for c in f["candidates"]}
+    for name, c in cands.items():
+        assert c["reach"]["epochs_run"] == 2 < c["reach"]["epochs_configured"] == 4
+        assert not c["reach"]["reachable"] and c["reach"]["projected"] < c["reach"]["target"]
+        record = json.loads((tmp_path / "bundle.build" / "candidates" / name / "distill" / "stage.json").read_text())
+        assert record["metrics"]["reach"]["stopped"]["epoch"] == 2 and len(record["metrics"]["reach"]["curve"]) == 2
+        said = next(i for i, line in enumerate(out) if line.startswith(f"[search] {name} is out: cannot reach"))
+        # said at once: before that shape's distill stage finished
+        assert said < next(i for i, line in enumerate(out) if line.startswith(f"[{name} ") and "distill: done" in line)
+    carried = max(cands.values(), key=lambda c: (c["reach"]["best"], -list(cands).index(c["name"])))
+    other = next(c for c in cands.values() if c is not carried)
+    assert other["status"] == "stopped: cannot reach" and other["why"]["search"].startswith("after epoch 2/4")
+    assert not (tmp_path / "bundle.build" / "candidates" / other["name"] / "prune").exists()  # not carried on
+    assert other["bundle"] is None and other["p95_ms"] is None
+    assert carried["status"] == "built" and "carried on" in carried["why"]["search"] and f["chosen"] == carried["name"]
+    assert any("the best reachable figure among them" in line for line in out)
+    assert "stopped: cannot reach (after epoch 2/4" in (tmp_path / "bundle" / "report.md").read_text()
 
 
 CASCADE_SEARCH = """

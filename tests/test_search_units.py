@@ -198,3 +198,14 @@ def test_a_build_recovers_only_what_pruning_cut():
                        "layers=3 heads=1 ffn=1/2": True}
     sparse = base.replace(prune=base.prune.replace(sparsity="magnitude", sparsity_target=0.5))
     assert {link.name: link.cfg for link in chain(sparse, profiles.load("host"))}["prune"].recover
+
+
+def test_a_search_without_a_budget_keeps_its_ledger_keys():
+    """Without a budget nothing of the reach rule reaches the chain: the distill link's key is what it
+    was (earlier builds resume); with one, its target is in the key (a stopped student is not reused for
+    another budget)."""
+    from edgepack.runner.chain import CANDIDATE, chain
+
+    cfg = BuildConfig(teacher="t", out="o")
+    assert chain(cfg, profiles.load("host"), CANDIDATE)[0].key == {}
+    assert chain(cfg, profiles.load("host"), CANDIDATE, reach=94.1)[0].key == {"reach": 94.1}

@@ -105,7 +105,8 @@ def frontier_rows(frontier: Mapping[str, Any]) -> list[list[str]]:
     out = []
     for c in frontier.get("candidates", []):
         built = c.get("status") == "built"
-        out.append([c["name"], c.get("shape", ""), c.get("status", ""), num(c, "validation_accuracy", "{:.2f}%"),
+        status = c.get("status", "") + (f" ({(c.get('why') or {}).get('search', '')})" if c.get("reach") else "")
+        out.append([c["name"], c.get("shape", ""), status, num(c, "validation_accuracy", "{:.2f}%"),
                     num(c, "teacher_drop", "{:+.2f}")
                     + (f" ({c['drop_low']:+.2f} to {c['drop_high']:+.2f})" if built and c.get("drop_low") is not None else ""),
                     (f"{c['p50_ms']:.3f} ± {c['noise_ms']:.3f}" if built and c.get("p50_ms") else ""),

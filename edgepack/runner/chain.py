@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +38,12 @@ class Link:
 
 
 def chain(cfg: BuildConfig, profile, stages: tuple[str, ...] = BUILD_STAGES, *, untrained: bool = False,
-          frontier: Any = None) -> list[Link]:
+          frontier: Any = None, reach: float | None = None) -> list[Link]:
     """The links of ``stages`` for ``cfg`` (those in ``cfg.skip`` and a cascade without a fallback left
     out). ``untrained``: the distill link builds the student without training it (the probes).
-    ``frontier``: what of the search the report shows, in the evaluate link's key."""
+    ``frontier``: what of the search the report shows, in the evaluate link's key. ``reach``: the
+    accuracy (points) the search's stop rule holds the training to, in the distill link's key (a
+    student stopped for one budget is not one trained to the end for another)."""
     from edgepack.stages import bundle, cascade, distill, evaluate, export, prune, quantize, tune
 
     quant_cfg = cfg.quantize if cfg.quantize.target != "auto" else cfg.quantize.replace(target=profile.target)
@@ -66,7 +69,7 @@ def chain(cfg: BuildConfig, profile, stages: tuple[str, ...] = BUILD_STAGES, *, 
     fallback = Path(cfg.cascade.fallback_bundle) if cfg.cascade.fallback_bundle else None
     known = fallback is not None and (fallback / "manifest.json").is_file()
     distill_link = (Link("distill", types.SimpleNamespace(run=distill.untrained), distill_cfg, {"probe": True})
-                    if untrained else Link("distill", distill, distill_cfg))
+                    if untrained else Link("distill", distill, distill_cfg, {"reach": reach} if reach is not None else {}))
     host = profile.to_dict() if profile is not None else None
     links = [
         distill_link,
@@ -83,9 +86,11 @@ def chain(cfg: BuildConfig, profile, stages: tuple[str, ...] = BUILD_STAGES, *, 
     return [link for link in links if link.name in stages and link.name not in cfg.skip]
 
 
-def run_links(links: list[Link], ledger: Ledger, ctx, src: Path, src_hash: str) -> tuple[Path, str]:
+def run_links(links: list[Link], ledger: Ledger, ctx, src: Path, src_hash: str, *,
+              until: Callable[[Path], Any] | None = None) -> tuple[Path, str]:
     """Each link through the ledger, the output of one the input of the next, each stage's progress
-    on its own logger; returns the last output and its hash."""
+    on its own logger; returns the last output and its hash. ``until(output)`` true ends the chain
+    after that link (a student the search's stop rule stopped goes no further)."""
     data_key = ctx.data_config.key_dict()
     for link in links:
         stage_ctx = dataclasses.replace(ctx, log=for_stage(ctx.log, link.name))
@@ -95,4 +100,6 @@ def run_links(links: list[Link], ledger: Ledger, ctx, src: Path, src_hash: str) 
 
         src = ledger.stage(link.name, {link.name: link.cfg.key_dict(), "data": data_key, **link.key}, src_hash, run)
         src_hash = output_hash(src)
+        if until is not None and until(src):
+            break
     return src, src_hash

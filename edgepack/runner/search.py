@@ -77,7 +77,8 @@ class Candidate:
     verdict: str | None = None
     verdict_text: str | None = None
     correct: str | None = None  # per validation row, "1" right / "0" wrong, in the split's order
-    status: str = "not built"  # built | skipped (why) | not built
+    reach: dict[str, Any] | None = None  # the reach rule's verdict when it stopped this shape's training
+    status: str = "not built"  # built | stopped: cannot reach | skipped (why) | not built
     seconds: float = 0.0
     why: dict[str, str] = dataclasses.field(default_factory=dict)  # stage -> why it ran or was skipped
 
@@ -108,10 +109,11 @@ class SearchResult:
 
     def frontier_key(self) -> list | None:
         """The frontier's part of the evaluate stage's ledger key: it reruns when the candidates or the
-        choice change, not when only their re-measured latencies wobble."""
+        choice or the rule that made it change, not when only their re-measured latencies wobble."""
         if not self.searched:
             return None
-        return [(c.name, c.status, c.validation_accuracy) for c in self.candidates] + [self.chosen.name]
+        return ([(c.name, c.status, c.validation_accuracy, c.verdict) for c in self.candidates]
+                + [self.chosen.name, self.objective, self.confidence])
 
     def to_dict(self) -> dict[str, Any]:
         return {"teacher_validation_accuracy": self.teacher_accuracy, "max_drop": self.max_drop,
@@ -193,38 +195,38 @@ def search(cfg: BuildConfig, ctx, root: Path, src: Path, src_hash: str, *, log: 
             f"{c.name} {c.predicted_p50_ms:.3f} ms" for c in cands))
     inside_seen, after_inside, missed_far = False, 0, []
     fallback: Path | None = None  # the teacher's int8 bundle, made for the first cascade candidate
+    # With a budget, each shape's training stops as soon as its validation curve cannot reach the
+    # teacher's accuracy less the budget (edgepack.training.reach: the same points, the same rule).
+    target = round(teacher_acc() - budget, 4) if searched and budget is not None else None
     if searched:
         log(f"[search] {len(cands)} shapes, cheap first; budget: "
-            + (f"at most {budget:g} points below the teacher's {teacher_acc():.2f}% (validation)" if budget is not None
+            + (f"at most {budget:g} points below the teacher's {teacher_acc():.2f}% (validation); a shape whose "
+               f"training cannot reach {target:.2f}% is stopped there" if budget is not None
                else "none (--max-drop not set): the first shape is kept"))
-    for i, c in enumerate(cands):
-        shape = parse_shape(c.shape) if c.shape else {}
-        if s.pick is None and inside_seen and after_inside >= s.explore:
-            c.status = "skipped (a cheaper shape is inside the budget)"
-            continue
-        base = {k: v for k, v in shape.items() if k != "embedding_bits"}
-        if s.pick is None and any(base == m for m in missed_far) and "embedding_bits" in shape:
-            c.status = "skipped (the same shape missed by more than twice the budget)"
-            continue
-        t0 = time.time()
+
+    def links_of(c: Candidate) -> list:
+        nonlocal fallback
         ccfg = configs[c.name]
         if ccfg.cascade.fallback:
             if fallback is None:
                 fallback = cascade.fallback_bundle(cfg, ctx, root, src, src_hash, log=log)
             ccfg = cascade.with_fallback(ccfg, fallback, teacher_accuracy=teacher_acc() if budget is not None else None,
                                          max_drop=budget)
-        links = chain(ccfg, ctx.profile, CANDIDATE)
-        if s.pick is not None and c.name != s.pick and not (c.dir / links[-1].name / "manifest.json").is_file():
-            c.status = "not built"
-            continue
-        own = c.dir == ledger.root
-        run_ledger = ledger if own else Ledger(c.dir, log, total=len(links), prefix=f"{c.name} {i + 1}/{len(cands)}",
-                                               share=dirs)
-        c.bundle, _ = run_links(links, run_ledger, ctx, src, src_hash)
-        c.why = dict(run_ledger.why)
-        c.status, c.seconds = "built", round(time.time() - t0, 1)
-        if not searched:
-            break
+        return chain(ccfg, ctx.profile, CANDIDATE, reach=target)
+
+    def build(c: Candidate, i: int, links: list, *, stop: bool) -> Path:
+        """``c``'s chain through its ledger; ``stop``: the reach rule may end it after the training."""
+        run_ledger = ledger if c.dir == ledger.root else Ledger(
+            c.dir, log, total=len(links), prefix=f"{c.name} {i + 1}/{len(cands)}", share=dirs)
+        cctx = dataclasses.replace(ctx, reach={"target": target, "name": c.name, "log": lambda m: log(f"[search] {m}")}
+                                   ) if stop else ctx
+        t0 = time.time()
+        out, _ = run_links(links, run_ledger, cctx, src, src_hash, until=_stopped if stop else None)
+        c.why.update(run_ledger.why)
+        c.seconds = round(c.seconds + time.time() - t0, 1)
+        return out
+
+    def measure(c: Candidate) -> None:
         pipe = OnnxPipeline(c.bundle)
         if pipe.fallback is not None:
             c.sent_on = ((pipe.manifest.get("metrics") or {}).get("cascade") or {}).get("sent_on_validation")
@@ -237,6 +239,32 @@ def search(cfg: BuildConfig, ctx, root: Path, src: Path, src_hash: str, *, log: 
         c.bundle_bytes = sum(f.stat().st_size for f in c.bundle.rglob("*") if f.is_file())
         log(f"[search] {c.name}: {c.validation_accuracy:.2f}% on validation, {_drop(c, s.confidence)}"
             + (f": {c.verdict_text} of {budget:g}" if budget is not None else ""))
+
+    for i, c in enumerate(cands):
+        shape = parse_shape(c.shape) if c.shape else {}
+        if s.pick is None and inside_seen and after_inside >= s.explore:
+            c.status = "skipped (a cheaper shape is inside the budget)"
+            continue
+        base = {k: v for k, v in shape.items() if k != "embedding_bits"}
+        if s.pick is None and any(base == m for m in missed_far) and "embedding_bits" in shape:
+            c.status = "skipped (the same shape missed by more than twice the budget)"
+            continue
+        links = links_of(c)
+        if s.pick is not None and c.name != s.pick and not (c.dir / links[-1].name / "manifest.json").is_file():
+            c.status = "not built"
+            continue
+        # A cascade can be inside a budget its student alone cannot reach (the teacher answers for it).
+        stop = target is not None and s.pick is None and not configs[c.name].cascade.fallback
+        out = build(c, i, links, stop=stop)
+        c.reach = _stopped(out) if stop else None
+        if c.reach is not None:
+            c.status, c.why["search"] = STOPPED, _reach_text(c.reach)
+            log(f"[search] {c.name}: {STOPPED} ({_reach_text(c.reach)}): not carried on to its other stages")
+            continue
+        c.bundle, c.status = out, "built"
+        if not searched:
+            break
+        measure(c)
         if c.verdict == "inside":  # the search stops on a shape the interval puts inside, not on a lucky one
             after_inside += 1 if inside_seen else 0
             inside_seen = True
@@ -247,6 +275,21 @@ def search(cfg: BuildConfig, ctx, root: Path, src: Path, src_hash: str, *, log: 
     if not searched:
         return SearchResult(known.get("teacher", float("nan")), budget, cands, cands[0], "the recipe's one shape",
                             cpu="", searched=False, objective=s.objective, confidence=s.confidence)
+    stopped = [c for c in cands if c.status == STOPPED]
+    if stopped:
+        best = max(stopped, key=lambda c: c.reach["projected"])
+        log(f"[search] stopped early, cannot reach {target:.2f}%: " + ", ".join(
+            f"{c.name} (at most {c.reach['projected']:.2f}%)" for c in stopped)
+            + f"; the best reachable figure among them: {best.reach['projected']:.2f}% ({best.name})")
+        if not any(c.status == "built" for c in cands):
+            # Nothing can reach the budget: the most accurate student when stopped is carried on (no more
+            # training) and published, and the build's budget check fails, as for a shape built to the end.
+            best = max(stopped, key=lambda c: (c.reach["best"], -cands.index(c)))
+            log(f"[search] no shape can reach {target:.2f}%: {best.name} (best {best.reach['best']:.2f}% when stopped) "
+                "is carried on through its other stages and published; the build's budget check will fail")
+            best.bundle = build(best, cands.index(best), links_of(best), stop=False)
+            best.status, best.why["search"] = "built", f"{STOPPED}, carried on: no shape can reach the budget"
+            measure(best)
     built = [c for c in cands if c.status == "built"]
     _time_candidates(built, probes, val.texts, runs=s.latency_runs, rounds=s.latency_rounds, log=log)
     chosen, why = _choose(built, s.pick, objective=s.objective, confidence=s.confidence)
@@ -301,6 +344,26 @@ def _time_candidates(built: list[Candidate], probes: dict[str, Path], texts, *, 
         if f"probe {c.name}" in timing:
             c.probe_p50_ms = timing[f"probe {c.name}"]["p50_ms"]
             c.probe_error = round(c.probe_p50_ms / c.p50_ms - 1, 4)
+
+
+STOPPED = "stopped: cannot reach"
+
+
+def _stopped(stage_dir: Path) -> dict[str, Any] | None:
+    """The reach rule's verdict when the training that wrote ``stage_dir`` was stopped by it (its
+    ``stage.json``), with the epochs run; None otherwise."""
+    record = Path(stage_dir) / "stage.json"
+    if not record.is_file():
+        return None
+    reach = (json.loads(record.read_text()).get("metrics") or {}).get("reach") or {}
+    if not reach.get("stopped"):
+        return None
+    return {**reach["stopped"], "epochs_run": reach["epochs_run"], "epochs_configured": reach["epochs"]}
+
+
+def _reach_text(r: dict[str, Any]) -> str:
+    return (f"after epoch {r['epoch']}/{r['epochs']}: best {r['best']:.2f}%, at most {r['projected']:.2f}% "
+            f"reachable against {r['target']:.2f}%")
 
 
 def _drop(c: Candidate, confidence: float) -> str:

@@ -52,6 +52,9 @@ class Context:
     title: str = ""
     domains: Mapping[str, Any] | None = None
     frontier: Mapping[str, Any] | None = None
+    # distill: the shape search's stop rule (edgepack.training.reach) for this candidate, {"target":
+    # points, "name": shape, "log": callable}; None (no budget): every epoch is trained
+    reach: Mapping[str, Any] | None = None
 
     @property
     def max_length(self) -> int:

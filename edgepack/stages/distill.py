@@ -32,7 +32,9 @@ def run(cfg: DistillConfig, src: Path, out: Path, ctx, *, student_model=None, st
     ``stage.json``), replacing ``out`` atomically.
 
     ``student_model`` (with ``student_tokenizer``; the teacher's tokenizer by default) distils into an
-    already-built model; ``callbacks`` are passed to the Trainer of the final run. With
+    already-built model; ``callbacks`` are passed to the Trainer of the final run, and with
+    ``ctx.reach`` (the shape search's budget) the reach rule's, which stops it as soon as its validation
+    curve cannot get to ``ctx.reach["target"]`` points (recorded as ``metrics["reach"]``). With
     ``cfg.search_trials`` an Optuna study picks alpha, T, epochs and lr first
     (``edgepack.training.search``); with ``cfg.ablation`` the same student is also trained on labels only.
     """
@@ -60,7 +62,18 @@ def run(cfg: DistillConfig, src: Path, out: Path, ctx, *, student_model=None, st
         if student_model is None and not cfg.student and (final_cfg.num_layers, final_cfg.layers) != (cfg.num_layers, cfg.layers):
             prep = prepare(final_cfg, teacher_dir, data, cache_dir=cache_dir, max_length=max_length, progress=progress)
     ablation_init = copy.deepcopy(student_model) if (cfg.ablation and student_model is not None) else None
+    stop = None
+    if ctx.reach is not None:
+        from edgepack.training.reach import ReachCallback
+
+        stop = ReachCallback(ctx.reach["target"], name=ctx.reach.get("name", "student"), log=ctx.reach.get("log"),
+                             metric="eval_cal_accuracy" if data.oos_id is not None else "eval_accuracy")
+        callbacks = [*callbacks, stop]
     model, metrics = run_once(prep, final_cfg, model=student_model, callbacks=callbacks, progress=progress)
+    if stop is not None:
+        metrics["reach"] = {"target": round(float(stop.target), 4), "epochs": final_cfg.epochs,
+                            "epochs_run": len(stop.curve), "curve": [round(x, 4) for x in stop.curve],
+                            "stopped": stop.stopped.to_dict() if stop.stopped else None}
     metrics["train_wall_time_s"] = metrics.pop("wall_time_s")
     if cfg.ablation:
         _, abl = run_once(prep, final_cfg.replace(alpha=1.0, augment=0, hidden_weight=0.0, attention_weight=0.0), model=ablation_init,
