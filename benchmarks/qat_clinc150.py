@@ -142,7 +142,7 @@ def main() -> None:
                     {"name": "fp32", "overrides": {"model": str((exported / "model.onnx").resolve())}}]
             if target.startswith("arm64"):
                 runs.append({"name": "int8-exact-twin", "overrides": {"session_config": {"session.x64quantprecision": "1"}}})
-            host = predictions(None, bdir, texts, models=runs)["models"]
+            host = predictions(None, bdir, texts, models=runs, log=print)["models"]
             entry = {"host_" + k: _score(v, n_val, val.labels, test.labels, oos_id, n_labels,
                                          None if k == "fp32" else host["fp32"]) for k, v in host.items()}
             if target.startswith("arm64") and args.emulate_rows:

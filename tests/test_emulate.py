@@ -71,3 +71,18 @@ def test_verify_stage_checks_a_profile_target_this_cpu_is_not(tiny_bundle, monke
     if ok:
         assert rec["target"] == "x86-64-avx2" and 0.0 <= rec["agreement_with_host"] <= 1.0
         assert "latency is not measured there" in " ".join(lines)
+
+
+def test_a_library_call_prints_nothing_and_logs_to_its_logger(tiny_bundle, capfd, caplog):
+    """emulate and fleet functions called without ``log`` are quiet: their lines are INFO records of
+    edgepack.<package>, the caller's console and root logger untouched."""
+    import logging
+
+    root = logging.getLogger()
+    before = (root.level, root.handlers[:])
+    with caplog.at_level(logging.INFO, logger="edgepack"):
+        out = emulate.predictions(None, tiny_bundle, ["set an alarm", "what is the weather"])
+    assert len(out["models"]["bundle"]["ids"]) == 2
+    assert capfd.readouterr() == ("", "")
+    assert any(r.name == "edgepack.emulate" and r.getMessage().startswith("[emulate] 2 rows") for r in caplog.records)
+    assert (root.level, root.handlers[:]) == before

@@ -96,7 +96,8 @@ def run_accuracy(args: argparse.Namespace) -> int:
             raise EdgepackError(f"--limit {args.limit}: pass a positive number of rows")
         texts, labels = _stratified(texts, labels, args.limit)
     out = args.json or args.bundle.with_name(f"{args.bundle.name}.emulate-{target}.json")
-    result = emulate.check_bundle(args.bundle, target, texts=texts, labels=labels, root=args.root, json_path=out)
+    result = emulate.check_bundle(args.bundle, target, texts=texts, labels=labels, root=args.root, json_path=out,
+                                  log=print)
     result["data"] = str(data)
     write_json_atomic(out, result)
     print(emulate.summary(result))
@@ -118,5 +119,5 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from ..emulate.arm64root import DEFAULT_MIRROR, setup_arm64
 
-    setup_arm64(args.root, mirror=args.mirror or DEFAULT_MIRROR, force=args.force)
+    setup_arm64(args.root, mirror=args.mirror or DEFAULT_MIRROR, force=args.force, log=print)
     return 0

@@ -39,7 +39,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..console import Progress
 from ..errors import EdgepackError
+
+# A library call's default log: INFO records of the edgepack.emulate logger, nothing printed.
+QUIET = Progress("emulate")
 
 WORKER = Path(__file__).with_name("worker.py")
 ROOT_ENV = "EDGEPACK_ARM64_ROOT"  # where the arm64 root is (default: DEFAULT_ARM64_ROOT)
@@ -202,7 +206,7 @@ def _place(src: Path, dest: Path) -> None:
 
 def predictions(target: str | None, bundle_dir: str | os.PathLike, texts: Sequence[str],
                 models: Sequence[Mapping[str, Any]] | None = None, *, root: str | os.PathLike | None = None,
-                log: Callable[[str], Any] = print, timeout: float | None = None) -> dict[str, Any]:
+                log: Callable[[str], Any] = QUIET, timeout: float | None = None) -> dict[str, Any]:
     """Run the bundle's shim on ``texts`` under ``target``'s emulation (None: natively on this CPU).
 
     ``models`` lists ``{"name", "overrides"}``: each is the bundle loaded with those ``runtime.json``
@@ -358,7 +362,7 @@ def final_labels(run: Mapping[str, Any], oos_id: int | None, threshold: float | 
 
 
 def check_bundle(bundle_dir: Path, target: str, *, texts: Sequence[str] | None = None,
-                 labels: Sequence[str | int] | None = None, log: Callable[[str], Any] = print,
+                 labels: Sequence[str | int] | None = None, log: Callable[[str], Any] = QUIET,
                  root: str | os.PathLike | None = None, json_path: str | os.PathLike | None = None,
                  timeout: float | None = None) -> dict[str, Any]:
     """Run the bundle on ``target``'s kernels under emulation and natively on this CPU, on ``texts``

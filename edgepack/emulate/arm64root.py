@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EdgepackError
-from . import ROOT_PATH, ROOT_PYTHON, ROOT_QEMU, ROOT_READY, arm64_root
+from . import QUIET, ROOT_PATH, ROOT_PYTHON, ROOT_QEMU, ROOT_READY, arm64_root
 
 PACKAGES = ("onnxruntime", "tokenizers", "numpy")
 DEBIAN_PACKAGES = ("python3", "python3-venv", "python3-pip", "ca-certificates")
@@ -74,7 +74,7 @@ def _check_tools() -> None:
         raise EdgepackError("debootstrap and chroot need root; run `sudo edgepack emulate setup arm64`")
 
 
-def ensure_binfmt(log: Callable[[str], Any] = print) -> None:
+def ensure_binfmt(log: Callable[[str], Any] = QUIET) -> None:
     """Make the kernel run arm64 binaries through QEMU (debootstrap's second stage execs them):
     mount binfmt_misc when absent and enable the qemu-aarch64 entry."""
     if not (BINFMT / "register").exists():
@@ -119,7 +119,7 @@ def _requirements() -> list[str]:
     return out
 
 
-def download_wheels(dest: Path, python_version: str, log: Callable[[str], Any] = print) -> list[str]:
+def download_wheels(dest: Path, python_version: str, log: Callable[[str], Any] = QUIET) -> list[str]:
     """aarch64 wheels of the runtime packages into ``dest`` (on the host: pip in the root may be
     offline); falls back to the newest release when this machine's version has no aarch64 wheel."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -142,7 +142,7 @@ def _in_root(root: Path, argv: list[str]) -> list[str]:
 
 
 def setup_arm64(root: str | os.PathLike | None = None, *, mirror: str = DEFAULT_MIRROR, suite: str = DEFAULT_SUITE,
-                force: bool = False, log: Callable[[str], Any] = print) -> Path:
+                force: bool = False, log: Callable[[str], Any] = QUIET) -> Path:
     """Prepare the arm64 root at ``root`` (default: ``arm64_root()``) and return it.
 
     Built in ``ROOT.partial`` and renamed when complete; rerunning after an interruption resumes from

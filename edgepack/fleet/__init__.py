@@ -27,6 +27,11 @@ command's exit code says the fleet was partial (``ExitCode.PARTIAL``, ``runtime_
 
 from __future__ import annotations
 
+from ..console import Progress
+
+# A library call's default log: INFO records of the edgepack.fleet logger, nothing printed.
+QUIET = Progress("fleet")
+
 
 class DeviceError(Exception):
     """One device failed (unreachable, host key refused, verify failed). ``str(err)`` is one line."""

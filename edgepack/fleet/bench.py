@@ -26,7 +26,7 @@ from runtime_shim.cpu import target_warning
 from runtime_shim.exitcodes import ExitCode
 from runtime_shim.manifest import write_json_atomic
 
-from . import DeviceError
+from . import QUIET, DeviceError
 from .deploy import LocalBundle, deploy_one, keys_args
 from .progress import grouped
 from .runtime import require_runtime
@@ -126,7 +126,7 @@ def _failed(session: Session, bundle: LocalBundle, what: str, done: Any) -> Devi
 
 
 async def bench_one(session: Session, bundle: LocalBundle, out_dir: Path, *, runs: int = 200, warmup: int = 50,
-                    setup: bool = False, service: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+                    setup: bool = False, service: bool = False, log: Callable[[str], None] = QUIET) -> dict[str, Any]:
     """Run ``python -m runtime_shim bench --json`` on the device; return its result (pulled back).
     ``service``: through the device's running model service (``bench --service``), as an application
     on the device classifies."""
@@ -161,7 +161,7 @@ async def bench_one(session: Session, bundle: LocalBundle, out_dir: Path, *, run
 
 
 async def tune_one(session: Session, bundle: LocalBundle, out_dir: Path, *, extra: list[str],
-                   setup: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+                   setup: bool = False, log: Callable[[str], None] = QUIET) -> dict[str, Any]:
     """Run ``python -m runtime_shim tune --json`` on the device: the installed runtime keeps a winner as the
     device's own settings for this bundle, in its state beside the release (``runtime_shim.tuned``)."""
     if session.device.emulated:

@@ -37,7 +37,7 @@ from typing import Any
 
 from runtime_shim.manifest import BundleError
 
-from . import DeviceError
+from . import QUIET, DeviceError
 from .inventory import Device
 from .runtime import require_runtime, runtime_of, setup_runtime, trusted_key_files
 from .service import tell_service, write_unit
@@ -239,7 +239,7 @@ async def _bind(session: Session, root: str, bundle: LocalBundle, *, write: bool
 
 async def deploy_one(session: Session, bundle: LocalBundle, *, setup: bool = False, rename: bool = False,
                      progress: Callable[[int], None] | None = None,
-                     log: Callable[[str], None] = print) -> dict[str, Any]:
+                     log: Callable[[str], None] = QUIET) -> dict[str, Any]:
     """Deploy ``bundle`` to one connected device; returns what was done and the layout after.
 
     A release already on the device (live or kept as ``previous``) is checked there again, every time;
@@ -329,7 +329,7 @@ async def find_bundle_name(session: Session, name: str | None) -> str:
 
 
 async def rollback_one(session: Session, name: str | None = None, *,
-                       log: Callable[[str], None] = print) -> dict[str, Any]:
+                       log: Callable[[str], None] = QUIET) -> dict[str, Any]:
     """Check ``previous`` on the device (a downgrade on purpose), then point ``current`` back at it
     (and ``previous`` at what was current)."""
     require_runtime(session, setup=False)

@@ -30,7 +30,7 @@ from typing import Any
 from runtime_shim.exitcodes import ExitCode
 from runtime_shim.manifest import write_json_atomic
 
-from . import DeviceError
+from . import QUIET, DeviceError
 from .bench import bench_one, device_record, fleet_document, reference
 from .deploy import LocalBundle, deploy_one, rollback_one
 from .inventory import Device
@@ -219,7 +219,7 @@ def rollout(
     setup: bool = False,
     jobs: int = 8,
     trust_new_host: bool = False,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = QUIET,
     progress: Callable[[str, list[str]], FleetProgress] | None = None,
 ) -> RolloutResult:
     """Run the waves in order; stop at the first wave with a device outside the gate and roll back

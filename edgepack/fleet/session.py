@@ -24,7 +24,7 @@ from typing import Any
 from ..console import Log
 from ..errors import EdgepackError, ExitCode
 from ..runtime_dist import MIN_PYTHON
-from . import DeviceError
+from . import QUIET, DeviceError
 from .inventory import Device
 from .progress import DeviceProgress, FleetProgress
 from .remote import LAYOUT, PROBE, RUNTIME_PACKAGES
@@ -43,7 +43,7 @@ class Session:
             self.progress = DeviceProgress(None, self.device.name)
 
     @classmethod
-    async def open(cls, device: Device, *, trust_new_host: bool = False, log: Log = print,
+    async def open(cls, device: Device, *, trust_new_host: bool = False, log: Log = QUIET,
                    progress: DeviceProgress | None = None, allow_old_python: bool = False) -> Session:
         """Connect and probe. A Python older than the runtime supports is refused here in one line
         (``allow_old_python``: kept, for ``devices --check`` to show)."""
@@ -261,7 +261,7 @@ async def _one(device: Device, job: Job, sem: asyncio.Semaphore, trust_new_host:
 
 
 def run_devices(devices: Sequence[Device], job: Job, *, jobs: int = 8, trust_new_host: bool = False,
-                log: Log = print, progress: FleetProgress | None = None,
+                log: Log = QUIET, progress: FleetProgress | None = None,
                 allow_old_python: bool = False) -> list[Outcome]:
     """Run ``job`` on every device in parallel (``jobs`` at a time); one ``Outcome`` per device, in order.
     ``progress`` shows each device's state as it changes (``session.progress`` in a job).

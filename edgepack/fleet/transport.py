@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import DeviceError
+from . import QUIET, DeviceError
 from .inventory import Device
 from .remote import GUARD
 
@@ -214,7 +214,7 @@ class SSHTransport(Transport):
 
     @classmethod
     async def open(cls, device: Device, *, trust_new_host: bool = False,
-                   log: Callable[[str], None] = print) -> SSHTransport:
+                   log: Callable[[str], None] = QUIET) -> SSHTransport:
         import asyncssh
 
         known_hosts = Path(device.known_hosts).expanduser()
@@ -401,7 +401,7 @@ class SSHTransport(Transport):
 
 
 async def open_transport(device: Device, *, trust_new_host: bool = False,
-                         log: Callable[[str], None] = print) -> Transport:
+                         log: Callable[[str], None] = QUIET) -> Transport:
     if device.transport == "local":
         return LocalTransport(device)
     return await SSHTransport.open(device, trust_new_host=trust_new_host, log=log)
