@@ -1,8 +1,7 @@
 """Check a bundle's answers on another CPU's int8 kernels, without that CPU.
 
-ONNX Runtime picks its int8 kernels from the CPU it runs on (MLAS reads CPUID or the auxiliary
-vector at load), so the build machine's accuracy is not the device's. QEMU user-mode emulation runs
-the bundle's own shim on the target's kernels:
+ONNX Runtime picks its int8 kernels from the CPU it runs on (MLAS reads CPUID or the auxiliary vector
+at load), so the build machine's accuracy is not the device's. QEMU user mode runs the target's kernels:
 
 - ``x86-64-avx2``: ``qemu-x86_64 -cpu Haswell`` runs this machine's Python and onnxruntime on a CPU
   with AVX2 and no AVX-512 or VNNI, so MLAS takes its AVX2 U8S8 path (VPMADDUBSW, saturating s16).
@@ -12,9 +11,8 @@ the bundle's own shim on the target's kernels:
   packages in a venv, entered with ``chroot`` and ``qemu-aarch64-static``. The host's ``/proc`` and
   ``/sys`` stay out of it: ONNX Runtime's cpuinfo would read the x86 host's description and crash.
 
-The same worker script (``edgepack/emulate/worker.py``) runs natively for the host's predictions, so
-both sides batch the rows alike and the only difference is the kernels. Emulation is tens of times
-slower than the host: it measures answers, never latency.
+The same worker (``emulate/worker.py``) runs natively for the host's predictions, so both sides batch
+the rows alike and only the kernels differ. Emulation is tens of times slower: answers, never latency.
 
     >>> from edgepack import emulate
     >>> emulate.available("x86-64-avx2")  # doctest: +SKIP
@@ -42,8 +40,7 @@ from typing import Any
 from ..console import Progress
 from ..errors import EdgepackError
 
-# A library call's default log: INFO records of the edgepack.emulate logger, nothing printed.
-QUIET = Progress("emulate")
+QUIET = Progress("emulate")  # a library call's default log: edgepack.emulate's INFO records, nothing printed
 
 WORKER = Path(__file__).with_name("worker.py")
 ROOT_ENV = "EDGEPACK_ARM64_ROOT"  # where the arm64 root is (default: DEFAULT_ARM64_ROOT)
