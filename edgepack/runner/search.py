@@ -238,7 +238,7 @@ def search(cfg: BuildConfig, ctx, root: Path, src: Path, src_hash: str, *, log: 
         c.verdict_text, c.inside = VERDICT_TEXT[c.verdict], bool(v["inside_point"])
         c.bundle_bytes = sum(f.stat().st_size for f in c.bundle.rglob("*") if f.is_file())
         log(f"[search] {c.name}: {c.validation_accuracy:.2f}% on validation, {_drop(c, s.confidence)}"
-            + (f": {c.verdict_text} of {budget:g}" if budget is not None else ""))
+            + (f"; budget {budget:g} points: {c.verdict_text}" if budget is not None else ""))
 
     for i, c in enumerate(cands):
         shape = parse_shape(c.shape) if c.shape else {}
