@@ -269,20 +269,21 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for kind, rows in result["servers"].items():
+    soak = result.get("soak") or {}
+    fig, axes = plt.subplots(1, 3 if soak.get("samples") else 2, figsize=(14 if soak.get("samples") else 10, 4))
+    for (kind, rows), color in zip(result["servers"].items(), ("C0", "C1"), strict=False):
         xs = [r["clients"] for r in rows["levels"]]
-        axes[0].plot(xs, [r["rps"] for r in rows["levels"]], "o-", label=kind)
-        axes[1].plot(xs, [r["p99"] for r in rows["levels"]], "o-", label=kind)
+        axes[0].plot(xs, [r["rps"] for r in rows["levels"]], "o-", c=color, label=kind)
+        for q, style in (("p50", "o-"), ("mean", "s:"), ("p95", "^--")):
+            axes[1].plot(xs, [r[q] for r in rows["levels"]], style, c=color, label=f"{kind} {q}")
     axes[0].axhline(result["baseline"]["rps"], ls="--", c="grey", label="OnnxPipeline in-process, 1 thread")
-    for ax, title in ((axes[0], "requests/s"), (axes[1], "p99 latency (ms)")):
+    for ax, title in ((axes[0], "requests/s"), (axes[1], "latency (ms): p50, mean, p95")):
         ax.set_xscale("log")
         ax.set_xticks(LEVELS, [str(x) for x in LEVELS])
         ax.set_xlabel("concurrent clients")
         ax.set_title(title)
-        ax.legend()
+        ax.legend(fontsize=8)
     axes[1].set_yscale("log")
-    soak = result.get("soak") or {}
     if soak.get("samples"):
         axes[2].plot([s[0] / 60 for s in soak["samples"]], [s[1] for s in soak["samples"]])
         axes[2].set_xlabel("minutes (8 clients, a reload every 30 s)")

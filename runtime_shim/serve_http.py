@@ -243,6 +243,9 @@ class Handler(BaseHTTPRequestHandler):
 class _Server(socketserver.ThreadingMixIn):
     daemon_threads = True
     block_on_close = False
+    # The listen backlog (socketserver's default is 5): 64 clients connecting at once had SYNs dropped
+    # and retried after 1 and 3 s, the service's p95 and p99 (docs/results.md, "The model as a service").
+    request_queue_size = 1024
     service: Service
 
     def process_request(self, request: Any, client_address: Any) -> None:

@@ -399,3 +399,26 @@ def test_a_new_release_under_load_drops_nothing_and_a_bad_one_is_refused(
     assert svc.metric('edgepack_reloads_total{result="ok"}') == 1
     assert svc.client("set an alarm")[0]["label"] == "oos"
     assert "Traceback" not in svc.log()
+
+
+def test_sixty_four_clients_connect_at_once(serve, tiny_bundle):
+    """The listen backlog holds a burst of connections while the service is busy (here: stopped), so
+    none waits for a dropped SYN's retry (1 s, then 3 s); socketserver's default backlog is 5."""
+    svc = serve(tiny_bundle)
+    host, port = svc.host_port[0], int(svc.host_port[1])
+    socks = []
+    os.kill(svc.proc.pid, signal.SIGSTOP)  # nothing accepts: only the kernel's queue takes them
+    try:
+        for _ in range(64):
+            socks.append(socket.create_connection((host, port), timeout=0.5))
+    finally:
+        os.kill(svc.proc.pid, signal.SIGCONT)
+    try:
+        for s in socks:
+            s.settimeout(30)
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        for s in socks:
+            assert s.recv(64).startswith(b"HTTP/1.1 200"), "every queued connection is answered"
+    finally:
+        for s in socks:
+            s.close()
