@@ -898,60 +898,46 @@ def test_python_older_than_310_refused_over_ssh(lab, tmp_path, capsys, tiny_bund
     assert "UNREACHABLE" not in out and re.search(r"^a\s+yes\s+\S+python\S* 3\.8\.10", out, re.M), out
 
 
-def test_dropped_connection_is_reported_as_one(lab, tmp_path, capsys, tiny_bundle, monkeypatch):
+def _started_then_cut(conn):
+    real_create = conn.create_process
+
+    async def create(*a, **k):  # the command starts, then the link goes
+        proc = await real_create(*a, **k)
+        asyncio.get_running_loop().call_soon(conn.abort)
+        return proc
+
+    return create
+
+
+def _cut_while_opening(conn):
+    async def create(*a, **k):  # asyncssh has raised a bare AssertionError when the link went here
+        conn.abort()
+        await asyncio.sleep(0)
+        raise AssertionError
+
+    return create
+
+
+@pytest.mark.parametrize(("cut", "said"), [(_started_then_cut, "dropped while running runtime_shim verify"),
+                                           (_cut_while_opening, "dropped while opening a channel for runtime_shim "
+                                                                "verify")], ids=["running", "opening"])
+def test_dropped_connection_is_reported_as_one(lab, tmp_path, capsys, tiny_bundle, monkeypatch, cut, said):
     from edgepack.fleet import transport
 
     inv = write_inventory(lab, tmp_path, ("a",))
     real_run = transport.SSHTransport.run
 
-    async def cut(self, argv, **kw):
+    async def run(self, argv, **kw):
         if "verify" in argv:  # the link goes once verify runs on the device (a timer could outlast it)
-            conn = self._conn
-            real_create = conn.create_process
-
-            async def started_then_cut(*a, **k):
-                proc = await real_create(*a, **k)
-                asyncio.get_running_loop().call_soon(conn.abort)
-                return proc
-
-            conn.create_process = started_then_cut
+            self._conn.create_process = cut(self._conn)
         return await real_run(self, argv, **kw)
 
-    monkeypatch.setattr(transport.SSHTransport, "run", cut)
+    monkeypatch.setattr(transport.SSHTransport, "run", run)
     code, out = cli(capsys, "deploy", tiny_bundle, "--inventory", inv)
     assert code == 4, out
     line = _one_line(out, "FAILED a:")
-    assert re.search(r"a: the connection to root@127\.0\.0\.1:\d+ dropped while running runtime_shim verify", line), out
-    assert "verify failed" not in out and "ok:" not in line
-
-
-def test_link_dropped_while_a_channel_opens_is_a_dropped_connection(lab, tmp_path, capsys, tiny_bundle, monkeypatch):
-    """asyncssh has raised a bare AssertionError when the link went while a channel opened (seen once on
-    this lab); with the connection closed it is a dropped connection like any other, in one line."""
-    from edgepack.fleet import transport
-
-    inv = write_inventory(lab, tmp_path, ("a",))
-    real_run = transport.SSHTransport.run
-
-    async def cut(self, argv, **kw):
-        if "verify" in argv:
-            conn = self._conn
-
-            async def opening_then_cut(*a, **k):
-                conn.abort()
-                await asyncio.sleep(0)
-                raise AssertionError
-
-            conn.create_process = opening_then_cut
-        return await real_run(self, argv, **kw)
-
-    monkeypatch.setattr(transport.SSHTransport, "run", cut)
-    code, out = cli(capsys, "deploy", tiny_bundle, "--inventory", inv)
-    assert code == 4, out
-    line = _one_line(out, "FAILED a:")
-    assert re.search(r"a: the connection to root@127\.0\.0\.1:\d+ dropped while opening a channel for runtime_shim "
-                     r"verify", line), out
-    assert "AssertionError" not in out
+    assert re.search(rf"a: the connection to root@127\.0\.0\.1:\d+ {said}", line), out
+    assert "verify failed" not in out and "ok:" not in line and "AssertionError" not in out
 
 
 def test_progress_lines_without_a_terminal(lab, tmp_path, capsys, tiny_bundle):
