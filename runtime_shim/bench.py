@@ -390,6 +390,7 @@ def format_table(results: Sequence[Mapping[str, Any]]) -> str:
         ("agree %", lambda r: _pct(r.get("agreement"))),
         ("model MB", lambda r: _num(None if r.get("model_bytes") is None else r["model_bytes"] / 1e6, 2)),
         ("p50 ms", lambda r: _ms((r.get("latency_ms") or {}).get("p50"))),
+        ("mean ms", lambda r: _ms((r.get("latency_ms") or {}).get("mean"))),
         ("p95 ms", lambda r: _ms((r.get("latency_ms") or {}).get("p95"))),
         ("p99 ms", lambda r: _ms((r.get("latency_ms") or {}).get("p99"))),
         ("tok p50", lambda r: _ms((r.get("tokenize_ms") or {}).get("p50"))),

@@ -30,7 +30,7 @@ DOMAINS = {"banking": ["balance", "transfer"], "home": ["alarm", "weather"]}
 GOLD = ["balance", "transfer", "alarm", "weather", "oos"] * 8  # 40 queries
 TEXTS = [f"query {i} for {g}" for i, g in enumerate(GOLD)]
 MD_COLUMNS = ["Model", "Accuracy %", "Raw acc. %", "In-scope %", "OOS recall %", "Agree %", "Model MB",
-              "Bundle MB", "p50 ms", "p95 ms", "p99 ms", "qps b1", "qps b32", "Peak RSS MB", "Threads"]
+              "Bundle MB", "p50 ms", "mean ms", "p95 ms", "p99 ms", "qps b1", "qps b32", "Peak RSS MB", "Threads"]
 
 
 def _row(name: str, acc: float, mb: float, p50: float, wrong: tuple[int, ...] = (), **extra) -> dict:

@@ -90,6 +90,7 @@ def _columns(rows: Sequence[Mapping[str, Any]]) -> list[Column]:
                "whole bundle on disk"),
         Column("p50 ms", lambda r: _num(_get(r, "latency_ms.p50")), _fmt_ms, "lower", "ratio",
                "single query end to end (tokenize + run + softmax), median", headline=True),
+        Column("mean ms", lambda r: _num(_get(r, "latency_ms.mean")), _fmt_ms, "lower", "ratio"),
         Column("p95 ms", lambda r: _num(_get(r, "latency_ms.p95")), _fmt_ms, "lower", "ratio"),
         Column("p99 ms", lambda r: _num(_get(r, "latency_ms.p99")), _fmt_ms, "lower", "ratio"),
     ]
