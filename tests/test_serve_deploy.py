@@ -153,9 +153,10 @@ def test_deploy_and_rollback_signal_the_service_under_load(device, tiny_bundle, 
         assert pulled["service"] == address and pulled["fleet"]["through_service"] is True
         load.finish()
         assert load.failures == []
+        # Answers arrive in the order they finish: a request in flight on the old release answers from it
+        # after a newer one answered from the new release, so the order near a switch may interleave.
         seen = [r for _, r, _ in load.answers]
-        switches = [r for i, r in enumerate(seen) if i == 0 or seen[i - 1] != r]
-        assert switches == [release1, release2, release1]
+        assert seen[0] == release1 and release2 in seen and seen[-1] == release1 and set(seen) == {release1, release2}
         assert Client(address)("set an alarm") == Client(address)("set an alarm")
     finally:
         proc.send_signal(signal.SIGTERM)
