@@ -264,11 +264,18 @@ class QuantizeConfig(ConfigBase):
     variants: bool = False  # build and measure the target's quantization variants, keep the fastest in budget
     variant_formats: tuple[str, ...] = ("dynamic", "static-qdq", "matmul-nbits")
     embedding_bits: int | None = None  # 4: the word table in 4-bit blocks; None: the target's setting
+    # The level of the paired-bootstrap interval of int8's drop against fp32 (a variant is inside the
+    # gate with significance when the whole interval is). Left at this default, `edgepack build` uses
+    # [search] confidence, so one build decides everything at one level.
+    confidence: float = 0.95
+
+    KEY_OPTIONAL: ClassVar[tuple[str, ...]] = ("confidence",)
 
     def __post_init__(self) -> None:
         if self.embedding_bits is not None:
             _choice("embedding_bits", self.embedding_bits, (8, 4))
         _in_range("max_accuracy_drop", self.max_accuracy_drop, 0.0, 100.0)
+        _in_range("confidence", self.confidence, 0.5, 0.999)
         _in_range("min_agreement", self.min_agreement, 0.0, 1.0)
         for f in self.variant_formats:
             _choice("variant_formats", f, QUANT_FORMATS)

@@ -40,7 +40,11 @@ def test_quantize_with_data_runs_the_gate_and_the_output_runs(exported, tmp_path
                  "--min-agreement", "0"])
     assert code == 0, capsys.readouterr().err
     rec = json.loads((out / "stage.json").read_text())
-    assert 0.0 <= rec["metrics"]["validation"]["agreement_fp32_int8"] <= 1.0
+    v = rec["metrics"]["validation"]
+    assert 0.0 <= v["agreement_fp32_int8"] <= 1.0
+    # the gate's paired interval against fp32, at the stage's default confidence
+    assert v["drop_low"] <= v["accuracy_drop_points"] + 1e-9 <= v["drop_high"] + 2e-9 and v["confidence"] == 0.95
+    assert v["verdict"].startswith("inside") and v["verdict_text"]
     assert OnnxPipeline(out, verify=False)("what is my checking balance")[0]["label"]
 
 

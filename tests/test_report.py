@@ -307,3 +307,41 @@ def test_report_renders_in_a_headless_browser(tmp_path, rows, budgets):
     saturated = int(((b - r > 60) & (b > 150)).sum())
     assert saturated > 3000, saturated
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+# The quantize stage's variants table as an older build wrote it (no intervals, no mean, no confidence) and
+# as it is written now; a bundle's manifest carries it, so the final row's build_metrics hold it.
+OLD_VARIANTS = {"chosen": "dyn-u8s8-pc", "max_accuracy_drop": 1.0, "min_agreement": 0.99, "threads": 1, "rows": [
+    {"name": "fp32", "format": "fp32", "model_mb": 17.5, "accuracy": 0.9, "accuracy_drop": 0.0, "agreement": 1.0,
+     "p50_ms": 1.2, "p95_ms": 1.5, "noise_ms": 0.02},
+    {"name": "dyn-u8s8-pc", "format": "dynamic", "model_mb": 4.6, "accuracy": 0.897, "accuracy_drop": 0.3,
+     "agreement": 0.991, "p50_ms": 0.5, "p95_ms": 0.7, "noise_ms": 0.01, "within_budget": True},
+    {"name": "nbits4-b32", "format": "matmul-nbits", "error": "RuntimeError: no kernel"}]}
+NEW_VARIANTS = {**OLD_VARIANTS, "confidence": 0.9, "rows": [
+    {**OLD_VARIANTS["rows"][0], "mean_ms": 1.25},
+    {**OLD_VARIANTS["rows"][1], "mean_ms": 0.55, "drop_low": -0.1, "drop_high": 0.74, "confidence": 0.9,
+     "verdict": "inside", "verdict_text": "inside the budget"},
+    {"name": "dyn-u8u8-pc", "format": "dynamic", "model_mb": 4.6, "accuracy": 0.88, "accuracy_drop": 2.0,
+     "agreement": 0.95, "p50_ms": 0.6, "mean_ms": 0.65, "p95_ms": 0.8, "noise_ms": 0.01, "within_budget": False,
+     "drop_low": 1.2, "drop_high": 2.9, "confidence": 0.9, "verdict": "outside", "verdict_text": "outside the budget"}]}
+
+
+@pytest.mark.parametrize("table", [OLD_VARIANTS, NEW_VARIANTS], ids=["before-intervals", "with-intervals"])
+def test_quantization_variants_table_old_and_new(tmp_path, rows, table):
+    rows[-2]["build_metrics"] = {"variants": json.loads(json.dumps(table))}  # as read back from a manifest
+    rows[-2]["final"] = True
+    html_path, md_path = write_report(tmp_path, rows, title="t")
+    md, html = md_path.read_text(), html_path.read_text()
+    assert "## Quantization variants" in md and "<h2>Quantization variants</h2>" in html
+    t = {r[0]: r for r in _md_table(md, "Variant")}
+    assert t["Variant"][4:10] == ["Points below fp32 (interval)", "Budget", "Agreement", "p50 ms (± spread)",
+                                  "mean ms", "p95 ms"]
+    assert t["dyn-u8s8-pc"][-1] == "chosen" and t["fp32"][-1] == "reference"
+    if table is OLD_VARIANTS:  # drawn with what it has: the drop alone, no verdict, no mean
+        assert t["dyn-u8s8-pc"][4] == "+0.30" and t["dyn-u8s8-pc"][5] == DASH and t["dyn-u8s8-pc"][8] == DASH
+        assert t["nbits4-b32"][-1].startswith("failed: RuntimeError") and "interval" not in md.split("## Quantization")[1][:200]
+    else:
+        assert t["dyn-u8s8-pc"][4] == "+0.30 (-0.10 to +0.74)" and t["dyn-u8s8-pc"][5] == "inside the budget"
+        assert t["dyn-u8s8-pc"][7:10] == ["0.500 ± 0.010", "0.550", "0.700"]
+        assert t["dyn-u8u8-pc"][5] == "outside the budget" and t["dyn-u8u8-pc"][-1] == "over the gate"
+        assert "90% paired-bootstrap interval" in md and "+0.30 (-0.10 to +0.74)" in html

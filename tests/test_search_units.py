@@ -209,3 +209,20 @@ def test_a_search_without_a_budget_keeps_its_ledger_keys():
     cfg = BuildConfig(teacher="t", out="o")
     assert chain(cfg, profiles.load("host"), CANDIDATE)[0].key == {}
     assert chain(cfg, profiles.load("host"), CANDIDATE, reach=94.1)[0].key == {"reach": 94.1}
+
+
+def test_the_quantize_gate_decides_at_the_search_confidence():
+    """A build judges int8 against fp32 at [search] confidence (one level for all its decisions); at the
+    default the quantize link's ledger key is what it was (earlier builds resume); a [quantize]
+    confidence set by hand stays."""
+    from edgepack.runner.chain import chain
+
+    def quant(cfg):
+        return next(link.cfg for link in chain(cfg, profiles.load("host")) if link.name == "quantize")
+
+    base = BuildConfig(teacher="t", out="o")
+    assert quant(base).confidence == 0.95 and "confidence" not in quant(base).key_dict()
+    at_90 = base.replace(search=base.search.replace(confidence=0.9))
+    assert quant(at_90).confidence == 0.9 and quant(at_90).key_dict()["confidence"] == 0.9
+    own = at_90.replace(quantize=base.quantize.replace(confidence=0.8))
+    assert quant(own).confidence == 0.8

@@ -4,6 +4,7 @@ the chosen one is the fastest inside the accuracy budget; the ORT format loads i
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from edgepack import targets
 from edgepack.config import ExportConfig, QuantSettings
 from edgepack.errors import BudgetError, EdgepackError
+from edgepack.metrics import VERDICT_TEXT
 from edgepack.modeling import read_model_info
 from edgepack.stages.export import export_onnx
 from edgepack.stages.quantize import variants
@@ -77,8 +79,15 @@ def test_every_variant_measured_and_chosen_marked(search):
     assert all("accuracy_calibrated" in r for r in measured)  # the tiny data has an oos label
     table = result.table()
     assert any(line.startswith("*") and result.chosen in line for line in table.splitlines())
+    assert "mean ms" in table.splitlines()[0] and "drop pts (interval)" in table.splitlines()[0]
     saved = json.loads((work / variants.VARIANTS_JSON).read_text())
     assert saved["chosen"] == result.chosen and len(saved["rows"]) == len(result.rows)
+    assert saved["confidence"] == 0.95
+    for r in (s for s in saved["rows"] if s["name"] != "fp32" and "error" not in s):
+        # each candidate's drop with its paired interval, the verdict and all three latencies
+        assert r["drop_low"] - 1e-9 <= r["accuracy_drop"] <= r["drop_high"] + 1e-9 and r["confidence"] == 0.95
+        assert r["verdict_text"] == VERDICT_TEXT[r["verdict"]] and r["p50_ms"] > 0 and r["mean_ms"] > 0
+        assert variants.drop_text(r) in table  # "+0.00 (+0.00..+0.00)" on its table row
 
 
 def test_variant_graphs_are_what_they_claim(search):
@@ -98,12 +107,71 @@ def test_chosen_model_copied(search, tmp_path):
 
 def test_no_variant_within_budget_is_refused(tmp_path, tiny_model, pipeline_dir, fp32_onnx, corpus, label_names):
     val = corpus["val"][:10]
-    with pytest.raises(BudgetError, match="no quantization variant for x86-64-vnni stays within -1 points"):
+    with pytest.raises(BudgetError, match="no quantization variant for x86-64-vnni stays within -1 points") as e:
         variants.search(targets.load("x86-64-vnni"), fp32_onnx, tmp_path, info=read_model_info(tiny_model),
                         pipeline_dir=pipeline_dir, val_texts=[t for t, _ in val],
                         val_labels=np.array([label_names.index(lab) for _, lab in val]), calibration_texts=[],
                         max_accuracy_drop=-1.0, runs=2, warmup=0, formats=("dynamic",), log=lambda *a: None)
+    # one line, naming the closest candidate with its interval and verdict, and the file to read
+    msg = str(e.value)
+    assert "\n" not in msg and re.search(r"the closest, \S+, loses -?\d+\.\d\d points \(95% interval [-+]\d+\.\d\d to "
+                                         r"[-+]\d+\.\d\d, outside the budget\)", msg), msg
     assert (tmp_path / variants.VARIANTS_JSON).is_file()  # the table is kept for the post-mortem
+    saved = json.loads((tmp_path / variants.VARIANTS_JSON).read_text())
+    assert all(r["verdict"] == "outside" for r in saved["rows"] if r["name"] != "fp32" and "error" not in r)
+
+
+# --------------------------------------------------------------- the gate, on paired rows built here
+# Real quantization of the tiny model cannot be steered to a given drop; the gate only sees per-row
+# correctness, so these cases give it rows directly.
+
+
+def _rows(n: int, wrong: int) -> np.ndarray:
+    return np.r_[np.ones(n - wrong, bool), np.zeros(wrong, bool)]
+
+
+def _variant(name: str, judged: dict, p50: float, agreement: float = 0.995) -> dict:
+    return {"name": name, "p50_ms": p50, "noise_ms": 0.01, "agreement": agreement, **judged}
+
+
+def test_gate_inside_on_the_point_estimate_is_not_significant_and_ranks_after_a_sure_one():
+    fp32 = np.ones(200, bool)
+    unsure = variants.judge(fp32, _rows(200, 1), 1.0)  # 0.5 points below, but one row of 200 says so
+    assert unsure["inside"] and unsure["verdict"] == "inside, not significant"
+    assert unsure["drop_low"] <= 0.5 < 1.0 < unsure["drop_high"] and unsure["confidence"] == 0.95
+    assert unsure["verdict_text"] == "inside on the point estimate, not significant"
+    # the same 0.5 points on 4,000 rows: the interval is inside
+    sure = variants.judge(np.ones(4000, bool), _rows(4000, 20), 1.0)
+    assert sure["verdict"] == "inside" and sure["drop_high"] <= 1.0
+    # eligible (as a shape inside on the point estimate is), so with nothing better it is kept ...
+    rows = [_variant("fast", unsure, 0.5)]
+    ok, relaxed = variants.eligible(rows, min_agreement=0.99)
+    assert [r["name"] for r in ok] == ["fast"] and not relaxed and variants.choose(ok) == "fast"
+    # ... but a candidate the interval puts inside comes first, even when slower (as for shapes)
+    rows.append(_variant("slow", sure, 1.0))
+    assert variants.choose(variants.eligible(rows, min_agreement=0.99)[0]) == "slow"
+    # a lower confidence narrows the interval: the same rows can become significant
+    assert variants.judge(fp32, _rows(200, 1), 1.0, confidence=0.5)["drop_high"] <= unsure["drop_high"]
+
+
+def test_gate_refuses_a_variant_clearly_outside():
+    out = variants.judge(np.ones(1000, bool), _rows(1000, 30), 1.0)  # 3 points below on 1,000 rows
+    assert not out["inside"] and out["verdict"] == "outside" and out["drop_low"] > 1.0
+    unsure_out = variants.judge(np.ones(100, bool), _rows(100, 2), 1.0)  # 2 points, two rows of 100
+    assert unsure_out["verdict"] == "outside, not significant" and not unsure_out["inside"]
+    rows = [_variant("a", out, 0.5), _variant("b", unsure_out, 0.4)]
+    assert variants.eligible(rows, min_agreement=0.0)[0] == []  # outside on the point estimate: never kept
+
+
+def test_between_variants_inside_the_faster_wins_unless_within_the_noise():
+    sure = variants.judge(np.ones(4000, bool), _rows(4000, 20), 1.0)
+    exact = variants.judge(np.ones(4000, bool), np.ones(4000, bool), 1.0)
+    # both inside: a lead larger than the noise wins though the other is more accurate ...
+    rows = [_variant("exact", exact, 1.0, agreement=1.0), _variant("fast", sure, 0.6, agreement=0.99)]
+    assert variants.choose(rows) == "fast"
+    # ... a lead within the noise does not: the one agreeing most with fp32 is kept
+    rows[1]["p50_ms"] = 0.99
+    assert variants.choose(rows) == "exact"
 
 
 def test_static_qdq_needs_calibration(tmp_path, tiny_model, fp32_onnx):

@@ -93,6 +93,7 @@ class _Parts:
     skipped: list[str]
     generated: str
     frontier: Mapping[str, Any] | None = None  # a shape search's frontier.json
+    variants: Mapping[str, Any] | None = None  # the quantize stage's variants table (variants.json)
 
 
 def frontier_rows(frontier: Mapping[str, Any]) -> list[list[str]]:
@@ -120,6 +121,46 @@ def frontier_rows(frontier: Mapping[str, Any]) -> list[list[str]]:
 FRONTIER_HEADERS = ("Shape", "Spec", "Status", "Validation accuracy", "Points below teacher (interval)",
                     "p50 ms (± spread)", "mean ms", "p95 ms", "Sent to the fallback", "Untrained p50 ms (error)",
                     "Bundle bytes", "Budget", "")
+
+
+VARIANTS_HEADERS = ("Variant", "Format", "Model MB", "Validation accuracy", "Points below fp32 (interval)", "Budget",
+                    "Agreement", "p50 ms (± spread)", "mean ms", "p95 ms", "")
+
+
+def variants_rows(variants: Mapping[str, Any]) -> list[list[str]]:
+    """The quantize stage's candidates as table rows: name, format, size, validation accuracy, points
+    below fp32 with their paired interval, the verdict, agreement with fp32, p50 (its spread), mean,
+    p95, chosen or why it was not. A table written before the intervals shows the drop alone."""
+    def num(r: Mapping[str, Any], key: str, fmt: str) -> str:
+        return fmt.format(r[key]) if r.get(key) is not None else ""
+
+    out = []
+    for r in variants.get("rows", []):
+        drop = num(r, "accuracy_drop", "{:+.2f}") + (f" ({r['drop_low']:+.2f} to {r['drop_high']:+.2f})"
+                                                      if r.get("drop_low") is not None else "")
+        mark = ("chosen" if r.get("name") == variants.get("chosen") else "reference" if r.get("name") == "fp32"
+                else f"failed: {r['error'][:80]}" if r.get("error")
+                else "over the gate" if r.get("within_budget") is False else "")
+        out.append([str(r.get("name", "")), str(r.get("format", "")), num(r, "model_mb", "{:.2f}"),
+                    num(r, "accuracy", "{:.2%}"), drop if r.get("name") != "fp32" else "",
+                    str(r.get("verdict_text") or ""), num(r, "agreement", "{:.2%}"),
+                    (f"{r['p50_ms']:.3f} ± {r['noise_ms']:.3f}" if r.get("p50_ms") is not None
+                     and r.get("noise_ms") is not None else num(r, "p50_ms", "{:.3f}")),
+                    num(r, "mean_ms", "{:.3f}"), num(r, "p95_ms", "{:.3f}"), mark])
+    return out
+
+
+def variants_caption(variants: Mapping[str, Any]) -> str:
+    conf, agree = variants.get("confidence"), variants.get("min_agreement")
+    return ("Each int8 candidate of the quantize stage against its own fp32 model on the same validation rows"
+            + (f": the drop with its {conf:.0%} paired-bootstrap interval" if conf is not None else "")
+            + f". A candidate may be kept when its drop is within {variants.get('max_accuracy_drop', 0):g} points on "
+            "the point estimate" + (f" and it gives fp32's label on at least {agree:.0%} of rows" if agree else "")
+            + ("; those whose whole interval is inside come first" if conf is not None else "")
+            + "; then a faster one wins by a p50 lead larger than the timing spread (the spread of its round medians), "
+            "otherwise the one agreeing most with fp32. Single-query model latency, "
+            f"{variants.get('threads', 1)} intra-op thread(s), candidates interleaved in one run. "
+            f"Chosen: {variants.get('chosen')}.")
 
 
 def _probe_cell(c: Mapping[str, Any]) -> str:

@@ -96,6 +96,16 @@ def _render_html(p: _Parts) -> str:
             w("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in row) + "</tr>")
         w("</tbody></table></div></section>")
 
+    if p.variants:
+        from .analysis import VARIANTS_HEADERS, variants_caption, variants_rows
+
+        w(f"<section><h2>Quantization variants</h2><p>{_e(variants_caption(p.variants))}</p>")
+        w('<div class="scroll"><table><thead><tr>' + "".join(f"<th>{_e(h)}</th>" for h in VARIANTS_HEADERS)
+          + "</tr></thead><tbody>")
+        for row in variants_rows(p.variants):
+            w("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in row) + "</tr>")
+        w("</tbody></table></div></section>")
+
     if "scatter" in p.plots:
         w("<section><h2>Accuracy against latency</h2><figure>")
         w('<img alt="accuracy against p50 latency, area proportional to model size" '

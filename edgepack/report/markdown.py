@@ -35,6 +35,13 @@ def _render_md(p: _Parts) -> str:
                 "|" + "|".join(["---"] * len(FRONTIER_HEADERS)) + "|"]
         out += ["| " + " | ".join(_md(v) for v in row) + " |" for row in frontier_rows(p.frontier)]
         out.append("")
+    if p.variants:
+        from .analysis import VARIANTS_HEADERS, variants_caption, variants_rows
+
+        out += ["## Quantization variants", "", variants_caption(p.variants), "",
+                "| " + " | ".join(VARIANTS_HEADERS) + " |", "|" + "|".join(["---"] * len(VARIANTS_HEADERS)) + "|"]
+        out += ["| " + " | ".join(_md(v) for v in row) + " |" for row in variants_rows(p.variants)]
+        out.append("")
     if "scatter" in p.plots:
         out += ["## Accuracy against latency", "",
                 f"![accuracy against p50 latency, area proportional to model size]({PLOTS['scatter']})", ""]

@@ -26,6 +26,7 @@ def write_report(
     changed: list[dict] | None = None,
     notes: list[str] | None = None,
     frontier: dict | None = None,
+    variants: dict | None = None,
 ) -> tuple[Path, Path]:
     """Write ``report.html`` (self-contained: plots embedded as PNG data URIs) and ``report.md`` (linking
     the PNG files written beside it) into ``out_dir``; return their paths.
@@ -35,8 +36,9 @@ def write_report(
     ``gold`` it adds accuracy per domain. ``changed``: ``{"text", "gold", "teacher", "model"}`` for the
     queries whose prediction moved from the teacher; when None and the baseline row (else the first)
     and the final row both carry ``predictions``, it is computed from them. ``notes``: free lines
-    (machine, versions). ``frontier``: a shape search's ``frontier.json`` (its plot and table). Every
-    file is written atomically.
+    (machine, versions). ``frontier``: a shape search's ``frontier.json`` (its plot and table).
+    ``variants``: the quantize stage's variants table (``variants.json``); default: the one in the
+    final row's ``build_metrics`` (a bundle's manifest holds it). Every file is written atomically.
 
     >>> write_report(Path("build"), [{"name": "teacher", "accuracy": 0.9038, "baseline": True},
     ...                              {"name": "bundle", "accuracy": 0.901}], title="demo")  # doctest: +SKIP
@@ -48,6 +50,8 @@ def write_report(
     for i, r in enumerate(rows):
         r.setdefault("name", f"candidate {i + 1}")
     baseline, final = _baseline(rows), _final(rows)
+    if variants is None and final is not None and isinstance(final.get("build_metrics"), dict):
+        variants = final["build_metrics"].get("variants")
     reference = baseline if baseline is not None else (rows[0] if rows else None)
     changed_from = str(reference.get("name")) if reference is not None else "teacher"
     changed_to = str(final.get("name")) if final is not None else "model"
@@ -78,7 +82,7 @@ def write_report(
         budgets=[_budget(b) for b in budgets or []], domain_names=dnames, domain_acc=dacc,
         changed=None if changed is None else sorted(changed, key=_changed_key),
         changed_from=changed_from, changed_to=changed_to, notes=[str(n) for n in notes or []], plots=plots,
-        skipped=skipped, frontier=frontier, generated=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        skipped=skipped, frontier=frontier, variants=variants if isinstance(variants, dict) else None, generated=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     )
     # PNGs first, documents last: a reader never finds a report pointing at a plot not yet written.
     for key, png in plots.items():

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edgepack.config import BUILD_STAGES, BuildConfig
+from edgepack.config import BUILD_STAGES, BuildConfig, QuantizeConfig
 from edgepack.console import for_stage
 from edgepack.runner.ledger import Ledger, output_hash
 
@@ -47,6 +47,8 @@ def chain(cfg: BuildConfig, profile, stages: tuple[str, ...] = BUILD_STAGES, *, 
     from edgepack.stages import bundle, cascade, distill, evaluate, export, prune, quantize, tune
 
     quant_cfg = cfg.quantize if cfg.quantize.target != "auto" else cfg.quantize.replace(target=profile.target)
+    if quant_cfg.confidence == QuantizeConfig.confidence:  # at its default: one level for the whole build
+        quant_cfg = quant_cfg.replace(confidence=cfg.search.confidence)
     export_cfg = cfg.export
     if quantize.target_for(quant_cfg).quantize.embedding_bits == 4:
         export_cfg = export_cfg.replace(embedding="gather")  # 4-bit blocks need a plain Gather on the table

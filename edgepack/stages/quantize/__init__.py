@@ -3,7 +3,8 @@
 ``run(cfg, src, out, ctx)`` reads the export directory (``model.onnx`` and its runtime skeleton),
 quantizes with the target's settings (``targets/*.toml``) or, with ``cfg.variants``, builds and times
 every variant the target allows (``variants``) and keeps the fastest within the gate; the gate
-compares validation accuracy with the fp32 model and refuses a drop over ``cfg.max_accuracy_drop``.
+compares validation accuracy with the fp32 model, paired on the same rows with an interval at
+``cfg.confidence`` (``variants.judge``), and refuses a drop over ``cfg.max_accuracy_drop``.
 ``out`` holds ``model.quant.onnx`` with the same skeleton (so it runs as a pipeline), and
 ``stage.json`` records the target, the settings, the accuracies and the agreement with fp32.
 
@@ -81,7 +82,7 @@ def run(cfg: QuantizeConfig, src: Path, out: Path, ctx) -> StageRecord:
                 val_labels=val.labels,
                 calibration_texts=stratified_slice(ctx.data["train"], target.quantize.calibration_rows).texts,
                 max_accuracy_drop=cfg.max_accuracy_drop, min_agreement=cfg.min_agreement, formats=cfg.variant_formats,
-                log=log)
+                confidence=cfg.confidence, log=log)
             log(result.table())
             quant = variants.chosen_model(result, tmp / QUANT_NAME)
             chosen = result.row(result.chosen)
@@ -98,15 +99,21 @@ def run(cfg: QuantizeConfig, src: Path, out: Path, ctx) -> StageRecord:
         pipe_f = runtime_shim.OnnxPipeline(tmp, verify=False, overrides={"model": str(fp32.resolve())})
         p_fp32, p_int8 = evaluate(pipe_f, val), evaluate(pipe_q, val)
         del pipe_q, pipe_f
+        from edgepack.stages.quantize.variants import drop_text, judge
+
         acc_f = label_metrics(p_fp32.argmax(1), val.labels, None)["accuracy"]
         acc_q = label_metrics(p_int8.argmax(1), val.labels, None)["accuracy"]
         agree = agreement(p_fp32.argmax(1), p_int8.argmax(1))
         drop = (acc_f - acc_q) * 100
-        log(f"[quantize] validation accuracy fp32 {acc_f:.2%}, int8 {acc_q:.2%} (drop {drop:+.2f} points), "
-            f"label agreement {agree:.2%}")
-        if drop > cfg.max_accuracy_drop:
+        gate = judge(p_fp32.argmax(1) == val.labels, p_int8.argmax(1) == val.labels, cfg.max_accuracy_drop,
+                     confidence=cfg.confidence)
+        gate.update(accuracy_drop=drop)
+        log(f"[quantize] validation accuracy fp32 {acc_f:.2%}, int8 {acc_q:.2%} (drop {drop_text(gate)} points, "
+            f"{cfg.confidence:.0%} interval; {gate['verdict_text']}), label agreement {agree:.2%}")
+        if not gate["inside"]:
             raise BudgetError(
-                f"int8 model loses {drop:.2f} points of validation accuracy ({acc_f:.2%} -> {acc_q:.2%}), over "
+                f"int8 model loses {drop:.2f} points of validation accuracy ({acc_f:.2%} -> {acc_q:.2%}; "
+                f"{cfg.confidence:.0%} interval {gate['drop_low']:+.2f} to {gate['drop_high']:+.2f}), over "
                 f"--max-accuracy-drop {cfg.max_accuracy_drop:g}; try a target with reduce_range or per-channel "
                 "weights (edgepack targets), or raise the limit")
         if agree < cfg.min_agreement and not cfg.variants:
@@ -118,7 +125,8 @@ def run(cfg: QuantizeConfig, src: Path, out: Path, ctx) -> StageRecord:
             "fp32_bytes": fp32.stat().st_size,
             "model_bytes": quant.stat().st_size,
             "validation": {"accuracy_fp32": acc_f, "accuracy_int8": acc_q, "accuracy_drop_points": drop,
-                           "agreement_fp32_int8": agree},
+                           "agreement_fp32_int8": agree,
+                           **{k: gate[k] for k in ("drop_low", "drop_high", "verdict", "verdict_text", "confidence")}},
             "ops": count_ops(quant),
             **({"variants": variants_table} if variants_table else {}),
         }

@@ -5,8 +5,11 @@ neighbours: U8S8 against U8U8 weights, reduce_range on and off, per-channel on a
 without ORT's transformer fusions (fused *before* quantizing, so Attention is quantized whole),
 static QDQ calibrated on training rows, and 4-bit ``MatMulNBits`` (weight-only, int8 compute).
 Each is measured on the validation split (accuracy, agreement with fp32) and for single-query model
-latency, all candidates interleaved in rounds so a noisy machine slows them alike. The table goes
-into the pack record and the report; ``search`` returns it with the chosen row marked.
+latency, all candidates interleaved in rounds so a noisy machine slows them alike. A candidate's drop
+below fp32 is paired on the same rows and judged as a shape's drop below the teacher is
+(``metrics.budget_verdict``: an interval at a stated confidence, "inside" only when the whole interval
+is). The table goes into the pack record and the report; ``search`` returns it with the chosen row
+marked.
 
 The formats themselves are built by ``edgepack.stages.quantize.formats``; this module only lists,
 builds through it and measures the candidates.
@@ -26,7 +29,15 @@ import numpy as np
 from edgepack.config import QuantSettings
 from edgepack.console import Log, Progress
 from edgepack.errors import BudgetError
-from edgepack.metrics import agreement, apply_threshold, calibrate_threshold, label_metrics
+from edgepack.metrics import (
+    CONFIDENCE,
+    VERDICT_TEXT,
+    agreement,
+    apply_threshold,
+    budget_verdict,
+    calibrate_threshold,
+    label_metrics,
+)
 from edgepack.modeling import ModelInfo
 from edgepack.records import write_json_atomic
 from edgepack.stages.quantize.formats import Feed, quantize_model, quantize_other, written_fused
@@ -155,14 +166,60 @@ def time_interleaved(runners: Mapping[str, Callable[[Feed], Any]], feeds: Sequen
     return times
 
 
-def choose(rows: Sequence[Mapping[str, Any]], *, tie_pct: float = 3.0) -> str | None:
-    """The kept candidate among eligible ``rows`` (each with ``p50_ms``, ``noise_ms``, ``agreement``).
+def judge(ref_correct, correct, max_drop: float, *, confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """A candidate's drop below fp32 on the same validation rows (``accuracy_drop``, points; per-row
+    correctness of each) with its paired-bootstrap interval ``drop_low``..``drop_high`` and what that
+    says of ``max_drop``: ``metrics.budget_verdict``, the rule the shape search applies against the
+    teacher. ``inside`` is the point estimate's answer (what makes a candidate eligible), ``verdict``
+    says whether the interval agrees.
 
-    A candidate is beaten when another is faster by more than the measured noise (the larger spread
-    of the two candidates' round medians, and at least ``tie_pct`` percent): that lead is real. Among
-    the candidates nothing beats, the one agreeing most with fp32 wins (then the faster). So the same
-    inputs give the same choice however the timing wobbles within its noise, and a faster variant
-    wins only by a lead the measurement can see.
+    >>> fp32 = np.ones(1000, bool)
+    >>> r = judge(fp32, np.r_[np.ones(997, bool), np.zeros(3, bool)], 1.0)   # 0.3 points: 3 rows of 1,000
+    >>> r["verdict"], r["drop_high"] <= 1.0
+    ('inside', True)
+    >>> r = judge(fp32[:200], np.r_[np.ones(199, bool), [False]], 1.0)       # 0.5 points: 1 row of 200
+    >>> r["verdict"], r["inside"], r["drop_high"] > 1.0
+    ('inside, not significant', True, True)
+    """
+    v = budget_verdict(ref_correct, correct, max_drop, confidence=confidence)
+    return {"accuracy_drop": float(v["drop"]), "drop_low": round(float(v["low"]), 4),
+            "drop_high": round(float(v["high"]), 4), "verdict": v["verdict"], "verdict_text": VERDICT_TEXT[v["verdict"]],
+            "confidence": confidence, "inside": bool(v["inside_point"])}
+
+
+def drop_text(row: Mapping[str, Any]) -> str:
+    """``+0.32 (-0.10..+0.74)``: the drop with its interval (a row from before intervals: the drop)."""
+    if row.get("drop_low") is None:
+        return f"{row['accuracy_drop']:+.2f}"
+    return f"{row['accuracy_drop']:+.2f} ({row['drop_low']:+.2f}..{row['drop_high']:+.2f})"
+
+
+# The order a chosen candidate is taken from, as the shape search ranks shapes (metrics.choose_shape).
+TIERS = ("inside", "inside, not significant")
+
+
+def eligible(rows: Sequence[Mapping[str, Any]], *, min_agreement: float) -> tuple[list[Mapping[str, Any]], bool]:
+    """The candidates the choice is made among: inside the accuracy budget on the point estimate (as a
+    shape is, for the teacher's budget) and agreeing with fp32 on at least ``min_agreement`` of the
+    labels. When none agrees that often: those inside the budget, and True (the caller says so)."""
+    measured = [r for r in rows if r["name"] != "fp32" and "error" not in r]
+    ok = [r for r in measured if r["inside"] and r["agreement"] >= min_agreement]
+    if ok:
+        return ok, False
+    return [r for r in measured if r["inside"]], True
+
+
+def choose(rows: Sequence[Mapping[str, Any]], *, tie_pct: float = 3.0) -> str | None:
+    """The kept candidate among eligible ``rows`` (each with ``p50_ms``, ``noise_ms``, ``agreement``
+    and, from :func:`judge`, ``verdict``).
+
+    Candidates the interval puts inside the budget come first, then those inside on the point estimate
+    only (rows without a verdict are one group). Within that group, a candidate is beaten when another
+    is faster by more than the measured noise (the larger spread of the two candidates' round medians,
+    and at least ``tie_pct`` percent): that lead is real, so the faster wins whatever their accuracies,
+    as between shapes inside the budget. Among the candidates nothing beats, the one agreeing most with
+    fp32 wins (then the faster): agreement counts every flipped label, even flips that cancel in the
+    accuracy. So the same inputs give the same choice however the timing wobbles within its noise.
 
     >>> choose([{"name": "a", "p50_ms": 1.00, "noise_ms": 0.05, "agreement": 0.995},
     ...         {"name": "b", "p50_ms": 0.97, "noise_ms": 0.05, "agreement": 0.990}])
@@ -175,6 +232,11 @@ def choose(rows: Sequence[Mapping[str, Any]], *, tie_pct: float = 3.0) -> str | 
         margin = max(x["noise_ms"], y["noise_ms"], y["p50_ms"] * tie_pct / 100)
         return y["p50_ms"] - x["p50_ms"] > margin
 
+    def tier(r: Mapping[str, Any]) -> int:
+        return TIERS.index(r["verdict"]) if r.get("verdict") in TIERS else len(TIERS)
+
+    top = min((tier(r) for r in rows), default=0)
+    rows = [r for r in rows if tier(r) == top]
     front = [r for r in rows if not any(beats(o, r) for o in rows if o is not r)]
     if not front:
         return None
@@ -191,12 +253,13 @@ class VariantSearch:
     threads: int
     tie_pct: float = 3.0
     min_agreement: float = 0.0
+    confidence: float = CONFIDENCE  # of each candidate's interval against fp32
 
     def row(self, name: str) -> dict[str, Any]:
         return next(r for r in self.rows if r["name"] == name)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"chosen": self.chosen, "max_accuracy_drop": self.max_accuracy_drop,
+        return {"chosen": self.chosen, "max_accuracy_drop": self.max_accuracy_drop, "confidence": self.confidence,
                 "min_agreement": self.min_agreement, "threads": self.threads, "rows": self.rows}
 
     def record(self) -> dict[str, Any]:
@@ -206,26 +269,28 @@ class VariantSearch:
         return d
 
     def table(self) -> str:
-        head = ("", "variant", "MB", "val acc", "drop pts", "agree", "cal acc", "p50 ms", "p95 ms", "vs fp32", "note")
+        head = ("", "variant", "MB", "val acc", "drop pts (interval)", "budget", "agree", "cal acc", "p50 ms", "mean ms",
+                "p95 ms", "vs fp32", "note")
         lines = [head]
         ref = self.rows[0]
         for r in self.rows:
             mark = "*" if r["name"] == self.chosen else ("x" if r.get("error") or not r.get("within_budget", True) else "")
             if r.get("error"):
-                lines.append((mark, r["name"], "-", "-", "-", "-", "-", "-", "-", "-", r["error"][:60]))
+                lines.append((mark, r["name"], *["-"] * (len(head) - 3), r["error"][:60]))
                 continue
-            lines.append((mark, r["name"], f"{r['model_mb']:.2f}", f"{r['accuracy']:.2%}",
-                          f"{r['accuracy_drop']:+.2f}", f"{r['agreement']:.2%}",
+            lines.append((mark, r["name"], f"{r['model_mb']:.2f}", f"{r['accuracy']:.2%}", drop_text(r),
+                          r.get("verdict", "-"), f"{r['agreement']:.2%}",
                           f"{r['accuracy_calibrated']:.2%}" if "accuracy_calibrated" in r else "-", f"{r['p50_ms']:.3f}",
-                          f"{r['p95_ms']:.3f}", f"{ref['p50_ms'] / r['p50_ms']:.2f}x" if r["p50_ms"] else "-",
-                          r.get("note", "")))
+                          f"{r['mean_ms']:.3f}", f"{r['p95_ms']:.3f}",
+                          f"{ref['p50_ms'] / r['p50_ms']:.2f}x" if r["p50_ms"] else "-", r.get("note", "")))
         widths = [max(len(str(line[i])) for line in lines) for i in range(len(head) - 1)]
         out = ["  ".join(str(c).ljust(w) for c, w in zip(line[:-1], widths, strict=True)) + "  " + str(line[-1])
                for line in lines]
-        out.append(f"(* chosen: within {self.max_accuracy_drop:g} points of fp32 validation accuracy and agreeing "
-                   f"with fp32 on at least {self.min_agreement:.0%} of labels, the one agreeing most among those no "
-                   f"other is faster than by more than the measured noise (spread of round medians, at least "
-                   f"{self.tie_pct:g}%); x: over budget or failed; single-query model latency, {self.threads} "
+        out.append(f"(* chosen: within {self.max_accuracy_drop:g} points of fp32 validation accuracy on the point "
+                   f"estimate and agreeing with fp32 on at least {self.min_agreement:.0%} of labels, those whose "
+                   f"{self.confidence:.0%} paired-bootstrap interval is inside first, then the one agreeing most among "
+                   f"those no other is faster than by p50 by more than the measured noise (spread of round medians, "
+                   f"at least {self.tie_pct:g}%); x: over budget or failed; single-query model latency, {self.threads} "
                    "intra-op thread(s), candidates interleaved in the same run)")
         return "\n".join(out)
 
@@ -248,6 +313,7 @@ def search(
     latency_texts: int = 64,
     formats: Sequence[str] = ("dynamic", "static-qdq", "matmul-nbits"),
     tie_pct: float = 3.0,
+    confidence: float = CONFIDENCE,
     log: Log | None = None,
 ) -> VariantSearch:
     """Build every candidate for ``target`` into ``work_dir/<name>.onnx``, measure them and choose.
@@ -255,10 +321,12 @@ def search(
     ``pipeline_dir`` is any directory ``runtime_shim.OnnxPipeline`` loads (``tokenizer.json``,
     ``runtime.json``, ``labels.json``: a bundle or pack's staging directory, whose tokenizer matches
     ``fp32_onnx``); each candidate runs through it with ``overrides={"model": path}``, so encoding
-    matches the bundle exactly. Eligible rows lose at most ``max_accuracy_drop`` points against fp32
-    and agree with it on at least ``min_agreement`` of the labels (when none does, those inside the
-    accuracy budget are ranked); the chosen one is :func:`choose`'s: a faster candidate wins only by a
-    lead larger than the measured noise, otherwise the one agreeing most with fp32. With an out-of-scope label, ``accuracy_calibrated`` is each candidate's validation
+    matches the bundle exactly. Each candidate's drop below fp32 is paired on the validation rows and
+    judged at ``confidence`` (:func:`judge`); eligible rows lose at most ``max_accuracy_drop`` points on
+    the point estimate and agree with fp32 on at least ``min_agreement`` of the labels (:func:`eligible`);
+    the chosen one is :func:`choose`'s: those the interval puts inside first, then a faster candidate
+    wins only by a lead larger than the measured noise, otherwise the one agreeing most with fp32.
+    With an out-of-scope label, ``accuracy_calibrated`` is each candidate's validation
     accuracy under its own best threshold (shown, not gated: 100 out-of-scope rows make it noisy).
     Writes ``work_dir/variants.json``. Raises ``BudgetError`` when no candidate is inside the budget.
     """
@@ -302,12 +370,15 @@ def search(
     ref_probs = accuracy_probs(ref_pipe, val_texts)
     ref_pred = ref_probs.argmax(1)
     ref_acc = label_metrics(ref_pred, val_labels, None)["accuracy"]
+    ref_correct = ref_pred == val_labels
     oos_id = ref_pipe.oos_id
     for name, pipe in pipes.items():
         probs = ref_probs if name == "fp32" else accuracy_probs(pipe, val_texts)
         pred = probs.argmax(1)
         acc = label_metrics(pred, val_labels, None)["accuracy"]
         rows[name].update(accuracy=acc, accuracy_drop=(ref_acc - acc) * 100, agreement=agreement(pred, ref_pred))
+        if name != "fp32":  # paired on the same rows as fp32's
+            rows[name].update(judge(ref_correct, pred == val_labels, max_accuracy_drop, confidence=confidence))
         if oos_id is not None:
             thr = calibrate_threshold(probs, val_labels, oos_id)
             rows[name]["accuracy_calibrated"] = label_metrics(apply_threshold(probs, oos_id, thr), val_labels,
@@ -322,24 +393,27 @@ def search(
 
     for n, r in rows.items():
         if n != "fp32" and "error" not in r:
-            r["within_budget"] = r["accuracy_drop"] <= max_accuracy_drop and r["agreement"] >= min_agreement
-    ok = [r for n, r in rows.items() if n != "fp32" and r.get("within_budget")]
-    if not ok:
-        # Nothing agrees with fp32 as often as asked: rank those within the accuracy budget anyway
-        # (the most agreeing wins the ties), and say so; refusing is for the accuracy budget.
-        ok = [r for n, r in rows.items() if n != "fp32" and "error" not in r and r["accuracy_drop"] <= max_accuracy_drop]
-        if ok:
-            log(f"[variants] no variant agrees with fp32 on {min_agreement:.0%} of validation labels; ranking "
-                "those within the accuracy budget by agreement")
+            r["within_budget"] = r["inside"] and r["agreement"] >= min_agreement
+    # Nothing agrees with fp32 as often as asked: those within the accuracy budget are ranked anyway
+    # (the most agreeing wins the ties), and the log says so; refusing is for the accuracy budget.
+    ok, relaxed = eligible(list(rows.values()), min_agreement=min_agreement)
+    if ok and relaxed:
+        log(f"[variants] no variant agrees with fp32 on {min_agreement:.0%} of validation labels; ranking "
+            "those within the accuracy budget by agreement")
     chosen = choose(ok, tie_pct=tie_pct) if ok else None
     result = VariantSearch(rows=[rows["fp32"], *(rows[v.name] for v in variants)], chosen=chosen,
                            max_accuracy_drop=max_accuracy_drop, threads=threads, tie_pct=tie_pct,
-                           min_agreement=min_agreement)
+                           min_agreement=min_agreement, confidence=confidence)
     write_json_atomic(work_dir / VARIANTS_JSON, result.to_dict())
     if chosen is None:
+        measured = [r for n, r in rows.items() if n != "fp32" and "error" not in r]
+        closest = min(measured, key=lambda r: r["accuracy_drop"], default=None)
         raise BudgetError(f"no quantization variant for {target.name} stays within {max_accuracy_drop:g} points of "
-                          f"fp32 validation accuracy ({ref_acc:.2%}); see {work_dir / VARIANTS_JSON} or raise "
-                          "--max-accuracy-drop")
+                          f"fp32 validation accuracy ({ref_acc:.2%})"
+                          + (f": the closest, {closest['name']}, loses {closest['accuracy_drop']:.2f} points "
+                             f"({confidence:.0%} interval {closest['drop_low']:+.2f} to {closest['drop_high']:+.2f}, "
+                             f"{closest['verdict_text']})" if closest else ": every variant failed to build")
+                          + f"; see {work_dir / VARIANTS_JSON} or raise --max-accuracy-drop")
     return result
 
 
