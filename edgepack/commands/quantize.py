@@ -67,8 +67,9 @@ def run(args: argparse.Namespace) -> int:
             rec = quantize.run(cfg.replace(target=target.name), exported.out, args.out, ctx)
         v = rec.metrics["validation"]
         print(f"quantize: {args.out / QUANT_NAME} ({target.name}): {rec.metrics['model_bytes'] / 1e6:.2f} MB, "
-              f"validation accuracy fp32 {v['accuracy_fp32']:.2%}, int8 {v['accuracy_int8']:.2%}, "
-              f"agreement {v['agreement_fp32_int8']:.2%}")
+              f"validation accuracy fp32 {v['accuracy_fp32']:.2%}, int8 {v['accuracy_int8']:.2%} "
+              f"({v['accuracy_drop_points']:+.2f} points, {v['confidence']:.0%} interval {v['drop_low']:+.2f} to "
+              f"{v['drop_high']:+.2f}: {v['verdict_text']}), agreement {v['agreement_fp32_int8']:.2%}")
         return 0
     started = time.time()
     cfg_path = model.parent / "config.json"
