@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         margins = [max(c) - project(c[:k], n, **rule) for k in range(1, n)]
         worst = max([worst, *margins])
         stop = next((k for k in range(1, n + 1) if not reach(c[:k], n, args.target, **rule).reachable), None)
-        shown = ", ".join("-" if m == float("-inf") else f"{m:+.2f}" for m in margins)
+        shown = ", ".join("-" if k == 1 else f"{m:+.2f}" for k, m in enumerate(margins, 1))  # one point: no slope
         print(f"| {i} | {n} | {c[-1]:.2f} | {max(c):.2f} | {shown} | {stop or '-'} | {n - stop if stop else 0} |")
     print(f"\nlargest margin (positive: a run stopped that would have got there): {worst:+.2f} points")
     return 0

@@ -246,6 +246,20 @@ VERDICT_TEXT = {"inside": "inside the budget", "inside, not significant": "insid
                 "outside": "outside the budget", "outside, not significant": "outside on the point estimate, not significant"}
 
 
+def drop_words(drop: float, low: float | None = None, high: float | None = None, *,
+               confidence: float = CONFIDENCE, of: str = "the teacher") -> str:
+    """A drop in points as words: "2.61 points below the teacher (95% interval of the drop 0.87 to 4.78)";
+    a negative drop is "above". The interval stays signed (a drop below 0 is a gain).
+
+    >>> drop_words(-0.3)
+    '0.30 points above the teacher'
+    """
+    text = f"{abs(drop):.2f} points {'above' if drop < 0 else 'below'} {of}"
+    if low is not None and high is not None:
+        text += f" ({confidence:.0%} interval of the drop {low:.2f} to {high:.2f})"
+    return text
+
+
 def _latency(row, objective: str) -> float:
     return float(row[f"{objective}_ms"])
 

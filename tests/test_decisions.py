@@ -137,7 +137,14 @@ def test_projection_is_optimistic_on_a_saturating_curve():
     # epoch 6, 91.5 + 0.7 + 0.5 = 92.7 cannot.
     verdicts = [reach(curve[:k], len(curve), 94.1).reachable for k in range(1, len(curve) + 1)]
     assert verdicts == [True, True, True, True, True, False, False]
-    assert project([90.0], 5) == float("inf")  # one point gives no slope
+    assert project([90.0], 5) == 100.0  # one point gives no slope: anything is possible
+
+
+def test_projection_is_an_accuracy():
+    """A steep early curve projects past 100 points uncapped; the rule says at most 100% reachable."""
+    r = reach([60.0, 80.0], 10, target=94.1)
+    assert r.projected == 100.0 and r.reachable
+    assert "at most 100.00% reachable" in r.message("static")
 
 
 def test_reach_message_names_the_shape_and_the_figures():

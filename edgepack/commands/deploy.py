@@ -38,8 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import EdgepackError
     from ..fleet.deploy import check_before_upload, deploy_one, load_bundle, rollback_one
     from ..fleet.inventory import load_inventory
-    from ..fleet.progress import FleetProgress
-    from ..fleet.session import run_devices
+    from ..fleet.session import run_shown
 
     inv = load_inventory(args.inventory)
     if args.rollback:
@@ -47,16 +46,10 @@ def run(args: argparse.Namespace) -> int:
             raise EdgepackError("--rollback takes device names, not a BUNDLE; drop BUNDLE")
         devices = inv.select(args.rollback)
 
-        progress = FleetProgress("rollback", [d.name for d in devices])
+        async def job(session, log):
+            return await rollback_one(session, args.name, log=log)
 
-        async def job(session):
-            return await rollback_one(session, args.name, log=progress.log)
-
-        try:
-            outcomes = run_devices(devices, job, jobs=args.jobs, trust_new_host=args.trust_new_host,
-                                   log=progress.log, progress=progress)
-        finally:
-            progress.close()
+        outcomes = run_shown("rollback", devices, job, jobs=args.jobs, trust_new_host=args.trust_new_host)
         for o in outcomes:
             if o.ok:
                 v = o.value
@@ -70,16 +63,10 @@ def run(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle, args.name)
     devices = inv.select(args.to)
     check_before_upload(bundle, devices)
-    progress = FleetProgress("deploy", [d.name for d in devices])
+    async def job(session, log):
+        return await deploy_one(session, bundle, setup=args.setup, rename=args.rename, log=log)
 
-    async def job(session):
-        return await deploy_one(session, bundle, setup=args.setup, rename=args.rename, log=progress.log)
-
-    try:
-        outcomes = run_devices(devices, job, jobs=args.jobs, trust_new_host=args.trust_new_host, log=progress.log,
-                               progress=progress)
-    finally:
-        progress.close()
+    outcomes = run_shown("deploy", devices, job, jobs=args.jobs, trust_new_host=args.trust_new_host)
     for o in outcomes:
         if o.ok:
             v = o.value

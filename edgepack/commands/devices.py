@@ -56,21 +56,16 @@ def run(args: argparse.Namespace) -> int:
         print(format_devices(devices))
         return ExitCode.OK
 
-    from ..fleet.progress import FleetProgress
-    from ..fleet.session import run_devices
+    from ..fleet.session import run_shown
 
-    async def check(session):
+    async def check(session, log):
         if session.python_too_old():
             return {"too_old": session.python_too_old()}
         return {**session.target_check(), "missing": session.missing_packages(), "python_used": session.python[-1],
                 "too_old": None}
 
-    progress = FleetProgress("devices --check", [d.name for d in devices])
-    try:
-        outcomes = run_devices(devices, check, jobs=args.jobs, trust_new_host=args.trust_new_host, log=progress.log,
-                               progress=progress, allow_old_python=True)
-    finally:
-        progress.close()
+    outcomes = run_shown("devices --check", devices, check, jobs=args.jobs, trust_new_host=args.trust_new_host,
+                         allow_old_python=True)
     known = _identifying_flags()
     rows = [("device", "reachable", "python", "onnxruntime", "tokenizers", "numpy", "arch", "cores", "isa flags",
              "detected", "profile target", "match")]
@@ -130,9 +125,8 @@ def _provision(args: argparse.Namespace, devices) -> int:
     from pathlib import Path
 
     from ..errors import EdgepackError, ExitCode
-    from ..fleet.progress import FleetProgress
     from ..fleet.runtime import install_keys, protection, require_runtime, setup_runtime, trusted_key_files
-    from ..fleet.session import run_devices
+    from ..fleet.session import run_shown
 
     key = Path(args.trust_key).expanduser() if args.trust_key else None
     if key is not None:
@@ -143,24 +137,19 @@ def _provision(args: argparse.Namespace, devices) -> int:
         except DeviceError as e:
             raise EdgepackError(str(e)) from None
 
-    progress = FleetProgress("devices --setup" if args.setup else "devices --trust-key", [d.name for d in devices])
-
-    async def job(session):
+    async def job(session, log):
         if args.setup:
             session.progress.state("installing the runtime")
-            await setup_runtime(session, progress.log)
+            await setup_runtime(session, log)
         else:
             require_runtime(session, setup=False)
         if key is not None:
             session.progress.state("adding the key")
-            await install_keys(session, [key], progress.log)
+            await install_keys(session, [key], log)
         return protection(session)
 
-    try:
-        outcomes = run_devices(devices, job, jobs=args.jobs, trust_new_host=args.trust_new_host, log=progress.log,
-                               progress=progress)
-    finally:
-        progress.close()
+    outcomes = run_shown("devices --setup" if args.setup else "devices --trust-key", devices, job, jobs=args.jobs,
+                         trust_new_host=args.trust_new_host)
     for o in outcomes:
         print(f"FAILED {o.error}" if not o.ok else _ready(o))
     failed = [o.device.name for o in outcomes if not o.ok]

@@ -89,15 +89,9 @@ def _setup(args: argparse.Namespace):
 
 
 def _run(what: str, devices, job, args: argparse.Namespace):
-    from ..fleet.progress import FleetProgress
-    from ..fleet.session import run_devices
+    from ..fleet.session import run_shown
 
-    progress = FleetProgress(what, [d.name for d in devices])
-    try:
-        return run_devices(devices, lambda session: job(session, progress.log), jobs=args.jobs,
-                           trust_new_host=args.trust_new_host, log=progress.log, progress=progress)
-    finally:
-        progress.close()
+    return run_shown(what, devices, job, jobs=args.jobs, trust_new_host=args.trust_new_host)
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -7,9 +7,8 @@ bar (bytes, queries) for each device working now and none for the devices queued
 or CI the same state lines are printed plain, counters at most every ``LINE_EVERY`` seconds per device,
 and a count line each time a device finishes.
 
-    progress = FleetProgress("deploy", [d.name for d in devices])
-    outcomes = run_devices(devices, job, progress=progress)   # jobs call session.progress.state(...)
-    progress.close()
+    outcomes = session.run_shown("deploy", devices, job)   # shows FleetProgress("deploy", names) meanwhile;
+                                                           # jobs call session.progress.state(...)
 """
 
 from __future__ import annotations

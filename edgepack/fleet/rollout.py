@@ -35,7 +35,7 @@ from .bench import bench_one, device_record, fleet_document, reference
 from .deploy import LocalBundle, deploy_one, rollback_one
 from .inventory import Device
 from .progress import FleetProgress
-from .session import Outcome, Session, run_devices
+from .session import Outcome, Session, run_shown
 
 FORMAT = "edgepack-rollout/1"
 MAX_RATE = 5.0  # AWS IoT Jobs' incrementFactor range is 1..5: a wave at most five times the one before
@@ -227,17 +227,8 @@ def rollout(
     ``progress`` (``FleetProgress`` or a function like it): each wave and the rollback show every
     device's state as it changes, and ``log`` goes through it."""
 
-    say = [log]  # the jobs' log: the running wave's progress when there is one
-
     def run(what: str, devices: Sequence[Device], job) -> list[Outcome]:
-        shown = progress(what, [d.name for d in devices]) if progress else None
-        say[0] = shown.log if shown else log
-        try:
-            return run_devices(devices, job, jobs=jobs, trust_new_host=trust_new_host, log=say[0], progress=shown)
-        finally:
-            say[0] = log
-            if shown:
-                shown.close()
+        return run_shown(what, devices, job, jobs=jobs, trust_new_host=trust_new_host, progress=progress, log=log)
 
     reference(bundle)  # before any device: a fallback computes on this machine
     done: list[dict[str, Any]] = []
@@ -247,10 +238,8 @@ def rollout(
     failed_device = False
     started = time.monotonic()
 
-    async def job(session: Session) -> dict[str, Any]:
-        return await _deploy_and_bench(
-            session, bundle, out_dir, runs=runs, warmup=warmup, setup=setup, log=say[0]
-        )
+    async def job(session: Session, say: Callable[[str], None]) -> dict[str, Any]:
+        return await _deploy_and_bench(session, bundle, out_dir, runs=runs, warmup=warmup, setup=setup, log=say)
 
     for i, wave in enumerate(waves, 1):
         label = "canary" if i == 1 else f"wave {i}/{len(waves)}"
@@ -305,7 +294,7 @@ def rollout(
         before = {d.name: b for d, b in touched}
         log(f"rollout: stopped at {done[-1]['label']}: rolling back {', '.join(before)}")
 
-        async def undo(session: Session) -> dict[str, Any]:
+        async def undo(session: Session, _log) -> dict[str, Any]:
             return await _restore(session, bundle, before[session.device.name])
 
         for o in run("rollback", [d for d, _ in touched], undo):

@@ -1,7 +1,7 @@
 """A connected device (``Session``: transport, what the probe read there, the Python to use) and the
 runner that works on many devices at once, each failing alone.
 
-    outcomes = run_devices(devices, job, trust_new_host=False, progress=FleetProgress("deploy", names))
+    outcomes = run_shown("deploy", devices, job, trust_new_host=False)  # job(session, log)
     [o.error for o in outcomes if not o.ok]   # one line per device that failed
 
 Ctrl-C stops every device's work where it is (the commands running there with it, see ``GUARD``),
@@ -283,6 +283,22 @@ def run_devices(devices: Sequence[Device], job: Job, *, jobs: int = 8, trust_new
             for name, state in states.items():
                 print(f"{name}: {state}", file=sys.stderr)
         raise FleetInterrupted(states) from None
+
+
+def run_shown(what: str, devices: Sequence[Device], job: Callable[[Session, Log], Awaitable[Any]], *,
+              jobs: int = 8, trust_new_host: bool = False, allow_old_python: bool = False,
+              progress: Callable[[str, list[str]], FleetProgress] | None = FleetProgress,
+              log: Log = QUIET) -> list[Outcome]:
+    """``run_devices`` with ``progress(what, names)`` shown while it runs and closed after (Ctrl-C too);
+    ``job(session, log)`` logs through it. ``progress=None``: no display, ``log`` as given."""
+    shown = progress(what, [d.name for d in devices]) if progress else None
+    say = shown.log if shown else log
+    try:
+        return run_devices(devices, lambda session: job(session, say), jobs=jobs, trust_new_host=trust_new_host,
+                           log=say, progress=shown, allow_old_python=allow_old_python)
+    finally:
+        if shown:
+            shown.close()
 
 
 def _settled(progress: FleetProgress | None, name: str) -> str:

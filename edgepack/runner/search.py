@@ -367,8 +367,9 @@ def _reach_text(r: dict[str, Any]) -> str:
 
 
 def _drop(c: Candidate, confidence: float) -> str:
-    return (f"{c.teacher_drop:+.2f} points below the teacher ({confidence:.0%} interval "
-            f"{c.drop_low:+.2f} to {c.drop_high:+.2f})")
+    from edgepack.metrics import drop_words
+
+    return drop_words(c.teacher_drop, c.drop_low, c.drop_high, confidence=confidence)
 
 
 def _choose(built: list[Candidate], pick: str | None, *, objective: str = "p95",

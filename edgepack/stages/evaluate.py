@@ -103,9 +103,11 @@ def run(cfg: EvaluateConfig, src: Path, out: Path, ctx) -> StageRecord:
             teacher = TorchBackend(ctx.teacher, threads=1, oos_label=data.oos_label, max_length=ctx.max_length)
             teacher.calibrate(val.texts, val.labels)  # the budget needs it even when the report compares nothing
         if teacher is not None:
+            from edgepack.metrics import drop_words
+
             rows[-1].update(teacher_drop(teacher, pipe, val, data.label_names))
             log(f"[evaluate] validation accuracy: teacher {rows[-1]['teacher_validation_accuracy']:.2f}%, bundle "
-                f"{rows[-1]['validation_accuracy']:.2f}% ({rows[-1]['teacher_drop']:+.2f} points below the teacher)")
+                f"{rows[-1]['validation_accuracy']:.2f}% ({drop_words(rows[-1]['teacher_drop'])})")
         log("\n" + format_table(rows))
         checks = profiles.budget_report(profile, rows[-1])
         failures = [c.line() for c in checks if not c.ok]

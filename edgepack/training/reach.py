@@ -60,6 +60,8 @@ def project(curve: Sequence[float], epochs: int, *, window: int = WINDOW, decay:
 
     >>> project([80.0, 85.0, 87.0], 5, slack=0.0)  # best 87, two epochs left at the largest recent gain (5)
     97.0
+    >>> project([80.0, 90.0], 5)  # capped: an accuracy in points
+    100.0
     >>> project([80.0, 85.0, 87.0], 5, decay=0.5, slack=0.0)  # 87 + 5 * (0.5 + 0.25)
     90.75
     """
@@ -71,9 +73,9 @@ def project(curve: Sequence[float], epochs: int, *, window: int = WINDOW, decay:
     recent = list(curve[-(window + 1):])
     gain = max([b - a for a, b in zip(recent, recent[1:], strict=False)] + [0.0]) if len(recent) > 1 else float("inf")
     if left and gain == float("inf"):  # one point of the curve says nothing of its slope
-        return float("inf")
+        return 100.0
     ahead = gain * sum(decay ** k for k in range(1, left + 1)) if left else 0.0
-    return max(curve) + ahead + slack
+    return min(100.0, max(curve) + ahead + slack)  # an accuracy: never "at most 104% reachable"
 
 
 def reach(curve: Sequence[float], epochs: int, target: float, **kw) -> Reach:
@@ -94,7 +96,7 @@ def projection_error(curve: Sequence[float], final: float, **kw) -> list[float]:
     there; with ``slack=0`` it is the rule's raw error).
 
     >>> projection_error([80.0, 85.0, 87.0, 88.0], 88.0, slack=0.0)
-    [-inf, -7.0, -4.0]
+    [-12.0, -7.0, -4.0]
     """
     n = len(curve)
     return [final - project(curve[:k], n, **kw) for k in range(1, n)]
