@@ -218,9 +218,9 @@ shapes = ["layers=1 heads=1/2 ffn=1/2", "layers=2 heads=1/2 ffn=1/2"]
 
 def test_a_shape_that_cannot_reach_the_budget_stops_early(tmp_path, tiny_model, clinc_json, monkeypatch, capsys):
     """The teacher's accuracy is said to be 900 points higher than measured, so the target (it less 1 point)
-    is above anything a curve can be projected to after its second epoch of 4 (at most 100 points an epoch
-    left, plus slack; the first epoch gives no slope). Each shape's real training is stopped there, says so
-    at once, and goes no further; with none left, the most accurate when stopped is carried on and published."""
+    is above 100%, where no projection goes: each shape's real training is stopped after its first epoch of
+    4, says so at once, and goes no further; with none left, the most accurate when stopped is carried on
+    and published."""
     from edgepack.runner import search as search_mod
 
     real = search_mod.teacher_accuracy
@@ -241,21 +241,44 @@ def test_a_shape_that_cannot_reach_the_budget_stops_early(tmp_path, tiny_model, 
     f = frontier(tmp_path)
     cands = {c["name"]: c for c in f["candidates"]}
     for name, c in cands.items():
-        assert c["reach"]["epochs_run"] == 2 < c["reach"]["epochs_configured"] == 4
+        assert c["reach"]["epochs_run"] == 1 < c["reach"]["epochs_configured"] == 4
         assert not c["reach"]["reachable"] and c["reach"]["projected"] < c["reach"]["target"]
         record = json.loads((tmp_path / "bundle.build" / "candidates" / name / "distill" / "stage.json").read_text())
-        assert record["metrics"]["reach"]["stopped"]["epoch"] == 2 and len(record["metrics"]["reach"]["curve"]) == 2
+        assert record["metrics"]["reach"]["stopped"]["epoch"] == 1 and len(record["metrics"]["reach"]["curve"]) == 1
         said = next(i for i, line in enumerate(out) if line.startswith(f"[search] {name} is out: cannot reach"))
         # said at once: before that shape's distill stage finished
         assert said < next(i for i, line in enumerate(out) if line.startswith(f"[{name} ") and "distill: done" in line)
     carried = max(cands.values(), key=lambda c: (c["reach"]["best"], -list(cands).index(c["name"])))
     other = next(c for c in cands.values() if c is not carried)
-    assert other["status"] == "stopped: cannot reach" and other["why"]["search"].startswith("after epoch 2/4")
+    assert other["status"] == "stopped: cannot reach" and other["why"]["search"].startswith("after epoch 1/4")
     assert not (tmp_path / "bundle.build" / "candidates" / other["name"] / "prune").exists()  # not carried on
     assert other["bundle"] is None and other["p95_ms"] is None
     assert carried["status"] == "built" and "carried on" in carried["why"]["search"] and f["chosen"] == carried["name"]
     assert any("the best reachable figure among them" in line for line in out)
-    assert "stopped: cannot reach (after epoch 2/4" in (tmp_path / "bundle" / "report.md").read_text()
+    assert "stopped: cannot reach (after epoch 1/4" in (tmp_path / "bundle" / "report.md").read_text()
+
+
+def test_a_cascade_does_not_inherit_a_stopped_student(tmp_path, tiny_model, clinc_json, monkeypatch):
+    """The plain shape is stopped after one epoch (a target above 100%); the cascade of the same student,
+    never stopped, trains its own to the end instead of taking the stopped one from the ledger."""
+    from edgepack.runner import search as search_mod
+
+    real = search_mod.teacher_accuracy
+    monkeypatch.setattr(search_mod, "teacher_accuracy", lambda *a, **kw: (lambda r: (r[0] + 900.0, r[1]))(real(*a, **kw)))
+    text = RECIPE.split("[search]")[0].format(teacher=tiny_model, out=tmp_path / "bundle", data=clinc_json,
+                                              profile=loose_profile(tmp_path), recover_epochs=1, quantize_extra="")
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(text.replace("epochs = 1\nablation", "epochs = 3\nablation") + REACH_SEARCH.replace(
+        ', "layers=2 heads=1/2 ffn=1/2"]', ', "layers=1 heads=1/2 ffn=1/2 fallback=teacher"]'))
+    assert main(["build", str(recipe)]) in (0, ExitCode.BUDGET)
+    plain, casc = frontier(tmp_path)["candidates"]
+    assert plain["status"] == "stopped: cannot reach" and casc["status"] == "built", (plain, casc)
+    records = {c["name"]: json.loads((tmp_path / "bundle.build" / "candidates" / c["name"] / "distill" /
+                                      "stage.json").read_text())["metrics"] for c in (plain, casc)}
+    assert len(records[plain["name"]]["reach"]["curve"]) == 1
+    assert "reach" not in records[casc["name"]]  # trained without the stop rule: every epoch
+    a, b = (tmp_path / "bundle.build" / "candidates" / c["name"] / "distill" / "model.safetensors" for c in (plain, casc))
+    assert a.stat().st_ino != b.stat().st_ino  # not the stopped student's files
 
 
 CASCADE_SEARCH = """

@@ -207,12 +207,15 @@ def search(cfg: BuildConfig, ctx, root: Path, src: Path, src_hash: str, *, log: 
     def links_of(c: Candidate) -> list:
         nonlocal fallback
         ccfg = configs[c.name]
+        # A cascade trains its student to the end: not the one a plain shape of the same student stopped.
+        full = ccfg.cascade.fallback and any(o.status == STOPPED and configs[o.name].distill == ccfg.distill
+                                             for o in cands)
         if ccfg.cascade.fallback:
             if fallback is None:
                 fallback = cascade.fallback_bundle(cfg, ctx, root, src, src_hash, log=log)
             ccfg = cascade.with_fallback(ccfg, fallback, teacher_accuracy=teacher_acc() if budget is not None else None,
                                          max_drop=budget)
-        return chain(ccfg, ctx.profile, CANDIDATE, reach=target)
+        return chain(ccfg, ctx.profile, CANDIDATE, reach=None if full else target)
 
     def build(c: Candidate, i: int, links: list, *, stop: bool) -> Path:
         """``c``'s chain through its ledger; ``stop``: the reach rule may end it after the training."""
