@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import random
+import signal
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# The Ctrl-C tests need SIGINT to reach Python: a shell that starts the suite in the background (`cmd &`)
+# ignores it, Python then installs no KeyboardInterrupt handler, and every child inherits the ignoring.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
