@@ -217,6 +217,7 @@ class ExportConfig(ConfigBase):
 WEIGHT_TYPES = ("qint8", "quint8")
 ACTIVATION_TYPES = ("quint8", "qint8")
 QUANT_FORMATS = ("dynamic", "static-qdq", "matmul-nbits")
+LATENCY_OBJECTIVES = ("p50", "mean", "p95")  # the figures a choice between models can compare (as metrics')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,14 +269,18 @@ class QuantizeConfig(ConfigBase):
     # gate with significance when the whole interval is). Left at this default, `edgepack build` uses
     # [search] confidence, so one build decides everything at one level.
     confidence: float = 0.95
+    # The latency figure a faster variant must lead by (p50, mean or p95; the noise is that figure's
+    # spread over the timing rounds). Left at this default, `edgepack build` uses [search] objective.
+    objective: str = "p95"
 
-    KEY_OPTIONAL: ClassVar[tuple[str, ...]] = ("confidence",)
+    KEY_OPTIONAL: ClassVar[tuple[str, ...]] = ("confidence", "objective")
 
     def __post_init__(self) -> None:
         if self.embedding_bits is not None:
             _choice("embedding_bits", self.embedding_bits, (8, 4))
         _in_range("max_accuracy_drop", self.max_accuracy_drop, 0.0, 100.0)
         _in_range("confidence", self.confidence, 0.5, 0.999)
+        _choice("objective", self.objective, LATENCY_OBJECTIVES)
         _in_range("min_agreement", self.min_agreement, 0.0, 1.0)
         for f in self.variant_formats:
             _choice("variant_formats", f, QUANT_FORMATS)
@@ -656,7 +661,7 @@ class SearchConfig(ConfigBase):
         _in_range("search.latency_runs", self.latency_runs, 10)
         _in_range("search.latency_rounds", self.latency_rounds, 1)
         _choice("search.order", self.order, ("latency", "declared"))
-        _choice("search.objective", self.objective, ("p50", "mean", "p95"))
+        _choice("search.objective", self.objective, LATENCY_OBJECTIVES)
         _in_range("search.confidence", self.confidence, 0.5, 0.999)
 
 

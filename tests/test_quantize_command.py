@@ -44,6 +44,7 @@ def test_quantize_with_data_runs_the_gate_and_the_output_runs(exported, tmp_path
     assert 0.0 <= v["agreement_fp32_int8"] <= 1.0
     # the gate's paired interval against fp32, at the stage's default confidence
     assert v["drop_low"] <= v["accuracy_drop_points"] + 1e-9 <= v["drop_high"] + 2e-9 and v["confidence"] == 0.95
+    assert rec["config"]["objective"] == "p95"  # edgepack quantize ranks variants by the default figure
     assert v["verdict"].startswith("inside") and v["verdict_text"] in capsys.readouterr().out
     assert OnnxPipeline(out, verify=False)("what is my checking balance")[0]["label"]
 

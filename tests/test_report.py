@@ -317,7 +317,7 @@ OLD_VARIANTS = {"chosen": "dyn-u8s8-pc", "max_accuracy_drop": 1.0, "min_agreemen
     {"name": "dyn-u8s8-pc", "format": "dynamic", "model_mb": 4.6, "accuracy": 0.897, "accuracy_drop": 0.3,
      "agreement": 0.991, "p50_ms": 0.5, "p95_ms": 0.7, "noise_ms": 0.01, "within_budget": True},
     {"name": "nbits4-b32", "format": "matmul-nbits", "error": "RuntimeError: no kernel"}]}
-NEW_VARIANTS = {**OLD_VARIANTS, "confidence": 0.9, "rows": [
+NEW_VARIANTS = {**OLD_VARIANTS, "confidence": 0.9, "objective": "p95", "rows": [
     {**OLD_VARIANTS["rows"][0], "mean_ms": 1.25},
     {**OLD_VARIANTS["rows"][1], "mean_ms": 0.55, "drop_low": -0.1, "drop_high": 0.74, "confidence": 0.9,
      "verdict": "inside", "verdict_text": "inside the budget"},
@@ -340,8 +340,10 @@ def test_quantization_variants_table_old_and_new(tmp_path, rows, table):
     if table is OLD_VARIANTS:  # drawn with what it has: the drop alone, no verdict, no mean
         assert t["dyn-u8s8-pc"][4] == "+0.30" and t["dyn-u8s8-pc"][5] == DASH and t["dyn-u8s8-pc"][8] == DASH
         assert t["nbits4-b32"][-1].startswith("failed: RuntimeError") and "interval" not in md.split("## Quantization")[1][:200]
+        assert "a faster one wins by a p50 lead larger than the timing spread (the spread of its round medians)" in md
     else:
         assert t["dyn-u8s8-pc"][4] == "+0.30 (-0.10 to +0.74)" and t["dyn-u8s8-pc"][5] == "inside the budget"
         assert t["dyn-u8s8-pc"][7:10] == ["0.500 ± 0.010", "0.550", "0.700"]
         assert t["dyn-u8u8-pc"][5] == "outside the budget" and t["dyn-u8u8-pc"][-1] == "over the gate"
         assert "90% paired-bootstrap interval" in md and "+0.30 (-0.10 to +0.74)" in html
+        assert "a faster one wins by a p95 lead larger than the timing spread (the spread of its round p95s)" in md

@@ -226,3 +226,24 @@ def test_the_quantize_gate_decides_at_the_search_confidence():
     assert quant(at_90).confidence == 0.9 and quant(at_90).key_dict()["confidence"] == 0.9
     own = at_90.replace(quantize=base.quantize.replace(confidence=0.8))
     assert quant(own).confidence == 0.8
+
+
+def test_the_quantize_variants_are_ranked_by_the_search_objective():
+    """A build ranks quantization variants by [search] objective (the figure shapes are chosen by); at
+    the default the quantize link's ledger key is what it was; a [quantize] objective set by hand stays."""
+    from edgepack.config import LATENCY_OBJECTIVES, QuantizeConfig
+    from edgepack.metrics import LATENCY_OBJECTIVES as METRICS_OBJECTIVES
+    from edgepack.runner.chain import chain
+
+    def quant(cfg):
+        return next(link.cfg for link in chain(cfg, profiles.load("host")) if link.name == "quantize")
+
+    base = BuildConfig(teacher="t", out="o")
+    assert QuantizeConfig().objective == base.search.objective == "p95" and LATENCY_OBJECTIVES == METRICS_OBJECTIVES
+    assert quant(base).objective == "p95" and "objective" not in quant(base).key_dict()
+    by_p50 = base.replace(search=base.search.replace(objective="p50"))
+    assert quant(by_p50).objective == "p50" and quant(by_p50).key_dict()["objective"] == "p50"
+    own = by_p50.replace(quantize=base.quantize.replace(objective="mean"))
+    assert quant(own).objective == "mean" and quant(own).to_dict()["objective"] == "mean"
+    with pytest.raises(ValueError, match="objective='p99' is not valid; choose one of: p50, mean, p95"):
+        QuantizeConfig(objective="p99")

@@ -140,9 +140,11 @@ def test_export_matches_pytorch_and_quantizes_and_runs_in_the_shim(pooling, hidd
     np.testing.assert_allclose(alone[0], padded[0], atol=1e-5)
 
     qrec = quantize.run(QuantizeConfig(target="x86-64-avx2", max_accuracy_drop=100.0, min_agreement=0.0,
-                                       variants=True, variant_formats=("dynamic", "static-qdq", "matmul-nbits")),
+                                       variants=True, variant_formats=("dynamic", "static-qdq", "matmul-nbits"),
+                                       objective="mean"),
                         tmp_path / "export", tmp_path / "quant", ctx)
     rows = qrec.metrics["variants"]["rows"]
+    assert qrec.metrics["variants"]["objective"] == "mean" and qrec["config"]["objective"] == "mean"  # ranked by mean
     assert qrec.metrics["variants"]["chosen"] and all("fused" not in r["name"] for r in rows)
     assert not [r for r in rows if r.get("error")], [r.get("error") for r in rows]
     # Every format stores the table in 8 bits, so none is an fp32 model by another name.

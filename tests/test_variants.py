@@ -69,20 +69,24 @@ def test_every_variant_measured_and_chosen_marked(search):
     assert len(measured) >= 5, [r.get("error") for r in result.rows]
     for r in measured:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["p95_ms"] >= r["p50_ms"] > 0 and r["n"] >= 10
-    # The chosen one: nothing else is faster by more than the noise, and it agrees most among those.
-    assert result.chosen == variants.choose(measured, tie_pct=result.tie_pct)
+    # The chosen one: nothing else is faster by p95 (the default objective) by more than p95's noise,
+    # and it agrees most among those.
+    assert result.objective == "p95"
+    assert result.chosen == variants.choose(measured, objective="p95", tie_pct=result.tie_pct)
     chosen = rows[result.chosen]
     for r in measured:
-        margin = max(r["noise_ms"], chosen["noise_ms"], chosen["p50_ms"] * result.tie_pct / 100)
-        assert chosen["p50_ms"] - r["p50_ms"] <= margin or r is chosen or not r["within_budget"]
-        assert len(r["round_p50_ms"]) == 7 and r["noise_ms"] >= 0
+        margin = max(r["noise_p95_ms"], chosen["noise_p95_ms"], chosen["p95_ms"] * result.tie_pct / 100)
+        assert chosen["p95_ms"] - r["p95_ms"] <= margin or r is chosen or not r["within_budget"]
+        assert len(r["round_p50_ms"]) == 7 and min(r["noise_ms"], r["noise_mean_ms"], r["noise_p95_ms"]) >= 0
     assert all("accuracy_calibrated" in r for r in measured)  # the tiny data has an oos label
     table = result.table()
     assert any(line.startswith("*") and result.chosen in line for line in table.splitlines())
-    assert "mean ms" in table.splitlines()[0] and "drop pts (interval)" in table.splitlines()[0]
+    head = table.splitlines()[0]
+    assert "mean ms" in head and "drop pts (interval)" in head and "p95 ms (ranked)" in head and "p50 ms " in head
+    assert "faster than by p95 by more than the measured noise (spread of the round p95s" in table
     saved = json.loads((work / variants.VARIANTS_JSON).read_text())
     assert saved["chosen"] == result.chosen and len(saved["rows"]) == len(result.rows)
-    assert saved["confidence"] == 0.95
+    assert saved["confidence"] == 0.95 and saved["objective"] == "p95"
     for r in (s for s in saved["rows"] if s["name"] != "fp32" and "error" not in s):
         # each candidate's drop with its paired interval, the verdict and all three latencies
         assert r["drop_low"] - 1e-9 <= r["accuracy_drop"] <= r["drop_high"] + 1e-9 and r["confidence"] == 0.95
@@ -130,8 +134,12 @@ def _rows(n: int, wrong: int) -> np.ndarray:
     return np.r_[np.ones(n - wrong, bool), np.zeros(wrong, bool)]
 
 
-def _variant(name: str, judged: dict, p50: float, agreement: float = 0.995) -> dict:
-    return {"name": name, "p50_ms": p50, "noise_ms": 0.01, "agreement": agreement, **judged}
+def _variant(name: str, judged: dict, p50: float, agreement: float = 0.995, *, mean: float | None = None,
+             p95: float | None = None, noise: float = 0.01) -> dict:
+    """A measured row; its mean and p95 are its p50 unless given, each figure's noise ``noise``."""
+    figures = {"p50_ms": p50, "mean_ms": p50 if mean is None else mean, "p95_ms": p50 if p95 is None else p95}
+    return {"name": name, **figures, "noise_ms": noise, "noise_mean_ms": noise, "noise_p95_ms": noise,
+            "agreement": agreement, **judged}
 
 
 def test_gate_inside_on_the_point_estimate_is_not_significant_and_ranks_after_a_sure_one():
@@ -170,8 +178,37 @@ def test_between_variants_inside_the_faster_wins_unless_within_the_noise():
     rows = [_variant("exact", exact, 1.0, agreement=1.0), _variant("fast", sure, 0.6, agreement=0.99)]
     assert variants.choose(rows) == "fast"
     # ... a lead within the noise does not: the one agreeing most with fp32 is kept
-    rows[1]["p50_ms"] = 0.99
+    rows[1] = _variant("fast", sure, 0.99, agreement=0.99)
     assert variants.choose(rows) == "exact"
+
+
+def test_the_ranking_follows_the_objective_and_its_own_noise():
+    """Variants ranked by p50 and by p95 pick differently when the figures disagree: a candidate fast
+    at the median with a slow tail against a steady one; each lead is held to that figure's noise."""
+    sure = variants.judge(np.ones(4000, bool), _rows(4000, 20), 1.0)
+    exact = variants.judge(np.ones(4000, bool), np.ones(4000, bool), 1.0)
+    tail = _variant("tail", exact, 0.50, agreement=1.0, mean=0.70, p95=2.00)
+    steady = _variant("steady", sure, 0.80, agreement=0.99, mean=0.82, p95=0.90)
+    rows = [tail, steady]
+    assert variants.choose(rows, objective="p50") == "tail"  # 0.30 ms ahead at the median
+    assert variants.choose(rows, objective="p95") == "steady"  # 1.10 ms ahead at p95
+    assert variants.choose(rows) == "steady"  # p95 by default, as [search] objective's default
+    assert variants.choose(rows, objective="mean") == "tail"  # 0.12 ms ahead on the mean
+    # a p95 lead within the p95 noise is a tie (the one agreeing most is kept), whatever p50's noise says
+    rows = [{**tail, "noise_p95_ms": 1.5}, steady]
+    assert variants.choose(rows, objective="p95") == "tail"
+    rows = [{**tail, "noise_ms": 1.0}, steady]
+    assert variants.choose(rows, objective="p95") == "steady"
+    with pytest.raises(ValueError, match="objective='p99'; choose one of: p50, mean, p95"):
+        variants.choose(rows, objective="p99")
+
+
+def test_each_figure_has_its_own_round_noise():
+    """One slow call in one round moves that round's mean and p95, not its median: the noise of each
+    figure is its own spread over the rounds."""
+    summary = variants.round_summary([[1.0] * 19 + [10.0], [1.0] * 20])
+    assert summary["noise_ms"] == 0.0 and summary["p50_ms"] == 1.0
+    assert summary["noise_mean_ms"] == pytest.approx(0.45) and summary["noise_p95_ms"] == pytest.approx(0.45)
 
 
 def test_static_qdq_needs_calibration(tmp_path, tiny_model, fp32_onnx):

@@ -152,13 +152,15 @@ def variants_rows(variants: Mapping[str, Any]) -> list[list[str]]:
 
 def variants_caption(variants: Mapping[str, Any]) -> str:
     conf, agree = variants.get("confidence"), variants.get("min_agreement")
+    objective = variants.get("objective") or "p50"  # a table from before the objective: ranked by p50
     return ("Each int8 candidate of the quantize stage against its own fp32 model on the same validation rows"
             + (f": the drop with its {conf:.0%} paired-bootstrap interval" if conf is not None else "")
             + f". A candidate may be kept when its drop is within {variants.get('max_accuracy_drop', 0):g} points on "
             "the point estimate" + (f" and it gives fp32's label on at least {agree:.0%} of rows" if agree else "")
             + ("; those whose whole interval is inside come first" if conf is not None else "")
-            + "; then a faster one wins by a p50 lead larger than the timing spread (the spread of its round medians), "
-            "otherwise the one agreeing most with fp32. Single-query model latency, "
+            + f"; then a faster one wins by a {objective} lead larger than the timing spread (the spread of its round "
+            + ("medians" if objective == "p50" else f"{objective}s") + "), otherwise the one agreeing most with fp32. "
+            "Single-query model latency, "
             f"{variants.get('threads', 1)} intra-op thread(s), candidates interleaved in one run. "
             f"Chosen: {variants.get('chosen')}.")
 

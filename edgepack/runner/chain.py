@@ -49,6 +49,8 @@ def chain(cfg: BuildConfig, profile, stages: tuple[str, ...] = BUILD_STAGES, *, 
     quant_cfg = cfg.quantize if cfg.quantize.target != "auto" else cfg.quantize.replace(target=profile.target)
     if quant_cfg.confidence == QuantizeConfig.confidence:  # at its default: one level for the whole build
         quant_cfg = quant_cfg.replace(confidence=cfg.search.confidence)
+    if quant_cfg.objective == QuantizeConfig.objective:  # at its default: variants ranked as shapes are
+        quant_cfg = quant_cfg.replace(objective=cfg.search.objective)
     export_cfg = cfg.export
     if quantize.target_for(quant_cfg).quantize.embedding_bits == 4:
         export_cfg = export_cfg.replace(embedding="gather")  # 4-bit blocks need a plain Gather on the table

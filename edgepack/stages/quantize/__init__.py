@@ -2,9 +2,9 @@
 
 ``run(cfg, src, out, ctx)`` reads the export directory (``model.onnx`` and its runtime skeleton),
 quantizes with the target's settings (``targets/*.toml``) or, with ``cfg.variants``, builds and times
-every variant the target allows (``variants``) and keeps the fastest within the gate; the gate
-compares validation accuracy with the fp32 model, paired on the same rows with an interval at
-``cfg.confidence`` (``variants.judge``), and refuses a drop over ``cfg.max_accuracy_drop``.
+every variant the target allows (``variants``) and keeps the fastest by ``cfg.objective`` within
+the gate; the gate compares validation accuracy with the fp32 model, paired on the same rows with an
+interval at ``cfg.confidence`` (``variants.judge``), and refuses a drop over ``cfg.max_accuracy_drop``.
 ``out`` holds ``model.quant.onnx`` with the same skeleton (so it runs as a pipeline), and
 ``stage.json`` records the target, the settings, the accuracies and the agreement with fp32.
 
@@ -82,7 +82,7 @@ def run(cfg: QuantizeConfig, src: Path, out: Path, ctx) -> StageRecord:
                 val_labels=val.labels,
                 calibration_texts=stratified_slice(ctx.data["train"], target.quantize.calibration_rows).texts,
                 max_accuracy_drop=cfg.max_accuracy_drop, min_agreement=cfg.min_agreement, formats=cfg.variant_formats,
-                confidence=cfg.confidence, log=log)
+                confidence=cfg.confidence, objective=cfg.objective, log=log)
             log(result.table())
             quant = variants.chosen_model(result, tmp / QUANT_NAME)
             chosen = result.row(result.chosen)

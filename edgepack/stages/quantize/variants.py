@@ -31,6 +31,7 @@ from edgepack.console import Log, Progress
 from edgepack.errors import BudgetError
 from edgepack.metrics import (
     CONFIDENCE,
+    LATENCY_OBJECTIVES,
     VERDICT_TEXT,
     agreement,
     apply_threshold,
@@ -128,14 +129,20 @@ def accuracy_probs(pipe, texts: Sequence[str]) -> np.ndarray:
     return predict_probs(pipe, list(texts))
 
 
+def noise_key(objective: str) -> str:
+    """The field holding the noise of ``objective``'s figure: ``noise_ms`` (p50), ``noise_mean_ms``, ``noise_p95_ms``."""
+    return "noise_ms" if objective == "p50" else f"noise_{objective}_ms"
+
+
 def round_summary(blocks: Sequence[Sequence[float]]) -> dict[str, Any]:
     """One candidate's ``time_interleaved`` rounds: p50, p95 and mean over every call, and the noise a
-    lead must beat (the spread of the round medians)."""
+    lead in each figure must beat: that figure's spread over the rounds (for p50 the round medians')."""
     flat = [t for b in blocks for t in b]
-    medians = [_percentile(b, 50) for b in blocks]
+    per_round = {"p50": [_percentile(b, 50) for b in blocks], "mean": [sum(b) / len(b) for b in blocks],
+                 "p95": [_percentile(b, 95) for b in blocks]}
     return {"p50_ms": _percentile(flat, 50), "p95_ms": _percentile(flat, 95), "mean_ms": sum(flat) / len(flat),
-            "n": len(flat),
-            "round_p50_ms": [round(m, 5) for m in medians], "noise_ms": max(medians) - min(medians)}
+            "n": len(flat), "round_p50_ms": [round(m, 5) for m in per_round["p50"]],
+            **{noise_key(o): max(v) - min(v) for o, v in per_round.items()}}
 
 
 def time_interleaved(runners: Mapping[str, Callable[[Feed], Any]], feeds: Sequence[Feed], *, warmup: int = 50,
@@ -209,28 +216,32 @@ def eligible(rows: Sequence[Mapping[str, Any]], *, min_agreement: float) -> tupl
     return [r for r in measured if r["inside"]], True
 
 
-def choose(rows: Sequence[Mapping[str, Any]], *, tie_pct: float = 3.0) -> str | None:
-    """The kept candidate among eligible ``rows`` (each with ``p50_ms``, ``noise_ms``, ``agreement``
-    and, from :func:`judge`, ``verdict``).
+def choose(rows: Sequence[Mapping[str, Any]], *, objective: str = "p95", tie_pct: float = 3.0) -> str | None:
+    """The kept candidate among eligible ``rows`` (each with ``agreement``, the ``objective`` figure
+    (``p95_ms``) and its noise (:func:`noise_key`) and, from :func:`judge`, ``verdict``).
 
     Candidates the interval puts inside the budget come first, then those inside on the point estimate
     only (rows without a verdict are one group). Within that group, a candidate is beaten when another
-    is faster by more than the measured noise (the larger spread of the two candidates' round medians,
-    and at least ``tie_pct`` percent): that lead is real, so the faster wins whatever their accuracies,
-    as between shapes inside the budget. Among the candidates nothing beats, the one agreeing most with
-    fp32 wins (then the faster): agreement counts every flipped label, even flips that cancel in the
-    accuracy. So the same inputs give the same choice however the timing wobbles within its noise.
+    is faster by ``objective`` by more than the measured noise (the larger of the two candidates'
+    spreads of that figure over the rounds, and at least ``tie_pct`` percent): that lead is real, so the
+    faster wins whatever their accuracies, as between shapes inside the budget. Among the candidates
+    nothing beats, the one agreeing most with fp32 wins (then the faster): agreement counts every
+    flipped label, even flips that cancel in the accuracy. So the same inputs give the same choice
+    however the timing wobbles within its noise.
 
     >>> choose([{"name": "a", "p50_ms": 1.00, "noise_ms": 0.05, "agreement": 0.995},
-    ...         {"name": "b", "p50_ms": 0.97, "noise_ms": 0.05, "agreement": 0.990}])
+    ...         {"name": "b", "p50_ms": 0.97, "noise_ms": 0.05, "agreement": 0.990}], objective="p50")
     'a'
     >>> choose([{"name": "a", "p50_ms": 1.00, "noise_ms": 0.05, "agreement": 0.995},
-    ...         {"name": "b", "p50_ms": 0.60, "noise_ms": 0.05, "agreement": 0.990}])
+    ...         {"name": "b", "p50_ms": 0.60, "noise_ms": 0.05, "agreement": 0.990}], objective="p50")
     'b'
     """
+    if objective not in LATENCY_OBJECTIVES:
+        raise ValueError(f"objective={objective!r}; choose one of: {', '.join(LATENCY_OBJECTIVES)}")
+    fig, noise = f"{objective}_ms", noise_key(objective)
+
     def beats(x: Mapping[str, Any], y: Mapping[str, Any]) -> bool:
-        margin = max(x["noise_ms"], y["noise_ms"], y["p50_ms"] * tie_pct / 100)
-        return y["p50_ms"] - x["p50_ms"] > margin
+        return y[fig] - x[fig] > max(x[noise], y[noise], y[fig] * tie_pct / 100)
 
     def tier(r: Mapping[str, Any]) -> int:
         return TIERS.index(r["verdict"]) if r.get("verdict") in TIERS else len(TIERS)
@@ -240,7 +251,7 @@ def choose(rows: Sequence[Mapping[str, Any]], *, tie_pct: float = 3.0) -> str | 
     front = [r for r in rows if not any(beats(o, r) for o in rows if o is not r)]
     if not front:
         return None
-    return min(front, key=lambda r: (-r["agreement"], r["p50_ms"], r["name"]))["name"]
+    return min(front, key=lambda r: (-r["agreement"], r[fig], r["name"]))["name"]
 
 
 @dataclasses.dataclass
@@ -254,13 +265,14 @@ class VariantSearch:
     tie_pct: float = 3.0
     min_agreement: float = 0.0
     confidence: float = CONFIDENCE  # of each candidate's interval against fp32
+    objective: str = "p95"  # the latency figure the ranking compares
 
     def row(self, name: str) -> dict[str, Any]:
         return next(r for r in self.rows if r["name"] == name)
 
     def to_dict(self) -> dict[str, Any]:
         return {"chosen": self.chosen, "max_accuracy_drop": self.max_accuracy_drop, "confidence": self.confidence,
-                "min_agreement": self.min_agreement, "threads": self.threads, "rows": self.rows}
+                "objective": self.objective, "min_agreement": self.min_agreement, "threads": self.threads, "rows": self.rows}
 
     def record(self) -> dict[str, Any]:
         """``to_dict`` without the work-directory paths: for the pack record and the manifest."""
@@ -269,8 +281,10 @@ class VariantSearch:
         return d
 
     def table(self) -> str:
-        head = ("", "variant", "MB", "val acc", "drop pts (interval)", "budget", "agree", "cal acc", "p50 ms", "mean ms",
-                "p95 ms", "vs fp32", "note")
+        o = self.objective
+        figures = tuple(f"{k} ms" + (" (ranked)" if k == o else "") for k in ("p50", "mean", "p95"))
+        head = ("", "variant", "MB", "val acc", "drop pts (interval)", "budget", "agree", "cal acc", *figures,
+                f"{o} vs fp32", "note")
         lines = [head]
         ref = self.rows[0]
         for r in self.rows:
@@ -282,16 +296,16 @@ class VariantSearch:
                           r.get("verdict", "-"), f"{r['agreement']:.2%}",
                           f"{r['accuracy_calibrated']:.2%}" if "accuracy_calibrated" in r else "-", f"{r['p50_ms']:.3f}",
                           f"{r['mean_ms']:.3f}", f"{r['p95_ms']:.3f}",
-                          f"{ref['p50_ms'] / r['p50_ms']:.2f}x" if r["p50_ms"] else "-", r.get("note", "")))
+                          f"{ref[f'{o}_ms'] / r[f'{o}_ms']:.2f}x" if r[f"{o}_ms"] else "-", r.get("note", "")))
         widths = [max(len(str(line[i])) for line in lines) for i in range(len(head) - 1)]
         out = ["  ".join(str(c).ljust(w) for c, w in zip(line[:-1], widths, strict=True)) + "  " + str(line[-1])
                for line in lines]
         out.append(f"(* chosen: within {self.max_accuracy_drop:g} points of fp32 validation accuracy on the point "
                    f"estimate and agreeing with fp32 on at least {self.min_agreement:.0%} of labels, those whose "
                    f"{self.confidence:.0%} paired-bootstrap interval is inside first, then the one agreeing most among "
-                   f"those no other is faster than by p50 by more than the measured noise (spread of round medians, "
-                   f"at least {self.tie_pct:g}%); x: over budget or failed; single-query model latency, {self.threads} "
-                   "intra-op thread(s), candidates interleaved in the same run)")
+                   f"those no other is faster than by {o} by more than the measured noise (spread of the round "
+                   f"{'median' if o == 'p50' else o}s, at least {self.tie_pct:g}%); x: over budget or failed; "
+                   f"single-query model latency, {self.threads} intra-op thread(s), candidates interleaved in the same run)")
         return "\n".join(out)
 
 
@@ -314,6 +328,7 @@ def search(
     formats: Sequence[str] = ("dynamic", "static-qdq", "matmul-nbits"),
     tie_pct: float = 3.0,
     confidence: float = CONFIDENCE,
+    objective: str = "p95",
     log: Log | None = None,
 ) -> VariantSearch:
     """Build every candidate for ``target`` into ``work_dir/<name>.onnx``, measure them and choose.
@@ -325,7 +340,8 @@ def search(
     judged at ``confidence`` (:func:`judge`); eligible rows lose at most ``max_accuracy_drop`` points on
     the point estimate and agree with fp32 on at least ``min_agreement`` of the labels (:func:`eligible`);
     the chosen one is :func:`choose`'s: those the interval puts inside first, then a faster candidate
-    wins only by a lead larger than the measured noise, otherwise the one agreeing most with fp32.
+    by ``objective`` (p50, mean or p95) wins only by a lead larger than that figure's measured noise,
+    otherwise the one agreeing most with fp32.
     With an out-of-scope label, ``accuracy_calibrated`` is each candidate's validation
     accuracy under its own best threshold (shown, not gated: 100 out-of-scope rows make it noisy).
     Writes ``work_dir/variants.json``. Raises ``BudgetError`` when no candidate is inside the budget.
@@ -400,10 +416,10 @@ def search(
     if ok and relaxed:
         log(f"[variants] no variant agrees with fp32 on {min_agreement:.0%} of validation labels; ranking "
             "those within the accuracy budget by agreement")
-    chosen = choose(ok, tie_pct=tie_pct) if ok else None
+    chosen = choose(ok, objective=objective, tie_pct=tie_pct) if ok else None
     result = VariantSearch(rows=[rows["fp32"], *(rows[v.name] for v in variants)], chosen=chosen,
                            max_accuracy_drop=max_accuracy_drop, threads=threads, tie_pct=tie_pct,
-                           min_agreement=min_agreement, confidence=confidence)
+                           min_agreement=min_agreement, confidence=confidence, objective=objective)
     write_json_atomic(work_dir / VARIANTS_JSON, result.to_dict())
     if chosen is None:
         measured = [r for n, r in rows.items() if n != "fp32" and "error" not in r]
