@@ -126,30 +126,6 @@ def test_report_shows_the_frontier_and_the_budget(searched):
     assert budgets["max_teacher_drop"]["value"] == pytest.approx(chosen["teacher_drop"])
 
 
-def test_objective_drives_the_choice_of_a_real_search(searched, capsys):
-    """The same search rerun with objective = "p50": nothing retrains, the candidates are timed again, and
-    the choice is choose_shape's by p50 over the figures frontier.json records; the log line of every
-    candidate gives p50, mean and p95 and the drop's interval."""
-    from edgepack.metrics import choose_shape
-    from edgepack.runner.search import _rows
-
-    root, recipe = searched
-    p50 = recipe.with_name("p50.toml")
-    p50.write_text(recipe.read_text().replace("[search]\n", '[search]\nobjective = "p50"\n'))
-    capsys.readouterr()
-    assert main(["build", str(p50)]) == 0
-    out = capsys.readouterr().out
-    f = frontier(root)
-    assert f["objective"] == "p50"
-    built = [c for c in f["candidates"] if c["status"] == "built"]
-    rows = [{**c, "correct": _rows(c["correct"])} for c in built]
-    assert f["chosen"] == choose_shape(rows, objective="p50")[0]
-    for c in built:
-        line = next(ln for ln in out.splitlines() if ln.startswith(f"[search] {c['name']} ") and "p95" in ln)
-        assert "p50" in line and "mean" in line and "95% interval" in line
-    assert "by p50" in (root / "bundle" / "report.md").read_text()
-
-
 def test_pick_publishes_another_shape_without_retraining(searched, capsys):
     root, recipe = searched
     f = frontier(root)
@@ -164,6 +140,32 @@ def test_pick_publishes_another_shape_without_retraining(searched, capsys):
     assert manifest["files"]["model.quant.onnx"]["sha256"] == picked["files"]["model.quant.onnx"]["sha256"]
     assert main(["build", str(recipe), "--pick", "L9-h1-f1"]) == ExitCode.USAGE
     assert "L9-h1-f1" in capsys.readouterr().err
+
+
+def test_objective_drives_the_choice_of_a_real_search(searched, capsys):
+    """The same search rerun with objective = "p50": nothing retrains, the candidates are timed again, and
+    the choice is choose_shape's by p50 over the figures frontier.json records; the log line of every
+    candidate gives p50, mean and p95 and the drop's interval. The quantize stages rank their variants
+    again by p50 (the recipe's [quantize] objective is at its default), the students are kept."""
+    from edgepack.metrics import choose_shape
+    from edgepack.runner.search import _rows
+
+    root, recipe = searched
+    p50 = recipe.with_name("p50.toml")
+    p50.write_text(recipe.read_text().replace("[search]\n", '[search]\nobjective = "p50"\n'))
+    capsys.readouterr()
+    assert main(["build", str(p50)]) == 0
+    out = capsys.readouterr().out
+    assert "quantize: running (config changed: quantize.objective" in out and "distill: running" not in out, out
+    f = frontier(root)
+    assert f["objective"] == "p50"
+    built = [c for c in f["candidates"] if c["status"] == "built"]
+    rows = [{**c, "correct": _rows(c["correct"])} for c in built]
+    assert f["chosen"] == choose_shape(rows, objective="p50")[0]
+    for c in built:
+        line = next(ln for ln in out.splitlines() if ln.startswith(f"[search] {c['name']} ") and "p95" in ln)
+        assert "p50" in line and "mean" in line and "95% interval" in line
+    assert "by p50" in (root / "bundle" / "report.md").read_text()
 
 
 def test_bundle_outside_the_teacher_budget_exits_3(searched, tiny_model, clinc_json, monkeypatch, capsys):
