@@ -23,7 +23,7 @@ from runtime_shim.pipeline import softmax, thresholded
 # softmax, label_metrics and agreement: the runtime's, re-exported
 __all__ = ["accuracy_points", "correct_rows", "accuracy_report", "agreement", "evaluate", "apply_threshold", "calibrate_threshold", "label_metrics",
            "softmax", "paired_bootstrap", "mcnemar", "budget_verdict", "choose_shape", "rows_for_budget", "LATENCY_OBJECTIVES",
-           "VERDICT_TEXT"]
+           "VERDICT_TEXT", "drop_words", "noise_key"]
 
 
 def evaluate(pipe, split) -> np.ndarray:
@@ -264,9 +264,15 @@ def _latency(row, objective: str) -> float:
     return float(row[f"{objective}_ms"])
 
 
+def noise_key(objective: str) -> str:
+    """The field holding the noise of ``objective``'s figure: ``noise_ms`` (p50), ``noise_mean_ms``, ``noise_p95_ms``."""
+    return "noise_ms" if objective == "p50" else f"noise_{objective}_ms"
+
+
 def choose_shape(rows, *, objective: str = "p95", alpha: float = 1 - CONFIDENCE, tie_pct: float = 3.0) -> tuple[str, str]:
     """The shape to publish and why, from ``rows`` with ``name``, ``p50_ms``/``mean_ms``/``p95_ms``,
-    ``noise_ms`` (the spread of its round medians, optional), ``correct`` (per validation row) and
+    the noise of the objective's figure (:func:`noise_key`: the spread of its round medians, means or
+    p95s; optional), ``correct`` (per validation row) and
     ``verdict`` (``budget_verdict``'s).
 
     Shapes inside the budget with significance come first, then those inside on the point estimate;
@@ -292,7 +298,8 @@ def choose_shape(rows, *, objective: str = "p95", alpha: float = 1 - CONFIDENCE,
 
     def fastest(group) -> dict:
         def beats(x, y) -> bool:
-            margin = max(x.get("noise_ms") or 0.0, y.get("noise_ms") or 0.0, _latency(y, objective) * tie_pct / 100)
+            noise = noise_key(objective)
+            margin = max(x.get(noise) or 0.0, y.get(noise) or 0.0, _latency(y, objective) * tie_pct / 100)
             return _latency(y, objective) - _latency(x, objective) > margin
         front = [r for r in group if not any(beats(o, r) for o in group if o is not r)] or group
         return min(front, key=lambda r: (-acc(r), _latency(r, objective), r["name"]))

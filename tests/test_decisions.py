@@ -78,8 +78,8 @@ def test_budget_verdict_says_when_the_interval_decides():
 
 
 def _row(name, p50, mean, p95, correct, verdict, noise=0.0):
-    return {"name": name, "p50_ms": p50, "mean_ms": mean, "p95_ms": p95, "noise_ms": noise, "correct": correct,
-            "verdict": verdict}
+    return {"name": name, "p50_ms": p50, "mean_ms": mean, "p95_ms": p95, "noise_ms": noise, "noise_mean_ms": noise,
+            "noise_p95_ms": noise, "correct": correct, "verdict": verdict}
 
 
 def test_the_faster_of_two_indistinguishable_shapes_is_chosen():
@@ -177,3 +177,16 @@ def test_reach_callback_stops_a_real_trainer_early(tiny_model, clinc_json, tmp_p
     full = train_student(cfg.replace(epochs=3), prep.fresh_student(), prep.tokenizer, prep.trainset,
                          data["validation"], oos_id=data.oos_id, progress=False)
     assert round(full.state.epoch) == 3
+
+
+def test_a_lead_must_beat_the_noise_of_the_objectives_own_figure():
+    """By p95, a 0.3 ms lead beats the p50 noise (0.05) but not the spread of the round p95s (0.5): a tie,
+    and the more accurate shape wins; by p50 the same rows give the faster one."""
+    y = np.ones(3100, bool)
+    quick = dict(name="quick", p50_ms=1.0, mean_ms=1.2, p95_ms=2.0, noise_ms=0.05, noise_mean_ms=0.1,
+                 noise_p95_ms=0.5, correct=np.r_[y[:3050], ~y[:50]], verdict="inside")
+    sure = dict(name="sure", p50_ms=1.2, mean_ms=1.4, p95_ms=2.3, noise_ms=0.05, noise_mean_ms=0.1,
+                noise_p95_ms=0.5, correct=np.r_[y[:3060], ~y[:40]], verdict="inside")
+    assert choose_shape([quick, sure], objective="p95")[0] == "sure"
+    assert choose_shape([quick, sure], objective="p50")[0] == "quick"
+    assert choose_shape([quick, sure], objective="mean")[0] == "quick"

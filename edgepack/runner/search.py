@@ -57,7 +57,9 @@ class Candidate:
     p50_ms: float | None = None
     p95_ms: float | None = None
     mean_ms: float | None = None  # a cascade's mean carries its fallback's share; its p50 does not
-    noise_ms: float | None = None
+    noise_ms: float | None = None  # the spread of the round medians; of the round means and p95s below
+    noise_mean_ms: float | None = None
+    noise_p95_ms: float | None = None
     # The cost model (edgepack.runner.probe): the untrained graph's p50 when ordering, and the probe's
     # p50 and relative error timed beside the trained bundle afterwards.
     predicted_p50_ms: float | None = None
@@ -344,6 +346,7 @@ def _time_candidates(built: list[Candidate], probes: dict[str, Path], texts, *, 
     for c in built:
         r = timing[c.name]
         c.p50_ms, c.p95_ms, c.mean_ms, c.noise_ms = r["p50_ms"], r["p95_ms"], r["mean_ms"], r["noise_ms"]
+        c.noise_mean_ms, c.noise_p95_ms = r.get("noise_mean_ms"), r.get("noise_p95_ms")
         if f"probe {c.name}" in timing:
             c.probe_p50_ms = timing[f"probe {c.name}"]["p50_ms"]
             c.probe_error = round(c.probe_p50_ms / c.p50_ms - 1, 4)
@@ -388,6 +391,7 @@ def _choose(built: list[Candidate], pick: str | None, *, objective: str = "p95",
     if pick is not None:
         return next(c for c in built if c.name == pick), "picked (--pick)"
     rows = [{"name": c.name, "p50_ms": c.p50_ms, "mean_ms": c.mean_ms, "p95_ms": c.p95_ms, "noise_ms": c.noise_ms,
+             "noise_mean_ms": c.noise_mean_ms, "noise_p95_ms": c.noise_p95_ms,
              "correct": _rows(c.correct), "verdict": c.verdict} for c in built]
     name, why = choose_shape(rows, objective=objective, alpha=1 - confidence)
     return next(c for c in built if c.name == name), why

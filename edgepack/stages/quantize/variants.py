@@ -38,6 +38,7 @@ from edgepack.metrics import (
     budget_verdict,
     calibrate_threshold,
     label_metrics,
+    noise_key,
 )
 from edgepack.modeling import ModelInfo
 from edgepack.records import write_json_atomic
@@ -127,11 +128,6 @@ def accuracy_probs(pipe, texts: Sequence[str]) -> np.ndarray:
     from runtime_shim.bench import predict_probs
 
     return predict_probs(pipe, list(texts))
-
-
-def noise_key(objective: str) -> str:
-    """The field holding the noise of ``objective``'s figure: ``noise_ms`` (p50), ``noise_mean_ms``, ``noise_p95_ms``."""
-    return "noise_ms" if objective == "p50" else f"noise_{objective}_ms"
 
 
 def round_summary(blocks: Sequence[Sequence[float]]) -> dict[str, Any]:
