@@ -90,21 +90,13 @@ def _render_html(p: _Parts) -> str:
             w(f'<figure><img alt="validation accuracy against p50 latency of every shape tried" '
               f'src="{_data_uri(p.plots["frontier"])}"></figure>')
         w(f"<p>{_e(frontier_caption(p.frontier))}</p>")
-        w('<div class="scroll"><table><thead><tr>' + "".join(f"<th>{_e(h)}</th>" for h in FRONTIER_HEADERS)
-          + "</tr></thead><tbody>")
-        for row in frontier_rows(p.frontier):
-            w("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in row) + "</tr>")
-        w("</tbody></table></div></section>")
+        w(_plain_table(FRONTIER_HEADERS, frontier_rows(p.frontier)) + "</section>")
 
     if p.variants:
         from .analysis import VARIANTS_HEADERS, variants_caption, variants_rows
 
         w(f"<section><h2>Quantization variants</h2><p>{_e(variants_caption(p.variants))}</p>")
-        w('<div class="scroll"><table><thead><tr>' + "".join(f"<th>{_e(h)}</th>" for h in VARIANTS_HEADERS)
-          + "</tr></thead><tbody>")
-        for row in variants_rows(p.variants):
-            w("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in row) + "</tr>")
-        w("</tbody></table></div></section>")
+        w(_plain_table(VARIANTS_HEADERS, variants_rows(p.variants)) + "</section>")
 
     if "scatter" in p.plots:
         w("<section><h2>Accuracy against latency</h2><figure>")
@@ -221,6 +213,13 @@ def _html_row(p: _Parts, r: Mapping[str, Any], cols: Sequence[Column], threads: 
         th = _fmt_threads(r.get("threads"))
         cells.append(f'<td class="n">{_e(th) if th != DASH else f"<span class=na>{DASH}</span>"}</td>')
     return "".join(cells) + "</tr>"
+
+
+def _plain_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A scrolling table of escaped text: a header row, then the rows."""
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def _data_uri(png: bytes) -> str:
