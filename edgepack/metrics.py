@@ -23,7 +23,7 @@ from runtime_shim.pipeline import softmax, thresholded
 # softmax, label_metrics and agreement: the runtime's, re-exported
 __all__ = ["accuracy_points", "correct_rows", "accuracy_report", "agreement", "evaluate", "apply_threshold", "calibrate_threshold", "label_metrics",
            "softmax", "paired_bootstrap", "mcnemar", "budget_verdict", "choose_shape", "rows_for_budget", "LATENCY_OBJECTIVES",
-           "VERDICT_TEXT", "drop_words", "noise_key"]
+           "VERDICT_TEXT", "drop_words", "noise_key", "leads"]
 
 
 def evaluate(pipe, split) -> np.ndarray:
@@ -269,6 +269,14 @@ def noise_key(objective: str) -> str:
     return "noise_ms" if objective == "p50" else f"noise_{objective}_ms"
 
 
+def leads(x, y, objective: str, tie_pct: float) -> bool:
+    """Whether ``x`` is faster than ``y`` by ``objective``'s figure by more than the noise: the larger
+    of the two rows' spreads of that figure over the rounds (:func:`noise_key`), and ``tie_pct`` percent."""
+    noise = noise_key(objective)
+    margin = max(x.get(noise) or 0.0, y.get(noise) or 0.0, _latency(y, objective) * tie_pct / 100)
+    return _latency(y, objective) - _latency(x, objective) > margin
+
+
 def choose_shape(rows, *, objective: str = "p95", alpha: float = 1 - CONFIDENCE, tie_pct: float = 3.0) -> tuple[str, str]:
     """The shape to publish and why, from ``rows`` with ``name``, ``p50_ms``/``mean_ms``/``p95_ms``,
     the noise of the objective's figure (:func:`noise_key`: the spread of its round medians, means or
@@ -297,11 +305,7 @@ def choose_shape(rows, *, objective: str = "p95", alpha: float = 1 - CONFIDENCE,
         return float(np.mean(_correct(r["correct"])))
 
     def fastest(group) -> dict:
-        def beats(x, y) -> bool:
-            noise = noise_key(objective)
-            margin = max(x.get(noise) or 0.0, y.get(noise) or 0.0, _latency(y, objective) * tie_pct / 100)
-            return _latency(y, objective) - _latency(x, objective) > margin
-        front = [r for r in group if not any(beats(o, r) for o in group if o is not r)] or group
+        front = [r for r in group if not any(leads(o, r, objective, tie_pct) for o in group if o is not r)] or group
         return min(front, key=lambda r: (-acc(r), _latency(r, objective), r["name"]))
 
     for tier, why in (("inside", "inside the budget (significant at the interval's confidence)"),

@@ -104,10 +104,9 @@ def run(cfg: QuantizeConfig, src: Path, out: Path, ctx) -> StageRecord:
         acc_f = label_metrics(p_fp32.argmax(1), val.labels, None)["accuracy"]
         acc_q = label_metrics(p_int8.argmax(1), val.labels, None)["accuracy"]
         agree = agreement(p_fp32.argmax(1), p_int8.argmax(1))
-        drop = (acc_f - acc_q) * 100
         gate = judge(p_fp32.argmax(1) == val.labels, p_int8.argmax(1) == val.labels, cfg.max_accuracy_drop,
                      confidence=cfg.confidence)
-        gate.update(accuracy_drop=drop)
+        drop = gate["accuracy_drop"]
         log(f"[quantize] validation accuracy fp32 {acc_f:.2%}, int8 {acc_q:.2%} (drop {drop_text(gate)} points, "
             f"{cfg.confidence:.0%} interval; {gate['verdict_text']}), label agreement {agree:.2%}")
         if not gate["inside"]:

@@ -38,6 +38,7 @@ from edgepack.metrics import (
     budget_verdict,
     calibrate_threshold,
     label_metrics,
+    leads,
     noise_key,
 )
 from edgepack.modeling import ModelInfo
@@ -234,17 +235,14 @@ def choose(rows: Sequence[Mapping[str, Any]], *, objective: str = "p95", tie_pct
     """
     if objective not in LATENCY_OBJECTIVES:
         raise ValueError(f"objective={objective!r}; choose one of: {', '.join(LATENCY_OBJECTIVES)}")
-    fig, noise = f"{objective}_ms", noise_key(objective)
-
-    def beats(x: Mapping[str, Any], y: Mapping[str, Any]) -> bool:
-        return y[fig] - x[fig] > max(x[noise], y[noise], y[fig] * tie_pct / 100)
+    fig = f"{objective}_ms"
 
     def tier(r: Mapping[str, Any]) -> int:
         return TIERS.index(r["verdict"]) if r.get("verdict") in TIERS else len(TIERS)
 
     top = min((tier(r) for r in rows), default=0)
     rows = [r for r in rows if tier(r) == top]
-    front = [r for r in rows if not any(beats(o, r) for o in rows if o is not r)]
+    front = [r for r in rows if not any(leads(o, r, objective, tie_pct) for o in rows if o is not r)]
     if not front:
         return None
     return min(front, key=lambda r: (-r["agreement"], r[fig], r["name"]))["name"]
