@@ -12,9 +12,11 @@ is stored as ``config.edgepack_heads``. The model is saved with a small self-con
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from torch import nn
@@ -118,15 +120,29 @@ def load_classifier(path: Path, **kwargs):
     """Load a classifier saved by any edgepack stage, pruned heads or not, without remote code.
     ``kwargs`` go to ``from_pretrained`` (e.g. ``attn_implementation="eager"`` for export)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # a bar per load of a small model is noise around one-line errors
     path = Path(path)
     cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-    if cfg.get("edgepack_heads"):
-        config = AutoConfig.from_pretrained(path)
-        return PrunedBertForSequenceClassification.from_pretrained(path, config=config, **kwargs)
-    return AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    with no_load_bars():
+        if cfg.get("edgepack_heads"):
+            config = AutoConfig.from_pretrained(path)
+            return PrunedBertForSequenceClassification.from_pretrained(path, config=config, **kwargs)
+        return AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+
+
+@contextlib.contextmanager
+def no_load_bars() -> Iterator[None]:
+    """transformers' progress bars off for the block (it draws a "Loading weights" bar on every load:
+    noise around one-line errors), then as the caller had them: the switch is the process's, not ours."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def load_with_tokenizer(model_dir: Path):

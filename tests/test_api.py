@@ -18,8 +18,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _logging_state():
+    """The process-wide output settings a library call must not change: the root logger, ``warnings``,
+    the libraries' loggers and transformers' progress-bar switch (a "Loading weights" bar is hidden
+    per load, not for the whole process)."""
+    from transformers.utils import logging as hf_logging
+
     root = logging.getLogger()
-    return root.level, list(root.handlers), list(root.filters), warnings.showwarning, list(warnings.filters)
+    libraries = [(n, logging.getLogger(n).level) for n in ("transformers", "optuna", "datasets", "onnxruntime")]
+    return (root.level, list(root.handlers), list(root.filters), warnings.showwarning, list(warnings.filters),
+            libraries, hf_logging.is_progress_bar_enabled())
 
 
 @pytest.fixture(scope="module")

@@ -108,21 +108,16 @@ def teacher_depth(teacher_dir: Path) -> int:
     return 0
 
 
-def _quiet() -> None:
-    # transformers 5 draws a "Loading weights" bar on every load: noise on a one-line-error console.
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-
 def load_teacher(teacher_dir: Path):
     """The teacher classifier, in eval mode (``id2label`` checked first)."""
     from transformers import AutoModelForSequenceClassification
 
     read_id2label(teacher_dir)
-    _quiet()
+    from edgepack.modeling import no_load_bars
+
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
+        with no_load_bars():
+            model = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
     except (OSError, ValueError, KeyError) as e:
         raise EdgepackError(f"{teacher_dir}: cannot load as a sequence classifier ({_first_line(e)})") from None
     return model.eval()
@@ -157,12 +152,14 @@ def from_checkpoint(student_dir: Path, id2label: Mapping[int, str]):
             "transformers; pick an encoder checkpoint (bert, distilbert, roberta, ...)"
         )
     labels = {int(k): str(v) for k, v in id2label.items()}
-    _quiet()
+    from edgepack.modeling import no_load_bars
+
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            student_dir, num_labels=len(labels), id2label=labels, label2id={v: k for k, v in labels.items()},
-            ignore_mismatched_sizes=True,
-        )
+        with no_load_bars():
+            model = AutoModelForSequenceClassification.from_pretrained(
+                student_dir, num_labels=len(labels), id2label=labels, label2id={v: k for k, v in labels.items()},
+                ignore_mismatched_sizes=True,
+            )
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise EdgepackError(f"--student {student_dir}: cannot load as a sequence classifier ({_first_line(e)})") from None
     return model
