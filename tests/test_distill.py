@@ -181,6 +181,24 @@ def test_attention_transfer_trains_the_student_towards_the_teacher(tiny_model, d
     assert after[cfg.attention_weight] < 0.8 * before and after[cfg.attention_weight] < 0.8 * after[0.0]
 
 
+def test_training_leaves_the_callers_transformers_verbosity(tiny_model, data, tmp_path):
+    """The Trainer's chatter is hushed for the training only: a caller's transformers logging stays as set."""
+    from transformers.utils import logging as hf_logging
+
+    from edgepack.training.distillation import prepare, train_student
+
+    cfg = DistillConfig(layers=(0,), epochs=1, batch_size=32, augment=0)
+    prep = prepare(cfg, tiny_model, data, cache_dir=tmp_path / "cache", progress=False)
+    was = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_info()
+    try:
+        train_student(cfg, prep.fresh_student(), prep.tokenizer, prep.trainset, data["validation"],
+                      oos_id=data.oos_id, progress=False)
+        assert hf_logging.get_verbosity() == hf_logging.INFO
+    finally:
+        hf_logging.set_verbosity(was)
+
+
 # --------------------------------------------------------------------------------------------- cache
 
 

@@ -446,7 +446,8 @@ def train_student(
 
     import transformers
 
-    transformers.logging.set_verbosity_error()
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the Trainer's chatter, for this training only
     tmp = None
     if work_dir is None:
         tmp = tempfile.mkdtemp(prefix="edgepack-distill-")
@@ -496,6 +497,7 @@ def train_student(
             trainer.model.word_embeddings.sparse = False
         return trainer
     finally:
+        transformers.logging.set_verbosity(verbosity)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
 
