@@ -199,6 +199,24 @@ def test_training_leaves_the_callers_transformers_verbosity(tiny_model, data, tm
         hf_logging.set_verbosity(was)
 
 
+def test_a_search_leaves_the_callers_optuna_verbosity(tiny_model, data, tmp_path):
+    """Optuna's line per trial is hushed for the search only."""
+    import optuna
+
+    from edgepack.training.distillation import prepare
+    from edgepack.training.search import run_search
+
+    cfg = DistillConfig(layers=(0,), epochs=1, batch_size=32, augment=0, search_trials=1)
+    prep = prepare(cfg, tiny_model, data, cache_dir=tmp_path / "cache", progress=False)
+    was = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.DEBUG)
+    try:
+        result = run_search(prep, out=tmp_path / "s", progress=False)
+        assert optuna.logging.get_verbosity() == optuna.logging.DEBUG and len(result.trials) == 1
+    finally:
+        optuna.logging.set_verbosity(was)
+
+
 # --------------------------------------------------------------------------------------------- cache
 
 

@@ -27,6 +27,7 @@ import socket
 import time
 import warnings
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -161,13 +162,12 @@ def make_storage(url: str):
             raise EdgepackError(f"--storage {shown}: cannot connect ({first}); start the database server, "
                                 "or fix the host, port, user, password or database in the URL") from None
         raise EdgepackError(f"--storage {shown}: cannot open ({type(e).__name__}: {first})") from None
-    finally:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def check_storage(url: str) -> None:
     """Open and close the storage: a bad URL or a server that is down fails before any training."""
-    make_storage(url).engine.dispose()
+    with _hushed_optuna():
+        make_storage(url).engine.dispose()
 
 
 def _first_line(e: BaseException) -> str:
@@ -257,6 +257,24 @@ def pruning_callback(trial, key: str):
 
 def run_search(prep, *, out: Path, progress: bool = True) -> SearchResult:
     """Run (or join, or resume) the study for ``prep.cfg``; returns the best config and the table."""
+    with _hushed_optuna():
+        return _run_search(prep, out=out, progress=progress)
+
+
+@contextlib.contextmanager
+def _hushed_optuna() -> Iterator[None]:
+    """Optuna's INFO lines (a study made, a trial done) off for the block, then as the caller had them."""
+    import optuna
+
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def _run_search(prep, *, out: Path, progress: bool) -> SearchResult:
     import optuna
 
     from edgepack.training import student as st
