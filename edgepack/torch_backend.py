@@ -7,9 +7,10 @@ queries and prints its peak resident memory (the harness's ``rss_argv``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,19 @@ import numpy as np
 from edgepack.metrics import calibrate_threshold
 from edgepack.modeling import load_with_tokenizer as load_classifier
 from edgepack.modeling import read_model_info
+
+
+@contextlib.contextmanager
+def threads_kept() -> Iterator[None]:
+    """torch's intra-op thread count after the block as before it: a ``TorchBackend`` sets its own for
+    the whole process (a teacher measured at one thread would leave every later training on one)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class TorchBackend:

@@ -18,15 +18,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _logging_state():
-    """The process-wide output settings a library call must not change: the root logger, ``warnings``,
-    the libraries' loggers and transformers' progress-bar switch (a "Loading weights" bar is hidden
-    per load, not for the whole process)."""
+    """The process-wide settings a library call must not change: the root logger, ``warnings``,
+    the libraries' loggers, transformers' progress-bar switch (a "Loading weights" bar is hidden per
+    load, not for the whole process) and torch's thread count."""
+    import torch
     from transformers.utils import logging as hf_logging
 
     root = logging.getLogger()
     libraries = [(n, logging.getLogger(n).level) for n in ("transformers", "optuna", "datasets", "onnxruntime")]
     return (root.level, list(root.handlers), list(root.filters), warnings.showwarning, list(warnings.filters),
-            libraries, hf_logging.is_progress_bar_enabled())
+            libraries, hf_logging.is_progress_bar_enabled(), torch.get_num_threads())
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,11 @@ def made(tmp_path_factory, tiny_model, clinc_json):
     """One pack and one build through the API, with the logging state and the output around them."""
     root = tmp_path_factory.mktemp("api")
     recipe = write_recipe(root / "tiny.toml", teacher=tiny_model, out=root / "unused", data=clinc_json)
+    import torch
+
     lines: list[str] = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the teacher is timed at one thread: a build must not leave the caller's torch there
     before = _logging_state()
     packed = edgepack.pack(
         tiny_model, clinc_json, root / "packed", max_accuracy_drop=100.0, min_agreement=0.0, eval_rows=20
@@ -49,6 +54,7 @@ def made(tmp_path_factory, tiny_model, clinc_json):
         progress=lines.append,
     )
     after_build = _logging_state()
+    torch.set_num_threads(threads)
     return {"packed": packed, "result": result, "lines": lines, "states": (before, after_pack, after_build)}
 
 

@@ -327,3 +327,28 @@ def test_cascade_shape_reuses_its_student_and_ships_the_teacher(tmp_path, tiny_m
     pipe = OnnxPipeline(tmp_path / "bundle")
     assert pipe.fallback is not None and pipe.escalate_below == grid(floor)[0]
     assert frontier(tmp_path)["chosen"] == casc["name"]
+
+
+def test_shapes_train_on_the_process_threads_after_the_teacher_is_measured(tmp_path, tiny_model, clinc_json,
+                                                                          monkeypatch):
+    """The teacher's validation accuracy is measured on a one-thread PyTorch backend before any shape
+    trains; the training after it still gets every thread the process had."""
+    import torch
+
+    from edgepack.training import distillation
+
+    seen: list[int] = []
+    real = distillation.train_student
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distillation, "train_student", spy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(["build", str(write(tmp_path / "recipe.toml", tiny_model, clinc_json, explore=0))]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert seen and set(seen) == {2}, seen

@@ -129,7 +129,7 @@ def teacher_accuracy(ctx, root: Path, src_hash: str, log: Log) -> tuple[float, n
     """The teacher's validation accuracy under its calibrated threshold and its per-row results,
     cached per teacher and data."""
     from edgepack.metrics import correct_rows
-    from edgepack.torch_backend import TorchBackend
+    from edgepack.torch_backend import TorchBackend, threads_kept
 
     cache = root / "search" / "teacher.json"
     key = hash_config({"teacher_and_data": src_hash, "max_length": ctx.max_length})
@@ -138,9 +138,10 @@ def teacher_accuracy(ctx, root: Path, src_hash: str, log: Log) -> tuple[float, n
         if saved.get("key") == key and "correct" in saved:
             return float(saved["accuracy"]), _rows(saved["correct"])
     val = ctx.data["validation"]
-    tb = TorchBackend(ctx.teacher, threads=1, oos_label=ctx.data.oos_label, max_length=ctx.max_length)
-    tb.calibrate(val.texts, val.labels)
-    correct = correct_rows(tb, val, ctx.data.label_names)
+    with threads_kept():
+        tb = TorchBackend(ctx.teacher, threads=1, oos_label=ctx.data.oos_label, max_length=ctx.max_length)
+        tb.calibrate(val.texts, val.labels)
+        correct = correct_rows(tb, val, ctx.data.label_names)
     acc = 100.0 * float(correct.mean())
     write_json_atomic(cache, {"key": key, "accuracy": acc, "correct": _bits(correct)})
     log(f"[search] teacher: {acc:.2f}% on {len(val.texts)} validation rows")

@@ -51,6 +51,13 @@ def teacher_drop(teacher, bundle, val, label_names) -> dict[str, float]:
 def run(cfg: EvaluateConfig, src: Path, out: Path, ctx) -> StageRecord:
     """The stage: ``src`` (a tuned bundle) -> ``out`` (``bundle/`` with its report, the results); the
     report's title, domains and the search's frontier come from ``ctx``."""
+    from edgepack.torch_backend import threads_kept
+
+    with threads_kept():  # the PyTorch rows are timed at one thread; the caller's torch keeps its own
+        return _run(cfg, src, out, ctx)
+
+
+def _run(cfg: EvaluateConfig, src: Path, out: Path, ctx) -> StageRecord:
     import time
 
     from edgepack import profiles
